@@ -1,0 +1,1 @@
+"""dsoft_dist: distributed dissected-softmax training for large-class embedding models."""

@@ -1,0 +1,256 @@
+"""Typed configuration: one kw_only dataclass per section, validated on construction.
+
+Every ``__post_init__`` raises ``ConfigError`` (a ValueError) naming the dotted key,
+the bad value and the fix. Type checks (wrong types, unknown keys) are done by the
+loader in ``dsoft_dist.config.loader``, which builds these from YAML dicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
+NEGATIVES = ("all", "batch", "random", "partial")
+MODELS = (
+    "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet",
+    "iresnet_tiny", "mobilefacenet_tiny", "mlp",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key, the value and the fix."""
+
+
+def _check(ok: bool, key: str, value, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+def _choice(key: str, value, choices) -> None:
+    _check(value in choices, key, value, f"use one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value) -> None:
+    _check(value > 0, key, value, "must be > 0")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Backbone: name from MODELS, embedding size, input image size (square)."""
+
+    name: str = "iresnet_tiny"
+    embedding_size: int = 512
+    input_size: int = 112
+    in_features: int = 0  # input vector size for name="mlp" (synthetic vector mode)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _choice("model.name", self.name, MODELS)
+        _positive("model.embedding_size", self.embedding_size)
+        _positive("model.input_size", self.input_size)
+        _check(self.in_features >= 0, "model.in_features", self.in_features, "must be >= 0 (0 = unused)")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class HeadConfig:
+    """Classifier head and loss (DESIGN.md §1): D-Softmax or a margin softmax.
+
+    loss presets: arcface (m2=0.5), cosface (m3=0.35), sphereface (m1=1.35 here as a
+    multiplicative angular margin), normface (no margin), softmax (unnormalized linear),
+    margin (m1, m2, m3 as given).
+    """
+
+    loss: str = "d_softmax"
+    negatives: str = "all"
+    sample_rate: float = 1.0
+    inter_correction: bool = False
+    scale: float = 64.0
+    end_point: float = 0.9
+    inter_weight: float = 1.0
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    chunk_size: int = 0  # classes per chunk in the torch path; 0 = automatic
+    seed: int = 0
+    fused: str = "auto"  # auto | triton | torch
+
+    def __post_init__(self):
+        _choice("head.loss", self.loss, LOSSES)
+        _choice("head.negatives", self.negatives, NEGATIVES)
+        _check(0.0 < self.sample_rate <= 1.0, "head.sample_rate", self.sample_rate,
+               "must be in (0, 1]; e.g. 0.015625 samples 1/64 of the classes")
+        _check(0.0 < self.scale <= 1024.0, "head.scale", self.scale, "must be in (0, 1024]; 32 or 64 are usual")
+        _check(-1.0 < self.end_point <= 1.0, "head.end_point", self.end_point, "must be a cosine in (-1, 1]; 0.9 is usual")
+        _check(self.inter_weight >= 0.0, "head.inter_weight", self.inter_weight, "must be >= 0")
+        _check(self.m1 >= 1.0, "head.m1", self.m1, "the multiplicative angular margin must be >= 1 (1 = none)")
+        _check(0.0 <= self.m2 < 3.14159, "head.m2", self.m2, "the additive angular margin must be in [0, pi)")
+        _check(self.m3 >= 0.0, "head.m3", self.m3, "the additive cosine margin must be >= 0")
+        _check(self.chunk_size >= 0, "head.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
+        _choice("head.fused", self.fused, ("auto", "triton", "torch"))
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training data: the procedural synthetic identities or WebDataset shards."""
+
+    source: str = "synthetic"  # synthetic | webdataset
+    shards: str = ""  # brace pattern, list file or pipe: command (webdataset)
+    manifest: str = ""  # manifest.json written by the converters (webdataset)
+    num_classes: int = 1000
+    synthetic_mode: str = "images"  # images | vectors
+    samples_per_class: int = 20
+    image_size: int = 112
+    batch_size: int = 128  # per rank
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    augment_flip: bool = True
+    color_jitter: float = 0.0
+    bad_data: str = "skip"  # skip | fail
+    seed: int = 0
+
+    def __post_init__(self):
+        _choice("data.source", self.source, ("synthetic", "webdataset"))
+        _choice("data.synthetic_mode", self.synthetic_mode, ("images", "vectors"))
+        _choice("data.bad_data", self.bad_data, ("skip", "fail"))
+        _positive("data.num_classes", self.num_classes)
+        _positive("data.samples_per_class", self.samples_per_class)
+        _positive("data.image_size", self.image_size)
+        _positive("data.batch_size", self.batch_size)
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        _check(0.0 <= self.color_jitter <= 1.0, "data.color_jitter", self.color_jitter, "must be in [0, 1]")
+        if self.source == "webdataset":
+            _check(bool(self.shards), "data.shards", self.shards,
+                   "data.source=webdataset needs a shard pattern, e.g. data.shards=/data/train-{000000..000099}.tar")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Optimizer for the backbone and the head (head_mode: row-sparse or dense)."""
+
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    head_mode: str = "sparse"  # sparse | dense
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+    def __post_init__(self):
+        _choice("optimizer.name", self.name, ("sgd", "adamw"))
+        _positive("optimizer.lr", self.lr)
+        _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0.0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "optimizer.betas",
+               self.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        _positive("optimizer.eps", self.eps)
+        _choice("optimizer.head_mode", self.head_mode, ("sparse", "dense"))
+        _check(self.grad_clip >= 0.0, "optimizer.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _check(not (self.nesterov and self.momentum == 0.0), "optimizer.nesterov", self.nesterov,
+               "nesterov needs optimizer.momentum > 0")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup then poly, cosine or constant decay."""
+
+    steps: int = 1000
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | poly | constant
+    poly_power: float = 2.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        _positive("schedule.steps", self.steps)
+        _check(0 <= self.warmup_steps <= self.steps, "schedule.warmup_steps", self.warmup_steps,
+               f"must be in [0, schedule.steps={self.steps}]")
+        _choice("schedule.decay", self.decay, ("cosine", "poly", "constant"))
+        _positive("schedule.poly_power", self.poly_power)
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Process layout: backend, backbone engine and precision."""
+
+    backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
+    engine: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    nproc: int = 1  # processes for `dsoft demo` / local launches
+
+    def __post_init__(self):
+        _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice("parallel.engine", self.engine, ("ddp", "deepspeed"))
+        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("parallel.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _positive("parallel.nproc", self.nproc)
+        _check(self.zero_stage == 0 or self.engine == "deepspeed", "parallel.zero_stage", self.zero_stage,
+               "ZeRO stages need parallel.engine=deepspeed")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Where metrics go: JSONL always, wandb offline/online/disabled, progress bars."""
+
+    output_dir: str = "runs/default"
+    log_every: int = 10
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "dsoft-dist"
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(bool(self.output_dir), "logging.output_dir", self.output_dir, "give a directory path")
+        _positive("logging.log_every", self.log_every)
+        _choice("logging.wandb", self.wandb, ("disabled", "offline", "online"))
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    bins: list[str] = field(default_factory=list)  # InsightFace .bin verification sets
+    pairs: list[str] = field(default_factory=list)  # pair lists for TAR@FAR
+    every_steps: int = 0  # 0 = only at the end
+    flip: bool = True
+    batch_size: int = 256
+    folds: int = 10
+    fars: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+
+    def __post_init__(self):
+        _check(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0 (0 = only at the end)")
+        _positive("eval.batch_size", self.batch_size)
+        _check(self.folds >= 2, "eval.folds", self.folds, "must be >= 2 (10 is the standard protocol)")
+        _check(all(0.0 < f < 1.0 for f in self.fars), "eval.fars", self.fars, "each FAR must be in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole run: one field per section."""
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _check(self.data.num_classes >= self.parallel.nproc, "data.num_classes", self.data.num_classes,
+               f"must be >= parallel.nproc={self.parallel.nproc}: every rank needs at least one class")
+        if self.model.name == "mlp":
+            _check(self.model.in_features > 0, "model.in_features", self.model.in_features,
+                   "model.name=mlp needs model.in_features > 0 (the synthetic vector size)")
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig", "LoggingConfig",
+    "ModelConfig", "OptimizerConfig", "ParallelConfig", "ScheduleConfig",
+    "LOSSES", "NEGATIVES", "MODELS",
+]

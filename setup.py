@@ -1,0 +1,32 @@
+"""Installs the `dsoft_dist` package and the `dsoft` command.
+
+Install torch first (``pip install torch==2.13.0`` on the CPU machines) so that the
+``torch`` requirement below is already satisfied and pip does not fetch a CUDA build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="dsoft_dist",
+    version="0.1.0",
+    description="Distributed dissected-softmax (D-Softmax) training for large-class embedding models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsoft_dist", "dsoft_dist.*"]) + ["dsoft_dist.kernels"],
+    package_dir={"dsoft_dist.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "webdataset>=0.2.86",
+        "wandb>=0.16",
+        "tqdm>=4.60",
+        "pillow>=9.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1"],
+        "kernels": ["triton>=3.0"],
+        "deepspeed": ["deepspeed>=0.14"],
+    },
+    entry_points={"console_scripts": ["dsoft=dsoft_dist.cli:main"]},
+)
