@@ -1,1 +1,9 @@
-"""dsoft_dist: distributed dissected-softmax training for large-class embedding models."""
+"""dsoft_dist: distributed dissected-softmax (D-Softmax) training for large-class embedding models.
+
+    import dsoft_dist
+    loss_fn = dsoft_dist.DSoftmaxLoss(num_classes=1000, embedding_size=512)
+"""
+from dsoft_dist.losses import DSoftmaxLoss, MarginSoftmaxLoss
+
+__version__ = "0.1.0"
+__all__ = ["DSoftmaxLoss", "MarginSoftmaxLoss", "__version__"]

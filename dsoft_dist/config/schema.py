@@ -7,7 +7,13 @@ loader in ``dsoft_dist.config.loader``, which builds these from YAML dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
+# (m1, m2, m3) of each named loss; the same table as dsoft_dist.losses.MARGIN_PRESETS (tested)
+MARGIN_PRESETS = {
+    "normface": (1.0, 0.0, 0.0), "arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.35),
+    "sphereface": (1.35, 0.0, 0.0), "margin": (1.0, 0.0, 0.0),
+}
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 NEGATIVES = ("all", "batch", "random", "partial")
 MODELS = (
@@ -55,9 +61,9 @@ class ModelConfig:
 class HeadConfig:
     """Classifier head and loss (DESIGN.md §1): D-Softmax or a margin softmax.
 
-    loss presets: arcface (m2=0.5), cosface (m3=0.35), sphereface (m1=1.35 here as a
+    loss presets: arcface (m2=0.5), cosface (m3=0.35), sphereface (m1=1.35, a
     multiplicative angular margin), normface (no margin), softmax (unnormalized linear),
-    margin (m1, m2, m3 as given).
+    margin (m1, m2, m3 as given). A given m1/m2/m3 replaces the preset's value.
     """
 
     loss: str = "d_softmax"
@@ -67,9 +73,9 @@ class HeadConfig:
     scale: float = 64.0
     end_point: float = 0.9
     inter_weight: float = 1.0
-    m1: float = 1.0
-    m2: float = 0.0
-    m3: float = 0.0
+    m1: Optional[float] = None  # None = the preset's value (see margins())
+    m2: Optional[float] = None
+    m3: Optional[float] = None
     chunk_size: int = 0  # classes per chunk in the torch path; 0 = automatic
     seed: int = 0
     fused: str = "auto"  # auto | triton | torch
@@ -82,11 +88,22 @@ class HeadConfig:
         _check(0.0 < self.scale <= 1024.0, "head.scale", self.scale, "must be in (0, 1024]; 32 or 64 are usual")
         _check(-1.0 < self.end_point <= 1.0, "head.end_point", self.end_point, "must be a cosine in (-1, 1]; 0.9 is usual")
         _check(self.inter_weight >= 0.0, "head.inter_weight", self.inter_weight, "must be >= 0")
-        _check(self.m1 >= 1.0, "head.m1", self.m1, "the multiplicative angular margin must be >= 1 (1 = none)")
-        _check(0.0 <= self.m2 < 3.14159, "head.m2", self.m2, "the additive angular margin must be in [0, pi)")
-        _check(self.m3 >= 0.0, "head.m3", self.m3, "the additive cosine margin must be >= 0")
+        m1, m2, m3 = self.margins()
+        _check(m1 >= 1.0, "head.m1", self.m1, "the multiplicative angular margin must be >= 1 (1 = none)")
+        _check(0.0 <= m2 < 3.14159, "head.m2", self.m2, "the additive angular margin must be in [0, pi)")
+        _check(m3 >= 0.0, "head.m3", self.m3, "the additive cosine margin must be >= 0")
+        if self.loss in ("d_softmax", "softmax", "normface"):
+            given = {k: v for k, v in (("m1", self.m1), ("m2", self.m2), ("m3", self.m3)) if v is not None}
+            _check(not given, "head." + next(iter(given), "m1"), next(iter(given.values()), None),
+                   f"head.loss={self.loss} takes no margin; remove it or use loss=margin/arcface/cosface/sphereface")
         _check(self.chunk_size >= 0, "head.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
         _choice("head.fused", self.fused, ("auto", "triton", "torch"))
+
+    def margins(self) -> tuple[float, float, float]:
+        """(m1, m2, m3): the loss preset's margins with any explicitly given value replacing it."""
+        preset = MARGIN_PRESETS.get(self.loss, (1.0, 0.0, 0.0))
+        given = (self.m1, self.m2, self.m3)
+        return tuple(float(p if g is None else g) for p, g in zip(preset, given))
 
 
 @dataclass(kw_only=True)
@@ -107,9 +124,16 @@ class DataConfig:
     color_jitter: float = 0.0
     bad_data: str = "skip"  # skip | fail
     seed: int = 0
+    steps_per_epoch: int = 0  # 0 = from the data: floor(floor(samples / ranks) / batch_size)
+    random_crop: bool = False  # pad by image_size/8 and crop back at a random offset
+    difficulty: str = "medium"  # synthetic images: easy | medium | hard (docs/data.md)
+    vector_dim: int = 128  # synthetic_mode=vectors: feature size (model.in_features)
 
     def __post_init__(self):
         _choice("data.source", self.source, ("synthetic", "webdataset"))
+        _choice("data.difficulty", self.difficulty, ("easy", "medium", "hard"))
+        _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = from the data)")
+        _positive("data.vector_dim", self.vector_dim)
         _choice("data.synthetic_mode", self.synthetic_mode, ("images", "vectors"))
         _choice("data.bad_data", self.bad_data, ("skip", "fail"))
         _positive("data.num_classes", self.num_classes)
@@ -120,8 +144,9 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
         _check(0.0 <= self.color_jitter <= 1.0, "data.color_jitter", self.color_jitter, "must be in [0, 1]")
         if self.source == "webdataset":
-            _check(bool(self.shards), "data.shards", self.shards,
-                   "data.source=webdataset needs a shard pattern, e.g. data.shards=/data/train-{000000..000099}.tar")
+            _check(bool(self.shards or self.manifest), "data.shards", self.shards,
+                   "data.source=webdataset needs a shard pattern, e.g. data.shards=/data/train-{000000..000099}.tar, "
+                   "or data.manifest=/data/manifest.json")
 
 
 @dataclass(kw_only=True)

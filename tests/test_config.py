@@ -1,0 +1,96 @@
+"""Config schema, YAML loading, dotted overrides and the `dsoft config` command."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsoft_dist.cli import main
+from dsoft_dist.config import ConfigError, config_from_dict, dump_config, load_config
+from dsoft_dist.config.schema import MARGIN_PRESETS as CONFIG_PRESETS
+from dsoft_dist.losses import MARGIN_PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_round_trips(path):
+    cfg = load_config(path)
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("data,pattern", [
+    ({"head": {"scal": 32}}, r"unknown key 'head.scal'; did you mean 'head.scale'"),
+    ({"heads": {}}, r"unknown key 'heads'"),
+    ({"head": {"scale": -1.0}}, r"head.scale=-1.0 is invalid"),
+    ({"head": {"sample_rate": 0}}, r"head.sample_rate=0.0 is invalid: must be in \(0, 1\]"),
+    ({"head": {"sample_rate": 1.5}}, r"head.sample_rate=1.5 is invalid"),
+    ({"head": {"scale": "big"}}, r"head.scale='big' is invalid: expected float"),
+    ({"data": {"batch_size": 2.5}}, r"data.batch_size=2.5 is invalid: expected int"),
+    ({"optimizer": {"nesterov": "yes"}}, r"optimizer.nesterov='yes' is invalid: expected true or false"),
+    ({"head": {"negatives": "some"}}, r"head.negatives='some' is invalid: use one of all, batch, random, partial"),
+    ({"eval": {"fars": [0.1, 2.0]}}, r"eval.fars=\[0.1, 2.0\] is invalid"),
+    ({"data": {"num_classes": 1}, "parallel": {"nproc": 2}}, r"data.num_classes=1 is invalid"),
+    ({"head": {"loss": "d_softmax", "m2": 0.5}}, r"head.m2=0.5 is invalid: head.loss=d_softmax takes no margin"),
+    ({"data": {"source": "webdataset"}}, r"data.shards='' is invalid"),
+])
+def test_bad_values_name_the_key(tmp_path, data, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, data))
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["head.sample_rate=0.015625", "head.negatives=random", "eval.bins=[a.bin, b.bin]",
+                             "optimizer.nesterov=true", "head.scale=32"])
+    assert cfg.head.sample_rate == 0.015625 and cfg.head.negatives == "random"
+    assert cfg.eval.bins == ["a.bin", "b.bin"] and cfg.optimizer.nesterov is True
+    assert cfg.head.scale == 32.0 and isinstance(cfg.head.scale, float)
+    with pytest.raises(ConfigError, match="override 'head.scale' is invalid"):
+        load_config(None, ["head.scale"])
+
+
+def test_margin_presets_resolve_and_agree_with_losses():
+    for name, (m1, m2, m3) in CONFIG_PRESETS.items():
+        cfg = load_config(None, [f"head.loss={name}"])
+        assert cfg.head.margins() == (m1, m2, m3)
+        if name in MARGIN_PRESETS:
+            assert tuple(MARGIN_PRESETS[name].values()) == (m1, m2, m3)
+    assert load_config(None, ["head.loss=arcface", "head.m2=0.4"]).head.margins() == (1.0, 0.4, 0.0)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("head: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_config_check_and_show(tmp_path, capsys):
+    good = str(ROOT / "configs" / "demo.yaml")
+    assert main(["config", "check", good]) == 0
+    assert main(["config", "show", good, "--set", "head.scale=16"]) == 0
+    assert "scale: 16.0" in capsys.readouterr().out
+    for data, key in ([{"head": {"bogus": 1}}, "head.bogus"], [{"head": {"scale": -3}}, "head.scale"],
+                      [{"head": {"sample_rate": 0}}, "head.sample_rate"], [{"head": {"sample_rate": 2}}, "head.sample_rate"]):
+        assert main(["config", "check", _write(tmp_path, data)]) == 1
+        assert key in capsys.readouterr().err
+
+
+def test_console_script_help_lists_real_subcommands():
+    out = subprocess.run([sys.executable, "-m", "dsoft_dist.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "config" in out.stdout and "demo" in out.stdout

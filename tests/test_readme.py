@@ -1,0 +1,31 @@
+"""The README's contract: two set-up commands first, the CI script runs the second, snippets run."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_opens_with_exactly_two_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
+    assert len(first_block) == 2
+    assert README.startswith("# dsoft-dist\n\n```bash\n")  # the commands open the README
+    demo, tests = first_block
+    assert demo.startswith("python3.11 -m venv .venv") and demo.endswith("dsoft demo")
+    assert tests.startswith("python3.11 -m venv .venv") and "pytest" in tests
+    for cmd in first_block:  # torch first, from the CPU wheel, before anything depending on it
+        assert cmd.index("torch==2.13.0") < cmd.index("pip install -q -e")
+
+
+def test_python_snippets_in_readme_run():
+    for snippet in re.findall(r"```python\n(.*?)```", README, re.S):
+        proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_ci_script_uses_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "grep -E '^python3\\.11 -m venv ' README.md" in ci
+    assert len(re.findall(r"^python3\.11 -m venv ", README, re.M)) == 2
