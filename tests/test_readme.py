@@ -29,3 +29,13 @@ def test_ci_script_uses_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "grep -E '^python3\\.11 -m venv ' README.md" in ci
     assert len(re.findall(r"^python3\.11 -m venv ", README, re.M)) == 2
+
+
+def test_python_snippets_in_docs_run():
+    for name in ("losses.md", "config.md"):
+        text = (ROOT / "docs" / name).read_text(encoding="utf-8")
+        snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+        assert snippets, name
+        for snippet in snippets:
+            proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=ROOT, timeout=300)
+            assert proc.returncode == 0, f"{name}: {proc.stderr}"
