@@ -1,0 +1,32 @@
+"""Small array helpers shared by the evaluation modules: tensors/arrays to numpy, cosine scores, L2 norm."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def as_numpy_2d(x, name: str) -> np.ndarray:
+    """(N, D) float array or tensor -> float32 numpy (N, D); raises ValueError naming `name` otherwise."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    x = np.asarray(x)
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be a float (N, D) array or tensor, got dtype {x.dtype} shape {x.shape}")
+    return x.astype(np.float32, copy=False)
+
+
+def l2_normalize(x: np.ndarray, name: str = "embeddings") -> np.ndarray:
+    """Row-wise x / |x|; raises ValueError on zero or non-finite rows (they have no direction)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
+    if bad.any():
+        raise ValueError(f"{name}: {int(bad.sum())} rows are zero or non-finite (first at {int(np.argmax(bad))}); "
+                         "check the model output")
+    return x / norms
+
+
+def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of (N, D) and (N, D) -> (N,) float64."""
+    a = l2_normalize(a.astype(np.float64), "emb1")
+    b = l2_normalize(b.astype(np.float64), "emb2")
+    return np.einsum("nd,nd->n", a, b)

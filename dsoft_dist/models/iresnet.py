@@ -1,0 +1,121 @@
+"""IResNet backbones (InsightFace-style "improved ResNet") for face embeddings.
+
+Architecture (written from its published description, He et al. / Deng et al.):
+stem 3x3 conv (stride 1) -> BN -> PReLU; four stages of residual blocks whose FIRST
+block has stride 2; each block is BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN
+plus a shortcut (1x1 conv stride s + BN when the shape changes); the output is
+BN2d -> dropout -> flatten -> FC -> BN1d, giving an un-normalized embedding.
+
+    from dsoft_dist.models import build_model
+    model = build_model("iresnet50", embedding_size=512, input_size=112)
+    emb = model(torch.randn(2, 3, 112, 112))  # (2, 512)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# blocks per stage for each depth
+IRESNET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
+IRESNET_WIDTHS = (64, 128, 256, 512)
+
+
+def spatial_after_strides(size: int, num_stride2: int) -> int:
+    """Side length after `num_stride2` 3x3/pad-1/stride-2 convs: ceil(size / 2) each time."""
+    for _ in range(num_stride2):
+        size = (size + 1) // 2
+    return size
+
+
+def check_image_input(x: torch.Tensor, input_size: int, model_name: str) -> None:
+    """Raises ValueError unless x is (B, 3, input_size, input_size)."""
+    if torch.jit.is_tracing():  # shapes are fixed by the example input; only the batch dim is dynamic
+        return
+    if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != input_size or x.shape[3] != input_size:
+        raise ValueError(
+            f"{model_name} expects images of shape (B, 3, {input_size}, {input_size}) normalized to [-1, 1], "
+            f"got {tuple(x.shape)}: resize/crop the faces or rebuild the model with input_size={x.shape[-1]}"
+        )
+
+
+class IBasicBlock(nn.Module):
+    """BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus shortcut. (B,Cin,H,W)->(B,C,H/s,W/s)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels, eps=1e-5)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels, eps=1e-5)
+        self.prelu = nn.PReLU(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels, eps=1e-5)
+        self.shortcut = None
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels, eps=1e-5)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return out + identity
+
+
+class IResNet(nn.Module):
+    """Improved ResNet: (B, 3, S, S) in [-1, 1] -> (B, embedding_size) un-normalized embeddings.
+
+    layers: blocks per stage; widths: channels per stage; stem_channels: stem conv width.
+    The FC input is widths[-1] * s * s with s = ceil(S / 16) (four stride-2 stages).
+    """
+
+    def __init__(self, layers, widths=IRESNET_WIDTHS, stem_channels: int = 64, embedding_size: int = 512,
+                 input_size: int = 112, dropout: float = 0.0, name: str = "iresnet"):
+        super().__init__()
+        self.name = name
+        self.input_size = input_size
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_channels, eps=1e-5),
+            nn.PReLU(stem_channels),
+        )
+        stages, in_ch = [], stem_channels
+        for num_blocks, width in zip(layers, widths):
+            blocks = [IBasicBlock(in_ch, width, stride=2)]
+            blocks += [IBasicBlock(width, width, stride=1) for _ in range(num_blocks - 1)]
+            stages.append(nn.Sequential(*blocks))
+            in_ch = width
+        self.stages = nn.Sequential(*stages)
+        side = spatial_after_strides(input_size, len(layers))
+        self.bn_out = nn.BatchNorm2d(in_ch, eps=1e-5)
+        self.dropout = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(in_ch * side * side, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.input_size, self.name)
+        x = self.stages(self.stem(x))  # (B, C, s, s)
+        x = self.dropout(self.bn_out(x))
+        x = self.fc(torch.flatten(x, 1))  # (B, embedding_size)
+        return self.features(x)
+
+
+def iresnet(depth: int, embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
+    """IResNet-18/34/50/100 with the standard widths (64, 128, 256, 512)."""
+    if depth not in IRESNET_LAYERS:
+        raise ValueError(f"iresnet depth={depth} is not supported: use one of {sorted(IRESNET_LAYERS)}")
+    return IResNet(IRESNET_LAYERS[depth], embedding_size=embedding_size, input_size=input_size,
+                   dropout=dropout, name=f"iresnet{depth}")
+
+
+def iresnet_tiny(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
+    """A CPU-sized IResNet: one block per stage, widths (8, 16, 32, 64); same structure as the big ones."""
+    return IResNet((1, 1, 1, 1), widths=(8, 16, 32, 64), stem_channels=8, embedding_size=embedding_size,
+                   input_size=input_size, dropout=dropout, name="iresnet_tiny")
