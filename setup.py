@@ -22,11 +22,16 @@ setup(
         "wandb>=0.16",
         "tqdm>=4.60",
         "pillow>=9.0",
+        "matplotlib>=3.5",  # ROC plots in eval reports (Agg backend)
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.1"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1",
+                 "scikit-learn>=1.2", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1", "faiss-cpu>=1.7"],
+        "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
+        "faiss": ["faiss-cpu>=1.7"],
         "kernels": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.14"],
+        "fastjpeg": ["simplejpeg>=1.6"],  # optional libjpeg-turbo decoder; Pillow is the fallback
     },
     entry_points={"console_scripts": ["dsoft=dsoft_dist.cli:main"]},
 )

@@ -1,0 +1,200 @@
+"""The training loader: exactly ``steps_per_epoch`` normalized batches on every rank.
+
+``build_train_loader(data_cfg, rank, world_size, epoch)`` is what the trainer calls
+(under torchrun, with rank/world_size passed explicitly). It returns a ``TrainLoader``:
+
+    for images, labels in loader:      # images (B, 3, H, W) float32 in [-1, 1]
+        ...                            # labels (B,) int64; vector mode: images (B, D)
+    loader.counters                    # {"samples": n, "padded": n, "bad": {kind: n}}
+    loader.state_dict()                # {"epoch", "seed", "step", "steps_per_epoch", ...}
+
+Sources: ``data.source=synthetic`` (procedural identities, images or vectors; no files)
+or ``webdataset`` (shards + the converters' manifest). Every rank gets the same
+``steps_per_epoch`` = floor(floor(N / world_size) / batch_size), N = samples per epoch,
+so no rank runs out first. Worker chunks are re-batched in the main process to exactly
+batch_size. If bad data leaves a rank short, it tops up from a reshuffled second pass
+of its own part (counted as ``padded``) instead of stopping early.
+
+Resume: ``build_train_loader(..., start_step=k)`` replays the epoch's data pipeline and
+drops the first k batches (data work only), so the (epoch, seed, step) position in a
+checkpoint restores the exact batch sequence.
+
+    python -c "from dsoft_dist.config.schema import DataConfig as D; from dsoft_dist.data import build_train_loader as b
+    print(len(b(D(num_classes=8, samples_per_class=4, image_size=32, batch_size=4, num_workers=0), 0, 1, 0)))"
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from dsoft_dist.data.datasets import (
+    ShardStream, Slot, SyntheticImageStream, SyntheticVectorStream, raise_if_failed,
+)
+from dsoft_dist.data.decode import Augment, normalize_images
+from dsoft_dist.data.manifest import MANIFEST_NAME, check_num_classes, load_manifest
+from dsoft_dist.data.shards import expand_shards
+from dsoft_dist.observability import get_logger
+
+log = get_logger(__name__)
+_MAX_PASSES = 8
+
+
+class TrainLoader:
+    """Fixed-length epoch over per-worker streams (see module doc). ``len(loader)`` = steps."""
+
+    def __init__(self, make_stream: Callable[[int], IterableDataset], steps_per_epoch: int, batch_size: int,
+                 num_workers: int, rank: int, world_size: int, epoch: int, seed: int,
+                 normalize: bool = True, start_step: int = 0):
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch={steps_per_epoch}: the data gives no full batch per rank; "
+                             "lower data.batch_size or use more data")
+        if not 0 <= start_step <= steps_per_epoch:
+            raise ValueError(f"start_step={start_step} is outside [0, steps_per_epoch={steps_per_epoch}]")
+        self.make_stream, self.steps_per_epoch, self.batch_size = make_stream, steps_per_epoch, batch_size
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.epoch, self.seed, self.normalize, self.start_step = epoch, seed, normalize, start_step
+        self.step = start_step
+        self._stats: dict[tuple[int, int], dict] = {}
+        self.padded = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Worker chunks from pass 0, then from top-up passes while more are needed."""
+        for pass_index in range(_MAX_PASSES):
+            stream = self.make_stream(pass_index)
+            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                prefetch_factor=4 if self.num_workers else None)
+            for x, y, stats in loader:
+                raise_if_failed(stats)
+                self._stats[(pass_index, stats["worker"])] = stats
+                if len(y):
+                    if pass_index:
+                        self.padded += len(y)
+                    yield x, y
+            log.warning("rank %d ran out of data at step %d of %d (epoch %d; bad data skipped: %s): topping up "
+                        "from pass %d of its shards", self.rank, self.step, self.steps_per_epoch, self.epoch,
+                        self.counters["bad"], pass_index + 1)
+        raise RuntimeError(f"rank {self.rank} could not fill {self.steps_per_epoch} steps in {_MAX_PASSES} passes "
+                           "over its part of the data set: check the bad-data warnings above, or lower "
+                           "data.steps_per_epoch / data.batch_size")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields exactly steps_per_epoch - start_step batches (B, ...) of batch_size."""
+        self.step, self._stats, self.padded = 0, {}, 0
+        xs, ys, have = [], [], 0
+        chunks = self._chunks()
+        try:
+            while self.step < self.steps_per_epoch:
+                while have < self.batch_size:
+                    x, y = next(chunks)
+                    xs.append(x)
+                    ys.append(y)
+                    have += len(y)
+                x, y = torch.cat(xs), torch.cat(ys)
+                B = self.batch_size
+                xs, ys, have = [x[B:]], [y[B:]], len(y) - B
+                self.step += 1
+                if self.step <= self.start_step:
+                    continue  # resume: replay without handing out
+                yield (normalize_images(x[:B]) if self.normalize else x[:B]), y[:B]
+        finally:
+            chunks.close()  # shuts the DataLoader workers down
+
+    @property
+    def counters(self) -> dict:
+        """Samples that reached this process, padded (top-up) samples, bad data by kind.
+
+        Bad data is counted from the epoch's first pass only (a top-up pass re-reads the
+        same bad samples); chunks still inside workers when the epoch ends are not seen.
+        """
+        bad: dict[str, int] = {}
+        for (pass_index, _), stats in self._stats.items():
+            if pass_index:
+                continue
+            for kind, n in stats["bad"].items():
+                if n:
+                    bad[kind] = bad.get(kind, 0) + n
+        samples = sum(s["samples"] for s in self._stats.values())
+        return {"samples": samples, "padded": self.padded, "bad": bad, "bad_total": sum(bad.values())}
+
+    def state_dict(self) -> dict:
+        """The resume position: pass it back as (epoch, start_step=step) with the same seed."""
+        return {"epoch": self.epoch, "seed": self.seed, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+                "rank": self.rank, "world_size": self.world_size}
+
+
+def _augment(cfg) -> Augment:
+    return Augment(flip=cfg.augment_flip, color_jitter=cfg.color_jitter, random_crop=getattr(cfg, "random_crop", False))
+
+
+def _steps(total: int, world_size: int, batch_size: int, explicit: int) -> int:
+    return explicit if explicit > 0 else (total // world_size) // batch_size
+
+
+def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: int = 0) -> TrainLoader:
+    """A TrainLoader for ``DataConfig`` cfg on (rank, world_size) for ``epoch`` (see module doc).
+
+    Raises ValueError naming the key when the config cannot work (manifest disagrees
+    with data.num_classes, no manifest and no data.steps_per_epoch, too few samples).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
+    explicit = getattr(cfg, "steps_per_epoch", 0)
+    chunk = max(1, min(64, cfg.batch_size))
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank, world_size=world_size,
+                  epoch=epoch, seed=cfg.seed, start_step=start_step)
+
+    def slot(pass_index: int) -> Slot:
+        return Slot(rank=rank, world_size=world_size, epoch=epoch, seed=cfg.seed, pass_index=pass_index)
+
+    if cfg.source == "synthetic":
+        total = cfg.num_classes * cfg.samples_per_class
+        steps = _steps(total, world_size, cfg.batch_size, explicit)
+        if cfg.synthetic_mode == "vectors":
+            dim = getattr(cfg, "vector_dim", 128)
+            make = lambda p: SyntheticVectorStream(cfg.num_classes, cfg.samples_per_class, dim, slot(p),  # noqa: E731
+                                                   chunk=max(chunk, 256))
+            return TrainLoader(make, steps, normalize=False, **common)
+        difficulty = getattr(cfg, "difficulty", "medium")
+        make = lambda p: SyntheticImageStream(cfg.num_classes, cfg.samples_per_class, cfg.image_size,  # noqa: E731
+                                              slot(p), chunk=chunk, difficulty=difficulty, augment=_augment(cfg))
+        return TrainLoader(make, steps, **common)
+    urls, counts = resolve_shards(cfg)
+    if counts is None and explicit <= 0:
+        raise ValueError(f"data.shards={cfg.shards!r} without a manifest needs data.steps_per_epoch > 0: set "
+                         "data.manifest to the converter's manifest.json (or give the steps explicitly)")
+    steps = _steps(sum(counts or []), world_size, cfg.batch_size, explicit)
+    make = lambda p: ShardStream(urls, counts, cfg.num_classes, cfg.image_size, slot(p), chunk=chunk,  # noqa: E731
+                                 shuffle_buffer_size=cfg.shuffle_buffer, augment=_augment(cfg), policy=cfg.bad_data)
+    return TrainLoader(make, steps, **common)
+
+
+def resolve_shards(cfg) -> tuple[list[str], list[int] | None]:
+    """Shard URLs and per-shard counts from data.manifest and/or data.shards.
+
+    The manifest (a manifest.json or its folder) gives local shard paths and counts;
+    data.shards, when also set, overrides the URLs (e.g. ``pipe:`` reads of the same
+    shards in remote storage) and must list as many shards.
+    """
+    manifest_path = cfg.manifest
+    if not manifest_path and cfg.shards and os.path.exists(os.path.join(cfg.shards, MANIFEST_NAME)):
+        manifest_path = cfg.shards  # a converter's output folder
+    manifest = load_manifest(manifest_path) if manifest_path else None
+    if manifest is not None:
+        check_num_classes(manifest, cfg.num_classes)
+    if not cfg.shards:
+        if manifest is None:
+            raise ValueError("data.source=webdataset needs data.shards or data.manifest")
+        return manifest.shard_paths(), manifest.shard_counts()
+    urls = expand_shards(cfg.shards)
+    if manifest is None:
+        return urls, None
+    if len(urls) != len(manifest.shards):
+        raise ValueError(f"data.shards={cfg.shards!r} expands to {len(urls)} shards but the manifest lists "
+                         f"{len(manifest.shards)}: make them match, or leave data.shards empty")
+    return urls, manifest.shard_counts()

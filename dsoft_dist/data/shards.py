@@ -1,0 +1,211 @@
+"""Shard lists, the rank/worker split, tar streaming and the bad-data policy.
+
+Stages (plain generators, composed by ``dsoft_dist.data.pipeline``):
+
+- ``expand_shards(spec)``: local paths, brace patterns (``train-{000000..000099}.tar``),
+  ``::``-joined lists, a text file with one URL per line, a folder holding a manifest,
+  and ``pipe:CMD`` URLs (the command's stdout is the tar stream).
+- ``assign_samples(...)``: the explicit split. Each epoch the shard order is shuffled
+  from (seed, epoch); with per-shard counts (from the manifest) the concatenated sample
+  sequence is cut into world_size contiguous rank ranges, each cut into num_workers
+  worker ranges, so every sample is read exactly once per epoch and ranks differ by at
+  most one sample. A shard straddling a cut is read by both sides, each keeping its
+  part. Without counts, whole shards are dealt round-robin to (rank, worker) slots.
+- ``iter_tar_samples(url, ...)``: groups tar members by key into sample dicts
+  (``{"__key__", "__index__", "jpg": bytes, "cls": bytes, ...}``).
+- ``BadData``: per-worker counters plus the policy: ``skip`` counts and warns (first
+  few of each kind, then every 1000th), ``fail`` raises BadDataError at once.
+
+    python -c "from dsoft_dist.data.shards import assign_samples as a; print(a([5, 3, 4], 0, 2, 0, 2, epoch=0, seed=0))"
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import tarfile
+from typing import Iterator, Sequence
+
+import braceexpand
+import numpy as np
+
+from dsoft_dist.observability import get_logger
+
+log = get_logger(__name__)
+
+BAD_KINDS = ("corrupt_image", "missing_image", "missing_label", "bad_label", "truncated_shard", "unreadable_shard")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+POLICIES = ("skip", "fail")
+
+
+class BadDataError(RuntimeError):
+    """Raised under the ``fail`` policy: names the shard, the sample and the fix."""
+
+
+class BadData:
+    """Counts bad samples of each kind and applies the policy (skip | fail)."""
+
+    def __init__(self, policy: str = "skip", where: str = "", warn_first: int = 5):
+        if policy not in POLICIES:
+            raise ValueError(f"bad-data policy {policy!r} is unknown: use one of {', '.join(POLICIES)}")
+        self.policy, self.where, self.warn_first = policy, where, warn_first
+        self.counts = {kind: 0 for kind in BAD_KINDS}
+
+    def report(self, kind: str, message: str) -> None:
+        """Records one bad item; raises BadDataError under the fail policy."""
+        if self.policy == "fail":
+            raise BadDataError(f"{self.where}{message} [{kind}]: fix or drop the data, or set data.bad_data=skip "
+                               "to skip and count bad samples")
+        self.counts[kind] += 1
+        n = self.counts[kind]
+        if n <= self.warn_first or n % 1000 == 0:
+            log.warning("%sskipped bad data #%d of kind %s: %s", self.where, n, kind, message)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def expand_shards(spec) -> list[str]:
+    """Expands a shard spec (str or list of str) into a list of URLs (see module doc)."""
+    if isinstance(spec, (list, tuple)):
+        return [url for item in spec for url in expand_shards(item)]
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"shard spec {spec!r} is empty: give a path, a brace pattern like "
+                         "/data/train-{000000..000099}.tar, a list file or a pipe: command")
+    spec = spec.strip()
+    if "::" in spec:
+        return expand_shards(spec.split("::"))
+    if spec.startswith("pipe:"):
+        return list(braceexpand.braceexpand(spec))
+    if os.path.isdir(spec):
+        from dsoft_dist.data.manifest import MANIFEST_NAME, load_manifest
+
+        if os.path.exists(os.path.join(spec, MANIFEST_NAME)):
+            return load_manifest(spec).shard_paths()
+        found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith(".tar"))
+        if not found:
+            raise ValueError(f"shard folder {spec!r} holds no .tar files and no manifest.json")
+        return found
+    if os.path.isfile(spec) and not spec.endswith((".tar", ".tgz", ".tar.gz")):
+        with open(spec, encoding="utf-8") as f:  # a list file: one URL per line
+            return [url for raw in f if (line := raw.strip()) and not line.startswith("#")
+                    for url in expand_shards(line)]
+    return list(braceexpand.braceexpand(spec))
+
+
+def _epoch_order(num_shards: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_shards)
+    return np.random.default_rng([seed, epoch, 101]).permutation(num_shards)
+
+
+def assign_samples(counts: Sequence[int] | int, rank: int, world_size: int, worker: int, num_workers: int,
+                   epoch: int = 0, seed: int = 0, shuffle: bool = True) -> list[tuple[int, int, int]]:
+    """The (rank, worker) slot's reading plan for an epoch: [(shard, start, stop), ...].
+
+    counts: per-shard sample counts, or the number of shards when counts are unknown
+    (then whole shards are dealt round-robin and stop=-1 means "to the end").
+    Samples [start, stop) of shard ``shard`` (its position in the tar) belong to the slot.
+    """
+    if not (0 <= rank < world_size and 0 <= worker < num_workers):
+        raise ValueError(f"rank={rank}/world_size={world_size}, worker={worker}/num_workers={num_workers} "
+                         "are inconsistent: need 0 <= rank < world_size and 0 <= worker < num_workers")
+    if isinstance(counts, int):
+        order = _epoch_order(counts, epoch, seed, shuffle)
+        slot, slots = rank * num_workers + worker, world_size * num_workers
+        return [(int(s), 0, -1) for s in order[slot::slots]]
+    counts = np.asarray(counts, dtype=np.int64)
+    order = _epoch_order(len(counts), epoch, seed, shuffle)
+    total = int(counts.sum())
+    r0, r1 = total * rank // world_size, total * (rank + 1) // world_size
+    lo, hi = r0 + (r1 - r0) * worker // num_workers, r0 + (r1 - r0) * (worker + 1) // num_workers
+    plan, offset = [], 0
+    for s in order:
+        n = int(counts[s])
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            plan.append((int(s), a - offset, b - offset))
+        offset += n
+    return plan
+
+
+def _open(url: str):
+    """A readable binary stream for a path or any URL webdataset's gopen handles (pipe:, ...)."""
+    if "://" not in url and not url.startswith("pipe:"):
+        return open(url, "rb")
+    return importlib.import_module("webdataset.gopen").gopen(url, "rb")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the basename, ext = the rest."""
+    folder, base = os.path.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return os.path.join(folder, stem), ext.lower()
+
+
+def iter_tar_samples(url: str, bad: BadData, start: int = 0, stop: int = -1) -> Iterator[dict]:
+    """Yields the samples with positions [start, stop) of one tar shard (stop=-1: to the end).
+
+    A sample is a dict of its members' bytes by extension plus ``__key__``, ``__url__``,
+    ``__index__``. An unreadable or truncated shard is reported to ``bad`` (the samples
+    read before the damage are kept; the incomplete one is dropped).
+    """
+    try:
+        stream = _open(url)
+    except OSError as exc:
+        bad.report("unreadable_shard", f"cannot open shard {url!r}: {exc}")
+        return
+    index, current, key = -1, None, None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _split_name(member.name)
+                if k != key:
+                    if current is not None and index >= start:
+                        yield current
+                    index, key, current = index + 1, k, None
+                    if 0 <= stop <= index:
+                        return
+                    if index >= start:
+                        current = {"__key__": k, "__url__": url, "__index__": index}
+                if current is not None:
+                    current[ext] = tar.extractfile(member).read()
+        if current is not None:
+            yield current
+        if stop >= 0 and index + 1 < stop:  # ended early at a member boundary: only the manifest can tell
+            bad.report("truncated_shard", f"shard {url!r} ended after {index + 1} samples but the manifest "
+                       f"promises at least {stop}")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        bad.report("truncated_shard", f"shard {url!r} is truncated or corrupt after sample {index} ({exc})")
+    finally:
+        try:
+            stream.close()
+        except Exception as exc:  # a pipe: closed early may complain about its exit status
+            log.debug("closing %s: %s", url, exc)
+
+
+def iter_plan(urls: Sequence[str], plan, bad: BadData) -> Iterator[dict]:
+    """Chains iter_tar_samples over a slot's plan from assign_samples."""
+    for shard, start, stop in plan:
+        yield from iter_tar_samples(urls[shard], bad, start, stop)
+
+
+def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Seeded reservoir shuffle with a buffer of ``size`` items (size <= 1: no shuffle)."""
+    if size <= 1:
+        yield from items
+        return
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(size))
+        buf[j], item = item, buf[j]
+        yield item
+    order = rng.permutation(len(buf))
+    for j in order:
+        yield buf[j]
