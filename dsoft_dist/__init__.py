@@ -3,7 +3,8 @@
     import dsoft_dist
     loss_fn = dsoft_dist.DSoftmaxLoss(num_classes=1000, embedding_size=512)
 """
+from dsoft_dist.head import ShardedClassifier
 from dsoft_dist.losses import DSoftmaxLoss, MarginSoftmaxLoss
 
 __version__ = "0.1.0"
-__all__ = ["DSoftmaxLoss", "MarginSoftmaxLoss", "__version__"]
+__all__ = ["DSoftmaxLoss", "MarginSoftmaxLoss", "ShardedClassifier", "__version__"]

@@ -16,6 +16,8 @@ import sys
 COMMAND_MODULES = (
     "dsoft_dist.demo",
     "dsoft_dist.config.cli",
+    "dsoft_dist.data.cli",
+    "dsoft_dist.eval.cli",
 )
 
 

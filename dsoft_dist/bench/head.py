@@ -1,0 +1,230 @@
+"""Benchmark one full head step (forward + backward + optimizer) of ShardedClassifier vs sample rate.
+
+    python -m dsoft_dist.bench.head --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625
+    python -m dsoft_dist.bench.head --classes 100000 --world-size 2 --repeats 3
+
+For each sample rate r it times ``loss = head(emb, labels); loss.backward(); opt.step(); opt.zero_grad()``
+(median over --repeats after --warmup) on rank 0 and prints one table:
+- r=1 runs negatives="all" (the exact D-Softmax: same rows as random at r=1, no index gather);
+  r<1 runs --negatives (default random: D-Softmax-K). K = rows computed per rank.
+- model FLOP = 6 * B * K * D (forward logits + the two backward GEMMs, B the global batch);
+  executed FLOP = 8 * B * K * D, because backward recomputes the logits chunk by chunk
+  (6 * B * K * D + 2 * B * D * (rows not in the logit cache) with --logit-cache-mb).
+- "matmul" = the same three GEMM shapes per chunk ((B,D)x(D,k), (B,k)x(k,D), (k,B)x(B,D)),
+  timed with plain torch.mm in the same run right after the step; "eff" = model GFLOP/s / matmul GFLOP/s.
+- memory: "state" = weights + optimizer state from tensor sizes; "transient" = peak memory the
+  step adds: on CPU peak RSS (VmHWM, reset through /proc/self/clear_refs before the step) minus
+  RSS before the step; on CUDA max_memory_allocated minus memory_allocated before.
+- bytes/step = payload bytes of the head's collectives (0 for one rank).
+- "step s" is the median, "best s" the fastest repeat (the CPU may be shared); speedup uses medians.
+- --logit-cache-mb N keeps up to N MiB of the forward's exp'd logits so backward skips the
+  recompute of those chunks (B * C_local * 4 bytes caches everything: 2 GiB at B=512, C=1M).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from dsoft_dist.config.schema import OptimizerConfig
+from dsoft_dist.head import ShardedClassifier, auto_chunk_size, build_head_optimizer
+_MIB = 1 << 20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Transient peak of one region: CUDA allocator peak, or peak RSS via VmHWM reset (Linux)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as fh:  # "5" resets VmHWM to the current RSS
+                fh.write("5")
+            self.base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = _status_kib("VmHWM") * 1024 - self.base
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _matmul_rate(batch, dim, k, device, repeats=3) -> float:
+    """GFLOP/s of the step's three GEMM shapes on one chunk of k rows, plain torch.mm."""
+    f, w, g = (torch.randn(batch, dim, device=device), torch.randn(k, dim, device=device),
+               torch.randn(batch, k, device=device))
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(f, w.t())
+        torch.mm(g, w)
+        torch.mm(g.t(), f)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 6 * batch * k * dim / statistics.median(times[1:]) / 1e9
+
+
+def _state_bytes(head, opt) -> int:
+    tensors = [head.weight] + [t for s in opt.state.values() for t in s.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _time_rate(head, opt, rate, args, device, rank, world_size):
+    """Runs warmup + repeats full steps at one sample rate; returns a result row."""
+    head.negatives = "all" if rate >= 1.0 else args.negatives
+    head.sample_rate = rate
+    gen = torch.Generator().manual_seed(rank)
+    times, peaks, nbytes = [], [], 0
+    for i in range(args.warmup + args.repeats):
+        emb = torch.randn(args.batch, args.dim, generator=gen).to(device).requires_grad_(True)
+        labels = torch.randint(0, args.classes, (args.batch,), generator=gen).to(device)
+        head.comm.reset()
+        with PeakMemory(device) as mem:
+            _sync(device)
+            t0 = time.perf_counter()
+            head(emb, labels).backward()
+            opt.step()
+            opt.zero_grad()
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+        if i >= args.warmup:
+            times.append(elapsed)
+            peaks.append(mem.peak)
+            nbytes = head.comm.bytes
+    step = statistics.median(times)
+    if world_size > 1:  # the step is as slow as the slowest rank
+        t = torch.tensor([step], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        step = float(t)
+    k = head.last_num_negatives
+    b_global = args.batch * world_size
+    chunk = min(max(k, 1), auto_chunk_size(b_global, args.chunk_size))
+    cached_rows = min(k, chunk * int(args.logit_cache_mb * _MIB // (b_global * chunk * 4)))
+    executed = 6 * b_global * k * args.dim + 2 * b_global * (k - cached_rows) * args.dim  # + the recompute
+    return {"rate": rate, "negatives": head.negatives, "k": k, "step": step, "times": times, "best": min(times),
+            "model": 6 * b_global * k * args.dim / step / 1e9, "exec": executed / step / 1e9,
+            "matmul": _matmul_rate(b_global, args.dim, chunk, device), "state": _state_bytes(head, opt),
+            "transient": max(peaks), "bytes": nbytes}
+
+
+def _format(rows, args, world_size) -> str:
+    base = rows[0]["step"]
+    lines = [f"head step: C={args.classes} D={args.dim} B={args.batch * world_size} (global) loss={args.loss} "
+             f"optimizer={args.optimizer}/{args.head_mode} world_size={world_size} threads={torch.get_num_threads()} "
+             f"repeats={args.repeats} logit_cache_mb={args.logit_cache_mb:g}",
+             f"{'r':>9} {'negatives':>9} {'K/rank':>8} {'step s':>8} {'best s':>7} {'speedup':>8} {'model GF/s':>10} "
+             f"{'exec GF/s':>9} {'matmul GF/s':>11} {'eff %':>6} {'state MiB':>9} {'trans MiB':>9} {'bytes/step':>10}"]
+    for r in rows:
+        lines.append(f"{r['rate']:>9.6g} {r['negatives']:>9} {r['k']:>8} {r['step']:>8.3f} {r['best']:>7.3f} "
+                     f"{base / r['step']:>7.1f}x "
+                     f"{r['model']:>10.1f} {r['exec']:>9.1f} {r['matmul']:>11.1f} {100 * r['model'] / r['matmul']:>6.1f} "
+                     f"{r['state'] / _MIB:>9.0f} {r['transient'] / _MIB:>9.0f} {r['bytes']:>10}")
+    lines.append("step times (s): " + "; ".join(f"r={r['rate']:g}: " + ", ".join(f"{t:.3f}" for t in r["times"])
+                                                for r in rows))
+    return "\n".join(lines)
+
+
+def run(args, rank=0, world_size=1, group=None) -> str | None:
+    """Benchmarks every sample rate on this rank; returns the table on rank 0."""
+    device = torch.device(args.device)
+    head = ShardedClassifier(args.classes, args.dim, loss=args.loss, negatives="all", chunk_size=args.chunk_size,
+                             group=group, device=device, validate=not args.no_validate,
+                             logit_cache_mb=args.logit_cache_mb)
+    opt = build_head_optimizer(head, OptimizerConfig(name=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                                     head_mode=args.head_mode))
+    rows = [_time_rate(head, opt, rate, args, device, rank, world_size) for rate in args.sample_rates]
+    return _format(rows, args, world_size) if rank == 0 else None
+
+
+def _spawned(rank, world_size, port, args, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30))
+    try:
+        table = run(args, rank, world_size)
+        if rank == 0:
+            with open(out_path, "w") as fh:
+                fh.write(table)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dsoft_dist.bench.head", description=__doc__.split("\n")[0])
+    p.add_argument("--classes", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--batch", type=int, default=512, help="local batch per rank")
+    p.add_argument("--loss", default="d_softmax")
+    p.add_argument("--negatives", default="random", choices=("random", "batch", "partial"),
+                   help="negatives for r < 1 (r = 1 always runs 'all')")
+    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.125, 0.015625])
+    p.add_argument("--world-size", type=int, default=1, help="gloo ranks spawned on this machine")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    p.add_argument("--head-mode", default="sparse", choices=("sparse", "dense"))
+    p.add_argument("--chunk-size", type=int, default=0)
+    p.add_argument("--logit-cache-mb", type=float, default=0.0,
+                   help="keep this many MiB of exp'd logit chunks for backward instead of recomputing (0 = off)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = cores / world size)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-validate", action="store_true", help="skip the per-step input check (one host sync)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.world_size == 1:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        table = run(args)
+    else:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "table.txt")
+            mp.spawn(_spawned, args=(args.world_size, _free_port(), args, out), nprocs=args.world_size, join=True)
+            with open(out) as fh:
+                table = fh.read()
+    sys.stdout.write(table + "\n")  # the script's product: the table on stdout (logs go to stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

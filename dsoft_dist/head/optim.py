@@ -1,0 +1,210 @@
+"""Row-sparse SGD and AdamW for the class shard: only the rows touched in a step change.
+
+    opt = build_head_optimizer(head, OptimizerConfig(name="sgd", lr=0.1, head_mode="sparse"))
+    loss = head(emb, labels); loss.backward(); opt.step(); opt.zero_grad()
+
+"Touched rows" are the rows present in the weight gradient: the indices of a sparse COO
+gradient (what the head gives for sampled negatives), or every row of a dense gradient.
+In ``sparse`` mode only those rows get weight decay, a momentum / moment update and a
+step; all other rows and their state stay bit-identical, so a step costs O(K D).
+``dense`` mode densifies the gradient and updates every row like torch.optim.SGD/AdamW on
+the whole shard (for parity runs). State tensors have the shard's rows and re-shard with
+it (``state_dict`` is keyed by global class range; see dsoft_dist.head.state).
+
+Per row, with g the row's gradient (torch's formulas, applied row-wise):
+    SGD:   g += wd w;  b = m b + g;  g = g + m b (nesterov) or b;  w -= lr g
+    AdamW: w *= 1 - lr wd;  m1 = lerp(m1, g, 1 - b1);  m2 = b2 m2 + (1 - b2) g^2;  t += 1
+           w -= lr / (1 - b1^t) * m1 / (sqrt(m2) / sqrt(1 - b2^t) + eps)
+AdamW counts steps per row (t = the number of steps that touched the row), so a row
+behaves exactly as torch.optim.AdamW run on that row alone, in the steps that touched it.
+"""
+from __future__ import annotations
+
+import torch
+
+_MODES = ("sparse", "dense")
+
+
+def _coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient as a coalesced COO tensor; O(n) when its rows are already sorted and unique.
+
+    The head builds sorted unique rows, but autograd drops the coalesced flag on the way to
+    ``.grad``; re-sorting 10^5 rows every step would cost more than the row update itself.
+    """
+    if grad.is_coalesced() or grad._nnz() == 0:
+        return grad.coalesce()
+    rows = grad._indices()[0]
+    if grad._indices().shape[0] == 1 and bool((rows[1:] > rows[:-1]).all()):
+        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return grad.coalesce()
+
+
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """Shared plumbing: touched rows from the gradient, row gather/scatter, shard metadata."""
+
+    kind = ""
+    _state_names: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults, mode, num_classes=None, class_start=0):
+        if mode not in _MODES:
+            raise ValueError(f"mode={mode!r} is invalid; use 'sparse' (row-sparse updates) or 'dense' (torch parity)")
+        if defaults["lr"] <= 0:
+            raise ValueError(f"lr={defaults['lr']} is invalid: must be > 0")
+        if defaults["weight_decay"] < 0:
+            raise ValueError(f"weight_decay={defaults['weight_decay']} is invalid: must be >= 0")
+        super().__init__(params, defaults)
+        self.mode = mode
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p in params:
+            if p.dim() != 2:
+                raise ValueError(f"row-sparse optimizers update 2-D (rows, D) weights, got shape {tuple(p.shape)}")
+            for name in self._state_names:  # allocated up front: re-sharding never meets missing state
+                if name == "step":
+                    self.state[p][name] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)  # (rows,)
+                else:
+                    self.state[p][name] = torch.zeros_like(p, memory_format=torch.contiguous_format)  # (rows, D)
+        self.class_start = class_start
+        self.num_classes = num_classes if num_classes is not None else (params[0].shape[0] if params else 0)
+
+    def _touched(self, p):
+        """(rows or None for all rows, gradient (n, D)) for param p, or None when p has no gradient."""
+        grad = p.grad
+        if grad is None:
+            return None
+        if grad.is_sparse:
+            grad = _coalesced(grad)
+            if self.mode == "dense":
+                return None, grad.to_dense()
+            return grad.indices()[0], grad.values()
+        return None, grad
+
+    @staticmethod
+    def _take(t, rows):
+        return t if rows is None else t.index_select(0, rows)
+
+    @staticmethod
+    def _put(t, rows, value):
+        if rows is not None:
+            t.index_copy_(0, rows, value)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Updates the touched rows of every parameter; returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                touched = self._touched(p)
+                if touched is not None:
+                    self._update(p, self.state[p], touched[0], touched[1].to(p.dtype), group)
+        return loss
+
+    def _update(self, p, state, rows, grad, group):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """This rank's piece of the world-size-independent optimizer state (dsoft_dist.head.state)."""
+        from dsoft_dist.head.state import optimizer_piece
+        return optimizer_piece(self)
+
+    def load_state_dict(self, state_dict) -> None:
+        """Loads this rank's rows from one piece or a list of pieces written by any number of ranks."""
+        from dsoft_dist.head.state import load_optimizer_pieces
+        load_optimizer_pieces(self, state_dict)
+
+
+class RowSparseSGD(_RowSparseOptimizer):
+    """SGD with momentum, coupled weight decay and optional nesterov, applied to touched rows only.
+
+    mode="dense" matches torch.optim.SGD(params, lr, momentum, weight_decay=wd, nesterov) on the
+    whole shard. num_classes / class_start place the shard in the global class range (for
+    re-shardable state); build_head_optimizer fills them from the head.
+    """
+
+    kind = "sgd"
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False, mode="sparse",
+                 num_classes=None, class_start=0):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum} is invalid: must be in [0, 1)")
+        if nesterov and momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        self._state_names = ("momentum_buffer",) if momentum > 0 else ()
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(params, defaults, mode, num_classes, class_start)
+
+    def _update(self, p, state, rows, grad, group):
+        """In place, no (n, D) temporaries: m b + (g + wd w) is computed as (m b + g) + wd w."""
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        w = self._take(p, rows)  # (n, D); the parameter itself when every row is touched
+        if momentum == 0:
+            if wd != 0:
+                w.mul_(1 - lr * wd)  # w - lr (g + wd w)
+            w.add_(grad, alpha=-lr)
+        else:
+            if "momentum_buffer" not in state:  # momentum switched on after construction
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            buf = self._take(state["momentum_buffer"], rows)
+            buf.mul_(momentum).add_(grad)
+            if wd != 0:
+                buf.add_(w, alpha=wd)
+            self._put(state["momentum_buffer"], rows, buf)
+            if group["nesterov"]:  # w - lr (g + wd w + m b)
+                if wd != 0:
+                    w.mul_(1 - lr * wd)
+                w.add_(grad, alpha=-lr).add_(buf, alpha=-lr * momentum)
+            else:
+                w.add_(buf, alpha=-lr)
+        self._put(p, rows, w)
+
+
+class RowSparseAdamW(_RowSparseOptimizer):
+    """AdamW (decoupled weight decay) with per-row step counts, applied to touched rows only.
+
+    mode="dense" matches torch.optim.AdamW(params, lr, betas, eps, weight_decay) on the whole shard.
+    """
+
+    kind = "adamw"
+    _state_names = ("exp_avg", "exp_avg_sq", "step")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, mode="sparse",
+                 num_classes=None, class_start=0):
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={betas} is invalid: two numbers in [0, 1), e.g. (0.9, 0.999)")
+        if eps <= 0:
+            raise ValueError(f"eps={eps} is invalid: must be > 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, mode, num_classes, class_start)
+
+    def _update(self, p, state, rows, grad, group):
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        w = self._take(p, rows)  # (n, D)
+        m1, m2 = self._take(state["exp_avg"], rows), self._take(state["exp_avg_sq"], rows)
+        t = self._take(state["step"], rows).add_(1)  # (n,) steps that touched each row
+        if wd != 0:
+            w.mul_(1 - lr * wd)
+        m1.lerp_(grad, 1 - beta1)
+        m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        t64 = t.to(torch.float64)
+        step_size = (lr / (1 - torch.pow(beta1, t64))).to(p.dtype)[:, None]  # (n, 1)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, t64)).to(p.dtype)[:, None]  # (n, 1)
+        denom = m2.sqrt().div_(bc2_sqrt).add_(eps).div_(step_size)  # one (n, D) temporary
+        w.addcdiv_(m1, denom, value=-1.0)
+        for name, value in (("exp_avg", m1), ("exp_avg_sq", m2), ("step", t)):
+            self._put(state[name], rows, value)
+        self._put(p, rows, w)
+
+
+def build_head_optimizer(head, cfg) -> _RowSparseOptimizer:
+    """The head's optimizer from an OptimizerConfig (name sgd | adamw, head_mode sparse | dense)."""
+    shard = dict(mode=cfg.head_mode, num_classes=head.num_classes, class_start=head.class_start)
+    if cfg.name == "sgd":
+        return RowSparseSGD([head.weight], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                            nesterov=cfg.nesterov, **shard)
+    if cfg.name == "adamw":
+        return RowSparseAdamW([head.weight], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                              weight_decay=cfg.weight_decay, **shard)
+    raise ValueError(f"optimizer.name={cfg.name!r} is invalid; use sgd or adamw")

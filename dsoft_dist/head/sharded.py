@@ -1,0 +1,195 @@
+"""The model-parallel classifier head: class rows sharded over the ranks of a process group.
+
+    head = dsoft_dist.ShardedClassifier(num_classes=10**6, embedding_size=512, loss="d_softmax",
+                                        negatives="random", sample_rate=1 / 64, group=None)
+    loss = head(local_embeddings, local_labels)   # (B_local, D), (B_local,) int64 -> global mean
+    loss.backward(); head.diagnostics()            # {'intra': ..., 'inter': ..., 'target_cos': ...}
+
+Each rank owns ``weight`` (num_local_classes, D) = classes [class_start, class_start + C_local)
+(DESIGN.md §2). A step all-gathers the embeddings and labels, computes its shard's per-row
+statistics (``dsoft_dist.head.local``), all-gathers those (O(B) floats per rank) and forms
+the same loss on every rank (``dsoft_dist.head.combine``); backward reduce-scatters the
+embedding gradient to its owners. Nothing of size O(C) crosses the network.
+Without torch.distributed initialized the head runs as a single process (P = 1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsoft_dist.head.combine import combine_stats, diagnostics_from
+from dsoft_dist.head.local import get_local_backend
+from dsoft_dist.head.validate import check_inputs
+from dsoft_dist.losses.modules import MARGIN_PRESETS
+from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
+from dsoft_dist.observability import get_logger
+from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_replicated, gather_rows
+from dsoft_dist.parallel import group_rank_size, shard_range
+
+log = get_logger(__name__)
+
+LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
+_INIT_BLOCK = 4096  # rows per init block: the initial weights do not depend on the world size
+
+
+def init_shard_weight(num_classes, embedding_size, class_start, num_local_classes, seed=0, std=0.01,
+                      dtype=torch.float32, device=None) -> torch.Tensor:
+    """N(0, std^2) rows [class_start, class_start + n) of a (C, D) matrix that is the same for any sharding.
+
+    Rows are drawn in blocks of 4096 global rows, block b from a generator seeded by (seed, b).
+    """
+    out = torch.empty(num_local_classes, embedding_size, dtype=dtype)
+    stop = class_start + num_local_classes
+    for block in range(class_start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1 if stop > class_start else 0):
+        b0, b1 = block * _INIT_BLOCK, min((block + 1) * _INIT_BLOCK, num_classes)
+        gen = torch.Generator().manual_seed(step_seed(seed, block, 0x1417))
+        rows = torch.randn(b1 - b0, embedding_size, generator=gen, dtype=dtype).mul_(std)
+        lo, hi = max(b0, class_start), min(b1, stop)
+        out[lo - class_start:hi - class_start] = rows[lo - b0:hi - b0]
+    return out.to(device) if device is not None else out
+
+
+class ShardedClassifier(nn.Module):
+    """Class-sharded D-Softmax / margin-softmax head with exact or sampled negatives.
+
+    Args: num_classes C, embedding_size D; loss = d_softmax | arcface | cosface | sphereface |
+    normface | softmax (linear, unnormalized) | margin (m1, m2, m3 as given); negatives = all |
+    batch | random | partial (see dsoft_dist.losses.negatives); sample_rate r; scale s;
+    end_point d and inter_weight (D-Softmax); inter_correction (scale the inter sum by
+    C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
+    seed (negatives: seeded by (seed, step, rank); init: by (seed, row block)); group (the
+    head's process group, default WORLD); chunk_size (classes per chunk, 0 = automatic);
+    fused (auto | torch | a registered kernel backend); validate (check shapes and labels
+    across ranks each step: one small all-gather and a host read); logit_cache_mb (keep up
+    to this many MiB of the forward's exp'd logit chunks so backward skips recomputing them;
+    0 = always recompute, the memory-lean default).
+
+    forward(local_embeddings (B_local, D), local_labels (B_local,) int64, -1 = ignore) returns
+    the mean loss over the non-ignored rows of the GLOBAL batch, identical on every rank.
+    Its gradient w.r.t. each rank's local embeddings is the gradient of that global mean
+    (no averaging over ranks happens here). A DDP backbone averages gradients over its P
+    ranks, so multiply the loss by P (or scale the backbone gradients) to train with the
+    global-mean gradient. The weight gradient is dense for negatives="all" and a sparse COO
+    tensor over the touched rows otherwise (use dsoft_dist.head.optim). Every rank must call
+    forward and backward the same number of times (they are collective). Local batch sizes
+    must be equal on all ranks.
+    """
+
+    def __init__(self, num_classes, embedding_size, loss="d_softmax", negatives="all", sample_rate=1.0,
+                 scale=64.0, end_point=0.9, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
+                 m3=None, seed=0, group=None, chunk_size=0, fused="auto", validate=True, init_std=0.01,
+                 device=None, dtype=torch.float32, logit_cache_mb=0.0):
+        super().__init__()
+        _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size)
+        self.group = group
+        self.rank, self.world_size = group_rank_size(group)
+        self.class_start, self.num_local_classes = shard_range(num_classes, self.world_size, self.rank)
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.loss, self.negatives, self.sample_rate = loss, negatives, sample_rate
+        self.normalize = loss != "softmax"
+        self.scale = 1.0 if loss == "softmax" else float(scale)
+        self.end_point, self.inter_weight, self.inter_correction = end_point, inter_weight, inter_correction
+        preset = MARGIN_PRESETS.get(loss, dict(m1=1.0, m2=0.0, m3=0.0))
+        self.m1 = preset["m1"] if m1 is None else float(m1)
+        self.m2 = preset["m2"] if m2 is None else float(m2)
+        self.m3 = preset["m3"] if m3 is None else float(m3)
+        self.seed, self.chunk_size, self.fused, self.validate = seed, chunk_size, fused, validate
+        if logit_cache_mb < 0:
+            raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")
+        self.logit_cache_mb = float(logit_cache_mb)
+        self._local_stats = get_local_backend(fused)
+        self.weight = nn.Parameter(init_shard_weight(num_classes, embedding_size, self.class_start,
+                                                     self.num_local_classes, seed, init_std, dtype, device))
+        self.step = 0  # steps taken in training mode; seeds the random negatives
+        self.comm = CommCounter()  # bytes moved by this head's collectives (reset it per step to measure)
+        self.last_stats: dict[str, torch.Tensor] = {}
+        self.last_num_negatives = 0  # rows of this shard used as negatives in the last forward
+        log.debug("class shard %d/%d: classes [%d, %d)", self.rank, self.world_size, self.class_start,
+                  self.class_start + self.num_local_classes)
+
+    @classmethod
+    def from_config(cls, head_cfg, num_classes: int, embedding_size: int, group=None, **kwargs):
+        """Builds the head from a ``dsoft_dist.config.schema.HeadConfig``.
+
+        The margins are the config's resolved ones (``head_cfg.margins()``: the loss preset's,
+        with any explicitly given m1/m2/m3 replacing them).
+        """
+        c = head_cfg
+        m1, m2, m3 = c.margins()
+        return cls(num_classes, embedding_size, loss=c.loss, negatives=c.negatives, sample_rate=c.sample_rate,
+                   scale=c.scale, end_point=c.end_point, inter_weight=c.inter_weight,
+                   inter_correction=c.inter_correction, seed=c.seed, group=group, chunk_size=c.chunk_size,
+                   fused=c.fused, m1=m1, m2=m2, m3=m3, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, loss={self.loss}, "
+                f"negatives={self.negatives}, sample_rate={self.sample_rate}, class_start={self.class_start}, "
+                f"num_local_classes={self.num_local_classes}, rank={self.rank}/{self.world_size}")
+
+    def select_rows(self, labels_global: torch.Tensor) -> torch.Tensor | None:
+        """This shard's negative rows for the current step (sorted local ids; None = all rows)."""
+        return select_shard_classes(self.negatives, labels_global, self.class_start, self.num_local_classes,
+                                    self.sample_rate, self.seed, self.step, self.rank)
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """(B_local, D), (B_local,) int64 -> scalar mean loss over the global batch (same on every rank)."""
+        if self.validate:
+            check_inputs(local_embeddings, local_labels, self, self.group, self.comm)
+        labels = all_gather_cat(local_labels.to(local_embeddings.device), self.group, self.comm)  # (B,)
+        emb = gather_rows(local_embeddings, self.group, self.comm)  # (B, D)
+        feats = emb.to(torch.float64 if emb.dtype == torch.float64 else torch.float32)
+        if self.normalize:
+            feats = F.normalize(feats, dim=1)
+        rows = self.select_rows(labels)
+        if self.training:
+            self.step += 1
+        valid = labels >= 0  # (B,)
+        local = labels - self.class_start
+        owned = valid & (local >= 0) & (local < self.num_local_classes)
+        target_local = torch.where(owned, local, torch.full_like(local, -1))  # (B,)
+        lse, target, hardest = self._local_stats(feats, self.weight, rows, target_local, valid, self.scale,
+                                                 self.normalize, self.chunk_size, self.logit_cache_mb)
+        stats = gather_replicated(torch.stack([lse, target, hardest]), self.group, self.comm)  # (P, 3, B)
+        loss, terms = combine_stats(stats, valid, self, self._log_correction(rows, labels.device))
+        self.last_num_negatives = self.num_local_classes if rows is None else rows.numel()
+        self.last_stats = diagnostics_from(stats, valid, terms, self.scale)
+        return loss
+
+    def _log_correction(self, rows, device):
+        """log(C / |N|) with |N| the global number of selected classes (one O(1) all-reduce), or None."""
+        if not self.inter_correction or rows is None:
+            return None
+        count = all_reduce(torch.tensor(float(rows.numel()), dtype=torch.float64, device=device),
+                           group=self.group, counter=self.comm)
+        return (torch.log(torch.tensor(float(self.num_classes), dtype=torch.float64, device=device))
+                - torch.log(count.clamp(min=1.0))).float()
+
+    def diagnostics(self) -> dict[str, float]:
+        """The last forward's row means as floats (reads values to the host: call outside the step)."""
+        return {k: float(v) for k, v in self.last_stats.items()}
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        """This rank's piece of the world-size-independent head state (see dsoft_dist.head.state)."""
+        from dsoft_dist.head.state import head_piece
+        return head_piece(self)
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        """Loads this rank's rows from one piece or a list of pieces written by any number of ranks."""
+        from dsoft_dist.head.state import load_head_pieces
+        load_head_pieces(self, state)
+
+
+def _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size):
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is invalid; use one of {', '.join(LOSSES)}")
+    if negatives not in MODES:
+        raise ValueError(f"negatives={negatives!r} is invalid; use one of {', '.join(MODES)}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate={sample_rate} is invalid: must be in (0, 1], e.g. 1/64")
+    if not scale > 0:
+        raise ValueError(f"scale={scale} is invalid: must be > 0 (32 or 64 are usual)")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size={chunk_size} is invalid: must be >= 0 (0 = automatic)")
+    if embedding_size < 1:
+        raise ValueError(f"embedding_size={embedding_size} is invalid: must be >= 1")

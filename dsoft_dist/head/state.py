@@ -1,0 +1,179 @@
+"""World-size-independent state of the sharded head and its optimizer: save on P ranks, load on Q.
+
+A rank's state is a "piece": its rows keyed by global class range plus the shape of the
+whole head. Any set of pieces that covers [class_start, class_start + C_local) of a rank
+loads into it, whatever the world size that wrote them.
+
+    piece = head.state_dict()                     # {'num_classes', 'embedding_size', 'class_start',
+                                                  #  'num_local_classes', 'step', 'rows': {'weight': (n, D)}}
+    head.load_state_dict([piece_0, piece_1])      # pieces from any number of ranks
+    save_head_checkpoint("ckpt/head", head, opt)  # every rank writes its piece file; rank 0 meta.json
+    load_head_checkpoint("ckpt/head", head, opt)  # every rank reads only the files overlapping its shard
+
+Files are written atomically (temp file + os.replace) so a crash never leaves a torn piece.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from dsoft_dist.parallel import group_rank_size, shard_ranges
+
+HEAD_FORMAT = "dsoft_dist.sharded_head/1"
+OPTIMIZER_FORMAT = "dsoft_dist.head_optimizer/1"
+_META = "meta.json"
+
+
+def head_piece(head) -> dict:
+    """This rank's head piece (tensors alias the live weight; torch.save copies them)."""
+    return {"format": HEAD_FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
+            "class_start": head.class_start, "num_local_classes": head.num_local_classes, "step": head.step,
+            "loss": head.loss, "rows": {"weight": head.weight.detach()}}
+
+
+def optimizer_piece(opt) -> dict:
+    """This rank's optimizer piece: per-row state tensors and the hyperparameters."""
+    p = _single_param(opt)
+    return {"format": OPTIMIZER_FORMAT, "kind": opt.kind, "mode": opt.mode, "num_classes": opt.num_classes,
+            "embedding_size": p.shape[1], "class_start": opt.class_start, "num_local_classes": p.shape[0],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "rows": {name: t.detach() for name, t in opt.state[p].items()}}
+
+
+def _single_param(opt):
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if len(params) != 1:
+        raise ValueError(f"re-shardable optimizer state needs exactly one (rows, D) weight, got {len(params)}")
+    return params[0]
+
+
+def _pieces(state, fmt: str, num_classes: int, embedding_size: int) -> list[dict]:
+    """Normalizes one piece or a list of pieces and checks they belong to a head of this shape."""
+    pieces = [state] if isinstance(state, dict) else list(state)
+    if not pieces:
+        raise ValueError("no state pieces given; pass head.state_dict() pieces from the ranks that saved them")
+    for piece in pieces:
+        if not isinstance(piece, dict) or piece.get("format") != fmt:
+            found = piece.get("format") if isinstance(piece, dict) else type(piece).__name__
+            raise ValueError(f"state piece has format {found!r}, expected {fmt!r}; "
+                             f"load a checkpoint written by ShardedClassifier / its head optimizer")
+        if piece["num_classes"] != num_classes:
+            raise ValueError(f"checkpoint has num_classes={piece['num_classes']} but the head has "
+                             f"num_classes={num_classes}; build the head with the checkpoint's class count")
+        if piece["embedding_size"] != embedding_size:
+            raise ValueError(f"checkpoint has embedding_size={piece['embedding_size']} but the head has "
+                             f"embedding_size={embedding_size}; build the head with the checkpoint's size")
+    return sorted(pieces, key=lambda p: p["class_start"])
+
+
+def assemble_rows(pieces: list[dict], name: str, start: int, count: int) -> torch.Tensor:
+    """Rows [start, start + count) of state ``name`` cut from pieces sorted by class_start (CPU tensor)."""
+    parts, cursor = [], start
+    for piece in pieces:
+        p0 = piece["class_start"]
+        lo, hi = max(cursor, p0), min(start + count, p0 + piece["num_local_classes"])
+        if hi <= lo:
+            continue
+        if lo != cursor:
+            break
+        if name not in piece["rows"]:
+            raise ValueError(f"state piece for classes [{p0}, {p0 + piece['num_local_classes']}) has no {name!r}")
+        parts.append(piece["rows"][name][lo - p0:hi - p0].to("cpu"))
+        cursor = hi
+    if cursor != start + count:
+        raise ValueError(f"the state pieces do not cover classes [{cursor}, {start + count}) needed by this "
+                         f"shard [{start}, {start + count}); pass the pieces of every rank that saved the head")
+    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+
+def load_head_pieces(head, state) -> None:
+    """Copies this rank's rows and the step counter from pieces written by any world size."""
+    pieces = _pieces(state, HEAD_FORMAT, head.num_classes, head.embedding_size)
+    weight = assemble_rows(pieces, "weight", head.class_start, head.num_local_classes)
+    steps = {p["step"] for p in pieces}
+    if len(steps) != 1:
+        raise ValueError(f"state pieces disagree on the step counter ({sorted(steps)}); they come from different saves")
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    head.step = steps.pop()
+
+
+def load_optimizer_pieces(opt, state) -> None:
+    """Copies this rank's per-row optimizer state and the hyperparameters from any world size's pieces."""
+    p = _single_param(opt)
+    pieces = _pieces(state, OPTIMIZER_FORMAT, opt.num_classes, p.shape[1])
+    kinds = {piece["kind"] for piece in pieces}
+    if kinds != {opt.kind}:
+        raise ValueError(f"checkpoint optimizer is {sorted(kinds)} but this one is {opt.kind!r}; use the same optimizer.name")
+    for group, saved in zip(opt.param_groups, pieces[0]["param_groups"]):
+        group.update(saved)
+    state = opt.state[p]
+    with torch.no_grad():
+        for name in pieces[0]["rows"]:  # e.g. a momentum buffer the saved run had and this one has not built
+            rows = assemble_rows(pieces, name, opt.class_start, p.shape[0])
+            if name not in state:
+                state[name] = torch.zeros_like(rows, device=p.device)
+            state[name].copy_(rows)
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _piece_file(start: int, count: int) -> str:
+    return f"head-{start:012d}-{start + count:012d}.pt"
+
+
+def _barrier(group) -> None:
+    if group_rank_size(group)[1] > 1:
+        dist.barrier(group=group)
+
+
+def save_head_checkpoint(directory: str, head, optimizer=None) -> str:
+    """Every rank writes its piece file; rank 0 then writes meta.json listing them. Collective."""
+    os.makedirs(directory, exist_ok=True)
+    payload = {"head": head.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
+    _atomic_save(payload, os.path.join(directory, _piece_file(head.class_start, head.num_local_classes)))
+    _barrier(head.group)
+    if head.rank == 0:
+        files = [_piece_file(s, n) for s, n in shard_ranges(head.num_classes, head.world_size)]
+        meta = {"format": HEAD_FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
+                "world_size": head.world_size, "step": head.step, "files": files}
+        tmp = os.path.join(directory, f"{_META}.tmp.{os.getpid()}")
+        with open(tmp, "w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(tmp, os.path.join(directory, _META))
+    _barrier(head.group)
+    return directory
+
+
+def load_head_checkpoint(directory: str, head, optimizer=None) -> dict:
+    """Loads head (and optimizer) rows for this rank from a checkpoint of any world size; returns meta."""
+    meta_path = os.path.join(directory, _META)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: not a head checkpoint (write one with save_head_checkpoint)")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    for key in ("num_classes", "embedding_size"):
+        if meta[key] != getattr(head, key):
+            raise ValueError(f"checkpoint {directory} has {key}={meta[key]} but the head has "
+                             f"{key}={getattr(head, key)}; build the head with the checkpoint's {key}")
+    lo, hi = head.class_start, head.class_start + head.num_local_classes
+    heads, opts = [], []
+    for name in meta["files"]:
+        start, stop = (int(x) for x in name[len("head-"):-len(".pt")].split("-"))
+        if start < hi and stop > lo:
+            payload = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True, mmap=True)
+            heads.append(payload["head"])
+            opts.append(payload["optimizer"])
+    head.load_state_dict(heads)
+    if optimizer is not None:
+        if any(o is None for o in opts):
+            raise ValueError(f"checkpoint {directory} holds no optimizer state; load the head alone")
+        optimizer.load_state_dict(opts)
+    return meta

@@ -1,0 +1,298 @@
+"""Multi-process (gloo, CPU) tests of ShardedClassifier against the single-process references.
+
+One spawned process group per world size P in (1, 2, 3, 4) runs every case (all losses x
+all negative modes x chunked/unchunked, plus the inter correction) and writes its results
+to files; the parent recomputes the references (dsoft_dist.losses.functional on the full
+(B, C) cosine matrix, negatives rebuilt per shard with select_shard_classes) and compares
+the loss, every rank's local-embedding gradient and the full weight gradient.
+The P=2 group also measures the bytes moved per step at C and 10 C, checks that a bad
+label fails on every rank naming the rank, and writes a head checkpoint after 3 steps
+that the P=1 and P=3 groups load to take step 4 (the re-shard test).
+
+    python -m pytest tests/test_head_dist.py -m dist
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dsoft_dist.config.schema import OptimizerConfig
+from dsoft_dist.head import ShardedClassifier, build_head_optimizer, load_head_checkpoint, save_head_checkpoint
+from dsoft_dist.losses import MODES, functional as LF
+from dsoft_dist.losses.modules import MARGIN_PRESETS
+from dsoft_dist.losses.negatives import class_mask, select_shard_classes
+from dsoft_dist.parallel import shard_range, shard_ranges
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+C, D, B_LOCAL, RATE, SEED, STEP = 37, 8, 5, 0.3, 3, 2
+LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax")
+CASES = ([(loss, neg, chunk, False) for loss in LOSSES for neg in MODES for chunk in (0, 4)]
+         + [("d_softmax", neg, 4, True) for neg in ("batch", "random", "partial")])
+RESHARD = {"sgd": OptimizerConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.01),
+           "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
+RESHARD_BATCH = 12  # divisible by 1, 2 and 3
+WORLD_SIZES = (1, 2, 3, 4)
+
+
+def global_data(world_size: int, step: int = 0, batch: int | None = None):
+    """The global batch (B, D), labels (B,) with -1, 0 and C-1 present, and the full weight (C, D)."""
+    batch = batch or world_size * B_LOCAL
+    gen = torch.Generator().manual_seed(1000 * world_size + step)
+    emb = torch.randn(batch, D, generator=gen)
+    labels = torch.randint(0, C, (batch,), generator=gen)
+    labels[0], labels[1], labels[-1] = -1, C - 1, 0
+    weight = torch.randn(C, D, generator=torch.Generator().manual_seed(7))
+    return emb, labels, weight
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def _run_case(case, rank, world_size):
+    loss_name, neg, chunk, corr = case
+    emb, labels, weight = global_data(world_size)
+    head = ShardedClassifier(C, D, loss=loss_name, negatives=neg, sample_rate=RATE, chunk_size=chunk, seed=SEED,
+                             inter_correction=corr)
+    head.step = STEP
+    with torch.no_grad():
+        head.weight.copy_(weight[head.class_start:head.class_start + head.num_local_classes])
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    local = emb[rows].clone().requires_grad_(True)
+    local_labels = labels[rows].clone()
+    loss = head(local, local_labels)
+    loss.backward()
+    grad_w = head.weight.grad
+    return {"loss": loss.detach(), "grad_emb": local.grad, "sparse": grad_w.is_sparse,
+            "grad_w": grad_w.to_dense() if grad_w.is_sparse else grad_w, "diag": head.diagnostics(),
+            "labels_untouched": torch.equal(local_labels, labels[rows]), "step_after": head.step}
+
+
+def _comm_bytes(rank, world_size):
+    out = {}
+    for num_classes in (40, 400):
+        for neg in MODES:
+            head = ShardedClassifier(num_classes, D, negatives=neg, sample_rate=0.25, inter_correction=True)
+            emb = torch.randn(B_LOCAL, D, requires_grad=True)
+            labels = torch.randint(0, num_classes, (B_LOCAL,))
+            head.comm.reset()
+            head(emb, labels).backward()
+            out[(num_classes, neg)] = head.comm.snapshot()
+    return out
+
+
+def _bad_inputs(rank, world_size):
+    """Bad labels / an uneven batch on the last rank: every rank must raise (no hang), naming that rank."""
+    head = ShardedClassifier(C, D)
+    messages = []
+    for bad in (C + 3, -5, "uneven"):
+        rows = B_LOCAL + (1 if bad == "uneven" and rank == world_size - 1 else 0)
+        labels = torch.zeros(rows, dtype=torch.int64)
+        if rank == world_size - 1 and bad != "uneven":
+            labels[2] = bad
+        try:
+            head(torch.randn(rows, D), labels)
+            messages.append(None)
+        except ValueError as exc:
+            messages.append(str(exc))
+    try:
+        ShardedClassifier(world_size - 1, D)
+        messages.append(None)
+    except ValueError as exc:
+        messages.append(str(exc))
+    return messages
+
+
+def _reshard_step(head, opt, step, rank, world_size):
+    emb, labels, _ = global_data(0, 100 + step, RESHARD_BATCH)
+    per = RESHARD_BATCH // world_size
+    loss = head(emb[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per])
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def _reshard_head(name):
+    neg = "batch" if name == "sgd" else "all"
+    loss = "d_softmax" if name == "sgd" else "arcface"
+    head = ShardedClassifier(C, D, loss=loss, negatives=neg, seed=SEED + 1)
+    return head, build_head_optimizer(head, RESHARD[name])
+
+
+def _reshard(rank, world_size, outdir, save):
+    out = {}
+    for name in RESHARD:
+        head, opt = _reshard_head(name)
+        ckpt = os.path.join(outdir, f"ckpt_{name}")
+        if save:
+            for step in range(3):
+                _reshard_step(head, opt, step, rank, world_size)
+            save_head_checkpoint(ckpt, head, opt)
+        else:
+            load_head_checkpoint(ckpt, head, opt)
+        loss = _reshard_step(head, opt, 3, rank, world_size)
+        out[name] = {"loss": loss, "weight": head.weight.detach().clone(), "start": head.class_start}
+    return out
+
+
+def _worker(rank, world_size, port, outdir, tasks):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    try:
+        out = {}
+        if "parity" in tasks:
+            out["parity"] = [_run_case(case, rank, world_size) for case in CASES]
+        if "comm" in tasks:
+            out["comm"] = _comm_bytes(rank, world_size)
+        if "bad_inputs" in tasks:
+            out["bad_inputs"] = _bad_inputs(rank, world_size)
+        if "reshard_save" in tasks or "reshard_load" in tasks:
+            out["reshard"] = _reshard(rank, world_size, outdir, save="reshard_save" in tasks)
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- parent side
+
+_RESULTS: dict[int, list[dict]] = {}
+
+
+def run_group(world_size: int, tmp_root) -> list[dict]:
+    """Spawns (once per session) the P-rank gloo group and returns every rank's results."""
+    if world_size not in _RESULTS:
+        tasks = ["parity"]
+        if world_size == 2:
+            tasks += ["comm", "bad_inputs", "reshard_save"]
+        if world_size in (1, 3):
+            run_group(2, tmp_root)  # writes the checkpoint these groups load
+            tasks.append("reshard_load")
+        outdir = tmp_root / f"p{world_size}"
+        outdir.mkdir(exist_ok=True)
+        if world_size in (1, 3):
+            for name in RESHARD:
+                os.symlink(tmp_root / "p2" / f"ckpt_{name}", outdir / f"ckpt_{name}")
+        mp.spawn(_worker, args=(world_size, free_port(), str(outdir), tasks), nprocs=world_size, join=True)
+        _RESULTS[world_size] = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return _RESULTS[world_size]
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("head_dist")
+
+
+def reference(case, world_size):
+    """Single-process loss and gradients (emb (B, D), weight (C, D)) with the shards' negative sets."""
+    loss_name, neg, _, corr = case
+    emb, labels, weight = global_data(world_size)
+    emb.requires_grad_(True)
+    weight.requires_grad_(True)
+    parts = [select_shard_classes(neg, labels, s, n, RATE, SEED, STEP, p)
+             for p, (s, n) in enumerate(shard_ranges(C, world_size))]
+    classes = None if neg == "all" else torch.cat([s + part for (s, _), part in zip(shard_ranges(C, world_size), parts)])
+    mask = class_mask(classes, labels.shape[0], C)
+    if loss_name == "softmax":
+        loss = LF.softmax(emb @ weight.t(), labels, negatives_mask=mask)
+    else:
+        cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).t()
+        if loss_name == "d_softmax":
+            k = C if classes is None else classes.numel()
+            loss = LF.d_softmax(cos, labels, 64.0, 0.9, negatives_mask=mask, inter_correction=C / k if corr else 1.0)
+        else:
+            loss = LF.margin_softmax(cos, labels, 64.0, negatives_mask=mask, **MARGIN_PRESETS[loss_name])
+    loss.backward()
+    return loss.detach(), emb.grad, weight.grad
+
+
+def _close(a, b, what, rtol=1e-4, atol=1e-5):
+    """fp32 agreement; atol is relative to b's largest entry: logits of size s = 64 carry ~8e-6 absolute
+    rounding and 1/|w| makes weight gradients large."""
+    atol = atol * max(1.0, b.abs().max().item())
+    assert torch.allclose(a, b, rtol=rtol, atol=atol), f"{what}: max abs diff {(a - b).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_loss_and_gradients_match_single_process_reference(world_size, tmp_root):
+    results = run_group(world_size, tmp_root)
+    for i, case in enumerate(CASES):
+        ref_loss, ref_emb, ref_w = reference(case, world_size)
+        what = f"P={world_size} case={case}"
+        for rank, res in enumerate(results):
+            got = res["parity"][i]
+            _close(got["loss"], ref_loss, f"{what} loss on rank {rank}", rtol=1e-5)
+            _close(got["grad_emb"], ref_emb[rank * B_LOCAL:(rank + 1) * B_LOCAL], f"{what} grad emb rank {rank}")
+            assert got["labels_untouched"], f"{what}: the caller's labels were modified"
+            assert got["sparse"] == (case[1] != "all"), f"{what}: weight grad layout"
+        grad_w = torch.cat([res["parity"][i]["grad_w"] for res in results])
+        _close(grad_w, ref_w, f"{what} grad weight")
+        assert ref_w.abs().sum() > 0 and ref_emb.abs().sum() > 0
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_chunked_and_unchunked_paths_agree(world_size, tmp_root):
+    results = run_group(world_size, tmp_root)
+    index = {case: i for i, case in enumerate(CASES)}
+    for (loss, neg, chunk, corr), i in index.items():
+        if chunk != 4 or corr:
+            continue
+        j = index[(loss, neg, 0, corr)]
+        for rank, res in enumerate(results):
+            a, b = res["parity"][i], res["parity"][j]
+            for key in ("loss", "grad_emb", "grad_w"):
+                _close(a[key], b[key], f"P={world_size} {loss}/{neg} rank {rank} {key} chunk 4 vs unchunked",
+                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", (2, 3))
+def test_diagnostics_are_global_and_equal_on_every_rank(world_size, tmp_root):
+    results = run_group(world_size, tmp_root)
+    for i, case in enumerate(CASES):
+        diags = [res["parity"][i]["diag"] for res in results]
+        assert all(d == diags[0] for d in diags), f"{case}: diagnostics differ across ranks"
+        expected = {"intra", "inter"} if case[0] == "d_softmax" else {"loss"}
+        assert expected | {"target_cos", "hardest_neg_cos"} == set(diags[0])
+
+
+def test_bytes_per_step_do_not_grow_with_classes(tmp_root):
+    results = run_group(2, tmp_root)
+    for res in results:
+        comm = res["comm"]
+        for neg in MODES:
+            small, large = comm[(40, neg)], comm[(400, neg)]
+            assert small["bytes"] > 0, f"{neg}: no bytes counted"
+            assert small == large, f"{neg}: bytes moved changed with 10x classes: {small} vs {large}"
+        # the embeddings dominate: gather (P B D) and reduce-scatter (P B D) floats, everything else O(P B)
+        assert comm[(40, "all")]["by_op"]["reduce_scatter"] == 2 * B_LOCAL * D * 4
+
+
+def test_bad_inputs_fail_on_every_rank_naming_rank_and_value(tmp_root):
+    results = run_group(2, tmp_root)
+    for res in results:
+        high, low, uneven, tiny = res["bad_inputs"]
+        assert high is not None and "labels on rank 1 contain 40" in high, high
+        assert low is not None and "labels on rank 1 contain -5" in low, low
+        assert uneven is not None and "local batch size 6 on rank 1 differs from 5 on rank 0" in uneven, uneven
+        assert tiny is not None and "world size 2 is larger than num_classes=1" in tiny, tiny
+
+
+@pytest.mark.parametrize("world_size", (1, 3))
+@pytest.mark.parametrize("name", tuple(RESHARD))
+def test_checkpoint_from_two_ranks_resumes_on_other_world_sizes(world_size, name, tmp_root):
+    never_stopped = run_group(2, tmp_root)
+    resumed = run_group(world_size, tmp_root)
+    want_w = torch.cat([r["reshard"][name]["weight"] for r in never_stopped])
+    got_w = torch.cat([r["reshard"][name]["weight"] for r in resumed])
+    _close(got_w, want_w, f"{name}: weights after step 4 on P={world_size}", rtol=1e-5, atol=1e-6)
+    for r in resumed:
+        _close(r["reshard"][name]["loss"], never_stopped[0]["reshard"][name]["loss"], f"{name}: step-4 loss", rtol=1e-6)
+    starts = [r["reshard"][name]["start"] for r in resumed]
+    assert starts == [shard_range(C, world_size, p)[0] for p in range(world_size)]
