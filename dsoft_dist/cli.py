@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "dsoft_dist.config.cli",
     "dsoft_dist.data.cli",
     "dsoft_dist.eval.cli",
+    "dsoft_dist.bench.cli",
 )
 
 

@@ -94,3 +94,16 @@ def test_cli_config_check_and_show(tmp_path, capsys):
 def test_console_script_help_lists_real_subcommands():
     out = subprocess.run([sys.executable, "-m", "dsoft_dist.cli", "--help"], capture_output=True, text=True, check=True)
     assert "config" in out.stdout and "demo" in out.stdout
+
+
+def test_dsoft_bench_runs_the_head_benchmark(capsys):
+    assert main(["bench", "head", "--classes", "300", "--dim", "16", "--batch", "8", "--sample-rates", "1", "0.5",
+                 "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "random" in out
+
+
+def test_dsoft_bench_runs_the_data_benchmark(capsys):
+    assert main(["bench", "data", "--samples", "128", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "bare decode loop (pillow)" in out and "pipeline, 0 workers" in out

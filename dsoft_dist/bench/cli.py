@@ -1,0 +1,32 @@
+"""``dsoft bench NAME [ARGS...]``: runs a benchmark script; ARGS go to it unchanged.
+
+    dsoft bench head --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625
+    dsoft bench data --samples 6000 --workers 0,1,2
+    dsoft bench head --help
+
+Same as ``python -m dsoft_dist.bench.NAME ARGS...``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "head": "one sharded head step (forward + backward + optimizer) vs sample rate, against plain matmul",
+    "data": "data pipeline samples/s against a bare decode loop",
+}
+
+
+def _run(args) -> int:
+    module = importlib.import_module(f"dsoft_dist.bench.{args.name}")
+    return int(module.main(args.args) or 0)
+
+
+def register(subparsers) -> None:
+    """Adds ``dsoft bench``."""
+    listing = "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
+    parser = subparsers.add_parser("bench", help="run a benchmark (ratios measured side by side in one run)",
+                                   description=f"Benchmarks. {listing}.")
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for that benchmark (see NAME --help)")
+    parser.set_defaults(func=_run)
