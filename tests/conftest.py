@@ -5,6 +5,9 @@ import socket
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton picks interpreter vs compiler at its first import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -2,6 +2,7 @@
 
     dsoft bench head --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625
     dsoft bench data --samples 6000 --workers 0,1,2
+    dsoft bench kernels                   # CUDA only; launch/gpu_check.sh OUT runs it with the GPU tests
     dsoft bench head --help
 
 Same as ``python -m dsoft_dist.bench.NAME ARGS...``.
@@ -14,6 +15,7 @@ import importlib
 BENCHMARKS = {
     "head": "one sharded head step (forward + backward + optimizer) vs sample rate, against plain matmul",
     "data": "data pipeline samples/s against a bare decode loop",
+    "kernels": "fused Triton head vs torch chunked vs naive on CUDA (time, peak memory, bf16 matmul fraction)",
 }
 
 

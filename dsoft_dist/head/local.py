@@ -272,9 +272,19 @@ def register_local_backend(name: str, fn: Callable) -> None:
 
 
 def get_local_backend(name: str) -> Callable:
-    """The backend for head ``fused`` = auto | torch | <registered name>; auto picks the best available."""
+    """The backend for head ``fused`` = auto | torch | triton | <registered name>.
+
+    The ``DSOFT_FUSED`` environment variable (auto | torch | triton) overrides ``name``.
+    auto decides per call: the fused kernels on CUDA with tensor-core operands when Triton
+    imports, the torch chunked path otherwise (CPU, float64, plain fp32, no Triton).
+    """
+    from dsoft_dist.kernels import auto_local_shard_stats, register_backends, requested_backend
+
+    name = requested_backend(name)
     if name == "auto":
-        return _BACKENDS.get("triton", _BACKENDS["torch"])
+        return auto_local_shard_stats
+    if name == "triton" and name not in _BACKENDS:
+        register_backends()
     if name not in _BACKENDS:
         raise ValueError(f"fused={name!r} is not available; registered backends: {', '.join(sorted(_BACKENDS))} "
                          f"(use fused='torch' or 'auto')")

@@ -1,0 +1,103 @@
+"""Backend selection for the head's local shard statistics: fused Triton kernels or the torch path.
+
+    requested_backend("auto")        # -> DSOFT_FUSED if set (auto | torch | triton), else "auto"
+    auto_local_shard_stats(...)      # fused on CUDA with Triton, torch otherwise (per call)
+    triton_local_shard_stats(...)    # fused, or a clear error when it cannot run
+
+This module never imports Triton at import time, so ``import dsoft_dist.kernels`` works
+without it; the kernels are imported on the first fused call.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dsoft_dist.observability import get_logger
+
+log = get_logger(__name__)
+
+BACKEND_NAMES = ("auto", "torch", "triton")
+ENV_VAR = "DSOFT_FUSED"
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_available() -> bool:
+    """True when ``import triton`` succeeds (it may still lack a GPU to run on)."""
+    try:
+        import triton  # noqa: F401  (imported once; later calls hit sys.modules)
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_requested() -> bool:
+    """True when ``TRITON_INTERPRET=1``: kernels run on CPU tensors in Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested_backend(default: str = "auto") -> str:
+    """The head backend to use: the ``DSOFT_FUSED`` env var (auto | torch | triton) if set, else ``default``.
+
+    Raises ValueError naming the variable, the value and the choices when the env var is invalid.
+    """
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return default
+    if value not in BACKEND_NAMES:
+        raise ValueError(f"{ENV_VAR}={value!r} is invalid; use one of {', '.join(BACKEND_NAMES)} "
+                         f"(or unset it to use the head's fused= setting)")
+    return value
+
+
+def _require_triton() -> None:
+    if not triton_available():
+        raise RuntimeError("the fused head path (fused='triton') needs Triton: pip install 'dsoft_dist[kernels]' "
+                           "(or triton>=3.0), or use fused='torch'")
+
+
+def triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
+                             logit_cache_mb=0.0, *, config=None, compute_dtype=None):
+    """Fused backend, same contract as ``dsoft_dist.head.local.torch_local_shard_stats``.
+
+    features (B, D), weight (C_local, D) raw rows, rows (K,) sorted unique int64 or None,
+    target_local (B,) int64 (-1 = not owned), valid (B,) bool -> (lse, target, max), each (B,) fp32.
+    ``chunk_size`` and ``logit_cache_mb`` are accepted for the shared signature and unused
+    (tiles replace chunks; backward always recomputes). ``config``: a KernelConfig (tile sizes);
+    ``compute_dtype``: the GEMM operand dtype (default: the narrower of the two input dtypes).
+    """
+    _require_triton()
+    from dsoft_dist.kernels.shard_stats import fused_local_shard_stats
+    return fused_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize,
+                                   config=config, compute_dtype=compute_dtype)
+
+
+def fused_path_usable(features: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when ``auto`` should run the kernels: CUDA tensors, Triton, and tensor-core operands.
+
+    Tensor-core operands = a 16-bit weight or features (the GEMMs run in the narrower dtype),
+    or fp32 with ``torch.backends.cuda.matmul.allow_tf32``. Plain fp32 would run the kernels'
+    GEMMs as IEEE fp32 FMA, likely slower than cuBLAS in the torch path, so auto keeps torch there.
+    """
+    if not (features.is_cuda and weight.is_cuda and features.dtype in _FUSED_DTYPES
+            and weight.dtype in _FUSED_DTYPES):
+        return False
+    tensor_cores = min(features.element_size(), weight.element_size()) < 4 or torch.backends.cuda.matmul.allow_tf32
+    return tensor_cores and triton_available()
+
+
+def auto_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
+                           logit_cache_mb=0.0):
+    """Fused kernels when ``fused_path_usable``; the torch chunked path (the reference) otherwise."""
+    if fused_path_usable(features, weight):
+        return triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize)
+    from dsoft_dist.head.local import torch_local_shard_stats
+    return torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size,
+                                   logit_cache_mb)
+
+
+def register_backends() -> None:
+    """Registers ``triton`` (strict fused) with the head, so ``ShardedClassifier(fused='triton')`` works."""
+    from dsoft_dist.head.local import register_local_backend
+    register_local_backend("triton", triton_local_shard_stats)
+    log.debug("registered local backend 'triton' (triton importable: %s)", triton_available())

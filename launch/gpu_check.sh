@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU validation of the fused head kernels: GPU tests + kernel benchmark, report in OUT_DIR.
+#
+#   launch/gpu_check.sh OUT_DIR     # from anywhere; one CUDA GPU; < 8 minutes (stage limits sum to 480 s)
+#
+# Writes OUT_DIR/report.md (GPU, date, versions, test results, every figure, targets met or not),
+# OUT_DIR/kernels.json (the benchmark), nvidia-smi.txt, versions.txt, pytest-*.log/xml, compile-check.log.
+# Every stage has a `timeout` so the whole check ends in under ~8 minutes; a stage that fails or
+# times out is recorded in the report and the next stage still runs. Sizes are fixed below.
+# Python: $PYTHON if set, else `python`. If that cannot import dsoft_dist.kernels + triton + pytest,
+# a venv is made in $DSOFT_GPU_VENV (default ~/.cache/dsoft_dist/venv-gpu, outside the repo) with
+# --system-site-packages, so the machine's CUDA torch is reused and never reinstalled, and the repo
+# is installed there with `pip install -e ".[kernels]" pytest pytest-timeout` (all these checks need).
+set -uo pipefail
+
+OUT=${1:?usage: launch/gpu_check.sh OUT_DIR}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+cd "$REPO"
+PY=${PYTHON:-python}
+START=$(date +%s)
+STATUS="$OUT/stages.txt"
+: > "$STATUS"
+
+stage() {  # stage NAME SECONDS CMD... : runs CMD under timeout, logs to OUT/NAME.log, records rc
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s): $*" >&2
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc seconds=$(( $(date +%s) - START ))" >> "$STATUS"
+    tail -n 5 "$OUT/$name.log" >&2
+    return 0
+}
+
+if ! "$PY" -c "import torch, triton, pytest, dsoft_dist.kernels" 2>/dev/null; then
+    VENV=${DSOFT_GPU_VENV:-$HOME/.cache/dsoft_dist/venv-gpu}
+    echo "== making $VENV (system torch reused)" >&2
+    "$PY" -m venv --system-site-packages "$VENV"
+    PY="$VENV/bin/python"
+    timeout 300 "$PY" -m pip install -q -e ".[kernels]" "pytest>=7.4" "pytest-timeout>=2.1" > "$OUT/install.log" 2>&1 \
+        || echo "install rc=$? (see install.log)" >> "$STATUS"
+fi
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$STATUS"
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(hostname)"
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    "$PY" - <<'PYEOF'
+import sys, torch, triton
+print("python:", sys.version.split()[0])
+print("torch:", torch.__version__, "cuda", torch.version.cuda)
+print("triton:", triton.__version__)
+print("gpu:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
+PYEOF
+} > "$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt" >&2
+
+# 1. GPU-marked tests (compiled kernels: bf16/fp16/fp32, large shapes, tile configs, memory, head)
+stage pytest-gpu 200 "$PY" -m pytest -m gpu tests/test_kernels_shard_stats.py tests/test_kernels_head.py \
+    tests/test_kernels_bench.py tests/test_kernels_gpu.py -q -rA -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml"
+# 2. the benchmark at the issue's sizes, tiles picked by a fixed 4-config sweep at the first size
+stage bench 200 "$PY" -m dsoft_dist.bench.kernels --classes 100000 1000000 --batch 512 4096 --dim 512 \
+    --dtype bf16 --sample-rate 0.015625 --repeats 5 --warmup 2 --sweep --out "$OUT/kernels.json"
+# 3. register/shared-memory use of the compiled kernels (sm_90 code, this Triton version)
+stage compile-check 30 "$PY" -m dsoft_dist.kernels.compile_check --arch 90 --sweep
+# 4. the CPU suite's odd shapes (B=37, C=101, D=40, 2 splits), fp32, on compiled kernels (each new
+#    constexpr combination compiles: the subset keeps this stage short)
+stage pytest-compiled 50 "$PY" -m pytest tests/test_kernels_shard_stats.py -k "float32 and B37" \
+    -q -rA -p no:cacheprovider --junitxml "$OUT/pytest-compiled.xml"
+
+"$PY" -m dsoft_dist.bench.kernels_report "$OUT" > "$OUT/report.md" 2> "$OUT/report.log" \
+    || echo "report generation failed (see report.log)" >> "$STATUS"
+echo "total seconds: $(( $(date +%s) - START ))" >> "$STATUS"
+cat "$STATUS" >&2
+echo "report: $OUT/report.md" >&2

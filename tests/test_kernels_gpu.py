@@ -1,0 +1,131 @@
+"""Compiled fused kernels on a CUDA GPU: bf16/fp16/fp32 at larger shapes, the benchmark's tile configs, memory.
+
+Skipped without CUDA (the interpreter tests in test_kernels_shard_stats.py cover the math on CPU).
+Run by ``launch/gpu_check.sh``:
+
+    python -m pytest -m gpu tests/test_kernels_gpu.py
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton decides interpreter vs compiler at its first import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+triton = pytest.importorskip("triton")
+
+from dsoft_dist.bench.kernels import _SWEEP  # noqa: E402
+from dsoft_dist.head import ShardedClassifier  # noqa: E402
+from dsoft_dist.head import local as head_local  # noqa: E402
+from dsoft_dist.kernels import KernelConfig, register_backends, triton_local_shard_stats  # noqa: E402
+
+SCALE = 64.0
+# (dtype, stats atol, gradient tol relative to the largest entry)
+DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-3, 1e-2), (torch.bfloat16, 2e-3, 3e-2)]
+
+
+def _case(batch, classes, dim, dtype, rate, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    feats = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen, device="cuda"), dim=1).to(dtype)
+    weight = (torch.randn(classes, dim, generator=gen, device="cuda") * 0.01).to(dtype)
+    target = torch.randint(0, classes, (batch,), generator=gen, device="cuda")
+    target[::7] = -1
+    valid = torch.ones(batch, dtype=torch.bool, device="cuda")
+    valid[::11] = False
+    rows = None
+    if rate < 1:
+        rows = torch.randperm(classes, generator=gen, device="cuda")[: int(rate * classes)]
+        rows = torch.unique(torch.cat([rows, target[target >= 0][:5]]))  # some owned targets among them
+    return feats, weight, rows, target, valid
+
+
+def _dense(feats, weight, rows, target, valid):
+    f, w = feats.double().requires_grad_(True), weight.double().requires_grad_(True)
+    cos = f @ (w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)).t()
+    cols = torch.arange(w.shape[0], device="cuda")
+    keep = (torch.ones_like(cols, dtype=torch.bool) if rows is None else torch.isin(cols, rows))[None, :]
+    keep = keep & (cols[None, :] != target[:, None]) & valid[:, None]
+    lse = torch.logsumexp(torch.where(keep, SCALE * cos, float("-inf")), dim=1)
+    tgt = torch.where(target >= 0, cos.gather(1, target.clamp(min=0)[:, None])[:, 0], 0.0)
+    return f, w, lse, tgt
+
+
+def _grads(fn, feats, weight, rows, target, valid, **kw):
+    f, w = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    lse, tgt, _ = fn(f, w, rows, target, valid, SCALE, True, **kw)
+    (torch.where(torch.isfinite(lse), lse, 0.0).sum() + 3.0 * tgt.sum()).backward()
+    return lse, tgt, f.grad, (w.grad.to_dense() if w.grad.is_sparse else w.grad)
+
+
+def _close(name, got, want, tol):
+    scale = max(1.0, want.abs().nan_to_num(neginf=0.0).max().item())
+    torch.testing.assert_close(got.double(), want.double(), atol=tol * scale, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.05])
+@pytest.mark.parametrize("dtype, stat_tol, grad_tol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_compiled_kernels_match_dense_float64(dtype, stat_tol, grad_tol, rate):
+    feats, weight, rows, target, valid = _case(509, 20011, 512, dtype, rate)
+    lse, tgt, gf, gw = _grads(triton_local_shard_stats, feats, weight, rows, target, valid)
+    f, w, ref_lse, ref_tgt = _dense(feats, weight, rows, target, valid)
+    (torch.where(torch.isfinite(ref_lse), ref_lse, 0.0).sum() + 3.0 * ref_tgt.sum()).backward()
+    for name, a, b, tol in (("lse", lse, ref_lse, stat_tol), ("target", tgt, ref_tgt, stat_tol),
+                            ("grad features", gf, f.grad, grad_tol), ("grad weight", gw, w.grad, grad_tol)):
+        _close(name, a, b.detach(), tol)
+
+
+@pytest.mark.parametrize("index", range(len(_SWEEP)))
+def test_every_benchmark_config_compiles_and_matches(index):
+    feats, weight, rows, target, valid = _case(300, 5000, 512, torch.bfloat16, 1.0)
+    base = _grads(triton_local_shard_stats, feats, weight, rows, target, valid)
+    got = _grads(triton_local_shard_stats, feats, weight, rows, target, valid, config=KernelConfig(**_SWEEP[index]))
+    for name, a, b in zip(("lse", "target", "grad features", "grad weight"), got, base):
+        _close(name, a, b, 3e-2)
+
+
+def test_fused_step_holds_no_logit_matrix():
+    """Transient memory of a full-head step is far below one (B, C) bf16 logit matrix."""
+    batch, classes, dim = 4096, 100_000, 512
+    feats, weight, rows, target, valid = _case(batch, classes, dim, torch.bfloat16, 1.0)
+    _grads(triton_local_shard_stats, feats, weight, rows, target, valid)  # compile outside the measurement
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _grads(triton_local_shard_stats, feats, weight, rows, target, valid)
+    torch.cuda.synchronize()
+    transient = torch.cuda.max_memory_allocated() - base
+    grad_w_bytes, logit_bytes = classes * dim * 2, batch * classes * 2
+    assert transient < grad_w_bytes + logit_bytes // 4, (transient, grad_w_bytes, logit_bytes)
+
+
+@pytest.mark.parametrize("negatives", ["all", "random"])
+@pytest.mark.parametrize("loss", ["d_softmax", "arcface"])
+def test_head_on_cuda_fused_equals_torch(monkeypatch, loss, negatives):
+    monkeypatch.setattr(head_local, "_BACKENDS", dict(head_local._BACKENDS))
+    register_backends()
+    emb = torch.randn(256, 128, device="cuda")
+    labels = torch.randint(0, 10_000, (256,), device="cuda")
+    out = []
+    for fused in ("triton", "torch"):
+        head = ShardedClassifier(10_000, 128, loss=loss, negatives=negatives, sample_rate=0.1, fused=fused,
+                                 device="cuda")
+        e = emb.clone().requires_grad_(True)
+        value = head(e, labels)
+        value.backward()
+        out.append((value.detach(), e.grad, head.weight.grad.to_dense() if head.weight.grad.is_sparse
+                    else head.weight.grad))
+    for a, b in zip(*out):
+        _close("head", a, b, 1e-3)
+
+
+def test_auto_picks_the_kernels_for_16_bit_operands_and_torch_for_plain_fp32():
+    from dsoft_dist.kernels import auto_local_shard_stats
+    feats, weight, rows, target, valid = _case(64, 3000, 128, torch.float32, 1.0)
+    args = (rows, target, valid, SCALE, True)
+    bf16 = weight.to(torch.bfloat16)
+    assert torch.equal(auto_local_shard_stats(feats, bf16, *args)[0], triton_local_shard_stats(feats, bf16, *args)[0])
+    torch_lse = head_local.torch_local_shard_stats(feats, weight, *args)[0]
+    assert torch.equal(auto_local_shard_stats(feats, weight, *args)[0], torch_lse)
