@@ -128,7 +128,8 @@ def test_from_config_uses_presets_and_overrides():
 
 
 def test_auto_chunk_bounds_the_logit_block():
-    assert auto_chunk_size(512) == (1 << 24) // 512
+    assert auto_chunk_size(512) == (1 << 20) // 512 and auto_chunk_size(512, device="cuda") == (1 << 24) // 512
+    assert auto_chunk_size(1 << 16) == 256  # never narrower than 256 columns
     assert auto_chunk_size(512, 100) == 100
 
 

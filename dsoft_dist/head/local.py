@@ -30,14 +30,20 @@ from typing import Callable
 import torch
 
 _NORM_EPS = 1e-12  # the eps of F.normalize, so the references agree to rounding
-_CHUNK_ELEMENTS = 1 << 24  # automatic chunk: B * chunk <= 16M logits (64 MB in fp32)
+# automatic chunk size, in logits per chunk (B * chunk): on CPU a chunk's logits should stay
+# cache-resident across the epilogue's passes (mask, exp, sum): 1M fp32 = 4 MiB measured ~10%
+# faster per step than 16M at B=512, C=262k, D=512; on GPU fewer, larger launches win.
+_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+_MIN_CHUNK = 256  # keeps the GEMMs wide enough to run near the matmul rate
 
 
-def auto_chunk_size(batch_size: int, chunk_size: int = 0) -> int:
-    """Classes per chunk: ``chunk_size`` if > 0, else as many as keep B * chunk <= 16M logits."""
+def auto_chunk_size(batch_size: int, chunk_size: int = 0, device: torch.device | str | None = None) -> int:
+    """Classes per chunk: ``chunk_size`` if > 0, else B * chunk ~ 1M logits on CPU, 16M on CUDA."""
     if chunk_size > 0:
         return chunk_size
-    return max(1, _CHUNK_ELEMENTS // max(1, batch_size))
+    kind = torch.device(device).type if device is not None else "cpu"
+    budget = _CHUNK_ELEMENTS.get(kind, _CHUNK_ELEMENTS["cuda"])
+    return max(_MIN_CHUNK, budget // max(1, batch_size))
 
 
 class _Workspace:
@@ -257,7 +263,7 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
     logit_cache_mb > 0 keeps up to that many MiB of the forward's exp'd logit chunks for
     backward, which then skips their recompute (one GEMM of 2 B k D per cached chunk).
     """
-    chunk = auto_chunk_size(features.shape[0], chunk_size)
+    chunk = auto_chunk_size(features.shape[0], chunk_size, features.device)
     chunk_bytes = features.shape[0] * chunk * features.element_size()
     n_cached = int(logit_cache_mb * (1 << 20) // max(chunk_bytes, 1)) if torch.is_grad_enabled() else 0
     return LocalShardStats.apply(features, weight, rows, target_local, valid, scale, normalize, chunk, n_cached)
