@@ -165,8 +165,8 @@ def _run_rank(cfg: Config, rank: int, world: int) -> None:
         report = {"config": config_to_dict(cfg), "world_size": world, "train_seconds": round(seconds, 1),
                   "log": rows, "untrained": _evaluate(untrained, cfg, bin_path),
                   "trained": _evaluate(model, cfg, bin_path)}
+        sink.close()  # before the report, so wandb's closing lines do not follow it
         _write_report(report, out)
-        sink.close()
     dist.barrier()
 
 
