@@ -157,6 +157,7 @@ def _worker(rank, world_size, port, outdir, tasks):
         if "reshard_save" in tasks or "reshard_load" in tasks:
             out["reshard"] = _reshard(rank, world_size, outdir, save="reshard_save" in tasks)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still has a collective in flight
     finally:
         dist.destroy_process_group()
 
@@ -179,7 +180,9 @@ def run_group(world_size: int, tmp_root) -> list[dict]:
         outdir.mkdir(exist_ok=True)
         if world_size in (1, 3):
             for name in RESHARD:
-                os.symlink(tmp_root / "p2" / f"ckpt_{name}", outdir / f"ckpt_{name}")
+                link = outdir / f"ckpt_{name}"
+                if not link.is_symlink():
+                    os.symlink(tmp_root / "p2" / f"ckpt_{name}", link)
         mp.spawn(_worker, args=(world_size, free_port(), str(outdir), tasks), nprocs=world_size, join=True)
         _RESULTS[world_size] = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
     return _RESULTS[world_size]

@@ -186,6 +186,7 @@ def _spawned(rank, world_size, port, args, out_path):
         if rank == 0:
             with open(out_path, "w") as fh:
                 fh.write(table)
+        dist.barrier()  # no rank tears gloo down while another still has a collective in flight
     finally:
         dist.destroy_process_group()
 
