@@ -7,17 +7,19 @@
 # OUT_DIR/kernels.json (the benchmark), nvidia-smi.txt, versions.txt, pytest-*.log/xml, compile-check.log.
 # Every stage has a `timeout` so the whole check ends in under ~8 minutes; a stage that fails or
 # times out is recorded in the report and the next stage still runs. Sizes are fixed below.
-# Python: $PYTHON if set, else `python`. If that cannot import dsoft_dist.kernels + triton + pytest,
+# Python: $PYTHON if set, else `python3`. If that cannot import dsoft_dist.kernels + triton + pytest,
 # a venv is made in $DSOFT_GPU_VENV (default ~/.cache/dsoft_dist/venv-gpu, outside the repo) with
-# --system-site-packages, so the machine's CUDA torch is reused and never reinstalled, and the repo
-# is installed there with `pip install -e ".[kernels]" pytest pytest-timeout` (all these checks need).
+# --system-site-packages, so the machine's CUDA torch, triton, pytest and numpy are reused, and the
+# repo is installed there OFFLINE: `pip install --no-index --no-deps --no-build-isolation -e .`
+# (GPU machines may reach no package index; the kernel checks need only torch, triton, numpy,
+# pyyaml, pytest and pytest-timeout from the machine, not webdataset or wandb).
 set -uo pipefail
 
 OUT=${1:?usage: launch/gpu_check.sh OUT_DIR}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$REPO"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 START=$(date +%s)
 STATUS="$OUT/stages.txt"
 : > "$STATUS"
@@ -37,7 +39,7 @@ if ! "$PY" -c "import torch, triton, pytest, dsoft_dist.kernels" 2>/dev/null; th
     echo "== making $VENV (system torch reused)" >&2
     "$PY" -m venv --system-site-packages "$VENV"
     PY="$VENV/bin/python"
-    timeout 300 "$PY" -m pip install -q -e ".[kernels]" "pytest>=7.4" "pytest-timeout>=2.1" > "$OUT/install.log" 2>&1 \
+    timeout 300 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
         || echo "install rc=$? (see install.log)" >> "$STATUS"
 fi
 
