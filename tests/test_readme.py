@@ -32,7 +32,7 @@ def test_ci_script_uses_the_readme_test_command():
 
 
 def test_python_snippets_in_docs_run():
-    for name in ("losses.md", "config.md"):
+    for name in ("losses.md", "config.md", "data.md"):
         text = (ROOT / "docs" / name).read_text(encoding="utf-8")
         snippets = re.findall(r"```python\n(.*?)```", text, re.S)
         assert snippets, name
