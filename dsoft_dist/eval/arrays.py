@@ -1,4 +1,4 @@
-"""Small array helpers shared by the evaluation modules: tensors/arrays to numpy, cosine scores, L2 norm."""
+"""Small array helpers shared by the evaluation modules: tensors/arrays to numpy, scores, cosine, L2 norm."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,3 +30,14 @@ def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = l2_normalize(a.astype(np.float64), "emb1")
     b = l2_normalize(b.astype(np.float64), "emb2")
     return np.einsum("nd,nd->n", a, b)
+
+
+def scores_and_labels(scores, labels, labels_name: str = "is_same") -> tuple[np.ndarray, np.ndarray]:
+    """Flattens scores (N,) to float64 and labels (N,) to bool; raises ValueError on a length mismatch or NaN/inf."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({s.size}) and {labels_name} ({y.size}) must have the same length")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN/inf: check the embeddings that produced them (a zero or NaN embedding?)")
+    return s, y.astype(bool)

@@ -26,17 +26,13 @@ import os
 
 import numpy as np
 
+from dsoft_dist.eval.arrays import scores_and_labels
+
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def _check(scores, is_same) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(is_same).reshape(-1)
-    if s.shape != y.shape:
-        raise ValueError(f"scores ({s.size}) and is_same ({y.size}) must have the same length")
-    if not np.isfinite(s).all():
-        raise ValueError("scores contain NaN/inf: check the embeddings that produced them")
-    y = y.astype(bool)
+    s, y = scores_and_labels(scores, is_same, "is_same")
     if y.all() or not y.any():
         raise ValueError(f"is_same has {int(y.sum())} same and {int((~y).sum())} different pairs: "
                          "a ROC needs at least one of each")

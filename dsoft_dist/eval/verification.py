@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsoft_dist.eval.arrays import as_numpy_2d, cosine_scores
+from dsoft_dist.eval.arrays import as_numpy_2d, cosine_scores, scores_and_labels
 
 
 def fold_slices(n: int, folds: int) -> list[slice]:
@@ -89,15 +89,9 @@ def _nan_stats(values: list[float]) -> tuple[float, float]:
 
 def verify_scores_kfold(scores, issame, folds: int = 10, far: float = 1e-3) -> dict:
     """k-fold protocol on precomputed scores (N,) and labels (N,) bool. See the module docstring for the rules."""
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    issame = np.asarray(issame).reshape(-1)
-    if scores.shape != issame.shape:
-        raise ValueError(f"scores {scores.shape} and issame {issame.shape} must have the same length")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN/inf: check the embeddings (a zero or NaN embedding?)")
+    scores, issame = scores_and_labels(scores, issame, "issame")
     if not 0.0 < far < 1.0:
         raise ValueError(f"far={far} is invalid: must be in (0, 1), e.g. 1e-3")
-    issame = issame.astype(bool)
     accs, thresholds, vals, fars = [], [], [], []
     for test in fold_slices(len(scores), folds):
         train = np.ones(len(scores), dtype=bool)
