@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import sys
 import time
 
@@ -29,6 +28,7 @@ import torch.multiprocessing as mp
 from dsoft_dist.config import apply_overrides, config_from_dict, config_to_dict, load_config
 from dsoft_dist.config.schema import Config, ConfigError
 from dsoft_dist.observability import get_logger
+from dsoft_dist.parallel import free_port
 
 log = get_logger(__name__)
 
@@ -45,11 +45,6 @@ DEMO_CONFIG = {  # configs/demo.yaml holds the same values (a test checks it)
 }
 EVAL_IDENTITIES, EVAL_PAIRS = 100, 600
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_eval_bin(cfg: Config, path: str) -> str:
@@ -215,7 +210,7 @@ def run_demo(cfg: Config) -> None:
     if cfg.parallel.backend == "nccl":
         raise ConfigError("parallel.backend='nccl' is invalid for dsoft demo: it runs on CPU with gloo")
     os.makedirs(cfg.logging.output_dir, exist_ok=True)
-    mp.start_processes(_worker, args=(cfg.parallel.nproc, _free_port(), copy.deepcopy(config_to_dict(cfg))),
+    mp.start_processes(_worker, args=(cfg.parallel.nproc, free_port(), copy.deepcopy(config_to_dict(cfg))),
                        nprocs=cfg.parallel.nproc, start_method="spawn", join=True)
 
 

@@ -27,8 +27,7 @@ from dsoft_dist.head import ShardedClassifier, build_head_optimizer, load_head_c
 from dsoft_dist.losses import MODES, functional as LF
 from dsoft_dist.losses.modules import MARGIN_PRESETS
 from dsoft_dist.losses.negatives import class_mask, select_shard_classes
-from dsoft_dist.parallel import shard_range, shard_ranges
-from tests.conftest import free_port
+from dsoft_dist.parallel import free_port, shard_range, shard_ranges
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

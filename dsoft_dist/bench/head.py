@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import torch.distributed as dist
 
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, auto_chunk_size, build_head_optimizer
+from dsoft_dist.parallel import free_port
 _MIB = 1 << 20
 
 
@@ -191,11 +191,6 @@ def _spawned(rank, world_size, port, args, out_path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsoft_dist.bench.head", description=__doc__.split("\n")[0])
@@ -233,7 +228,7 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "table.txt")
-            mp.spawn(_spawned, args=(args.world_size, _free_port(), args, out), nprocs=args.world_size, join=True)
+            mp.spawn(_spawned, args=(args.world_size, free_port(), args, out), nprocs=args.world_size, join=True)
             with open(out) as fh:
                 table = fh.read()
     sys.stdout.write(table + "\n")  # the script's product: the table on stdout (logs go to stderr)
