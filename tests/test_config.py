@@ -8,7 +8,6 @@ import yaml
 
 from dsoft_dist.cli import main
 from dsoft_dist.config import ConfigError, config_from_dict, dump_config, load_config
-from dsoft_dist.config.schema import MARGIN_PRESETS as CONFIG_PRESETS
 from dsoft_dist.losses import MARGIN_PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +61,13 @@ def test_dotted_overrides_are_typed():
         load_config(None, ["head.scale"])
 
 
-def test_margin_presets_resolve_and_agree_with_losses():
-    for name, (m1, m2, m3) in CONFIG_PRESETS.items():
+def test_margin_presets_resolve_from_the_loss_table():
+    for name, margins in MARGIN_PRESETS.items():
         cfg = load_config(None, [f"head.loss={name}"])
-        assert cfg.head.margins() == (m1, m2, m3)
-        if name in MARGIN_PRESETS:
-            assert tuple(MARGIN_PRESETS[name].values()) == (m1, m2, m3)
+        assert cfg.head.margins() == (margins["m1"], margins["m2"], margins["m3"])
+    assert load_config(None, ["head.loss=arcface"]).head.margins() == (1.0, 0.5, 0.0)
+    assert load_config(None, ["head.loss=margin"]).head.margins() == (1.0, 0.0, 0.0)
+    assert load_config(None, ["head.loss=margin", "head.m3=0.2"]).head.margins() == (1.0, 0.0, 0.2)
     assert load_config(None, ["head.loss=arcface", "head.m2=0.4"]).head.margins() == (1.0, 0.4, 0.0)
 
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-# (m1, m2, m3) of each named loss; the same table as dsoft_dist.losses.MARGIN_PRESETS (tested)
-MARGIN_PRESETS = {
-    "normface": (1.0, 0.0, 0.0), "arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.35),
-    "sphereface": (1.35, 0.0, 0.0), "margin": (1.0, 0.0, 0.0),
-}
+from dsoft_dist.losses.modules import MARGIN_PRESETS
+
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 NEGATIVES = ("all", "batch", "random", "partial")
 MODELS = (
@@ -101,9 +98,9 @@ class HeadConfig:
 
     def margins(self) -> tuple[float, float, float]:
         """(m1, m2, m3): the loss preset's margins with any explicitly given value replacing it."""
-        preset = MARGIN_PRESETS.get(self.loss, (1.0, 0.0, 0.0))
-        given = (self.m1, self.m2, self.m3)
-        return tuple(float(p if g is None else g) for p, g in zip(preset, given))
+        preset = MARGIN_PRESETS.get(self.loss, {"m1": 1.0, "m2": 0.0, "m3": 0.0})  # margin: none until given
+        given = {"m1": self.m1, "m2": self.m2, "m3": self.m3}
+        return tuple(float(preset[k] if given[k] is None else given[k]) for k in ("m1", "m2", "m3"))
 
 
 @dataclass(kw_only=True)
