@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dsoft_dist.losses.modules import MARGIN_PRESETS
+from dsoft_dist.losses.modules import resolve_margins
 
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 NEGATIVES = ("all", "batch", "random", "partial")
@@ -98,9 +98,7 @@ class HeadConfig:
 
     def margins(self) -> tuple[float, float, float]:
         """(m1, m2, m3): the loss preset's margins with any explicitly given value replacing it."""
-        preset = MARGIN_PRESETS.get(self.loss, {"m1": 1.0, "m2": 0.0, "m3": 0.0})  # margin: none until given
-        given = {"m1": self.m1, "m2": self.m2, "m3": self.m3}
-        return tuple(float(preset[k] if given[k] is None else given[k]) for k in ("m1", "m2", "m3"))
+        return resolve_margins(self.loss, self.m1, self.m2, self.m3)
 
 
 @dataclass(kw_only=True)

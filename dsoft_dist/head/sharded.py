@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
 from dsoft_dist.head.local import get_local_backend
 from dsoft_dist.head.validate import check_inputs
-from dsoft_dist.losses.modules import MARGIN_PRESETS
+from dsoft_dist.losses.modules import resolve_margins
 from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_replicated, gather_rows
@@ -90,10 +90,7 @@ class ShardedClassifier(nn.Module):
         self.normalize = loss != "softmax"
         self.scale = 1.0 if loss == "softmax" else float(scale)
         self.end_point, self.inter_weight, self.inter_correction = end_point, inter_weight, inter_correction
-        preset = MARGIN_PRESETS.get(loss, dict(m1=1.0, m2=0.0, m3=0.0))
-        self.m1 = preset["m1"] if m1 is None else float(m1)
-        self.m2 = preset["m2"] if m2 is None else float(m2)
-        self.m3 = preset["m3"] if m3 is None else float(m3)
+        self.m1, self.m2, self.m3 = resolve_margins(loss, m1, m2, m3)
         self.seed, self.chunk_size, self.fused, self.validate = seed, chunk_size, fused, validate
         if logit_cache_mb < 0:
             raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")

@@ -25,6 +25,13 @@ MARGIN_PRESETS = {
 }
 
 
+def resolve_margins(loss: str, m1=None, m2=None, m3=None) -> tuple[float, float, float]:
+    """(m1, m2, m3) of ``loss``: its preset's margins (none for losses without one), each replaced when given."""
+    preset = MARGIN_PRESETS.get(loss, dict(m1=1.0, m2=0.0, m3=0.0))
+    given = dict(m1=m1, m2=m2, m3=m3)
+    return tuple(float(preset[k] if given[k] is None else given[k]) for k in ("m1", "m2", "m3"))
+
+
 class _ClassCenters(nn.Module):
     """Owns the (C, D) class-center weight, the negative selection and the diagnostics."""
 
