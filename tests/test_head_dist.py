@@ -13,6 +13,7 @@ that the P=1 and P=3 groups load to take step 4 (the re-shard test).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 
@@ -37,6 +38,8 @@ CASES = ([(loss, neg, chunk, False) for loss in LOSSES for neg in MODES for chun
          + [("d_softmax", neg, 4, True) for neg in ("batch", "random", "partial")])
 RESHARD = {"sgd": OptimizerConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.01),
            "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
+FUSED_OPT = {"sgd": OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+             "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
 RESHARD_BATCH = 12  # divisible by 1, 2 and 3
 WORLD_SIZES = (1, 2, 3, 4)
 
@@ -141,6 +144,21 @@ def _reshard(rank, world_size, outdir, save):
     return out
 
 
+def _fused_optimizer_runs(rank, world_size):
+    """3 steps per (optimizer, negatives), with the head optimizer fused into backward and without."""
+    out = {}
+    for name, cfg in FUSED_OPT.items():
+        for neg in ("all", "batch", "random"):
+            for fused in (False, True):  # unit-norm-sized rows and a moderate lr: 3 steps stay well conditioned
+                head = ShardedClassifier(C, D, loss="d_softmax" if name == "sgd" else "arcface", negatives=neg,
+                                         sample_rate=RATE, seed=SEED, chunk_size=4, init_std=0.3)
+                opt = build_head_optimizer(head, dataclasses.replace(cfg, head_step_in_backward=fused))
+                losses = torch.stack([_reshard_step(head, opt, step, rank, world_size) for step in range(3)])
+                out[(name, neg, fused)] = {"loss": losses, "weight": head.weight.detach().clone(),
+                                           "state": {k: v.clone() for k, v in opt.state[head.weight].items()}}
+    return out
+
+
 def _worker(rank, world_size, port, outdir, tasks):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -151,6 +169,8 @@ def _worker(rank, world_size, port, outdir, tasks):
             out["parity"] = [_run_case(case, rank, world_size) for case in CASES]
         if "comm" in tasks:
             out["comm"] = _comm_bytes(rank, world_size)
+        if "fused_optimizer" in tasks:
+            out["fused_optimizer"] = _fused_optimizer_runs(rank, world_size)
         if "bad_inputs" in tasks:
             out["bad_inputs"] = _bad_inputs(rank, world_size)
         if "reshard_save" in tasks or "reshard_load" in tasks:
@@ -169,7 +189,7 @@ _RESULTS: dict[int, list[dict]] = {}
 def run_group(world_size: int, tmp_root) -> list[dict]:
     """Spawns (once per session) the P-rank gloo group and returns every rank's results."""
     if world_size not in _RESULTS:
-        tasks = ["parity"]
+        tasks = ["parity"] + (["fused_optimizer"] if world_size < 4 else [])
         if world_size == 2:
             tasks += ["comm", "bad_inputs", "reshard_save"]
         if world_size in (1, 3):
@@ -298,3 +318,24 @@ def test_checkpoint_from_two_ranks_resumes_on_other_world_sizes(world_size, name
         _close(r["reshard"][name]["loss"], never_stopped[0]["reshard"][name]["loss"], f"{name}: step-4 loss", rtol=1e-6)
     starts = [r["reshard"][name]["start"] for r in resumed]
     assert starts == [shard_range(C, world_size, p)[0] for p in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", (1, 2, 3))
+def test_optimizer_fused_into_backward_matches_step_after_backward(world_size, tmp_root):
+    """Per rank: fused == backward + step (losses, shard weights, optimizer state) for every negatives mode;
+    and for the world-size independent modes (all, batch) the concatenated shards equal the one-process run."""
+    results = run_group(world_size, tmp_root)
+    single = run_group(1, tmp_root)[0]["fused_optimizer"]
+    for name in FUSED_OPT:
+        for neg in ("all", "batch", "random"):
+            what = f"P={world_size} {name}/{neg}"
+            for rank, res in enumerate(results):
+                ref, got = res["fused_optimizer"][(name, neg, False)], res["fused_optimizer"][(name, neg, True)]
+                _close(got["loss"], ref["loss"], f"{what} rank {rank} losses", rtol=1e-5, atol=1e-6)
+                _close(got["weight"], ref["weight"], f"{what} rank {rank} weights", rtol=1e-5, atol=1e-6)
+                for key, value in ref["state"].items():
+                    _close(got["state"][key].double(), value.double(), f"{what} rank {rank} state {key}", rtol=1e-5,
+                           atol=1e-6)
+            if neg != "random":  # random negatives depend on the sharding; all and batch do not
+                weight = torch.cat([res["fused_optimizer"][(name, neg, True)]["weight"] for res in results])
+                _close(weight, single[(name, neg, False)]["weight"], f"{what} vs one process", rtol=1e-5, atol=1e-6)

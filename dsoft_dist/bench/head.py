@@ -12,12 +12,15 @@ For each sample rate r it times ``loss = head(emb, labels); loss.backward(); opt
   (6 * B * K * D + 2 * B * D * (rows not in the logit cache) with --logit-cache-mb).
 - "matmul" = the same three GEMMs ((B,D)x(D,k), (B,k)x(k,D), (k,B)x(B,D)) timed with plain torch.mm
   in the same run right after the step, at the chunk's width and at one wide chunk (<= 32768 rows),
-  whichever is faster; "eff" = model GFLOP/s / matmul GFLOP/s.
+  with the logit block batch-major and class-major: the fastest of the four; "eff" = model GFLOP/s /
+  matmul GFLOP/s.
 - memory: "state" = weights + optimizer state from tensor sizes; "transient" = peak memory the
   step adds: on CPU peak RSS (VmHWM, reset through /proc/self/clear_refs before the step) minus
   RSS before the step; on CUDA max_memory_allocated minus memory_allocated before.
 - bytes/step = payload bytes of the head's collectives (0 for one rank).
 - "step s" is the median, "best s" the fastest repeat (the CPU may be shared); speedup uses medians.
+- --optimizer-in-backward fuses the head optimizer into backward (ShardedClassifier.fuse_optimizer):
+  rows are updated chunk by chunk and no (C_local, D) weight gradient is allocated.
 - --logit-cache-mb N keeps up to N MiB of the forward's exp'd logits so backward skips the
   recompute of those chunks (B * C_local * 4 bytes caches everything: 2 GiB at B=512, C=1M).
 """
@@ -77,32 +80,36 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _matmul_rate(batch, dim, k, device, repeats=3) -> float:
-    """GFLOP/s of the step's three GEMM shapes on one chunk of k rows, plain torch.mm."""
-    f, w, g = (torch.randn(batch, dim, device=device), torch.randn(k, dim, device=device),
-               torch.randn(batch, k, device=device))
+def _matmul_rate(batch, dim, k, device, class_major, repeats=5) -> float:
+    """GFLOP/s of the step's three GEMM shapes on one chunk of k rows, plain torch.mm.
+
+    class_major: (k,D)x(D,B), (B,k)x(k,D) from a (k,B) block, (k,B)x(B,D); else their
+    transposes (B,D)x(D,k), (B,k)x(k,D), (k,B)x(B,D) from a (B,k) block.
+    """
+    f, w = torch.randn(batch, dim, device=device), torch.randn(k, dim, device=device)
+    g = torch.randn(k, batch, device=device) if class_major else torch.randn(batch, k, device=device)
+    g_bk = g.t() if class_major else g  # (B, k) view
     times = []
     for _ in range(repeats + 1):
         _sync(device)
         t0 = time.perf_counter()
-        torch.mm(f, w.t())
-        torch.mm(g, w)
-        torch.mm(g.t(), f)
+        torch.mm(w, f.t()) if class_major else torch.mm(f, w.t())
+        torch.mm(g_bk, w)
+        torch.mm(g_bk.t(), f)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return 6 * batch * k * dim / statistics.median(times[1:]) / 1e9
 
 
 def _reference_rate(batch, dim, k, chunk, device) -> float:
-    """The plain-matmul reference: the faster of the chunk's GEMM shapes and one wide GEMM (<= 32768 rows).
+    """The plain-matmul reference: the fastest of the step's GEMM shapes at the chunk's width and as one
+    wide GEMM (<= 32768 rows), each in both layouts of the logit block.
 
-    Taking the better of the two keeps a small chunk size from lowering the bar.
+    Taking the best keeps a small chunk size or one layout from lowering the bar.
     """
-    wide = min(max(k, 1), 32768)
-    rates = [_matmul_rate(batch, dim, chunk, device)]
-    if wide != chunk:
-        rates.append(_matmul_rate(batch, dim, wide, device))
-    return max(rates)
+    widths = {chunk, min(max(k, 1), 32768)}
+    return max(_matmul_rate(batch, dim, width, device, class_major) for width in widths
+               for class_major in (False, True))
 
 
 def _state_bytes(head, opt) -> int:
@@ -152,7 +159,8 @@ def _format(rows, args, world_size) -> str:
     base = rows[0]["step"]
     lines = [f"head step: C={args.classes} D={args.dim} B={args.batch * world_size} (global) loss={args.loss} "
              f"optimizer={args.optimizer}/{args.head_mode} world_size={world_size} threads={torch.get_num_threads()} "
-             f"repeats={args.repeats} logit_cache_mb={args.logit_cache_mb:g}",
+             f"repeats={args.repeats} logit_cache_mb={args.logit_cache_mb:g} "
+             f"optimizer_in_backward={args.optimizer_in_backward}",
              f"{'r':>9} {'negatives':>9} {'K/rank':>8} {'step s':>8} {'best s':>7} {'speedup':>8} {'model GF/s':>10} "
              f"{'exec GF/s':>9} {'matmul GF/s':>11} {'eff %':>6} {'state MiB':>9} {'trans MiB':>9} {'bytes/step':>10}"]
     for r in rows:
@@ -172,7 +180,8 @@ def run(args, rank=0, world_size=1, group=None) -> str | None:
                              group=group, device=device, validate=not args.no_validate,
                              logit_cache_mb=args.logit_cache_mb)
     opt = build_head_optimizer(head, OptimizerConfig(name=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                                                     head_mode=args.head_mode))
+                                                     head_mode=args.head_mode,
+                                                     head_step_in_backward=args.optimizer_in_backward))
     rows = [_time_rate(head, opt, rate, args, device, rank, world_size) for rate in args.sample_rates]
     return _format(rows, args, world_size) if rank == 0 else None
 
@@ -207,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=0)
     p.add_argument("--logit-cache-mb", type=float, default=0.0,
                    help="keep this many MiB of exp'd logit chunks for backward instead of recomputing (0 = off)")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="apply the head optimizer inside backward, chunk by chunk (no weight gradient is kept)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = cores / world size)")

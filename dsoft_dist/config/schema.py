@@ -156,6 +156,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     head_mode: str = "sparse"  # sparse | dense
+    head_step_in_backward: bool = False  # apply the head optimizer inside backward (no head gradient kept)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
 
     def __post_init__(self):
@@ -168,6 +169,8 @@ class OptimizerConfig:
         _positive("optimizer.eps", self.eps)
         _choice("optimizer.head_mode", self.head_mode, ("sparse", "dense"))
         _check(self.grad_clip >= 0.0, "optimizer.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _check(not (self.head_step_in_backward and self.head_mode != "sparse"), "optimizer.head_step_in_backward",
+               self.head_step_in_backward, "needs optimizer.head_mode=sparse (dense mode also steps untouched rows)")
         _check(not (self.nesterov and self.momentum == 0.0), "optimizer.nesterov", self.nesterov,
                "nesterov needs optimizer.momentum > 0")
 

@@ -99,8 +99,35 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 touched = self._touched(p)
                 if touched is not None:
+                    self._ensure_state(p, group)
                     self._update(p, self.state[p], touched[0], touched[1].to(p.dtype), group)
         return loss
+
+    @torch.no_grad()
+    def update_rows(self, p, grad, rows=None, start=0):
+        """One step for some rows of ``p``, given their whole gradient for this step.
+
+        ``grad`` (n, D) belongs to the rows ``rows`` (n,) (sorted, unique local ids), or to the
+        slice [start, start + n) when rows is None. This is how the head applies the optimizer
+        inside backward (``ShardedClassifier.fuse_optimizer``); the rows and their state change
+        exactly as a ``step()`` with a gradient on those rows would change them.
+        """
+        if self.mode != "sparse":
+            raise ValueError(f"update_rows needs mode='sparse' (this optimizer has mode={self.mode!r}): dense mode "
+                             f"also steps the rows without a gradient")
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError(f"the tensor of shape {tuple(p.shape)} is not a parameter of this optimizer")
+        self._ensure_state(p, group)
+        grad, state = grad.to(p.dtype), self.state[p]
+        if rows is None:
+            rows_slice = slice(start, start + grad.shape[0])
+            self._update(p[rows_slice], {name: t[rows_slice] for name, t in state.items()}, None, grad, group)
+        else:
+            self._update(p, state, rows, grad, group)
+
+    def _ensure_state(self, p, group):
+        """Allocates state a group setting switched on after construction (SGD momentum)."""
 
     def _update(self, p, state, rows, grad, group):
         raise NotImplementedError
@@ -136,6 +163,10 @@ class RowSparseSGD(_RowSparseOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults, mode, num_classes, class_start)
 
+    def _ensure_state(self, p, group):
+        if group["momentum"] > 0 and "momentum_buffer" not in self.state[p]:  # momentum switched on later
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
     def _update(self, p, state, rows, grad, group):
         """In place, no (n, D) temporaries: m b + (g + wd w) is computed as (m b + g) + wd w."""
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -145,8 +176,6 @@ class RowSparseSGD(_RowSparseOptimizer):
                 w.mul_(1 - lr * wd)  # w - lr (g + wd w)
             w.add_(grad, alpha=-lr)
         else:
-            if "momentum_buffer" not in state:  # momentum switched on after construction
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             buf = self._take(state["momentum_buffer"], rows)
             buf.mul_(momentum).add_(grad)
             if wd != 0:
@@ -199,12 +228,20 @@ class RowSparseAdamW(_RowSparseOptimizer):
 
 
 def build_head_optimizer(head, cfg) -> _RowSparseOptimizer:
-    """The head's optimizer from an OptimizerConfig (name sgd | adamw, head_mode sparse | dense)."""
+    """The head's optimizer from an OptimizerConfig (name sgd | adamw, head_mode sparse | dense).
+
+    With ``cfg.head_step_in_backward`` the optimizer is also fused into the head's backward
+    (``head.fuse_optimizer``): ``optimizer.step()`` then has nothing to do for the head.
+    """
     shard = dict(mode=cfg.head_mode, num_classes=head.num_classes, class_start=head.class_start)
     if cfg.name == "sgd":
-        return RowSparseSGD([head.weight], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                            nesterov=cfg.nesterov, **shard)
-    if cfg.name == "adamw":
-        return RowSparseAdamW([head.weight], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                              weight_decay=cfg.weight_decay, **shard)
-    raise ValueError(f"optimizer.name={cfg.name!r} is invalid; use sgd or adamw")
+        opt = RowSparseSGD([head.weight], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov, **shard)
+    elif cfg.name == "adamw":
+        opt = RowSparseAdamW([head.weight], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, **shard)
+    else:
+        raise ValueError(f"optimizer.name={cfg.name!r} is invalid; use sgd or adamw")
+    if cfg.head_step_in_backward:
+        head.fuse_optimizer(opt)
+    return opt

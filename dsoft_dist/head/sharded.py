@@ -14,12 +14,14 @@ Without torch.distributed initialized the head runs as a single process (P = 1).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
-from dsoft_dist.head.local import get_local_backend
+from dsoft_dist.head.local import get_local_backend, torch_local_shard_stats
 from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
 from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
@@ -96,6 +98,7 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")
         self.logit_cache_mb = float(logit_cache_mb)
         self._local_stats = get_local_backend(fused)
+        self._row_update = None  # set by fuse_optimizer
         self.weight = nn.Parameter(init_shard_weight(num_classes, embedding_size, self.class_start,
                                                      self.num_local_classes, seed, init_std, dtype, device))
         self.step = 0  # steps taken in training mode; seeds the random negatives
@@ -145,13 +148,45 @@ class ShardedClassifier(nn.Module):
         local = labels - self.class_start
         owned = valid & (local >= 0) & (local < self.num_local_classes)
         target_local = torch.where(owned, local, torch.full_like(local, -1))  # (B,)
-        lse, target, hardest = self._local_stats(feats, self.weight, rows, target_local, valid, self.scale,
-                                                 self.normalize, self.chunk_size, self.logit_cache_mb)
+        local_args = (feats, self.weight, rows, target_local, valid, self.scale, self.normalize, self.chunk_size,
+                      self.logit_cache_mb)
+        if self._row_update is not None and torch.is_grad_enabled():
+            lse, target, hardest = torch_local_shard_stats(*local_args, row_update=self._row_update)
+        else:
+            lse, target, hardest = self._local_stats(*local_args)
         stats = gather_replicated(torch.stack([lse, target, hardest]), self.group, self.comm)  # (P, 3, B)
         loss, terms = combine_stats(stats, valid, self, self._log_correction(rows, labels.device))
         self.last_num_negatives = self.num_local_classes if rows is None else rows.numel()
         self.last_stats = diagnostics_from(stats, valid, terms, self.scale)
         return loss
+
+    def fuse_optimizer(self, optimizer) -> None:
+        """Applies ``optimizer``'s step to the shard inside backward, chunk by chunk (None: back to .grad).
+
+        ``optimizer`` is the head's row-sparse optimizer (``build_head_optimizer``, head_mode
+        "sparse"). Each backward through the head then updates every touched row as soon as its
+        gradient is complete, while the row is still in cache, and ``weight.grad`` stays None:
+        no (C_local, D) gradient is allocated (2 GiB at C_local = 10^6, D = 512) and
+        ``optimizer.step()`` has nothing left to do for the head. The result equals
+        ``backward(); optimizer.step()`` to rounding. Each backward is one optimizer step, so
+        gradient accumulation over micro-batches and clipping of the head's gradient are not
+        available in this mode. It runs on the torch chunked path (the Triton kernels return
+        a weight gradient).
+        """
+        if optimizer is None:
+            self._row_update = None
+            return
+        if self.fused == "triton":
+            raise ValueError("fuse_optimizer runs on the torch chunked path; build the head with fused='auto' or "
+                             "'torch' (fused='triton' returns a weight gradient)")
+        if getattr(optimizer, "mode", None) != "sparse" or not hasattr(optimizer, "update_rows"):
+            raise ValueError(f"fuse_optimizer needs a row-sparse head optimizer with head_mode='sparse' "
+                             f"(dsoft_dist.head.build_head_optimizer), got {type(optimizer).__name__} "
+                             f"with mode={getattr(optimizer, 'mode', None)!r}")
+        if not any(p is self.weight for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("fuse_optimizer: the optimizer does not hold this head's weight; build it with "
+                             "build_head_optimizer(head, cfg)")
+        self._row_update = functools.partial(optimizer.update_rows, self.weight)
 
     def _log_correction(self, rows, device):
         """log(C / |N|) with |N| the global number of selected classes (one O(1) all-reduce), or None."""
