@@ -13,12 +13,14 @@ Backends (signature of ``dsoft_dist.head.local.torch_local_shard_stats``):
 - ``auto_local_shard_stats``: the fused kernels when the inputs are on CUDA with tensor-core
   operands (a 16-bit weight/features, or TF32 allowed) and Triton imports; the torch chunked
   path otherwise (CPU, float64, plain fp32, no Triton).
+- ``fused_path_usable(features, weight)``: the test ``auto`` applies.
 - ``requested_backend(default)``: the ``DSOFT_FUSED`` environment override (auto | torch | triton).
 - ``register_backends()``: registers ``triton`` with ``dsoft_dist.head.local.register_local_backend``.
 """
-from dsoft_dist.kernels.backend import (BACKEND_NAMES, auto_local_shard_stats, register_backends,
-                                        requested_backend, triton_available, triton_local_shard_stats)
+from dsoft_dist.kernels.backend import (BACKEND_NAMES, auto_local_shard_stats, fused_path_usable,
+                                        register_backends, requested_backend, triton_available,
+                                        triton_local_shard_stats)
 from dsoft_dist.kernels.config import KernelConfig
 
-__all__ = ["BACKEND_NAMES", "KernelConfig", "auto_local_shard_stats", "register_backends", "requested_backend",
-           "triton_available", "triton_local_shard_stats"]
+__all__ = ["BACKEND_NAMES", "KernelConfig", "auto_local_shard_stats", "fused_path_usable", "register_backends",
+           "requested_backend", "triton_available", "triton_local_shard_stats"]

@@ -358,6 +358,14 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
 _BACKENDS: dict[str, Callable] = {"torch": torch_local_shard_stats}
 
 
+def fuses_row_updates(backend: Callable, features: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when ``backend`` runs the torch chunked path for these inputs (which takes ``row_update``)."""
+    if backend is torch_local_shard_stats:
+        return True
+    from dsoft_dist.kernels import auto_local_shard_stats, fused_path_usable
+    return backend is auto_local_shard_stats and not fused_path_usable(features, weight)
+
+
 def register_local_backend(name: str, fn: Callable) -> None:
     """Registers a backend with the signature of ``torch_local_shard_stats`` (the fused kernels use this)."""
     _BACKENDS[name] = fn

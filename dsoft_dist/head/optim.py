@@ -126,6 +126,14 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         else:
             self._update(p, state, rows, grad, group)
 
+    @torch.no_grad()
+    def step_and_clear(self, p):
+        """Steps ``p`` alone from its gradient and sets ``p.grad`` to None (a post-accumulate-grad hook)."""
+        touched = self._touched(p)
+        if touched is not None:
+            self.update_rows(p, touched[1], rows=touched[0])
+        p.grad = None
+
     def _ensure_state(self, p, group):
         """Allocates state a group setting switched on after construction (SGD momentum)."""
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
-from dsoft_dist.head.local import get_local_backend, torch_local_shard_stats
+from dsoft_dist.head.local import fuses_row_updates, get_local_backend, torch_local_shard_stats
 from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
 from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
@@ -98,7 +98,7 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")
         self.logit_cache_mb = float(logit_cache_mb)
         self._local_stats = get_local_backend(fused)
-        self._row_update = None  # set by fuse_optimizer
+        self._row_update = self._grad_hook = None  # set by fuse_optimizer
         self.weight = nn.Parameter(init_shard_weight(num_classes, embedding_size, self.class_start,
                                                      self.num_local_classes, seed, init_std, dtype, device))
         self.step = 0  # steps taken in training mode; seeds the random negatives
@@ -150,7 +150,8 @@ class ShardedClassifier(nn.Module):
         target_local = torch.where(owned, local, torch.full_like(local, -1))  # (B,)
         local_args = (feats, self.weight, rows, target_local, valid, self.scale, self.normalize, self.chunk_size,
                       self.logit_cache_mb)
-        if self._row_update is not None and torch.is_grad_enabled():
+        if self._row_update is not None and torch.is_grad_enabled() and \
+                fuses_row_updates(self._local_stats, feats, self.weight):
             lse, target, hardest = torch_local_shard_stats(*local_args, row_update=self._row_update)
         else:
             lse, target, hardest = self._local_stats(*local_args)
@@ -161,24 +162,24 @@ class ShardedClassifier(nn.Module):
         return loss
 
     def fuse_optimizer(self, optimizer) -> None:
-        """Applies ``optimizer``'s step to the shard inside backward, chunk by chunk (None: back to .grad).
+        """Applies ``optimizer``'s step to the shard inside backward (None: back to ``weight.grad``).
 
         ``optimizer`` is the head's row-sparse optimizer (``build_head_optimizer``, head_mode
-        "sparse"). Each backward through the head then updates every touched row as soon as its
-        gradient is complete, while the row is still in cache, and ``weight.grad`` stays None:
-        no (C_local, D) gradient is allocated (2 GiB at C_local = 10^6, D = 512) and
-        ``optimizer.step()`` has nothing left to do for the head. The result equals
-        ``backward(); optimizer.step()`` to rounding. Each backward is one optimizer step, so
-        gradient accumulation over micro-batches and clipping of the head's gradient are not
-        available in this mode. It runs on the torch chunked path (the Triton kernels return
-        a weight gradient).
+        "sparse"). Each backward through the head then updates every touched row once and
+        leaves ``weight.grad`` None, so ``optimizer.step()`` has nothing left to do for the
+        head; the result equals ``backward(); optimizer.step()`` to rounding. On the torch
+        chunked path each row is updated as soon as its chunk's gradient is complete, while
+        the row is still in cache, and no (C_local, D) gradient is allocated (2 GiB at
+        C_local = 10^6, D = 512); with the Triton kernels (or another registered backend) the
+        step runs from a post-accumulate-grad hook right after the weight gradient lands.
+        Each backward is one optimizer step, so gradient accumulation over micro-batches and
+        clipping of the head's gradient are not available in this mode.
         """
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+        self._row_update = self._grad_hook = None
         if optimizer is None:
-            self._row_update = None
             return
-        if self.fused == "triton":
-            raise ValueError("fuse_optimizer runs on the torch chunked path; build the head with fused='auto' or "
-                             "'torch' (fused='triton' returns a weight gradient)")
         if getattr(optimizer, "mode", None) != "sparse" or not hasattr(optimizer, "update_rows"):
             raise ValueError(f"fuse_optimizer needs a row-sparse head optimizer with head_mode='sparse' "
                              f"(dsoft_dist.head.build_head_optimizer), got {type(optimizer).__name__} "
@@ -187,6 +188,7 @@ class ShardedClassifier(nn.Module):
             raise ValueError("fuse_optimizer: the optimizer does not hold this head's weight; build it with "
                              "build_head_optimizer(head, cfg)")
         self._row_update = functools.partial(optimizer.update_rows, self.weight)
+        self._grad_hook = self.weight.register_post_accumulate_grad_hook(optimizer.step_and_clear)
 
     def _log_correction(self, rows, device):
         """log(C / |N|) with |N| the global number of selected classes (one O(1) all-reduce), or None."""
