@@ -57,10 +57,11 @@ def build_eval_bin(cfg: Config, path: str) -> str:
     return path
 
 
-def _evaluate(model, cfg: Config, bin_path: str) -> dict:
-    from dsoft_dist.eval.runner import evaluate_bin
+def _evaluate(model, cfg: Config, pairs) -> dict:
+    """10-fold verification of ``model`` on ``pairs`` = (images, issame) from load_bin."""
+    from dsoft_dist.eval.runner import evaluate_loaded
 
-    res = evaluate_bin(model, bin_path, batch_size=256, flip=True, folds=cfg.eval.folds)
+    res = evaluate_loaded(model, *pairs, name="synthetic_unseen", batch_size=256, flip=True, folds=cfg.eval.folds)
     return {"accuracy": res["accuracy"], "accuracy_std": res["accuracy_std"], "val@far=1e-3": res["val"]}
 
 
@@ -156,10 +157,12 @@ def _run_rank(cfg: Config, rank: int, world: int) -> None:
     save_head_checkpoint(os.path.join(out, "head"), head, head_opt)  # collective
     if rank == 0:
         save_backbone(os.path.join(out, "backbone.pt"), model, cfg.model)
-        untrained = _backbone(cfg)
+        from dsoft_dist.eval.binfile import load_bin
+
+        pairs = load_bin(bin_path)  # decoded once for both models
         report = {"config": config_to_dict(cfg), "world_size": world, "train_seconds": round(seconds, 1),
-                  "log": rows, "untrained": _evaluate(untrained, cfg, bin_path),
-                  "trained": _evaluate(model, cfg, bin_path)}
+                  "log": rows, "untrained": _evaluate(_backbone(cfg), cfg, pairs),
+                  "trained": _evaluate(model, cfg, pairs)}
         sink.close()  # before the report, so wandb's closing lines do not follow it
         _write_report(report, out)
     dist.barrier()

@@ -34,10 +34,16 @@ def evaluate_bin(model: nn.Module, path: str, batch_size: int = 256, flip: bool 
                  far: float = 1e-3, device=None, progress: bool = False) -> dict:
     """Loads a .bin set safely, embeds its 2N images and runs the k-fold protocol (see verify_kfold)."""
     images, issame = load_bin(path)
+    return evaluate_loaded(model, images, issame, set_name(path), batch_size, flip, folds, far, device, progress)
+
+
+def evaluate_loaded(model: nn.Module, images, issame, name: str, batch_size: int = 256, flip: bool = True,
+                    folds: int = 10, far: float = 1e-3, device=None, progress: bool = False) -> dict:
+    """``evaluate_bin`` on a set already decoded by ``load_bin`` (to score several models on one decode)."""
     emb1, emb2 = embed_pairs(model, images, batch_size=batch_size, flip=flip, device=device, progress=progress,
-                             desc=set_name(path))
+                             desc=name)
     result = verify_kfold(emb1, emb2, issame, folds=folds, far=far)
-    result["name"] = set_name(path)
+    result["name"] = name
     log.info("%s: accuracy %.4f +- %.4f (threshold %.3f), VAL@FAR=%g %.4f", result["name"], result["accuracy"],
              result["accuracy_std"], result["threshold"], far, result["val"])
     return result
