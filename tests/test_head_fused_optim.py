@@ -178,3 +178,15 @@ def test_fused_step_with_the_triton_kernels(neg):
     for ref, got in zip(ref_steps, got_steps):
         assert got["grad_is_none"]
         torch.testing.assert_close(got["weight"], ref["weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_frozen_head_is_not_stepped():
+    """requires_grad=False on the weight: backward reaches the embeddings, the rows stay as they are."""
+    head = ShardedClassifier(C, D, chunk_size=4)
+    build_head_optimizer(head, OptimizerConfig(head_step_in_backward=True))
+    head.weight.requires_grad_(False)
+    before = head.weight.detach().clone()
+    emb, labels = _batches()[0]
+    emb = emb.clone().requires_grad_(True)
+    head(emb, labels).backward()
+    assert emb.grad is not None and torch.equal(head.weight, before)

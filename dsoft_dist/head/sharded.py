@@ -150,7 +150,7 @@ class ShardedClassifier(nn.Module):
         target_local = torch.where(owned, local, torch.full_like(local, -1))  # (B,)
         local_args = (feats, self.weight, rows, target_local, valid, self.scale, self.normalize, self.chunk_size,
                       self.logit_cache_mb)
-        if self._row_update is not None and torch.is_grad_enabled() and \
+        if self._row_update is not None and torch.is_grad_enabled() and self.weight.requires_grad and \
                 fuses_row_updates(self._local_stats, feats, self.weight):
             lse, target, hardest = torch_local_shard_stats(*local_args, row_update=self._row_update)
         else:
