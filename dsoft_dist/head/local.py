@@ -22,6 +22,8 @@ forms of DESIGN.md §1: dlse/dl_ik = exp(l_ik - lse_i); d target / d(f, w_y) = (
 both chained through the row normalization w/|w|. The weight gradient is dense when
 rows is None and a sparse COO tensor over the touched rows (the negatives plus the owned
 targets, unique by construction) otherwise, so sampled steps cost O(K D), not O(C_local D).
+With ``row_update`` (an optimizer fused into backward) no weight gradient is returned:
+each chunk's rows are handed to it with their complete gradient instead.
 """
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ class ShardedClassifier(nn.Module):
     (no averaging over ranks happens here). A DDP backbone averages gradients over its P
     ranks, so multiply the loss by P (or scale the backbone gradients) to train with the
     global-mean gradient. The weight gradient is dense for negatives="all" and a sparse COO
-    tensor over the touched rows otherwise (use dsoft_dist.head.optim). Every rank must call
+    tensor over the touched rows otherwise (use dsoft_dist.head.optim); ``fuse_optimizer``
+    applies the head optimizer inside backward instead (no weight gradient). Every rank must call
     forward and backward the same number of times (they are collective). Local batch sizes
     must be equal on all ranks.
     """
