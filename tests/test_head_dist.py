@@ -42,6 +42,9 @@ FUSED_OPT = {"sgd": OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=
              "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
 RESHARD_BATCH = 12  # divisible by 1, 2 and 3
 WORLD_SIZES = (1, 2, 3, 4)
+# two fp32 runs that sum in different orders (chunk sizes, world sizes): a few 1e-6 of the largest
+# entry, since the chunk loops round each base-2 logit s log2(e) cos ~ 92 to ~8e-6 absolute
+FP32_PATHS_ATOL = 5e-6
 
 
 def global_data(world_size: int, step: int = 0, batch: int | None = None):
@@ -271,7 +274,7 @@ def test_chunked_and_unchunked_paths_agree(world_size, tmp_root):
             a, b = res["parity"][i], res["parity"][j]
             for key in ("loss", "grad_emb", "grad_w"):
                 _close(a[key], b[key], f"P={world_size} {loss}/{neg} rank {rank} {key} chunk 4 vs unchunked",
-                       rtol=1e-5, atol=1e-6)
+                       rtol=1e-5, atol=FP32_PATHS_ATOL)
 
 
 @pytest.mark.parametrize("world_size", (2, 3))
@@ -338,4 +341,5 @@ def test_optimizer_fused_into_backward_matches_step_after_backward(world_size, t
                            atol=1e-6)
             if neg != "random":  # random negatives depend on the sharding; all and batch do not
                 weight = torch.cat([res["fused_optimizer"][(name, neg, True)]["weight"] for res in results])
-                _close(weight, single[(name, neg, False)]["weight"], f"{what} vs one process", rtol=1e-5, atol=1e-6)
+                _close(weight, single[(name, neg, False)]["weight"], f"{what} vs one process", rtol=1e-5,
+                       atol=FP32_PATHS_ATOL)
