@@ -194,9 +194,8 @@ class LocalShardStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, weight, rows, target_local, valid, scale, normalize, chunk, n_cached, row_update):
         tpos = _target_positions(rows, target_local)  # (B,)
-        lse, run_max, norms, ctx.cache = _forward_chunks(features * (scale * _LOG2E), weight, rows, tpos, normalize,
-                                                         chunk,
-                                                             n_cached)
+        f_s2 = features * (scale * _LOG2E)  # (B, D): base-2 logits
+        lse, run_max, norms, ctx.cache = _forward_chunks(f_s2, weight, rows, tpos, normalize, chunk, n_cached)
         neg_inf = torch.full_like(lse, float("-inf"))
         lse, run_max = torch.where(valid, lse, neg_inf), torch.where(valid, run_max, neg_inf)
         w_t, _, owned = _target_rows(weight, target_local, normalize, features.dtype)
