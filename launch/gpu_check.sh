@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU validation of the fused head kernels: GPU tests + kernel benchmark, report in OUT_DIR.
 #
-#   launch/gpu_check.sh OUT_DIR     # from anywhere; one CUDA GPU; < 8 minutes (stage limits sum to 480 s)
+#   launch/gpu_check.sh OUT_DIR     # from anywhere; one CUDA GPU; < 9 minutes (stage limits sum to 540 s)
 #
 # Writes OUT_DIR/report.md (GPU, date, versions, test results, every figure, targets met or not),
-# OUT_DIR/kernels.json (the benchmark), nvidia-smi.txt, versions.txt, pytest-*.log/xml, compile-check.log.
-# Every stage has a `timeout` so the whole check ends in under ~8 minutes; a stage that fails or
+# OUT_DIR/kernels.json (the benchmark), head.log (the whole head step on the torch chunked path, fp32),
+# nvidia-smi.txt, versions.txt, pytest-*.log/xml, compile-check.log.
+# Every stage has a `timeout` so the whole check ends in under ~9 minutes; a stage that fails or
 # times out is recorded in the report and the next stage still runs. Sizes are fixed below.
 # Python: $PYTHON if set, else `python3`. If that cannot import dsoft_dist.kernels + triton + pytest,
 # a venv is made in $DSOFT_GPU_VENV (default ~/.cache/dsoft_dist/venv-gpu, outside the repo) with
@@ -70,6 +71,13 @@ stage compile-check 30 "$PY" -m dsoft_dist.kernels.compile_check --arch 90 --swe
 #    constexpr combination compiles: the subset keeps this stage short)
 stage pytest-compiled 50 "$PY" -m pytest tests/test_kernels_shard_stats.py -k "float32 and B37" \
     -q -rA -p no:cacheprovider --junitxml "$OUT/pytest-compiled.xml"
+
+# 5. the whole head step (forward + backward + row-sparse SGD) on the torch chunked path, fp32, at the
+#    head issue's sizes, with the weight gradient + step and with the optimizer fused into backward
+stage head 60 bash -c "\"$PY\" -m dsoft_dist.bench.head --device cuda --classes 1000000 --dim 512 --batch 512 \
+    --sample-rates 1 0.125 0.015625 --repeats 5 --warmup 2 && \"$PY\" -m dsoft_dist.bench.head --device cuda \
+    --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625 --repeats 5 --warmup 2 \
+    --optimizer-in-backward"
 
 "$PY" -m dsoft_dist.bench.kernels_report "$OUT" > "$OUT/report.md" 2> "$OUT/report.log" \
     || echo "report generation failed (see report.log)" >> "$STATUS"

@@ -23,6 +23,7 @@ def test_gpu_check_script_writes_a_report_without_a_gpu(tmp_path):
     for stage in ("pytest-gpu rc=0", "compile-check rc=", "pytest-compiled rc=0", "total seconds"):
         assert stage in stages, stages
     assert "bench rc=2" in stages  # the kernel benchmark refuses to time anything without CUDA
+    assert "head rc=2" in stages  # so does the head step on --device cuda
     report = (out / "report.md").read_text()
     assert "gpu: NONE" in report and "## GPU tests" in report
     assert re.search(r"0 passed, 0 failed/errors, [1-9]\d* skipped", report)  # every GPU test skipped

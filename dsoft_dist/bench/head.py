@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.stderr.write(f"--device {args.device}: no CUDA GPU is available; use --device cpu\n")
+        return 2
     if args.world_size == 1:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
     python -m dsoft_dist.bench.kernels_report OUT_DIR > OUT_DIR/report.md
 
-Reads versions.txt, nvidia-smi.txt, stages.txt, pytest-*.xml (JUnit) and kernels.json, and
+Reads versions.txt, nvidia-smi.txt, stages.txt, pytest-*.xml (JUnit), kernels.json and head.log, and
 states each target of the kernels issue as met / not met with the measured figure:
 fused full-head step >= 1.3x faster than the torch chunked path, >= 60% of the measured bf16
 matmul rate for the GEMM part, and transient memory far below one (B, K) logit matrix.
@@ -89,6 +89,8 @@ def report(out_dir: str) -> str:
         "## Benchmark table\n```\n" + result.get("table", "(no table: see bench.log)") + "\n```",
         "## Matmul reference rates (TFLOP/s, torch.mm, same run)\n```\n"
         + json.dumps(result.get("matmul", {}), indent=1) + "\n```",
+        "## Whole head step, torch chunked path, fp32 (dsoft_dist.bench.head)\n```\n"
+        + _read(os.path.join(out_dir, "head.log")) + "\n```",
         "## nvidia-smi\n```\n" + _read(os.path.join(out_dir, "nvidia-smi.txt")) + "\n```",
     ]) + "\n"
 
