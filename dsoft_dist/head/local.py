@@ -302,28 +302,29 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
         k = min(ctx.chunk, n_cols - c0)
         src = _chunk_rows(weight, rows, c0, c0 + k, features.dtype, ws.rows_view(k))  # (k, D) raw rows
         norm = norms[c0:c0 + k] if ctx.normalize else None  # (k,)
+        inv = _inv_norm(norm) if ctx.normalize else None  # (k,)
         logits = None
         if j < ctx.n_cached:  # exp(l - s_c) * exp(s_c - lse + log|g|), in place on the cached chunk
             cached, chunk_shift = ctx.cache[j]
             block = cached.mul_(torch.exp2(chunk_shift - shift2))
         else:  # the target entries are not masked: the target coefficient replaces them below
-            logits = _chunk_logits(f_s2, src, _inv_norm(norm) if ctx.normalize else None, ws.logits_view(k))
+            logits = _chunk_logits(f_s2, src, inv, ws.logits_view(k))
             block = torch.sub(logits, shift2, out=ws.block_view(k)).exp2_()  # (k, B) |dL/dl|
         _set_targets_(block, tpos, c0, target_coef)
-        g_w = _chunk_grads(block, src, norm, f_signed, grad_f, grad_w.chunk_out(c0, k, ws), logits, sign)
+        g_w = _chunk_grads(block, src, norm, inv, f_signed, grad_f, grad_w.chunk_out(c0, k, ws), logits, sign)
         grad_w.commit_chunk(c0, g_w)
     return grad_f.mul_(sign[:, None]).mul_(ctx.scale)
 
 
-def _chunk_grads(block, src, norm, f_signed, grad_f, out, logits=None, sign=None):
+def _chunk_grads(block, src, norm, inv, f_signed, grad_f, out, logits=None, sign=None):
     """Adds the chunk's block (k, B) @ rows to grad_f; returns the rows' gradient (k, D) in ``out``.
 
+    norm, inv: the rows' norms and 1 / max(norm, eps) (k,), or None for raw (unnormalized) rows.
     The radial term <w_hat_k, dL/dw_hat_k> = sum_i sign_i |dL/dl_ik| l_ik comes from the block
     and the chunk's unmasked base-2 ``logits`` (k, B) = l log2(e) when given (they are
     overwritten), else from the rows and their gradient.
     """
     if norm is not None:
-        inv = _inv_norm(norm)
         block.mul_(inv[:, None])  # |dL/dl| / |w_k|: the block now multiplies raw rows
     grad_f.addmm_(block.t(), src)
     g_w = torch.mm(block, f_signed, out=out)  # (k, D) dL/dw_hat / |w| (the scale is in f_signed)
