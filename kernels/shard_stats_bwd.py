@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dsoft_dist.kernels.shard_stats_fwd import NORM_EPS, load_columns, logit_tile
+from dsoft_dist.kernels.shard_stats_fwd import NORM_EPS, load_columns, logit_tile, split_tiles
 
 
 @triton.jit
@@ -74,9 +74,7 @@ def grad_features_kernel(f_ptr, w_ptr, cols_ptr, neg_ptr, norm_ptr, tgt_ptr, val
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    first = pid_s * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, n_tiles)
+    first, last = split_tiles(N, pid_s, tiles_per_split, BLOCK_N)
     for tile in range(first, last):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col, is_neg, n_mask, inv = load_columns(cols_ptr, neg_ptr, norm_ptr, offs_n, N, GATHER, HAS_NEG, NORMALIZE)

@@ -22,6 +22,13 @@ NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps: the torch reference clamps 
 
 
 @triton.jit
+def split_tiles(N, pid_s, tiles_per_split, BLOCK_N: tl.constexpr):
+    """The column tiles [first, last) of split pid_s: tiles_per_split tiles of BLOCK_N columns each."""
+    first = pid_s * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, tl.cdiv(N, BLOCK_N))
+
+
+@triton.jit
 def load_columns(cols_ptr, neg_ptr, norm_ptr, offs_n, N, GATHER: tl.constexpr, HAS_NEG: tl.constexpr,
                  NORMALIZE: tl.constexpr):
     """Column ids (BN,) int64 (weight rows), negative flags (BN,) and inverse norms r (BN,) fp32."""
@@ -80,9 +87,7 @@ def shard_stats_fwd_kernel(f_ptr, w_ptr, cols_ptr, neg_ptr, norm_ptr, tgt_ptr, v
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_M,), tl.float32)
     target = tl.zeros((BLOCK_M,), tl.float32)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    first = pid_s * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, n_tiles)
+    first, last = split_tiles(N, pid_s, tiles_per_split, BLOCK_N)
     for tile in range(first, last):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col, is_neg, n_mask, inv = load_columns(cols_ptr, neg_ptr, norm_ptr, offs_n, N, GATHER, HAS_NEG, NORMALIZE)
