@@ -166,3 +166,35 @@ def test_uncoalesced_gradient_with_repeated_rows_equals_its_sum(cls, kwargs):
     opt_b.step()
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
     assert torch.equal(a.detach()[[0, 1, 3, 4, 6]], initial[[0, 1, 3, 4, 6]])
+
+
+@pytest.mark.parametrize("cls, kwargs", [(RowSparseSGD, k) for k in SGD_CONFIGS] +
+                         [(RowSparseAdamW, k) for k in ADAMW_CONFIGS])
+@pytest.mark.parametrize("with_coef", (True, False))
+def test_update_rows_product_equals_update_rows_with_the_formed_gradient(cls, kwargs, with_coef):
+    """update_rows_product(lhs, rhs, c, values) steps rows (a slice or a row list) exactly like
+    update_rows(lhs @ rhs + c values) over STEPS steps (float64; SGD without nesterov takes its own
+    addmm-into-momentum path, the others form the gradient), and leaves the other rows alone."""
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.nn.Parameter(torch.randn(ROWS, D, generator=gen, dtype=torch.float64)) for _ in range(2)]
+    weights[1].data.copy_(weights[0].data)
+    opts = [cls([w], **kwargs) for w in weights]
+    for step, (rows, _) in enumerate(_schedule()):
+        lhs, rhs = (torch.randn(rows.numel(), 7, generator=gen, dtype=torch.float64),
+                    torch.randn(7, D, generator=gen, dtype=torch.float64))
+        coef = torch.randn(rows.numel(), generator=gen, dtype=torch.float64) if with_coef else None
+        as_slice = step % 2 == 0  # even steps: the contiguous rows [2, 2 + n) by start, odd: the row list
+        sel = torch.arange(2, 2 + rows.numel()) if as_slice else rows
+        where = dict(start=2) if as_slice else dict(rows=rows)
+        values = weights[0].detach()[sel].clone()
+        grad = lhs @ rhs + (coef[:, None] * values if with_coef else 0)
+        before = weights[0].detach().clone()
+        opts[0].update_rows_product(weights[0], lhs, rhs, coef, values, **where)
+        opts[1].update_rows(weights[1], grad, **where)
+        torch.testing.assert_close(weights[0].detach(), weights[1].detach(), rtol=1e-12, atol=1e-14)
+        others = torch.ones(ROWS, dtype=torch.bool)
+        others[sel] = False
+        assert torch.equal(weights[0].detach()[others], before[others])
+    for name in _state_names(opts[0]):
+        torch.testing.assert_close(opts[0].state[weights[0]][name], opts[1].state[weights[1]][name], rtol=1e-12,
+                                   atol=1e-14)

@@ -57,12 +57,13 @@ class _Workspace:
     """Chunk buffers reused by every chunk of one call: large fresh allocations page-fault on CPU.
 
     Logit chunks are laid out class-major, (k, B): the GEMMs W_c F^T and G_c F run ~8% faster
-    on CPU than their batch-major transposes (measured at B = D = 512, k = 2048).
+    on CPU than their batch-major transposes (measured at B = D = 512, k = 2048). The logit and
+    block buffers hold one spare row after the chunk's k rows (see ``_TargetSlots``).
     """
 
     def __init__(self, batch, chunk, dim, dtype, device, gathered, grad_buffer=False, block_buffer=False):
-        self.logits = torch.empty(chunk * batch, dtype=dtype, device=device)  # viewed (k, B)
-        self.block = torch.empty(chunk * batch, dtype=dtype, device=device) if block_buffer else None
+        self.logits = torch.empty((chunk + 1) * batch, dtype=dtype, device=device)  # viewed (k + 1, B)
+        self.block = torch.empty((chunk + 1) * batch, dtype=dtype, device=device) if block_buffer else None
         # gathered (sampled) rows are copied into a buffer (k, D); a slice of all rows is a view of the
         # weight. The chunk's gradient has a buffer unless it is written into a dense gradient.
         self.rows = torch.empty(chunk * dim, dtype=dtype, device=device) if gathered else None
@@ -70,16 +71,34 @@ class _Workspace:
         self.batch, self.dim = batch, dim
 
     def logits_view(self, k):
-        return self.logits[:k * self.batch].view(k, self.batch)
+        """(k + 1, B): the chunk's logits in the first k rows, then the spare row."""
+        return self.logits[:(k + 1) * self.batch].view(k + 1, self.batch)
 
     def block_view(self, k):
-        return self.block[:k * self.batch].view(k, self.batch)
+        return self.block[:(k + 1) * self.batch].view(k + 1, self.batch)
 
     def rows_view(self, k):
         return None if self.rows is None else self.rows[:k * self.dim].view(k, self.dim)
 
     def grad_view(self, k):
         return self.grad[:k * self.dim].view(k, self.dim)
+
+
+class _TargetSlots:
+    """Where each batch row's target sits in a chunk's (k + 1, B) buffer, for one scatter per chunk.
+
+    Row i's slot is tpos_i - c0 when its target falls in the chunk, else the spare row k, so the
+    forward's -inf mask and backward's target coefficient are one ``scatter_`` each, with no
+    mask or gather (O(B) per chunk, no host sync).
+    """
+
+    def __init__(self, tpos, chunk):
+        self.chunk_id = torch.where(tpos >= 0, tpos.div(chunk, rounding_mode="floor"), -1)  # (B,)
+        self.offset = tpos - self.chunk_id * chunk  # (B,) row within the chunk (unused where chunk_id = -1)
+
+    def index(self, j, k):
+        """(1, B) slots in chunk j of k rows."""
+        return torch.where(self.chunk_id == j, self.offset, k)[None, :]
 
 
 def _rows_hat(weight, rows, normalize, dtype):
@@ -126,27 +145,8 @@ def _target_positions(rows, target_local):
     return torch.where(hit, pos, torch.full_like(pos, -1))
 
 
-def _set_targets_(block, tpos, c0, value):
-    """Sets block[tpos_i - c0, i] = value (a number or (B,)) where row i's target falls in this (k, B) chunk.
-
-    O(B), no host sync; the forward masks the targets with -inf, backward puts the target's
-    own gradient coefficient there (the exp of the masked entry is 0).
-    """
-    k = block.shape[0]
-    row = (tpos - c0).clamp(0, k - 1)[None, :]  # (1, B)
-    inside = ((tpos >= c0) & (tpos < c0 + k))[None, :]
-    value = value[None, :] if isinstance(value, torch.Tensor) else value
-    return block.scatter_(0, row, torch.where(inside, value, block.gather(0, row)))
-
-
 def _n_cols(weight, rows):
     return weight.shape[0] if rows is None else rows.numel()
-
-
-def _chunk_logits(f_s, src, inv, out):
-    """(k, B) logits of one chunk, <f_s_i, w_k> / |w_k| (inv: the rows' inverse norms, None = raw rows)."""
-    logits_t = torch.mm(src, f_s.t(), out=out)  # (k, B)
-    return logits_t.mul_(inv[:, None]) if inv is not None else logits_t
 
 
 def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0):
@@ -160,6 +160,7 @@ def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0):
     """
     batch, n_cols = f_s.shape[0], _n_cols(weight, rows)
     ws = _Workspace(batch, min(chunk, max(n_cols, 1)), f_s.shape[1], f_s.dtype, f_s.device, rows is not None)
+    slots = _TargetSlots(tpos, chunk)
     run_max = f_s.new_full((batch,), float("-inf"))  # (B,)
     run_sum = f_s.new_zeros(batch)  # (B,)
     norms = f_s.new_empty(n_cols) if normalize else None
@@ -167,16 +168,18 @@ def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0):
     for j, c0 in enumerate(range(0, n_cols, chunk)):
         k = min(chunk, n_cols - c0)
         src = _chunk_rows(weight, rows, c0, c0 + k, f_s.dtype, ws.rows_view(k))
-        inv = _inv_norm(torch.linalg.vector_norm(src, dim=1, out=norms[c0:c0 + k])) if normalize else None
-        out = ws.logits_view(k) if j >= n_cached else f_s.new_empty(k, batch)
-        logits_t = _set_targets_(_chunk_logits(f_s, src, inv, out), tpos, c0, float("-inf"))  # (k, B)
+        padded = ws.logits_view(k) if j >= n_cached else f_s.new_empty(k + 1, batch)  # (k + 1, B)
+        logits_t = torch.mm(src, f_s.t(), out=padded[:k])  # (k, B)
+        if normalize:
+            logits_t.mul_(_inv_norm(torch.linalg.vector_norm(src, dim=1, out=norms[c0:c0 + k]))[:, None])
+        padded.scatter_(0, slots.index(j, k), float("-inf"))  # the targets are not negatives
         new_max = torch.maximum(run_max, logits_t.amax(dim=0))  # (B,)
-        shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        shift = torch.nan_to_num(new_max, nan=0.0, posinf=0.0, neginf=0.0)  # -inf while a row has seen no negative yet
         run_sum = run_sum * torch.exp2(run_max - shift) + logits_t.sub_(shift).exp2_().sum(dim=0)
         run_max = new_max
         if j < n_cached:
-            cache.append((logits_t, shift))
-    shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
+            cache.append((padded, shift))
+    shift = torch.nan_to_num(run_max, nan=0.0, posinf=0.0, neginf=0.0)
     return (shift + torch.log2(run_sum)) * _LN2, run_max * _LN2, norms, cache
 
 
@@ -245,6 +248,23 @@ class _WeightGrad:
         """Where the chunk's (k, D) gradient is computed: its rows of the dense gradient, or a buffer."""
         return self.dense[c0:c0 + k] if self.dense is not None else ws.grad_view(k)
 
+    def commit_product(self, c0, lhs, rhs, row_coef, values, ws):
+        """The chunk's rows get the gradient lhs (k, B) @ rhs (B, D) + row_coef (k,)[:, None] * values (k, D)
+        (row_coef None: the product alone); ``values`` are the rows' current values.
+
+        A fused optimizer that takes the product form (``row_update.product``) applies it
+        itself; otherwise the gradient is formed in the chunk's output and committed.
+        """
+        product = getattr(self.row_update, "product", None)
+        chunk_rows = None if self.rows is None else self.rows[c0:c0 + lhs.shape[0]]
+        if product is not None:
+            product(lhs, rhs, row_coef, values, rows=chunk_rows, start=c0, out=ws.grad_view(lhs.shape[0]))
+            return
+        grad = torch.mm(lhs, rhs, out=self.chunk_out(c0, lhs.shape[0], ws))
+        if row_coef is not None:
+            grad.addcmul_(values, row_coef[:, None])
+        self.commit_chunk(c0, grad)
+
     # index_put_ rather than index_add_: index_add_ is ~10x slower on CPU in torch 2.13 (measured)
     def commit_chunk(self, c0, grad):
         """The chunk's rows (distinct, not yet written) get their whole gradient ``grad`` (k, D)."""
@@ -298,6 +318,8 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
     grad_f = torch.zeros_like(features)  # (B, D): sum_k |G_ik| w_hat_k, signed and scaled at the end
     ws = _Workspace(batch, min(ctx.chunk, max(n_cols, 1)), features.shape[1], features.dtype, features.device,
                     rows is not None, grad_buffer=grad_w.dense is None, block_buffer=True)
+    slots = _TargetSlots(tpos, ctx.chunk)
+    neg_shift2, coef_row = -shift2[None, :], target_coef[None, :]  # (1, B) each
     for j, c0 in enumerate(range(0, n_cols, ctx.chunk)):
         k = min(ctx.chunk, n_cols - c0)
         src = _chunk_rows(weight, rows, c0, c0 + k, features.dtype, ws.rows_view(k))  # (k, D) raw rows
@@ -305,37 +327,49 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
         inv = _inv_norm(norm) if ctx.normalize else None  # (k,)
         logits = None
         if j < ctx.n_cached:  # exp(l - s_c) * exp(s_c - lse + log|g|), in place on the cached chunk
-            cached, chunk_shift = ctx.cache[j]
-            block = cached.mul_(torch.exp2(chunk_shift - shift2))
+            padded, chunk_shift = ctx.cache[j]
+            block = padded[:k].mul_(torch.exp2(chunk_shift - shift2))
         else:  # the target entries are not masked: the target coefficient replaces them below
-            logits = _chunk_logits(f_s2, src, inv, ws.logits_view(k))
-            block = torch.sub(logits, shift2, out=ws.block_view(k)).exp2_()  # (k, B) |dL/dl|
-        _set_targets_(block, tpos, c0, target_coef)
-        g_w = _chunk_grads(block, src, norm, inv, f_signed, grad_f, grad_w.chunk_out(c0, k, ws), logits, sign)
-        grad_w.commit_chunk(c0, g_w)
+            padded = ws.block_view(k)
+            block = padded[:k]  # (k, B) |dL/dl|
+            logits = torch.mm(src, f_s2.t(), out=ws.logits_view(k)[:k])  # (k, B) <f_s2_i, w_k>, raw rows
+            if inv is not None:  # l * log2(e) - shift = logits / |w_k| - shift, in one pass
+                torch.addcmul(neg_shift2, logits, inv[:, None], out=block)
+            else:
+                torch.sub(logits, shift2, out=block)
+            block.exp2_()
+        padded.scatter_(0, slots.index(j, k), coef_row)
+        _chunk_grads(block, src, norm, inv, f_signed, grad_f, grad_w, c0, ws, logits, sign)
     return grad_f.mul_(sign[:, None]).mul_(ctx.scale)
 
 
-def _chunk_grads(block, src, norm, inv, f_signed, grad_f, out, logits=None, sign=None):
-    """Adds the chunk's block (k, B) @ rows to grad_f; returns the rows' gradient (k, D) in ``out``.
+def _chunk_grads(block, src, norm, inv, f_signed, grad_f, grad_w, c0, ws, logits=None, sign=None):
+    """Adds the chunk's block (k, B) @ rows to grad_f and gives the rows' gradient to ``grad_w``.
 
     norm, inv: the rows' norms and 1 / max(norm, eps) (k,), or None for raw (unnormalized) rows.
-    The radial term <w_hat_k, dL/dw_hat_k> = sum_i sign_i |dL/dl_ik| l_ik comes from the block
-    and the chunk's unmasked base-2 ``logits`` (k, B) = l log2(e) when given (they are
-    overwritten), else from the rows and their gradient.
+    The rows' gradient is block @ f_signed minus the radial part of the normalization's
+    backward, <w_hat_k, dL/dw_hat_k> w_k / |w_k|^2, a multiple of each raw row: it is handed
+    over in that form (``_WeightGrad.commit_product``), so a fused SGD can run the GEMM straight
+    into its momentum. The radial coefficient sum_i sign_i |dL/dl_ik| l_ik comes from the block
+    and the chunk's unmasked raw-row base-2 ``logits`` <f_s2_i, w_k> (k, B) when given (they are
+    overwritten); without them (cached chunks) from the rows and their gradient.
     """
-    if norm is not None:
-        block.mul_(inv[:, None])  # |dL/dl| / |w_k|: the block now multiplies raw rows
+    if norm is None:
+        grad_f.addmm_(block.t(), src)
+        grad_w.commit_product(c0, block, f_signed, None, src, ws)
+        return
+    block.mul_(inv[:, None])  # |dL/dl| / |w_k|: the block now multiplies raw rows
     grad_f.addmm_(block.t(), src)
-    g_w = torch.mm(block, f_signed, out=out)  # (k, D) dL/dw_hat / |w| (the scale is in f_signed)
-    if norm is not None:  # minus <w_hat, dL/dw_hat> w_hat / |w| = <w_hat, dL/dw_hat> w / |w|^2 (none below eps)
-        if logits is not None:
-            radial = torch.mv(logits.mul_(block), sign).mul_(inv * _LN2)  # (k,)
-        else:
-            radial = torch.linalg.vecdot(src, g_w, dim=1).mul_(inv.square())  # (k,)
-        radial = torch.where(norm > _NORM_EPS, radial, torch.zeros_like(radial))
-        g_w.addcmul_(src, radial[:, None], value=-1.0)
-    return g_w
+    if logits is None:
+        g_w = torch.mm(block, f_signed, out=grad_w.chunk_out(c0, block.shape[0], ws))  # (k, D)
+        radial = torch.linalg.vecdot(src, g_w, dim=1).mul_(inv.square())  # (k,)
+        radial = torch.where(norm > _NORM_EPS, radial, torch.zeros_like(radial))  # none below eps
+        grad_w.commit_chunk(c0, g_w.addcmul_(src, radial[:, None], value=-1.0))
+        return
+    # l * log2(e) = logits / |w_k|, so sum_i sign_i block_ik l_ik = (sum_i sign_i block_ik logits_ik) ln2 / |w_k|
+    radial = torch.mv(logits.mul_(block), sign).mul_(inv.square().mul_(_LN2))  # (k,)
+    minus_radial = torch.where(norm > _NORM_EPS, radial.neg_(), torch.zeros_like(radial))  # none below eps
+    grad_w.commit_product(c0, block, f_signed, minus_radial, src, ws)
 
 
 def _add_outside_target_grads(features, weight, target_local, tpos, g_target, normalize, grad_f, grad_w):
@@ -358,6 +392,9 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
     row_update(grad (n, D), rows=None | (n,) sorted local ids, start=0), when given, receives
     each row's whole gradient in backward (rows [start, start + n) when rows is None) instead
     of a weight gradient: an optimizer fused into backward (``ShardedClassifier.fuse_optimizer``).
+    If it has a ``product(lhs, rhs, row_coef, values, rows=None, start=0, out=None)`` method
+    (``dsoft_dist.head.optim.FusedRowUpdate``), chunks hand their gradient over in product form,
+    lhs @ rhs + row_coef[:, None] * values, instead.
     """
     chunk = auto_chunk_size(features.shape[0], chunk_size, features.device)
     chunk_bytes = features.shape[0] * chunk * features.element_size()

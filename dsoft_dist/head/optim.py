@@ -112,6 +112,31 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         inside backward (``ShardedClassifier.fuse_optimizer``); the rows and their state change
         exactly as a ``step()`` with a gradient on those rows would change them.
         """
+        w, state, rows, group = self._rows_to_update(p, rows, start, grad.shape[0])
+        self._update(w, state, rows, grad.to(p.dtype), group)
+
+    @torch.no_grad()
+    def update_rows_product(self, p, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None):
+        """``update_rows`` with the gradient given as lhs (n, m) @ rhs (m, D) + row_coef (n,)[:, None] * values.
+
+        ``values`` (n, D) are the rows' current values (needed with ``row_coef``). This is the
+        form of the head's chunk gradient (one GEMM plus the radial term of the row
+        normalization, a multiple of each row). SGD without nesterov runs the GEMM straight
+        into its momentum buffer (``addmm`` with beta = momentum), which saves the passes over
+        a separate gradient; the other optimizers form the gradient (in ``out`` when given)
+        and take the ``update_rows`` path. Same result as ``update_rows`` to rounding.
+        """
+        w, state, rows, group = self._rows_to_update(p, rows, start, lhs.shape[0])
+        same_dtype = lhs.dtype == rhs.dtype == p.dtype and (values is None or values.dtype == p.dtype)
+        if same_dtype and self._update_product(w, state, rows, lhs, rhs, row_coef, values, group):
+            return
+        grad = torch.mm(lhs, rhs, out=out)
+        if row_coef is not None:
+            grad.addcmul_(values, row_coef[:, None])
+        self._update(w, state, rows, grad.to(p.dtype), group)
+
+    def _rows_to_update(self, p, rows, start, n):
+        """(param or its row slice, state (or its row slices), rows, group) for ``update_rows``."""
         if self.mode != "sparse":
             raise ValueError(f"update_rows needs mode='sparse' (this optimizer has mode={self.mode!r}): dense mode "
                              f"also steps the rows without a gradient")
@@ -119,12 +144,10 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         if group is None:
             raise ValueError(f"the tensor of shape {tuple(p.shape)} is not a parameter of this optimizer")
         self._ensure_state(p, group)
-        grad, state = grad.to(p.dtype), self.state[p]
-        if rows is None:
-            rows_slice = slice(start, start + grad.shape[0])
-            self._update(p[rows_slice], {name: t[rows_slice] for name, t in state.items()}, None, grad, group)
-        else:
-            self._update(p, state, rows, grad, group)
+        if rows is not None:
+            return p, self.state[p], rows, group
+        rows_slice = slice(start, start + n)
+        return p[rows_slice], {name: t[rows_slice] for name, t in self.state[p].items()}, None, group
 
     @torch.no_grad()
     def step_and_clear(self, p):
@@ -139,6 +162,11 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
 
     def _update(self, p, state, rows, grad, group):
         raise NotImplementedError
+
+    def _update_product(self, p, state, rows, lhs, rhs, row_coef, values, group) -> bool:
+        """The update from the product form of the gradient (see update_rows_product); False: not
+        supported here, the caller forms the gradient instead."""
+        return False
 
     def state_dict(self) -> dict:
         """This rank's piece of the world-size-independent optimizer state (dsoft_dist.head.state)."""
@@ -196,6 +224,49 @@ class RowSparseSGD(_RowSparseOptimizer):
             else:
                 w.add_(buf, alpha=-lr)
         self._put(p, rows, w)
+
+    def _update_product(self, p, state, rows, lhs, rhs, row_coef, values, group):
+        """g = lhs @ rhs + c w with c = row_coef (+ wd): b = m b + lhs @ rhs + c w is one addmm and one
+        addcmul, then w -= lr b; without momentum, w (1 - lr c) - lr lhs @ rhs. Nesterov needs g itself."""
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        if group["nesterov"]:
+            return False
+        w = self._take(p, rows)  # (n, D); the parameter's rows themselves when they are a slice
+        coef = row_coef + wd if row_coef is not None else None  # (n,)
+        if momentum == 0:
+            if coef is not None:
+                w.mul_(coef.mul(-lr).add_(1.0)[:, None])
+            elif wd != 0:
+                w.mul_(1 - lr * wd)
+            w.addmm_(lhs, rhs, alpha=-lr)
+        else:
+            buf = self._take(state["momentum_buffer"], rows).addmm_(lhs, rhs, beta=momentum)
+            if coef is not None:
+                buf.addcmul_(values if values is not None else w, coef[:, None])
+            elif wd != 0:
+                buf.add_(w, alpha=wd)
+            self._put(state["momentum_buffer"], rows, buf)
+            w.add_(buf, alpha=-lr)
+        self._put(p, rows, w)
+        return True
+
+
+class FusedRowUpdate:
+    """What the head calls to step ``param``'s rows inside backward (``ShardedClassifier.fuse_optimizer``).
+
+    ``update(grad, rows=None, start=0)`` takes a chunk's gradient, ``update.product(lhs, rhs,
+    row_coef, values, rows=None, start=0, out=None)`` the product form of it (see
+    ``update_rows_product``).
+    """
+
+    def __init__(self, optimizer, param):
+        self.optimizer, self.param = optimizer, param
+
+    def __call__(self, grad, rows=None, start=0):
+        self.optimizer.update_rows(self.param, grad, rows=rows, start=start)
+
+    def product(self, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None):
+        self.optimizer.update_rows_product(self.param, lhs, rhs, row_coef, values, rows=rows, start=start, out=out)
 
 
 class RowSparseAdamW(_RowSparseOptimizer):

@@ -14,14 +14,13 @@ Without torch.distributed initialized the head runs as a single process (P = 1).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
 from dsoft_dist.head.local import fuses_row_updates, get_local_backend, torch_local_shard_stats
+from dsoft_dist.head.optim import FusedRowUpdate
 from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
 from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
@@ -188,7 +187,7 @@ class ShardedClassifier(nn.Module):
         if not any(p is self.weight for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("fuse_optimizer: the optimizer does not hold this head's weight; build it with "
                              "build_head_optimizer(head, cfg)")
-        self._row_update = functools.partial(optimizer.update_rows, self.weight)
+        self._row_update = FusedRowUpdate(optimizer, self.weight)
         self._grad_hook = self.weight.register_post_accumulate_grad_hook(optimizer.step_and_clear)
 
     def _log_correction(self, rows, device):
