@@ -143,6 +143,31 @@ def test_chunked_backward_with_signed_upstream_gradients(normalize, sampled):
     torch.testing.assert_close(grad_w, w2.grad)
 
 
+@pytest.mark.parametrize("sampled", (False, True))
+def test_a_row_below_eps_gets_the_gradient_of_f_normalize(sampled):
+    """A class row of norm 1e-14, below F.normalize's eps (1e-12): w_hat = w / eps and gradient g / eps
+    with no radial term, like the dense float64 autograd through F.normalize."""
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.nn.functional.normalize(torch.randn(6, 5, generator=gen, dtype=torch.float64), dim=1)
+    weight = torch.randn(11, 5, generator=gen, dtype=torch.float64)
+    weight[3] *= 1e-14 / weight[3].norm()
+    target = torch.tensor([3, 1, -1, 7, 3, 10])
+    rows = torch.tensor([0, 2, 3, 4, 8]) if sampled else None
+    g_lse, g_tgt = torch.rand(6, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen,
+                                                                                  dtype=torch.float64)
+    f1, w1 = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    lse, tgt, _ = LocalShardStats.apply(f1, w1, rows, target, torch.ones(6, dtype=torch.bool), 2.0, True, 4, 0, None)
+    ((lse * g_lse).sum() + (tgt * g_tgt).sum()).backward()
+    f2, w2 = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    want_lse, want_tgt = _dense_reference(f2, w2, rows, target, 2.0, True)
+    ((want_lse * g_lse).sum() + (want_tgt * g_tgt).sum()).backward()
+    torch.testing.assert_close(lse, want_lse.detach())
+    torch.testing.assert_close(f1.grad, f2.grad)
+    grad_w = w1.grad.to_dense() if w1.grad.is_sparse else w1.grad
+    assert grad_w[3].abs().max() > 1e6  # g / eps: the row is pushed off zero
+    torch.testing.assert_close(grad_w, w2.grad, rtol=1e-7, atol=1e-6 * float(w2.grad.abs().max()))
+
+
 def test_fused_head_refuses_a_second_backward():
     """The rows change during the first backward, so retain_graph + a second backward must fail loudly."""
     head = ShardedClassifier(C, D, chunk_size=4)

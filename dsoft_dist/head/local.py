@@ -320,11 +320,15 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
                     rows is not None, grad_buffer=grad_w.dense is None, block_buffer=True)
     slots = _TargetSlots(tpos, ctx.chunk)
     neg_shift2, coef_row = -shift2[None, :], target_coef[None, :]  # (1, B) each
+    inv_all = _inv_norm(norms) if ctx.normalize else None  # (n_cols,)
+    # 1 / |w_k|^2, and 0 below eps (those rows get no radial term), for the radial coefficient
+    inv_sq_all = torch.where(norms > _NORM_EPS, inv_all.square(), 0.0) if ctx.normalize else None
+    sign_ln2 = sign * -_LN2  # (B,): the radial sum in natural units, negated
     for j, c0 in enumerate(range(0, n_cols, ctx.chunk)):
         k = min(ctx.chunk, n_cols - c0)
         src = _chunk_rows(weight, rows, c0, c0 + k, features.dtype, ws.rows_view(k))  # (k, D) raw rows
-        norm = norms[c0:c0 + k] if ctx.normalize else None  # (k,)
-        inv = _inv_norm(norm) if ctx.normalize else None  # (k,)
+        inv = inv_all[c0:c0 + k] if ctx.normalize else None  # (k,)
+        inv_sq = inv_sq_all[c0:c0 + k] if ctx.normalize else None  # (k,)
         logits = None
         if j < ctx.n_cached:  # exp(l - s_c) * exp(s_c - lse + log|g|), in place on the cached chunk
             padded, chunk_shift = ctx.cache[j]
@@ -339,22 +343,23 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
                 torch.sub(logits, shift2, out=block)
             block.exp2_()
         padded.scatter_(0, slots.index(j, k), coef_row)
-        _chunk_grads(block, src, norm, inv, f_signed, grad_f, grad_w, c0, ws, logits, sign)
+        _chunk_grads(block, src, inv, inv_sq, f_signed, grad_f, grad_w, c0, ws, logits, sign_ln2)
     return grad_f.mul_(sign[:, None]).mul_(ctx.scale)
 
 
-def _chunk_grads(block, src, norm, inv, f_signed, grad_f, grad_w, c0, ws, logits=None, sign=None):
+def _chunk_grads(block, src, inv, inv_sq, f_signed, grad_f, grad_w, c0, ws, logits=None, sign_ln2=None):
     """Adds the chunk's block (k, B) @ rows to grad_f and gives the rows' gradient to ``grad_w``.
 
-    norm, inv: the rows' norms and 1 / max(norm, eps) (k,), or None for raw (unnormalized) rows.
-    The rows' gradient is block @ f_signed minus the radial part of the normalization's
-    backward, <w_hat_k, dL/dw_hat_k> w_k / |w_k|^2, a multiple of each raw row: it is handed
-    over in that form (``_WeightGrad.commit_product``), so a fused SGD can run the GEMM straight
-    into its momentum. The radial coefficient sum_i sign_i |dL/dl_ik| l_ik comes from the block
-    and the chunk's unmasked raw-row base-2 ``logits`` <f_s2_i, w_k> (k, B) when given (they are
-    overwritten); without them (cached chunks) from the rows and their gradient.
+    inv, inv_sq: the rows' 1 / max(|w_k|, eps) and 1 / |w_k|^2 (0 below eps) (k,), or None for
+    raw (unnormalized) rows. The rows' gradient is block @ f_signed minus the radial part of the
+    normalization's backward, <w_hat_k, dL/dw_hat_k> w_k / |w_k|^2, a multiple of each raw row:
+    it is handed over in that form (``_WeightGrad.commit_product``), so a fused SGD can run the
+    GEMM straight into its momentum. <w_hat_k, dL/dw_hat_k> = sum_i sign_i |dL/dl_ik| l_ik comes
+    from the block and the chunk's unmasked raw-row base-2 ``logits`` <f_s2_i, w_k> (k, B) when
+    given (they are overwritten; ``sign_ln2`` = -ln2 sign), else (cached chunks) from the rows
+    and their gradient.
     """
-    if norm is None:
+    if inv is None:
         grad_f.addmm_(block.t(), src)
         grad_w.commit_product(c0, block, f_signed, None, src, ws)
         return
@@ -362,13 +367,11 @@ def _chunk_grads(block, src, norm, inv, f_signed, grad_f, grad_w, c0, ws, logits
     grad_f.addmm_(block.t(), src)
     if logits is None:
         g_w = torch.mm(block, f_signed, out=grad_w.chunk_out(c0, block.shape[0], ws))  # (k, D)
-        radial = torch.linalg.vecdot(src, g_w, dim=1).mul_(inv.square())  # (k,)
-        radial = torch.where(norm > _NORM_EPS, radial, torch.zeros_like(radial))  # none below eps
+        radial = torch.linalg.vecdot(src, g_w, dim=1).mul_(inv_sq)  # (k,)
         grad_w.commit_chunk(c0, g_w.addcmul_(src, radial[:, None], value=-1.0))
         return
-    # l * log2(e) = logits / |w_k|, so sum_i sign_i block_ik l_ik = (sum_i sign_i block_ik logits_ik) ln2 / |w_k|
-    radial = torch.mv(logits.mul_(block), sign).mul_(inv.square().mul_(_LN2))  # (k,)
-    minus_radial = torch.where(norm > _NORM_EPS, radial.neg_(), torch.zeros_like(radial))  # none below eps
+    # l log2(e) = logits / |w_k|, so sum_i sign_i block_ik l_ik = (sum_i sign_i block_ik logits_ik) ln2 / |w_k|
+    minus_radial = torch.mv(logits.mul_(block), sign_ln2).mul_(inv_sq)  # (k,)
     grad_w.commit_product(c0, block, f_signed, minus_radial, src, ws)
 
 
