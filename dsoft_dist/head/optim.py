@@ -119,7 +119,8 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     def update_rows_product(self, p, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None):
         """``update_rows`` with the gradient given as lhs (n, m) @ rhs (m, D) + row_coef (n,)[:, None] * values.
 
-        ``values`` (n, D) are the rows' current values (needed with ``row_coef``). This is the
+        ``values`` (n, D) are the rows' current values, p[rows] (needed with ``row_coef``); with a
+        row list they may be overwritten (SGD updates them in place and copies them back). This is the
         form of the head's chunk gradient (one GEMM plus the radial term of the row
         normalization, a multiple of each row). SGD without nesterov runs the GEMM straight
         into its momentum buffer (``addmm`` with beta = momentum), which saves the passes over
@@ -231,7 +232,9 @@ class RowSparseSGD(_RowSparseOptimizer):
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         if group["nesterov"]:
             return False
-        w = self._take(p, rows)  # (n, D); the parameter's rows themselves when they are a slice
+        # (n, D): the parameter's rows themselves when they are a slice; for a row list the caller's
+        # copy ``values`` serves as the working copy (one gather fewer), else a fresh gather
+        w = values if rows is not None and values is not None else self._take(p, rows)
         coef = row_coef + wd if row_coef is not None else None  # (n,)
         if momentum == 0:
             if coef is not None:
