@@ -11,9 +11,11 @@ For each sample rate r it times ``loss = head(emb, labels); loss.backward(); opt
   executed FLOP = 8 * B * K * D, because backward recomputes the logits chunk by chunk
   (6 * B * K * D + 2 * B * D * (rows not in the logit cache) with --logit-cache-mb).
 - "matmul" = the same three GEMMs ((B,D)x(D,k), (B,k)x(k,D), (k,B)x(B,D)) timed with plain torch.mm
-  in the same run right after the step, at the chunk's width and at one wide chunk (<= 32768 rows),
-  with the logit block batch-major and class-major: the fastest of the four; "eff" = model GFLOP/s /
-  matmul GFLOP/s.
+  right after each timed repeat, at the chunk's width and at one wide chunk (<= 32768 rows), with
+  the logit block batch-major and class-major: the fastest of the four (the column: median over
+  repeats); "eff" = median over repeats of the repeat's model GFLOP/s / the matmul GFLOP/s
+  measured right after it, so each ratio pairs measurements under the same machine load (with
+  several ranks: the slowest rank's median step against the median reference).
 - memory: "state" = weights + optimizer state from tensor sizes; "transient" = peak memory the
   step adds: on CPU peak RSS (VmHWM, reset through /proc/self/clear_refs before the step) minus
   RSS before the step; on CUDA max_memory_allocated minus memory_allocated before.
@@ -121,8 +123,13 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
     """Runs warmup + repeats full steps at one sample rate; returns a result row."""
     head.negatives = "all" if rate >= 1.0 else args.negatives
     head.sample_rate = rate
+    b_global = args.batch * world_size
+
+    def chunk_for(h):
+        return min(max(h.last_num_negatives, 1), auto_chunk_size(b_global, args.chunk_size, device))
+
     gen = torch.Generator().manual_seed(rank)
-    times, peaks, nbytes = [], [], 0
+    times, peaks, refs, nbytes = [], [], [], 0
     for i in range(args.warmup + args.repeats):
         emb = torch.randn(args.batch, args.dim, generator=gen).to(device).requires_grad_(True)
         labels = torch.randint(0, args.classes, (args.batch,), generator=gen).to(device)
@@ -139,19 +146,25 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
             times.append(elapsed)
             peaks.append(mem.peak)
             nbytes = head.comm.bytes
+            # the reference right after each repeat: the pair sees the same load on a shared machine
+            refs.append(_reference_rate(b_global, args.dim, head.last_num_negatives, chunk_for(head), device))
     step = statistics.median(times)
     if world_size > 1:  # the step is as slow as the slowest rank
         t = torch.tensor([step], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         step = float(t)
     k = head.last_num_negatives
-    b_global = args.batch * world_size
-    chunk = min(max(k, 1), auto_chunk_size(b_global, args.chunk_size, device))
+    chunk = chunk_for(head)
     cached_rows = min(k, chunk * int(args.logit_cache_mb * _MIB // (b_global * chunk * 4)))
-    executed = 6 * b_global * k * args.dim + 2 * b_global * (k - cached_rows) * args.dim  # + the recompute
+    model_flop = 6 * b_global * k * args.dim
+    executed = model_flop + 2 * b_global * (k - cached_rows) * args.dim  # + the recompute
+    if world_size == 1:  # each repeat against its own reference
+        effs = [model_flop / t / 1e9 / ref for t, ref in zip(times, refs)]
+    else:  # the step is the slowest rank's median: against the median reference
+        effs = [model_flop / step / 1e9 / statistics.median(refs)]
     return {"rate": rate, "negatives": head.negatives, "k": k, "step": step, "times": times, "best": min(times),
-            "model": 6 * b_global * k * args.dim / step / 1e9, "exec": executed / step / 1e9,
-            "matmul": _reference_rate(b_global, args.dim, k, chunk, device), "state": _state_bytes(head, opt),
+            "model": model_flop / step / 1e9, "exec": executed / step / 1e9, "matmul": statistics.median(refs),
+            "eff": statistics.median(effs), "effs": effs, "state": _state_bytes(head, opt),
             "transient": max(peaks), "bytes": nbytes}
 
 
@@ -166,10 +179,12 @@ def _format(rows, args, world_size) -> str:
     for r in rows:
         lines.append(f"{r['rate']:>9.6g} {r['negatives']:>9} {r['k']:>8} {r['step']:>8.3f} {r['best']:>7.3f} "
                      f"{base / r['step']:>7.1f}x "
-                     f"{r['model']:>10.1f} {r['exec']:>9.1f} {r['matmul']:>11.1f} {100 * r['model'] / r['matmul']:>6.1f} "
+                     f"{r['model']:>10.1f} {r['exec']:>9.1f} {r['matmul']:>11.1f} {100 * r['eff']:>6.1f} "
                      f"{r['state'] / _MIB:>9.0f} {r['transient'] / _MIB:>9.0f} {r['bytes']:>10}")
     lines.append("step times (s): " + "; ".join(f"r={r['rate']:g}: " + ", ".join(f"{t:.3f}" for t in r["times"])
                                                 for r in rows))
+    lines.append("eff per repeat (%): " + "; ".join(f"r={r['rate']:g}: " + ", ".join(f"{100 * e:.1f}" for e in r["effs"])
+                                                    for r in rows))
     return "\n".join(lines)
 
 
