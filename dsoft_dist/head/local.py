@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from dsoft_dist.head.optim import product_gradient
+
 _NORM_EPS = 1e-12  # the eps of F.normalize, so the references agree to rounding
 # automatic chunk size, in logits per chunk (B * chunk): on CPU a chunk's logits should stay
 # cache-resident across the epilogue's passes (mask, exp, sum): 1M fp32 = 4 MiB measured ~10%
@@ -260,10 +262,7 @@ class _WeightGrad:
         if product is not None:
             product(lhs, rhs, row_coef, values, rows=chunk_rows, start=c0, out=ws.grad_view(lhs.shape[0]))
             return
-        grad = torch.mm(lhs, rhs, out=self.chunk_out(c0, lhs.shape[0], ws))
-        if row_coef is not None:
-            grad.addcmul_(values, row_coef[:, None])
-        self.commit_chunk(c0, grad)
+        self.commit_chunk(c0, product_gradient(lhs, rhs, row_coef, values, self.chunk_out(c0, lhs.shape[0], ws)))
 
     # index_put_ rather than index_add_: index_add_ is ~10x slower on CPU in torch 2.13 (measured)
     def commit_chunk(self, c0, grad):

@@ -40,6 +40,13 @@ def _coalesced(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce()
 
 
+def product_gradient(lhs, rhs, row_coef=None, values=None, out=None):
+    """The rows' gradient from its product form: lhs (n, m) @ rhs (m, D) + row_coef (n,)[:, None] * values (n, D)
+    (row_coef None: the product alone), in ``out`` when given."""
+    grad = torch.mm(lhs, rhs, out=out)
+    return grad.addcmul_(values, row_coef[:, None]) if row_coef is not None else grad
+
+
 class _RowSparseOptimizer(torch.optim.Optimizer):
     """Shared plumbing: touched rows from the gradient, row gather/scatter, shard metadata."""
 
@@ -131,9 +138,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         same_dtype = lhs.dtype == rhs.dtype == p.dtype and (values is None or values.dtype == p.dtype)
         if same_dtype and self._update_product(w, state, rows, lhs, rhs, row_coef, values, group):
             return
-        grad = torch.mm(lhs, rhs, out=out)
-        if row_coef is not None:
-            grad.addcmul_(values, row_coef[:, None])
+        grad = product_gradient(lhs, rhs, row_coef, values, out)
         self._update(w, state, rows, grad.to(p.dtype), group)
 
     def _rows_to_update(self, p, rows, start, n):
