@@ -27,6 +27,7 @@ each chunk's rows are handed to it with their complete gradient instead.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -44,6 +45,8 @@ _MIN_CHUNK = 256  # keeps the GEMMs wide enough to run near the matmul rate
 # measured); log2(e) is folded into the feature scale and the results are converted back.
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+# one shift per row serves every forward chunk when scale * log2(e) + log2(rows) <= this (_forward_chunks)
+_FIXED_SHIFT_LIMIT = 114.0
 
 
 def auto_chunk_size(batch_size: int, chunk_size: int = 0, device: torch.device | str | None = None) -> int:
@@ -71,13 +74,20 @@ class _Workspace:
         self.rows = torch.empty(chunk * dim, dtype=dtype, device=device) if gathered else None
         self.grad = torch.empty(chunk * dim, dtype=dtype, device=device) if grad_buffer else None
         self.batch, self.dim = batch, dim
+        self._views = {}
 
     def logits_view(self, k):
-        """(k + 1, B): the chunk's logits in the first k rows, then the spare row."""
-        return self.logits[:(k + 1) * self.batch].view(k + 1, self.batch)
+        """(k + 1, B): the chunk's logits in the first k rows, then the spare row (views made once per k)."""
+        return self._view("logits", self.logits, k)
 
     def block_view(self, k):
-        return self.block[:(k + 1) * self.batch].view(k + 1, self.batch)
+        return self._view("block", self.block, k)
+
+    def _view(self, name, buf, k):
+        view = self._views.get((name, k))
+        if view is None:
+            view = self._views[(name, k)] = buf[:(k + 1) * self.batch].view(k + 1, self.batch)
+        return view
 
     def rows_view(self, k):
         return None if self.rows is None else self.rows[:k * self.dim].view(k, self.dim)
@@ -151,37 +161,87 @@ def _n_cols(weight, rows):
     return weight.shape[0] if rows is None else rows.numel()
 
 
-def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0):
-    """Online (max, sum exp) over the chunks; returns (lse (B,), max (B,), row norms, cache).
+def _n_chunks(n_cols, chunk):
+    return -(-n_cols // chunk)
+
+
+def _chunk_sources(weight, rows, chunk, dtype):
+    """The chunks' raw rows as views made in one call when they are slices of the weight, else None."""
+    return weight.split(chunk) if rows is None and weight.dtype == dtype else None
+
+
+def _inv_norms(src, norm_out, inv_out):
+    """Writes the rows' norms (k,) into ``norm_out`` and returns 1 / max(|w_k|, eps) (k, 1) in ``inv_out``."""
+    torch.linalg.vector_norm(src, dim=1, out=norm_out)
+    return torch.clamp_min(norm_out[:, None], _NORM_EPS, out=inv_out).reciprocal_()
+
+
+def fixed_shift_ok(scale, n_cols, normalize):
+    """True when one shift per row serves every forward chunk (cosine logits; see ``_forward_chunks``)."""
+    return normalize and scale * _LOG2E + math.log2(max(n_cols, 2)) <= _FIXED_SHIFT_LIMIT
+
+
+def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0, fixed_shift=False):
+    """Per-row log-sum-exp and max over the chunks; returns (lse (B,), max (B,), row norms, cache).
 
     ``f_s`` = features * scale * log2(e): the loop works in base 2 (exp2, log2); lse and max
     are returned in natural units, the cache's blocks and shifts stay in base 2.
+
+    Without ``fixed_shift`` each chunk is shifted by the running max (online log-sum-exp: a
+    pass to subtract it, and the running sum rescaled when the max grows). With it, one shift
+    per row serves every chunk after the first and is subtracted in the same pass that scales
+    by 1 / |w_k|. Cosine logits are bounded, |l_ik| <= b_i = |f_s_i| (base 2); with m_i the
+    first chunk's max and n the rows, t_i = max(min(b_i, m_i + 64), b_i + log2 n - 126) keeps
+    every term <= 2^126 / n (their sum cannot overflow) and the largest term >= 2^-64, or
+    >= 2^(126 - 2 b_i - log2 n) >= 2^(log2 n - 102) when b + log2 n <= 114 (``fixed_shift_ok``):
+    the terms fp32 loses below 2^-126 (n of them at most) stay under 2^-24 of the sum.
+
     The row norms (n_cols,) (None when not normalizing) are kept for backward. The first
     ``n_cached`` chunks keep exp(l - shift) (k, B) and their column shift (B,) in ``cache`` so
     backward can skip recomputing them (the logit cache, off by default).
     """
     batch, n_cols = f_s.shape[0], _n_cols(weight, rows)
-    ws = _Workspace(batch, min(chunk, max(n_cols, 1)), f_s.shape[1], f_s.dtype, f_s.device, rows is not None)
+    width = min(chunk, max(n_cols, 1))
+    ws = _Workspace(batch, width, f_s.shape[1], f_s.dtype, f_s.device, rows is not None)
+    inv_buf = f_s.new_empty(width, 1) if normalize else None
     slots = _TargetSlots(tpos, chunk)
-    run_max = f_s.new_full((batch,), float("-inf"))  # (B,)
-    run_sum = f_s.new_zeros(batch)  # (B,)
+    sources = _chunk_sources(weight, rows, chunk, f_s.dtype)
     norms = f_s.new_empty(n_cols) if normalize else None
-    cache = []
-    for j, c0 in enumerate(range(0, n_cols, chunk)):
+    norm_chunks = norms.split(chunk) if normalize else None
+    run_max = f_s.new_full((batch,), float("-inf"))  # (B,) relative to neg_shift once that is set
+    run_sum = f_s.new_zeros(batch)  # (B,)
+    shift = f_s.new_zeros(batch)  # (B,) the shift of run_sum (finite)
+    f_t, neg_shift, cache = f_s.t(), None, []
+    for j in range(_n_chunks(n_cols, chunk)):
+        c0 = j * chunk
         k = min(chunk, n_cols - c0)
-        src = _chunk_rows(weight, rows, c0, c0 + k, f_s.dtype, ws.rows_view(k))
+        src = sources[j] if sources is not None else _chunk_rows(weight, rows, c0, c0 + k, f_s.dtype, ws.rows_view(k))
         padded = ws.logits_view(k) if j >= n_cached else f_s.new_empty(k + 1, batch)  # (k + 1, B)
-        logits_t = torch.mm(src, f_s.t(), out=padded[:k])  # (k, B)
-        if normalize:
-            logits_t.mul_(_inv_norm(torch.linalg.vector_norm(src, dim=1, out=norms[c0:c0 + k]))[:, None])
-        padded.scatter_(0, slots.index(j, k), float("-inf"))  # the targets are not negatives
-        new_max = torch.maximum(run_max, logits_t.amax(dim=0))  # (B,)
-        shift = torch.nan_to_num(new_max, nan=0.0, posinf=0.0, neginf=0.0)  # -inf while a row has seen no negative yet
-        run_sum = run_sum * torch.exp2(run_max - shift) + logits_t.sub_(shift).exp2_().sum(dim=0)
-        run_max = new_max
+        logits = torch.mm(src, f_t, out=padded[:k])  # (k, B)
+        inv = _inv_norms(src, norm_chunks[j], inv_buf[:k] if k < width else inv_buf) if normalize else None
+        if neg_shift is not None:  # l - t in one pass
+            torch.addcmul(neg_shift, logits, inv, out=logits)
+            padded.scatter_(0, slots.index(j, k), float("-inf"))  # the targets are not negatives
+            torch.maximum(run_max, logits.amax(dim=0), out=run_max)
+            run_sum.add_(logits.exp2_().sum(dim=0))
+        else:
+            if inv is not None:
+                logits.mul_(inv)
+            padded.scatter_(0, slots.index(j, k), float("-inf"))
+            new_max = torch.maximum(run_max, logits.amax(dim=0))  # (B,)
+            new_shift = torch.nan_to_num(new_max, nan=0.0, posinf=0.0, neginf=0.0)  # -inf: no negative seen yet
+            run_sum = run_sum * torch.exp2(run_max - new_shift) + logits.sub_(new_shift).exp2_().sum(dim=0)
+            run_max, shift = new_max, new_shift
+            if fixed_shift and j == 0:  # t from the first chunk's max; run_sum and run_max move to it
+                bound = torch.linalg.vector_norm(f_s, dim=1)  # (B,)
+                t = torch.maximum(torch.minimum(bound, run_max + 64.0),
+                                  bound + (math.log2(max(n_cols, 2)) - 126.0))
+                run_sum.mul_(torch.exp2(shift - t))
+                run_max, neg_shift = run_max - t, -t[None, :]
         if j < n_cached:
-            cache.append((padded, shift))
-    shift = torch.nan_to_num(run_max, nan=0.0, posinf=0.0, neginf=0.0)
+            cache.append((padded, shift if j == 0 or neg_shift is None else t))
+    if neg_shift is not None:
+        shift, run_max = t, run_max + t
     return (shift + torch.log2(run_sum)) * _LN2, run_max * _LN2, norms, cache
 
 
@@ -200,7 +260,8 @@ class LocalShardStats(torch.autograd.Function):
     def forward(ctx, features, weight, rows, target_local, valid, scale, normalize, chunk, n_cached, row_update):
         tpos = _target_positions(rows, target_local)  # (B,)
         f_s2 = features * (scale * _LOG2E)  # (B, D): base-2 logits
-        lse, run_max, norms, ctx.cache = _forward_chunks(f_s2, weight, rows, tpos, normalize, chunk, n_cached)
+        fixed = fixed_shift_ok(scale, _n_cols(weight, rows), normalize)
+        lse, run_max, norms, ctx.cache = _forward_chunks(f_s2, weight, rows, tpos, normalize, chunk, n_cached, fixed)
         neg_inf = torch.full_like(lse, float("-inf"))
         lse, run_max = torch.where(valid, lse, neg_inf), torch.where(valid, run_max, neg_inf)
         w_t, _, owned = _target_rows(weight, target_local, normalize, features.dtype)
@@ -318,16 +379,21 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
     ws = _Workspace(batch, min(ctx.chunk, max(n_cols, 1)), features.shape[1], features.dtype, features.device,
                     rows is not None, grad_buffer=grad_w.dense is None, block_buffer=True)
     slots = _TargetSlots(tpos, ctx.chunk)
+    sources = _chunk_sources(weight, rows, ctx.chunk, features.dtype)
     neg_shift2, coef_row = -shift2[None, :], target_coef[None, :]  # (1, B) each
-    inv_all = _inv_norm(norms) if ctx.normalize else None  # (n_cols,)
-    # 1 / |w_k|^2, and 0 below eps (those rows get no radial term), for the radial coefficient
-    inv_sq_all = torch.where(norms > _NORM_EPS, inv_all.square(), 0.0) if ctx.normalize else None
+    if ctx.normalize:
+        inv_all = _inv_norm(norms)  # (n_cols,)
+        # 1 / |w_k|^2, and 0 below eps (those rows get no radial term), for the radial coefficient
+        inv_sq = torch.where(norms > _NORM_EPS, inv_all.square(), 0.0).split(ctx.chunk)
+        inv_cols = inv_all[:, None].split(ctx.chunk)  # (k, 1) views
     sign_ln2 = sign * -_LN2  # (B,): the radial sum in natural units, negated
-    for j, c0 in enumerate(range(0, n_cols, ctx.chunk)):
+    f_t = f_s2.t()
+    for j in range(_n_chunks(n_cols, ctx.chunk)):
+        c0 = j * ctx.chunk
         k = min(ctx.chunk, n_cols - c0)
-        src = _chunk_rows(weight, rows, c0, c0 + k, features.dtype, ws.rows_view(k))  # (k, D) raw rows
-        inv = inv_all[c0:c0 + k] if ctx.normalize else None  # (k,)
-        inv_sq = inv_sq_all[c0:c0 + k] if ctx.normalize else None  # (k,)
+        src = sources[j] if sources is not None else _chunk_rows(weight, rows, c0, c0 + k, features.dtype,
+                                                                  ws.rows_view(k))  # (k, D) raw rows
+        inv = inv_cols[j] if ctx.normalize else None  # (k, 1)
         logits = None
         if j < ctx.n_cached:  # exp(l - s_c) * exp(s_c - lse + log|g|), in place on the cached chunk
             padded, chunk_shift = ctx.cache[j]
@@ -335,21 +401,22 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
         else:  # the target entries are not masked: the target coefficient replaces them below
             padded = ws.block_view(k)
             block = padded[:k]  # (k, B) |dL/dl|
-            logits = torch.mm(src, f_s2.t(), out=ws.logits_view(k)[:k])  # (k, B) <f_s2_i, w_k>, raw rows
+            logits = torch.mm(src, f_t, out=ws.logits_view(k)[:k])  # (k, B) <f_s2_i, w_k>, raw rows
             if inv is not None:  # l * log2(e) - shift = logits / |w_k| - shift, in one pass
-                torch.addcmul(neg_shift2, logits, inv[:, None], out=block)
+                torch.addcmul(neg_shift2, logits, inv, out=block)
             else:
                 torch.sub(logits, shift2, out=block)
             block.exp2_()
         padded.scatter_(0, slots.index(j, k), coef_row)
-        _chunk_grads(block, src, inv, inv_sq, f_signed, grad_f, grad_w, c0, ws, logits, sign_ln2)
+        _chunk_grads(block, src, inv, inv_sq[j] if ctx.normalize else None, f_signed, grad_f, grad_w, c0, ws,
+                     logits, sign_ln2)
     return grad_f.mul_(sign[:, None]).mul_(ctx.scale)
 
 
 def _chunk_grads(block, src, inv, inv_sq, f_signed, grad_f, grad_w, c0, ws, logits=None, sign_ln2=None):
     """Adds the chunk's block (k, B) @ rows to grad_f and gives the rows' gradient to ``grad_w``.
 
-    inv, inv_sq: the rows' 1 / max(|w_k|, eps) and 1 / |w_k|^2 (0 below eps) (k,), or None for
+    inv, inv_sq: the rows' 1 / max(|w_k|, eps) (k, 1) and 1 / |w_k|^2 (0 below eps) (k,), or None for
     raw (unnormalized) rows. The rows' gradient is block @ f_signed minus the radial part of the
     normalization's backward, <w_hat_k, dL/dw_hat_k> w_k / |w_k|^2, a multiple of each raw row:
     it is handed over in that form (``_WeightGrad.commit_product``), so a fused SGD can run the
@@ -362,7 +429,7 @@ def _chunk_grads(block, src, inv, inv_sq, f_signed, grad_f, grad_w, c0, ws, logi
         grad_f.addmm_(block.t(), src)
         grad_w.commit_product(c0, block, f_signed, None, src, ws)
         return
-    block.mul_(inv[:, None])  # |dL/dl| / |w_k|: the block now multiplies raw rows
+    block.mul_(inv)  # |dL/dl| / |w_k|: the block now multiplies raw rows
     grad_f.addmm_(block.t(), src)
     if logits is None:
         g_w = torch.mm(block, f_signed, out=grad_w.chunk_out(c0, block.shape[0], ws))  # (k, D)
