@@ -131,9 +131,10 @@ def _chunk_rows(weight, rows, c0, c1, dtype, out=None):
     return torch.index_select(weight, 0, rows[c0:c1], out=out)
 
 
-def _inv_norm(norm):
-    """(k,) 1 / max(|w_k|, eps): the factor that turns raw-row logits into cosine logits."""
-    return norm.clamp_min(_NORM_EPS).reciprocal_()
+def _inv_norm(norm, out=None):
+    """1 / max(|w_k|, eps) (the shape of ``norm``, in ``out`` when given): the factor that turns raw-row
+    logits into cosine logits."""
+    return torch.clamp_min(norm, _NORM_EPS, out=out).reciprocal_()
 
 
 def _normalize_backward_(grad_hat, w_hat, norm):
@@ -173,7 +174,7 @@ def _chunk_sources(weight, rows, chunk, dtype):
 def _inv_norms(src, norm_out, inv_out):
     """Writes the rows' norms (k,) into ``norm_out`` and returns 1 / max(|w_k|, eps) (k, 1) in ``inv_out``."""
     torch.linalg.vector_norm(src, dim=1, out=norm_out)
-    return torch.clamp_min(norm_out[:, None], _NORM_EPS, out=inv_out).reciprocal_()
+    return _inv_norm(norm_out[:, None], out=inv_out)
 
 
 def fixed_shift_ok(scale, n_cols, normalize):
@@ -208,7 +209,7 @@ def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0, fixed
     sources = _chunk_sources(weight, rows, chunk, f_s.dtype)
     norms = f_s.new_empty(n_cols) if normalize else None
     norm_chunks = norms.split(chunk) if normalize else None
-    run_max = f_s.new_full((batch,), float("-inf"))  # (B,) relative to neg_shift once that is set
+    run_max = f_s.new_full((batch,), float("-inf"))  # (B,) relative to the fixed shift once that is set
     run_sum = f_s.new_zeros(batch)  # (B,)
     shift = f_s.new_zeros(batch)  # (B,) the shift of run_sum (finite)
     f_t, neg_shift, cache = f_s.t(), None, []
@@ -232,16 +233,15 @@ def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0, fixed
             new_shift = torch.nan_to_num(new_max, nan=0.0, posinf=0.0, neginf=0.0)  # -inf: no negative seen yet
             run_sum = run_sum * torch.exp2(run_max - new_shift) + logits.sub_(new_shift).exp2_().sum(dim=0)
             run_max, shift = new_max, new_shift
-            if fixed_shift and j == 0:  # t from the first chunk's max; run_sum and run_max move to it
-                bound = torch.linalg.vector_norm(f_s, dim=1)  # (B,)
-                t = torch.maximum(torch.minimum(bound, run_max + 64.0),
-                                  bound + (math.log2(max(n_cols, 2)) - 126.0))
-                run_sum.mul_(torch.exp2(shift - t))
-                run_max, neg_shift = run_max - t, -t[None, :]
         if j < n_cached:
-            cache.append((padded, shift if j == 0 or neg_shift is None else t))
+            cache.append((padded, shift))
+        if fixed_shift and j == 0:  # t from the first chunk's max; run_sum and run_max move to it
+            bound = torch.linalg.vector_norm(f_s, dim=1)  # (B,)
+            t = torch.maximum(torch.minimum(bound, run_max + 64.0), bound + (math.log2(max(n_cols, 2)) - 126.0))
+            run_sum.mul_(torch.exp2(shift - t))
+            run_max, shift, neg_shift = run_max - t, t, -t[None, :]
     if neg_shift is not None:
-        shift, run_max = t, run_max + t
+        run_max = run_max + shift
     return (shift + torch.log2(run_sum)) * _LN2, run_max * _LN2, norms, cache
 
 
