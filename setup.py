@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dsoft_dist", "dsoft_dist.*"]) + ["dsoft_dist.kernels"],
     package_dir={"dsoft_dist.kernels": "kernels"},
+    package_data={"dsoft_dist.kernels": ["*.c"]},  # the CPU epilogues, compiled on first use
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

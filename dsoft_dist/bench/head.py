@@ -23,6 +23,8 @@ For each sample rate r it times ``loss = head(emb, labels); loss.backward(); opt
 - "step s" is the median, "best s" the fastest repeat (the CPU may be shared); speedup uses medians.
 - --optimizer-in-backward fuses the head optimizer into backward (ShardedClassifier.fuse_optimizer):
   rows are updated chunk by chunk and no (C_local, D) weight gradient is allocated.
+- "cpu_epilogues" in the header: on when the CPU path ran its compiled C epilogues
+  (dsoft_dist.kernels.cpu; off without a C compiler or with DSOFT_CPU_KERNELS=0).
 - --logit-cache-mb N keeps up to N MiB of the forward's exp'd logits so backward skips the
   recompute of those chunks (B * C_local * 4 bytes caches everything: 2 GiB at B=512, C=1M).
 """
@@ -168,12 +170,20 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
             "transient": max(peaks), "bytes": nbytes}
 
 
+def _cpu_epilogues_state(args) -> str:
+    """on | off: whether the head's CPU path ran its compiled epilogues (dsoft_dist.kernels.cpu)."""
+    if torch.device(args.device).type != "cpu":
+        return "n/a"
+    from dsoft_dist.kernels.cpu import cpu_epilogues
+    return "on" if cpu_epilogues() is not None else "off"
+
+
 def _format(rows, args, world_size) -> str:
     base = rows[0]["step"]
     lines = [f"head step: C={args.classes} D={args.dim} B={args.batch * world_size} (global) loss={args.loss} "
              f"optimizer={args.optimizer}/{args.head_mode} world_size={world_size} threads={torch.get_num_threads()} "
              f"repeats={args.repeats} logit_cache_mb={args.logit_cache_mb:g} "
-             f"optimizer_in_backward={args.optimizer_in_backward}",
+             f"optimizer_in_backward={args.optimizer_in_backward} cpu_epilogues={_cpu_epilogues_state(args)}",
              f"{'r':>9} {'negatives':>9} {'K/rank':>8} {'step s':>8} {'best s':>7} {'speedup':>8} {'model GF/s':>10} "
              f"{'exec GF/s':>9} {'matmul GF/s':>11} {'eff %':>6} {'state MiB':>9} {'trans MiB':>9} {'bytes/step':>10}"]
     for r in rows:

@@ -107,6 +107,13 @@ class _TargetSlots:
     def __init__(self, tpos, chunk):
         self.chunk_id = torch.where(tpos >= 0, tpos.div(chunk, rounding_mode="floor"), -1)  # (B,)
         self.offset = tpos - self.chunk_id * chunk  # (B,) row within the chunk (unused where chunk_id = -1)
+        self._int32 = None
+
+    def int32(self):
+        """(chunk_id, offset) as contiguous int32 (B,) tensors, the form the CPU epilogues take."""
+        if self._int32 is None:
+            self._int32 = (self.chunk_id.to(torch.int32).contiguous(), self.offset.to(torch.int32).contiguous())
+        return self._int32
 
     def index(self, j, k):
         """(1, B) slots in chunk j of k rows."""
@@ -158,6 +165,14 @@ def _target_positions(rows, target_local):
     return torch.where(hit, pos, torch.full_like(pos, -1))
 
 
+def _epilogues(features):
+    """The compiled CPU epilogues (dsoft_dist.kernels.cpu) for float32 CPU features, else None (torch ops)."""
+    if features.device.type != "cpu" or features.dtype != torch.float32:
+        return None
+    from dsoft_dist.kernels.cpu import cpu_epilogues
+    return cpu_epilogues()
+
+
 def _n_cols(weight, rows):
     return weight.shape[0] if rows is None else rows.numel()
 
@@ -182,7 +197,7 @@ def fixed_shift_ok(scale, n_cols, normalize):
     return normalize and scale * _LOG2E + math.log2(max(n_cols, 2)) <= _FIXED_SHIFT_LIMIT
 
 
-def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0, fixed_shift=False):
+def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0, fixed_shift=False, epi=None):
     """Per-row log-sum-exp and max over the chunks; returns (lse (B,), max (B,), row norms, cache).
 
     ``f_s`` = features * scale * log2(e): the loop works in base 2 (exp2, log2); lse and max
@@ -199,7 +214,8 @@ def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0, fixed
 
     The row norms (n_cols,) (None when not normalizing) are kept for backward. The first
     ``n_cached`` chunks keep exp(l - shift) (k, B) and their column shift (B,) in ``cache`` so
-    backward can skip recomputing them (the logit cache, off by default).
+    backward can skip recomputing them (the logit cache, off by default). ``epi`` (the CPU
+    epilogues, or None) does a fixed-shift chunk's passes in one.
     """
     batch, n_cols = f_s.shape[0], _n_cols(weight, rows)
     width = min(chunk, max(n_cols, 1))
@@ -220,7 +236,9 @@ def _forward_chunks(f_s, weight, rows, tpos, normalize, chunk, n_cached=0, fixed
         padded = ws.logits_view(k) if j >= n_cached else f_s.new_empty(k + 1, batch)  # (k + 1, B)
         logits = torch.mm(src, f_t, out=padded[:k])  # (k, B)
         inv = _inv_norms(src, norm_chunks[j], inv_buf[:k] if k < width else inv_buf) if normalize else None
-        if neg_shift is not None:  # l - t in one pass
+        if neg_shift is not None and epi is not None and j >= n_cached:  # one fused pass
+            epi.forward_fixed(logits, inv, neg_shift, slots.int32(), j, run_max, run_sum)
+        elif neg_shift is not None:  # l - t in one pass
             torch.addcmul(neg_shift, logits, inv, out=logits)
             padded.scatter_(0, slots.index(j, k), float("-inf"))  # the targets are not negatives
             torch.maximum(run_max, logits.amax(dim=0), out=run_max)
@@ -261,7 +279,8 @@ class LocalShardStats(torch.autograd.Function):
         tpos = _target_positions(rows, target_local)  # (B,)
         f_s2 = features * (scale * _LOG2E)  # (B, D): base-2 logits
         fixed = fixed_shift_ok(scale, _n_cols(weight, rows), normalize)
-        lse, run_max, norms, ctx.cache = _forward_chunks(f_s2, weight, rows, tpos, normalize, chunk, n_cached, fixed)
+        lse, run_max, norms, ctx.cache = _forward_chunks(f_s2, weight, rows, tpos, normalize, chunk, n_cached, fixed,
+                                                          _epilogues(features))
         neg_inf = torch.full_like(lse, float("-inf"))
         lse, run_max = torch.where(valid, lse, neg_inf), torch.where(valid, run_max, neg_inf)
         w_t, _, owned = _target_rows(weight, target_local, normalize, features.dtype)
@@ -365,7 +384,9 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
     gradient <f_i, w_hat_y> too. With normalized rows, l_ik = s <f_i, w_k> / |w_k|: the block is
     scaled by 1 / |w_k| and multiplies the raw rows, so no normalized copy of the rows is made;
     the radial part of the normalization's backward, <w_hat_k, dL/dw_hat_k> w_hat_k / |w_k|, is
-    subtracted per row.
+    subtracted per row. With the CPU epilogues (float32 on CPU, normalized rows) a recomputed
+    chunk's block, its target coefficients, 1 / |w_k| and the radial sum are one pass over the
+    logits (``_chunk_grads`` does the same with torch ops).
     """
     batch, n_cols = features.shape[0], _n_cols(weight, rows)
     finite = torch.isfinite(lse)
@@ -376,8 +397,9 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
     f_s2 = features * (ctx.scale * _LOG2E)  # (B, D): base-2 logits
     f_signed = features * (ctx.scale * sign[:, None])
     grad_f = torch.zeros_like(features)  # (B, D): sum_k |G_ik| w_hat_k, signed and scaled at the end
+    epi = _epilogues(features) if ctx.normalize else None  # they write the block over the logits
     ws = _Workspace(batch, min(ctx.chunk, max(n_cols, 1)), features.shape[1], features.dtype, features.device,
-                    rows is not None, grad_buffer=grad_w.dense is None, block_buffer=True)
+                    rows is not None, grad_buffer=grad_w.dense is None, block_buffer=epi is None)
     slots = _TargetSlots(tpos, ctx.chunk)
     sources = _chunk_sources(weight, rows, ctx.chunk, features.dtype)
     neg_shift2, coef_row = -shift2[None, :], target_coef[None, :]  # (1, B) each
@@ -388,6 +410,7 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
         inv_cols = inv_all[:, None].split(ctx.chunk)  # (k, 1) views
     sign_ln2 = sign * -_LN2  # (B,): the radial sum in natural units, negated
     f_t = f_s2.t()
+    radial_buf = features.new_empty(ws.logits.numel() // batch) if epi is not None else None  # (k + 1,)
     for j in range(_n_chunks(n_cols, ctx.chunk)):
         c0 = j * ctx.chunk
         k = min(ctx.chunk, n_cols - c0)
@@ -395,6 +418,13 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
                                                                   ws.rows_view(k))  # (k, D) raw rows
         inv = inv_cols[j] if ctx.normalize else None  # (k, 1)
         logits = None
+        if epi is not None and j >= ctx.n_cached:  # the block's passes in one, in place over the logits
+            block = torch.mm(src, f_t, out=ws.logits_view(k)[:k])  # (k, B) <f_s2_i, w_k>, raw rows
+            epi.backward_block(block, inv, inv_sq[j], neg_shift2, slots.int32(), j, target_coef, sign_ln2,
+                               radial_buf[:k])
+            grad_f.addmm_(block.t(), src)
+            grad_w.commit_product(c0, block, f_signed, radial_buf[:k], src, ws)
+            continue
         if j < ctx.n_cached:  # exp(l - s_c) * exp(s_c - lse + log|g|), in place on the cached chunk
             padded, chunk_shift = ctx.cache[j]
             block = padded[:k].mul_(torch.exp2(chunk_shift - shift2))

@@ -249,6 +249,12 @@ class RowSparseSGD(_RowSparseOptimizer):
             w.addmm_(lhs, rhs, alpha=-lr)
         else:
             buf = self._take(state["momentum_buffer"], rows).addmm_(lhs, rhs, beta=momentum)
+            epi = _epilogues_for(w, buf, coef, values)
+            if epi is not None:  # buf += coef w; w -= lr buf in one pass
+                epi.sgd_tail(w, buf, coef, lr)
+                self._put(state["momentum_buffer"], rows, buf)
+                self._put(p, rows, w)
+                return True
             if coef is not None:
                 buf.addcmul_(values if values is not None else w, coef[:, None])
             elif wd != 0:
@@ -257,6 +263,19 @@ class RowSparseSGD(_RowSparseOptimizer):
             w.add_(buf, alpha=-lr)
         self._put(p, rows, w)
         return True
+
+
+def _epilogues_for(w, buf, coef, values):
+    """The CPU epilogues (dsoft_dist.kernels.cpu) when the SGD tail can run in them: float32 CPU rows w (the
+    same memory as ``values``, if given) and buf, contiguous, with a per-row coefficient; else None."""
+    if coef is None or w.device.type != "cpu" or w.dtype != torch.float32 or buf.dtype != torch.float32:
+        return None
+    if not (w.is_contiguous() and buf.is_contiguous()):
+        return None
+    if values is not None and (values.data_ptr() != w.data_ptr() or values.stride() != w.stride()):
+        return None
+    from dsoft_dist.kernels.cpu import cpu_epilogues
+    return cpu_epilogues()
 
 
 class FusedRowUpdate:
