@@ -63,6 +63,8 @@ static inline __attribute__((always_inline)) void forward_rows(
 int dsoft_forward_fixed(const float *L, const float *inv, const float *neg_shift, const int32_t *chunk_id,
                         const int32_t *offset, int32_t chunk, float *run_max, float *run_sum, int64_t k,
                         int64_t B) {
+    if (k <= 0 || B <= 0)
+        return 0;
     int nt = omp_get_max_threads();
     float *part = malloc(sizeof(float) * 2 * (size_t)nt * (size_t)B); /* per thread: max (B), sum (B) */
     if (part == NULL)

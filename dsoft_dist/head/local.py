@@ -398,8 +398,9 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
     f_signed = features * (ctx.scale * sign[:, None])
     grad_f = torch.zeros_like(features)  # (B, D): sum_k |G_ik| w_hat_k, signed and scaled at the end
     epi = _epilogues(features) if ctx.normalize else None  # they write the block over the logits
-    ws = _Workspace(batch, min(ctx.chunk, max(n_cols, 1)), features.shape[1], features.dtype, features.device,
-                    rows is not None, grad_buffer=grad_w.dense is None, block_buffer=epi is None)
+    width = min(ctx.chunk, max(n_cols, 1))
+    ws = _Workspace(batch, width, features.shape[1], features.dtype, features.device, rows is not None,
+                    grad_buffer=grad_w.dense is None, block_buffer=epi is None)
     slots = _TargetSlots(tpos, ctx.chunk)
     sources = _chunk_sources(weight, rows, ctx.chunk, features.dtype)
     neg_shift2, coef_row = -shift2[None, :], target_coef[None, :]  # (1, B) each
@@ -410,7 +411,7 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
         inv_cols = inv_all[:, None].split(ctx.chunk)  # (k, 1) views
     sign_ln2 = sign * -_LN2  # (B,): the radial sum in natural units, negated
     f_t = f_s2.t()
-    radial_buf = features.new_empty(ws.logits.numel() // batch) if epi is not None else None  # (k + 1,)
+    radial_buf = features.new_empty(width) if epi is not None else None  # (k,)
     for j in range(_n_chunks(n_cols, ctx.chunk)):
         c0 = j * ctx.chunk
         k = min(ctx.chunk, n_cols - c0)
