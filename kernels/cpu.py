@@ -45,11 +45,12 @@ _SIGNATURES = {
 _loaded: dict[str, "CpuEpilogues | None"] = {}
 
 
-def _ptr(t: torch.Tensor) -> int:
-    """The tensor's data address, after checking it is what the C code indexes: contiguous, on CPU."""
-    if not t.is_contiguous() or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int32):
-        raise ValueError(f"the CPU epilogues take contiguous float32/int32 CPU tensors, got {t.dtype} "
-                         f"{tuple(t.shape)} stride {t.stride()} on {t.device}")
+def _ptr(t: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> int:
+    """The tensor's data address, after checking it is what the C code indexes: ``numel`` contiguous
+    elements of ``dtype`` on CPU (a wrong size would read or write past the tensor)."""
+    if not t.is_contiguous() or t.device.type != "cpu" or t.dtype != dtype or t.numel() != numel:
+        raise ValueError(f"the CPU epilogues take contiguous {dtype} CPU tensors of {numel} elements here, got "
+                         f"{t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}")
     return t.data_ptr()
 
 
@@ -71,17 +72,18 @@ class CpuEpilogues:
         """In place on run_max, run_sum (B,): with x = logits (k, B) * inv (k, 1) + neg_shift (1, B), the
         batch rows' targets in this chunk excluded: run_max = max(run_max, max_k x), run_sum += sum_k 2^x."""
         k, batch = logits.shape
-        if self._lib.dsoft_forward_fixed(_ptr(logits), _ptr(inv), _ptr(neg_shift), _ptr(slots[0]), _ptr(slots[1]),
-                                         chunk, _ptr(run_max), _ptr(run_sum), k, batch):
+        if self._lib.dsoft_forward_fixed(_ptr(logits, k * batch), _ptr(inv, k), _ptr(neg_shift, batch),
+                                         _ptr(slots[0], batch, torch.int32), _ptr(slots[1], batch, torch.int32),
+                                         chunk, _ptr(run_max, batch), _ptr(run_sum, batch), k, batch):
             raise MemoryError(f"dsoft_forward_fixed could not allocate its {2 * batch} floats per thread")
 
     def backward_block(self, logits, inv, inv_sq, neg_shift, slots, chunk, coef, sign_ln2, minus_radial):
         """In place, logits (k, B) (raw-row logits) become the block 2^(logits * inv + neg_shift) * inv, with
         coef * inv at the batch rows' targets; minus_radial (k,) = inv_sq * sum_b sign_ln2_b logits_kb block_kb."""
         k, batch = logits.shape
-        self._lib.dsoft_backward_block(_ptr(logits), _ptr(inv), _ptr(inv_sq), _ptr(neg_shift), _ptr(slots[0]),
-                                       _ptr(slots[1]), chunk, _ptr(coef), _ptr(sign_ln2), _ptr(minus_radial), k,
-                                       batch)
+        self._lib.dsoft_backward_block(_ptr(logits, k * batch), _ptr(inv, k), _ptr(inv_sq, k), _ptr(neg_shift, batch),
+                                       _ptr(slots[0], batch, torch.int32), _ptr(slots[1], batch, torch.int32), chunk,
+                                       _ptr(coef, batch), _ptr(sign_ln2, batch), _ptr(minus_radial, k), k, batch)
 
     def sgd_tail(self, w, buf, coef, lr):
         """In place on rows w (k, D) and their momentum buf (k, D): buf += coef (k,)[:, None] * w; w -= lr * buf.
@@ -89,7 +91,7 @@ class CpuEpilogues:
         Both tensors' version counters are bumped like an in-place torch op's, so autograd still
         refuses a backward that saved the old rows."""
         k, dim = w.shape
-        self._lib.dsoft_sgd_tail(_ptr(w), _ptr(buf), _ptr(coef), float(lr), k, dim)
+        self._lib.dsoft_sgd_tail(_ptr(w, k * dim), _ptr(buf, k * dim), _ptr(coef, k), float(lr), k, dim)
         increment_version(w)
         increment_version(buf)
 

@@ -105,7 +105,8 @@ def test_backward_block_matches_float64(epi, k, batch):
 
 def test_sgd_tail_matches_torch(epi):
     gen = torch.Generator().manual_seed(3)
-    w, buf, coef = torch.randn(41, 19, generator=gen), torch.randn(41, 19, generator=gen), torch.randn(41, generator=gen)
+    w, buf = torch.randn(41, 19, generator=gen), torch.randn(41, 19, generator=gen)
+    coef = torch.randn(41, generator=gen)
     w2, buf2 = w.clone(), buf.clone()
     version = w._version
     epi.sgd_tail(w, buf, coef, 0.1)
@@ -116,11 +117,19 @@ def test_sgd_tail_matches_torch(epi):
     assert w._version > version  # autograd sees the in-place change
 
 
-def test_epilogues_refuse_non_contiguous_tensors(epi):
+def test_epilogues_refuse_tensors_they_would_misread(epi):
     logits = torch.randn(8, 6).t()  # (6, 8), not contiguous
     with pytest.raises(ValueError, match="contiguous"):
         epi.forward_fixed(logits, torch.ones(6, 1), torch.zeros(1, 8), _slots([-1] * 8, 0), 0,
                           torch.zeros(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="of 6 elements"):  # inv too short: the C code would read past it
+        epi.forward_fixed(logits.contiguous(), torch.ones(5, 1), torch.zeros(1, 8), _slots([-1] * 8, 0), 0,
+                          torch.zeros(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="torch.int32"):  # int64 slots
+        epi.forward_fixed(logits.contiguous(), torch.ones(6, 1), torch.zeros(1, 8), (torch.zeros(8, dtype=torch.int64),
+                          torch.zeros(8, dtype=torch.int32)), 0, torch.zeros(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="of 12 elements"):  # momentum of another shape
+        epi.sgd_tail(torch.zeros(3, 4), torch.zeros(4, 4), torch.zeros(3), 0.1)
 
 
 def _step(monkeypatch, enabled, negatives, fused_opt, seed=0):
