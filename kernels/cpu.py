@@ -9,7 +9,7 @@ On CPU the chunked head step spends ~5% of its time in elementwise passes betwee
 GEMMs, each of which re-reads a (k, B) block after the GEMM has pushed it out of L2; the
 C functions do each chunk's passes in one. They are compiled with the system C compiler
 (``$CC``, else gcc, else cc; -O3 -march=native -fopenmp) into ``$DSOFT_CACHE_DIR`` (default
-``~/.cache/dsoft_dist``), keyed by the source, the flags, the compiler and the CPU, and
+``~/.cache/dsoft_dist``), keyed by the source, the command, the compiler and the CPU, and
 loaded with ctypes; OpenMP threads come from torch's runtime (torch.set_num_threads applies).
 Without a working compiler, or with ``DSOFT_CPU_KERNELS=0``, ``cpu_epilogues()`` returns
 None (logged once) and the head runs its torch ops, the reference.
@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -96,9 +97,13 @@ class CpuEpilogues:
         increment_version(buf)
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` (split like a shell would), else gcc, else cc; None if none is found."""
     cc = os.environ.get("CC")
-    return cc if cc else (shutil.which("gcc") or shutil.which("cc"))
+    if cc:
+        return shlex.split(cc)
+    found = shutil.which("gcc") or shutil.which("cc")
+    return [found] if found else None
 
 
 def _cpu_identity() -> str:
@@ -115,11 +120,11 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DSOFT_CACHE_DIR") or Path.home() / ".cache" / "dsoft_dist")
 
 
-def _build(cc: str) -> Path:
+def _build(cc: list[str]) -> Path:
     """Compiles the source unless a build with the same key exists; returns the .so path (atomic rename)."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
     source, flags = _SOURCE.read_bytes(), _FLAGS
-    key = hashlib.sha256(source + " ".join(flags).encode() + version.encode() + _cpu_identity().encode())
+    key = hashlib.sha256(source + " ".join([*cc, *flags]).encode() + version.encode() + _cpu_identity().encode())
     out_dir = _cache_dir()
     target = out_dir / f"cpu_epilogue-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -128,9 +133,10 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([*cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{' '.join(cc)} failed: {proc.stderr.strip()[-500:]}")
+        os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache dir could not load it
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -144,11 +150,15 @@ def cpu_epilogues() -> CpuEpilogues | None:
         return None
     if "lib" in _loaded:
         return _loaded["lib"]
-    cc = _compiler()
+    try:
+        cc = _compiler()
+    except ValueError as exc:  # $CC that does not split (an unclosed quote)
+        log.warning("CC=%r is not a command (%s); the head's CPU path runs its torch ops", os.environ.get("CC"), exc)
+        cc = []
     epi = None
     if cc is None:
-        log.info("no C compiler found ($CC, gcc, cc): the head's CPU path runs its torch ops (a few %% slower)")
-    else:
+        log.info("no C compiler found ($CC, gcc, cc): the head's CPU path runs its torch ops (a few % slower)")
+    elif cc:
         try:
             path = _build(cc)
             epi = CpuEpilogues(ctypes.CDLL(str(path)), path)
