@@ -419,20 +419,19 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
                                                                   ws.rows_view(k))  # (k, D) raw rows
         inv = inv_cols[j] if ctx.normalize else None  # (k, 1)
         logits = None
-        if epi is not None and j >= ctx.n_cached:  # the block's passes in one, in place over the logits
-            block = torch.mm(src, f_t, out=ws.logits_view(k)[:k])  # (k, B) <f_s2_i, w_k>, raw rows
-            epi.backward_block(block, inv, inv_sq[j], neg_shift2, slots.int32(), j, target_coef, sign_ln2,
-                               radial_buf[:k])
-            grad_f.addmm_(block.t(), src)
-            grad_w.commit_product(c0, block, f_signed, radial_buf[:k], src, ws)
-            continue
         if j < ctx.n_cached:  # exp(l - s_c) * exp(s_c - lse + log|g|), in place on the cached chunk
             padded, chunk_shift = ctx.cache[j]
             block = padded[:k].mul_(torch.exp2(chunk_shift - shift2))
         else:  # the target entries are not masked: the target coefficient replaces them below
+            logits = torch.mm(src, f_t, out=ws.logits_view(k)[:k])  # (k, B) <f_s2_i, w_k>, raw rows
+            if epi is not None:  # the block's passes in one, in place over the logits
+                epi.backward_block(logits, inv, inv_sq[j], neg_shift2, slots.int32(), j, target_coef, sign_ln2,
+                                   radial_buf[:k])
+                grad_f.addmm_(logits.t(), src)
+                grad_w.commit_product(c0, logits, f_signed, radial_buf[:k], src, ws)
+                continue
             padded = ws.block_view(k)
             block = padded[:k]  # (k, B) |dL/dl|
-            logits = torch.mm(src, f_t, out=ws.logits_view(k)[:k])  # (k, B) <f_s2_i, w_k>, raw rows
             if inv is not None:  # l * log2(e) - shift = logits / |w_k| - shift, in one pass
                 torch.addcmul(neg_shift2, logits, inv, out=block)
             else:

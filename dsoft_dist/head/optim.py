@@ -252,15 +252,13 @@ class RowSparseSGD(_RowSparseOptimizer):
             epi = _epilogues_for(w, buf, coef, values)
             if epi is not None:  # buf += coef w; w -= lr buf in one pass
                 epi.sgd_tail(w, buf, coef, lr)
-                self._put(state["momentum_buffer"], rows, buf)
-                self._put(p, rows, w)
-                return True
-            if coef is not None:
-                buf.addcmul_(values if values is not None else w, coef[:, None])
-            elif wd != 0:
-                buf.add_(w, alpha=wd)
+            else:
+                if coef is not None:
+                    buf.addcmul_(values if values is not None else w, coef[:, None])
+                elif wd != 0:
+                    buf.add_(w, alpha=wd)
+                w.add_(buf, alpha=-lr)
             self._put(state["momentum_buffer"], rows, buf)
-            w.add_(buf, alpha=-lr)
         self._put(p, rows, w)
         return True
 
