@@ -14,6 +14,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
+    "dsoft_dist.train.cli",
     "dsoft_dist.demo",
     "dsoft_dist.config.cli",
     "dsoft_dist.data.cli",

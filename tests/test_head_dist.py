@@ -14,13 +14,10 @@ that the P=1 and P=3 groups load to take step 4 (the re-shard test).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dsoft_dist.config.schema import OptimizerConfig
@@ -28,7 +25,8 @@ from dsoft_dist.head import ShardedClassifier, build_head_optimizer, load_head_c
 from dsoft_dist.losses import MODES, functional as LF
 from dsoft_dist.losses.modules import MARGIN_PRESETS
 from dsoft_dist.losses.negatives import class_mask, select_shard_classes
-from dsoft_dist.parallel import free_port, shard_range, shard_ranges
+from dsoft_dist.parallel import shard_range, shard_ranges
+from dsoft_dist.train.distributed import distributed, spawn_local
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -162,11 +160,10 @@ def _fused_optimizer_runs(rank, world_size):
     return out
 
 
-def _worker(rank, world_size, port, outdir, tasks):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
-    try:
+def _worker(outdir, tasks):
+    with distributed("gloo", timeout_s=120) as env:
+        torch.set_num_threads(1)
+        rank, world_size = env.rank, env.world_size
         out = {}
         if "parity" in tasks:
             out["parity"] = [_run_case(case, rank, world_size) for case in CASES]
@@ -179,9 +176,6 @@ def _worker(rank, world_size, port, outdir, tasks):
         if "reshard_save" in tasks or "reshard_load" in tasks:
             out["reshard"] = _reshard(rank, world_size, outdir, save="reshard_save" in tasks)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while another still has a collective in flight
-    finally:
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -205,7 +199,7 @@ def run_group(world_size: int, tmp_root) -> list[dict]:
                 link = outdir / f"ckpt_{name}"
                 if not link.is_symlink():
                     os.symlink(tmp_root / "p2" / f"ckpt_{name}", link)
-        mp.spawn(_worker, args=(world_size, free_port(), str(outdir), tasks), nprocs=world_size, join=True)
+        spawn_local(_worker, world_size, (str(outdir), tasks))
         _RESULTS[world_size] = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
     return _RESULTS[world_size]
 

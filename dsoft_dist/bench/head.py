@@ -31,7 +31,6 @@ For each sample rate r it times ``loss = head(emb, labels); loss.backward(); opt
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ import torch.distributed as dist
 
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, auto_chunk_size, build_head_optimizer
-from dsoft_dist.parallel import free_port
+from dsoft_dist.train.distributed import distributed, spawn_local
 _MIB = 1 << 20
 
 
@@ -211,18 +210,14 @@ def run(args, rank=0, world_size=1, group=None) -> str | None:
     return _format(rows, args, world_size) if rank == 0 else None
 
 
-def _spawned(rank, world_size, port, args, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30))
-    try:
-        table = run(args, rank, world_size)
-        if rank == 0:
+def _spawned(args, out_path):
+    with distributed("gloo") as env:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        table = run(args, env.rank, env.world_size)
+        if env.is_main:
             with open(out_path, "w") as fh:
                 fh.write(table)
-        dist.barrier()  # no rank tears gloo down while another still has a collective in flight
-    finally:
-        dist.destroy_process_group()
 
 
 
@@ -263,11 +258,9 @@ def main(argv=None) -> int:
     else:
         import tempfile
 
-        import torch.multiprocessing as mp
-
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "table.txt")
-            mp.spawn(_spawned, args=(args.world_size, free_port(), args, out), nprocs=args.world_size, join=True)
+            spawn_local(_spawned, args.world_size, (args, out))
             with open(out) as fh:
                 table = fh.read()
     sys.stdout.write(table + "\n")  # the script's product: the table on stdout (logs go to stderr)

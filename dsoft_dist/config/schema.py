@@ -156,8 +156,13 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     head_mode: str = "sparse"  # sparse | dense
-    head_step_in_backward: bool = False  # apply the head optimizer inside backward (no head gradient kept)
+    # apply the head optimizer inside backward (no head gradient kept); None = the trainer decides:
+    # on where legal (sparse mode, no accumulation, no head clipping, not fp16), off elsewhere
+    head_step_in_backward: Optional[bool] = None
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    clip_scope: str = "backbone"  # backbone | head | both (one norm over both)
+    grad_accum_steps: int = 1  # micro-batches of data.batch_size per optimizer step
+    decay_norm_and_bias: bool = False  # weight decay also on the backbone's norm weights and biases
 
     def __post_init__(self):
         _choice("optimizer.name", self.name, ("sgd", "adamw"))
@@ -169,8 +174,17 @@ class OptimizerConfig:
         _positive("optimizer.eps", self.eps)
         _choice("optimizer.head_mode", self.head_mode, ("sparse", "dense"))
         _check(self.grad_clip >= 0.0, "optimizer.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _choice("optimizer.clip_scope", self.clip_scope, ("backbone", "head", "both"))
+        _positive("optimizer.grad_accum_steps", self.grad_accum_steps)
         _check(not (self.head_step_in_backward and self.head_mode != "sparse"), "optimizer.head_step_in_backward",
                self.head_step_in_backward, "needs optimizer.head_mode=sparse (dense mode also steps untouched rows)")
+        _check(not (self.head_step_in_backward and self.grad_accum_steps > 1), "optimizer.head_step_in_backward",
+               self.head_step_in_backward, f"each backward would be a head step, but optimizer.grad_accum_steps="
+               f"{self.grad_accum_steps} accumulates micro-batches: set it to false (or leave it unset)")
+        _check(not (self.head_step_in_backward and self.grad_clip > 0 and self.clip_scope != "backbone"),
+               "optimizer.head_step_in_backward", self.head_step_in_backward,
+               f"clipping the head (optimizer.clip_scope={self.clip_scope}) needs its whole gradient before the step: "
+               "set it to false (or leave it unset), or use optimizer.clip_scope=backbone")
         _check(not (self.nesterov and self.momentum == 0.0), "optimizer.nesterov", self.nesterov,
                "nesterov needs optimizer.momentum > 0")
 
@@ -207,7 +221,8 @@ class ParallelConfig:
     def __post_init__(self):
         _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("parallel.engine", self.engine, ("ddp", "deepspeed"))
-        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _check(self.zero_stage in (0, 1, 2), "parallel.zero_stage", self.zero_stage,
+               "use 0, 1 or 2 (ZeRO-3 partitions the backbone's parameters, which the trainer does not support yet)")
         _choice("parallel.precision", self.precision, ("fp32", "bf16", "fp16"))
         _positive("parallel.nproc", self.nproc)
         _check(self.zero_stage == 0 or self.engine == "deepspeed", "parallel.zero_stage", self.zero_stage,
@@ -241,12 +256,19 @@ class EvalConfig:
     batch_size: int = 256
     folds: int = 10
     fars: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    at_start: bool = False  # also verify the untrained backbone (step 0), e.g. for an untrained-vs-trained table
+    # data.source=synthetic: a .bin of pairs of synthetic identities never seen in training, built in the run
+    synthetic_identities: int = 0  # 0 = none
+    synthetic_pairs: int = 600
 
     def __post_init__(self):
         _check(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0 (0 = only at the end)")
         _positive("eval.batch_size", self.batch_size)
         _check(self.folds >= 2, "eval.folds", self.folds, "must be >= 2 (10 is the standard protocol)")
         _check(all(0.0 < f < 1.0 for f in self.fars), "eval.fars", self.fars, "each FAR must be in (0, 1)")
+        _check(self.synthetic_identities == 0 or self.synthetic_identities >= 2, "eval.synthetic_identities",
+               self.synthetic_identities, "must be 0 (none) or >= 2 (pairs need two identities)")
+        _positive("eval.synthetic_pairs", self.synthetic_pairs)
 
 
 @dataclass(kw_only=True)
@@ -267,6 +289,13 @@ class Config:
     def __post_init__(self):
         _check(self.data.num_classes >= self.parallel.nproc, "data.num_classes", self.data.num_classes,
                f"must be >= parallel.nproc={self.parallel.nproc}: every rank needs at least one class")
+        _check(self.eval.synthetic_identities == 0 or self.data.source == "synthetic", "eval.synthetic_identities",
+               self.eval.synthetic_identities, f"synthetic verification pairs need data.source=synthetic (got "
+               f"{self.data.source!r}): set it to 0 and give your own verification sets in eval.bins")
+        _check(not (self.optimizer.head_step_in_backward and self.parallel.precision == "fp16"),
+               "optimizer.head_step_in_backward", self.optimizer.head_step_in_backward,
+               "under parallel.precision=fp16 an overflow must skip the head step with the backbone's, which a step "
+               "inside backward cannot: set it to false (or leave it unset)")
         if self.model.name == "mlp":
             _check(self.model.in_features > 0, "model.in_features", self.model.in_features,
                    "model.name=mlp needs model.in_features > 0 (the synthetic vector size)")

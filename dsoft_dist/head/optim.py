@@ -334,8 +334,9 @@ class RowSparseAdamW(_RowSparseOptimizer):
 def build_head_optimizer(head, cfg) -> _RowSparseOptimizer:
     """The head's optimizer from an OptimizerConfig (name sgd | adamw, head_mode sparse | dense).
 
-    With ``cfg.head_step_in_backward`` the optimizer is also fused into the head's backward
-    (``head.fuse_optimizer``): ``optimizer.step()`` then has nothing to do for the head.
+    With ``cfg.head_step_in_backward`` true the optimizer is also fused into the head's backward
+    (``head.fuse_optimizer``): ``optimizer.step()`` then has nothing to do for the head. Unset
+    (None) is not fused here; the trainer resolves it (``dsoft_dist.train.build``).
     """
     shard = dict(mode=cfg.head_mode, num_classes=head.num_classes, class_start=head.class_start)
     if cfg.name == "sgd":

@@ -1,0 +1,98 @@
+"""``dsoft train``: the trainer's entry point, single process, local ranks or under torchrun.
+
+    dsoft train --config configs/demo.yaml                      # parallel.nproc local ranks (spawned here)
+    dsoft train --config configs/demo.yaml --nproc 1 --set schedule.steps=50
+    torchrun --nproc-per-node 8 -m dsoft_dist.train --config configs/ms1m_r50_dsoftmax_k64.yaml
+
+Under torchrun (RANK/WORLD_SIZE set) the launcher's ranks are used and ``--nproc`` /
+``parallel.nproc`` are ignored. ``init_process_group`` happens only inside ``run_rank``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from dsoft_dist.config import config_from_dict, config_to_dict, load_config
+from dsoft_dist.config.schema import Config, ConfigError
+from dsoft_dist.observability import get_logger
+
+log = get_logger(__name__)
+
+
+@record
+def run_rank(cfg_dict: dict) -> None:
+    """One rank of a run: start-up, train, report (rank 0 prints it), teardown."""
+    from dsoft_dist.train.distributed import distributed
+    from dsoft_dist.train.trainer import Trainer
+
+    cfg = config_from_dict(cfg_dict)
+    with distributed(cfg.parallel.backend) as env:
+        trainer = Trainer(cfg, env)
+        try:
+            summary = trainer.train()
+        finally:
+            trainer.close()
+    if env.is_main:
+        sys.stdout.write(summary["report"] + f"Written to {cfg.logging.output_dir}/ (report.md, report.json, "
+                         "curves.png, metrics.jsonl, backbone.pt, head/)\n")
+
+
+def launch(cfg: Config) -> None:
+    """Runs ``cfg``: in this process under a launcher or for nproc=1, else in parallel.nproc local ranks."""
+    from dsoft_dist.train.distributed import spawn_local, under_launcher
+
+    cfg_dict = config_to_dict(cfg)
+    if under_launcher():
+        if cfg.parallel.nproc > 1:
+            log.info("under a launcher: its world size is used, parallel.nproc=%d is ignored", cfg.parallel.nproc)
+        run_rank(cfg_dict)
+    elif cfg.parallel.nproc > 1:
+        spawn_local(run_rank, cfg.parallel.nproc, (cfg_dict,))
+    else:
+        run_rank(cfg_dict)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) -> None:
+    """--config, --set and --nproc (shared by ``dsoft train`` and ``dsoft demo``)."""
+    parser.add_argument("--config", required=config_required, default=None,
+                        help="YAML config" + ("" if config_required else " (default: the embedded demo)"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set head.negatives=random (repeatable)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="local ranks to spawn (= --set parallel.nproc=N; ignored under torchrun)")
+
+
+def overrides(args) -> list[str]:
+    """The --set list with --nproc folded in."""
+    return list(args.set) + ([f"parallel.nproc={args.nproc}"] if args.nproc is not None else [])
+
+
+def _main(args) -> int:
+    try:
+        cfg = load_config(args.config, overrides(args))
+    except ConfigError as err:
+        sys.stderr.write(f"dsoft train: {err}\n")
+        return 1
+    launch(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsoft train", description="train a backbone with the sharded head")
+    add_run_arguments(parser, config_required=True)
+    return parser
+
+
+def register(subparsers) -> None:
+    """Adds ``dsoft train``."""
+    parser = subparsers.add_parser("train", help="train a backbone with the class-sharded head (DDP or DeepSpeed)",
+                                   description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, config_required=True)
+    parser.set_defaults(func=_main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dsoft_dist.train``."""
+    return _main(build_parser().parse_args(argv))

@@ -1,0 +1,146 @@
+"""The backbone under DeepSpeed ZeRO-1/2 (``pip install 'dsoft_dist[deepspeed]'``); the head stays outside.
+
+Same interface as ``dsoft_dist.train.engines.DDPEngine``. What DeepSpeed 0.19 does, measured on
+the installed version (2 gloo ranks on CPU) and what this engine does about it:
+
+- ZeRO-1/2 average the backbone's gradients over ranks exactly like DDP (bit-identical
+  updates in fp32) once ``gradient_clipping`` is set: its default is 1.0, not off, so the
+  engine always sets it (``optimizer.grad_clip`` for clip_scope=backbone, else 0).
+- ``engine.backward(loss)`` divides by ``gradient_accumulation_steps`` (the loss, or hooks
+  on the engine's outputs for a plain ``loss.backward()``). The trainer already divides each
+  micro-batch's loss by k on both sides (``dsoft_dist.train.grads``), so the backbone's
+  backward runs with ``scale_wrt_gas=False``: nothing is divided twice, and
+  ``divides_by_accum`` is False.
+- ``engine.step()`` must be called after EVERY micro-batch: its boundary counter only moves
+  inside ``step()``, and one call after k backwards silently applies nothing.
+- A client ``torch.optim`` optimizer under ZeRO needs ``zero_allow_untested_optimizer``; the
+  engine's ``optimizer.param_groups`` are the client's, so the lr is set there.
+- bf16 converts the module's parameters to bf16 in place (fp32 masters in the optimizer):
+  inputs are cast to bf16. fp16 is refused by DeepSpeed's CPU accelerator; on GPUs its own
+  dynamic loss scale multiplies the backbone's backward only (the head never sees it).
+- Non-finite gradients make DeepSpeed skip its step (``was_step_applied()`` False) in every
+  precision; the head's step is skipped with it. The head's gradients are checked too: a
+  non-finite head gradient skips the head step (logged); DeepSpeed cannot be told to skip
+  its own then, but the head's gradient and the embedding gradient come from the same
+  finite-or-not statistics, so in practice both are non-finite together.
+- ``LOCAL_RANK`` must be set (it is, under torchrun and ``spawn_local``); the process group is
+  the trainer's (DeepSpeed wraps it, it does not initialize another). DeepSpeed's one-time
+  C++ comm op is cached in ``$TORCH_EXTENSIONS_DIR`` (default: the dsoft cache directory).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import torch
+from torch import nn
+
+from dsoft_dist.config.schema import Config, ConfigError
+from dsoft_dist.observability import get_logger
+from dsoft_dist.train.grads import all_finite, clip_grads_
+
+log = get_logger(__name__)
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed config dict for a run (batch sizes, ZeRO stage, precision, clipping)."""
+    o, p = cfg.optimizer, cfg.parallel
+    if o.grad_clip > 0 and o.clip_scope == "both":
+        raise ConfigError("optimizer.clip_scope='both' is invalid with parallel.engine=deepspeed: DeepSpeed clips "
+                          "the backbone on its own; use clip_scope=backbone (DeepSpeed's gradient_clipping) or head")
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": o.grad_accum_steps,
+        "zero_optimization": {"stage": p.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": o.grad_clip if o.clip_scope == "backbone" else 0.0,
+        "bf16": {"enabled": p.precision == "bf16"},
+        "fp16": {"enabled": p.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 0,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _import_deepspeed(device: torch.device):
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cache = os.environ.get("DSOFT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dsoft_dist"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(cache, "torch_extensions"))
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ConfigError("parallel.engine='deepspeed' needs DeepSpeed: pip install 'dsoft_dist[deepspeed]' "
+                          "(DS_BUILD_OPS=0 on machines without CUDA), or use parallel.engine=ddp") from err
+    return deepspeed
+
+
+class DeepSpeedEngine:
+    """The backbone inside a DeepSpeed engine (see the module doc for the conventions)."""
+
+    divides_by_accum = False  # backward runs with scale_wrt_gas=False
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, head_optimizer, env, cfg: Config):
+        deepspeed = _import_deepspeed(env.device)
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        self.env, self.head_optimizer, self.precision = env, head_optimizer, cfg.parallel.precision
+        self.grad_clip, self.clip_scope = cfg.optimizer.grad_clip, cfg.optimizer.clip_scope
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its comm op's build line per rank
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
+                                                                 config=deepspeed_config(cfg))
+        self.module = self.ds.module
+        self.input_dtype = torch.bfloat16 if self.precision == "bf16" else \
+            torch.float16 if self.precision == "fp16" else torch.float32
+        self._last = True
+        self.skipped_by_head = 0
+        self.last_norms: dict[str, float] = {}
+        log.debug("DeepSpeed ZeRO-%d engine, precision %s", self.ds.zero_optimization_stage(), self.precision)
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds.zero_optimization_stage())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ds(x.to(self.input_dtype) if x.is_floating_point() else x)
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool):
+        self._last = last
+        yield
+
+    def backward(self, emb: torch.Tensor, grad_emb: torch.Tensor) -> None:
+        """engine.backward of the surrogate <emb, grad_emb> (its gradient w.r.t. emb is grad_emb)."""
+        surrogate = (emb.float() * grad_emb.float()).sum()
+        self.ds.backward(surrogate, scale_wrt_gas=False)
+        if not self._last:
+            self.ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+
+    def set_lr(self, lr: float) -> None:
+        for opt in (self.optimizer, self.head_optimizer):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def step(self, head) -> bool:
+        """DeepSpeed's boundary step (its own overflow check), then the head's when both are finite."""
+        head_params = [head.weight]
+        head_finite = all_finite(head_params, group=head.group)
+        if head_finite and self.grad_clip > 0 and self.clip_scope == "head":
+            self.last_norms = clip_grads_([], head_params, self.grad_clip, "head", head.group)
+        self.ds.step()
+        applied = bool(self.ds.was_step_applied())
+        if applied and not head_finite:
+            self.skipped_by_head += 1
+            log.error("non-finite head gradients with finite backbone gradients: the head step was skipped, "
+                      "DeepSpeed's was not")
+        if applied and head_finite:
+            self.head_optimizer.step()
+        elif not applied:
+            log.warning("non-finite gradients: DeepSpeed skipped its step, the head step is skipped with it")
+        self.head_optimizer.zero_grad(set_to_none=True)
+        return applied and head_finite
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "global_steps": int(self.ds.global_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

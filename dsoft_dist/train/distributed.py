@@ -1,0 +1,157 @@
+"""The one distributed start-up: from torchrun's environment, or local ranks spawned by this process.
+
+Every multi-process entry (``dsoft train``, ``dsoft demo``, the benchmarks, the tests) starts
+its ranks the same way:
+
+    def worker(cfg):                        # runs in every rank
+        with distributed("auto") as env:    # env.rank, env.world_size, env.local_rank, env.device
+            ...
+    spawn_local(worker, nproc=2, args=(cfg,))  # or: torchrun --nproc-per-node 2 ... (same worker)
+
+``spawn_local`` sets the same variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) in each child, so a worker cannot tell the
+two apart. ``init_distributed`` reads them; without them it starts a one-rank group on a
+free local port, so single-process runs take the same code path. The backend is nccl on
+CUDA and gloo on CPU ("auto"); ``init_process_group`` is only ever called from here.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from dsoft_dist.observability import get_logger
+from dsoft_dist.parallel import free_port
+
+log = get_logger(__name__)
+
+_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs: global rank of world_size, local rank on its node, device, backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the rank that logs, writes reports and speaks to wandb."""
+        return self.rank == 0
+
+
+def under_launcher() -> bool:
+    """True when torchrun (or spawn_local, Slurm with the same variables) set RANK and WORLD_SIZE."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """auto -> nccl when CUDA is available, else gloo; nccl without CUDA is an error naming the fix."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"parallel.backend={backend!r} is invalid: use auto, gloo or nccl")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("parallel.backend='nccl' needs CUDA GPUs and none is available: use parallel.backend=gloo "
+                         "(or auto)")
+    return backend
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError as err:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer (set by the launcher?)") from err
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Initializes the default process group from the launcher's environment (or as one rank).
+
+    CUDA ranks use device cuda:LOCAL_RANK; CPU ranks get cores // LOCAL_WORLD_SIZE threads
+    each, so local ranks do not oversubscribe the machine.
+    """
+    backend = resolve_backend(backend)
+    launched = under_launcher()  # else a single process: a one-rank group, so every path is the same
+    init = {} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}"}
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank, local_world = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    if not dist.is_initialized():
+        if backend == "nccl":
+            init["device_id"] = device
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
+                                **init)
+    log.debug("rank %d/%d (local %d) on %s with %s", rank, world, local_rank, device, backend)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def shutdown_distributed() -> None:
+    """Barrier (no rank tears the group down while another still has a collective in flight), then destroy."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Iterator[DistEnv]:
+    """``init_distributed`` on entry; on a clean exit a barrier and the group's teardown.
+
+    On an exception the group is destroyed without the barrier (the other ranks may never
+    reach it), and the exception propagates so the launcher reports this rank's traceback.
+    """
+    env = init_distributed(backend, timeout_s)
+    try:
+        yield env
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    shutdown_distributed()
+
+
+def _child(local_rank: int, nproc: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(*args)
+
+
+def spawn_local(fn: Callable, nproc: int, args: tuple = ()) -> None:
+    """Runs ``fn(*args)`` in ``nproc`` fresh processes on this machine with torchrun's variables set.
+
+    ``fn`` must be importable (spawn pickles it by name) and calls ``init_distributed`` /
+    ``distributed`` itself. A failing rank makes this raise (torch's ProcessRaisedException,
+    with that rank's traceback); the other ranks are terminated.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc} is invalid: must be >= 1")
+    if under_launcher():
+        raise RuntimeError("spawn_local was called inside a launched rank (RANK and WORLD_SIZE are set): "
+                           "run the worker directly, the launcher already started the ranks")
+    import torch.multiprocessing as mp
+
+    saved = {k: os.environ.get(k) for k in _ENV}
+    try:
+        mp.start_processes(_child, args=(nproc, free_port(), fn, args), nprocs=nproc, start_method="spawn", join=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,105 @@
+"""What a run reports while it trains: one JSONL row per logged step, wandb, the progress bar.
+
+Rank 0 speaks; the other ranks only join the one small all-reduce that sums the bad-sample
+counters at each logged step. Rows (``metrics.jsonl``, mirrored to wandb):
+
+    {"step", "time", "loss", "intra", "inter", "target_cos", "hardest_neg_cos", "lr",
+     "samples_per_s", "time_data", "time_backbone", "time_head", "time_optimizer",
+     "memory_mb", "bad_samples", "skipped_steps"}                   # training rows
+    {"step", "time", "eval": true, "<set>/accuracy", "<set>/val", ...}   # verification rows
+
+wandb: ``WANDB_MODE`` (disabled | offline | online) wins over ``logging.wandb``; online
+without an API key falls back to offline with a warning. The progress bar draws only when
+stderr is a terminal (a redirected log gets no bar lines).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from dsoft_dist.observability import get_logger
+from dsoft_dist.observability.metrics import MetricsSink
+
+log = get_logger(__name__)
+
+
+def resolve_wandb_mode(configured: str) -> str:
+    """WANDB_MODE if set (disabled | offline | online; "dryrun" = offline), else ``configured``; online
+    without WANDB_API_KEY (or a ~/.netrc login) becomes offline."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower() or configured
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
+    if mode not in ("disabled", "offline", "online"):
+        raise ValueError(f"WANDB_MODE={mode!r} is invalid: use disabled, offline or online")
+    if mode == "online" and not os.environ.get("WANDB_API_KEY") and not os.path.exists(os.path.expanduser("~/.netrc")):
+        log.warning("wandb online needs a login (WANDB_API_KEY or `wandb login`): logging offline instead; "
+                    "upload later with `wandb sync`")
+        mode = "offline"
+    return mode
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated (CUDA) or this process's peak resident set (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of small per-rank counters (collective: every rank calls it at the same step)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class RunMetrics:
+    """The JSONL sink, wandb and the progress bar of one run (live on rank 0 only)."""
+
+    def __init__(self, cfg, env, config_dict: dict, total_steps: int, start_step: int = 0):
+        from tqdm import tqdm
+
+        self.cfg, self.env, self.rows, self.evals = cfg, env, [], []
+        self.sink = None
+        if env.is_main:
+            self.sink = MetricsSink(cfg.logging.output_dir, resolve_wandb_mode(cfg.logging.wandb),
+                                    cfg.logging.wandb_project, cfg.name, config_dict)
+        show = env.is_main and cfg.logging.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=cfg.name, disable=not show, file=sys.stderr,
+                        dynamic_ncols=True)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def log_train(self, step: int, row: dict) -> None:
+        """Rank 0: writes a training row and shows the loss on the bar."""
+        if self.sink is None:
+            return
+        self.sink.log(step, row)
+        self.rows.append({"step": step, **row})
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
+        if self.bar.disable:  # a log line stands in for the bar
+            log.info("step %d/%d: loss %.4f (intra %.4f, inter %.4f), lr %.4g, %.0f samples/s", step,
+                     self.cfg.schedule.steps, row["loss"], row.get("intra", float("nan")),
+                     row.get("inter", float("nan")), row["lr"], row["samples_per_s"])
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        if self.sink is None or not metrics:
+            return
+        self.sink.log(step, {"eval": True, **metrics})
+        self.evals.append({"step": step, **metrics})
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None

@@ -1,0 +1,104 @@
+"""One optimizer step: k micro-batches through the backbone and the head, then both optimizers.
+
+    step = TrainStep(engine, head, env, accum_steps=k)
+    out = step(batches, lr)     # pulls k (inputs, labels) micro-batches from the iterator
+    out.loss, out.applied, out.timings   # {"data", "backbone", "head", "optimizer"} seconds
+
+Per micro-batch (DESIGN.md §5, conventions in ``dsoft_dist.train.grads``):
+
+    emb = engine.forward(x)                            # (B_local, D), autocast
+    e = emb.detach().float().requires_grad_()          # the head runs in fp32, outside the engine
+    (head(e, y) / k).backward()                        # head forward + backward (+ its fused step)
+    engine.backward(emb, e.grad * factor)              # backbone backward, the only scaled part
+
+The head's backward runs on its own, so the step's time splits into data wait, backbone
+(forward + backward), head (forward + backward, and the head's optimizer when it runs
+inside backward) and optimizer. On CUDA the split synchronizes only on ``timed`` steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from dsoft_dist.train.grads import embedding_grad_factor
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step produced (loss is a detached tensor: read it only when logging)."""
+
+    loss: torch.Tensor
+    applied: bool
+    samples: int  # samples this rank consumed
+    timings: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # the head's row means, averaged over the micro-batches
+
+    def diagnostics_floats(self) -> dict[str, float]:
+        """The diagnostics as floats (a host read: call it on logged steps only)."""
+        return {k: float(v) for k, v in self.diagnostics.items() if k != "loss"}
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str = "the first training batch") -> None:
+    """Raises ValueError naming the value and the fix unless labels are int64 in [-1, num_classes)."""
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels in {where} have dtype {labels.dtype}: the head needs int64 class ids; "
+                         "convert them with labels.long() (or fix the data source)")
+    if labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < -1 or hi >= num_classes:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"label {bad} in {where} is outside [0, data.num_classes={num_classes}) (-1 = ignore): "
+                         "set data.num_classes to the data's class count (the manifest's num_classes), "
+                         "or fix the labels")
+
+
+class TrainStep:
+    """Runs one optimizer step over ``accum_steps`` micro-batches (see the module doc)."""
+
+    def __init__(self, engine, head, env, accum_steps: int = 1):
+        self.engine, self.head, self.env, self.accum_steps = engine, head, env, accum_steps
+        self.factor = embedding_grad_factor(env.world_size, accum_steps, engine.divides_by_accum)
+        self._checked = False
+
+    def _clock(self, timed: bool) -> float:
+        if timed and self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+        return time.perf_counter()
+
+    def __call__(self, batches: Iterator, lr: float, timed: bool = False) -> StepOutput:
+        k, dev = self.accum_steps, self.env.device
+        t = {"data": 0.0, "backbone": 0.0, "head": 0.0, "optimizer": 0.0}
+        total, samples, diag = torch.zeros((), device=dev), 0, {}
+        self.engine.set_lr(lr)
+        for i in range(k):
+            t0 = self._clock(timed)
+            x, y = next(batches)
+            if not self._checked:
+                check_labels(y, self.head.num_classes)
+                self._checked = True
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            t1 = self._clock(timed)
+            with self.engine.accumulating(last=i == k - 1):
+                emb = self.engine.forward(x)  # (B_local, D)
+                t2 = self._clock(timed)
+                e = emb.detach().float().requires_grad_()
+                loss = self.head(e, y) / k
+                loss.backward()
+                t3 = self._clock(timed)
+                self.engine.backward(emb, e.grad * self.factor)
+            t4 = self._clock(timed)
+            t["data"] += t1 - t0
+            t["backbone"] += (t2 - t1) + (t4 - t3)
+            t["head"] += t3 - t2
+            total += loss.detach()
+            samples += len(y)
+            for key, v in self.head.last_stats.items():
+                diag[key] = diag.get(key, 0.0) + v / k
+        t5 = self._clock(timed)
+        applied = self.engine.step(self.head)
+        t["optimizer"] = self._clock(timed) - t5
+        return StepOutput(loss=total, applied=applied, samples=samples, timings=t, diagnostics=diag)

@@ -1,0 +1,181 @@
+"""The Trainer: builds the run from the config, trains ``schedule.steps`` optimizer steps, reports.
+
+    with distributed(cfg.parallel.backend) as env:
+        trainer = Trainer(cfg, env)
+        summary = trainer.train()       # collective; rank 0 writes the outputs
+        trainer.close()
+
+Outputs under ``logging.output_dir``: metrics.jsonl, report.md, report.json, curves.png,
+backbone.pt (``dsoft eval --checkpoint``) and head/ (the re-shardable head checkpoint).
+Every stateful piece exposes ``state_dict()`` (engine: backbone optimizer + loss scale;
+head and its optimizer by class range; data position; step), so a checkpointer can save
+the whole run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+
+from dsoft_dist.config import config_to_dict
+from dsoft_dist.config.schema import Config
+from dsoft_dist.head import build_head_optimizer, save_head_checkpoint
+from dsoft_dist.observability import get_logger
+from dsoft_dist.train.build import build_backbone, build_backbone_optimizer, build_head, resolve_head_step
+from dsoft_dist.train.metrics import RunMetrics, memory_mb, sum_over_ranks
+from dsoft_dist.train.report import write_report
+from dsoft_dist.train.schedule import lr_factor
+from dsoft_dist.train.step import TrainStep
+from dsoft_dist.train.validate import Validator
+
+log = get_logger(__name__)
+
+
+class TrainData:
+    """Endless training batches over epochs of ``build_train_loader``, with bad-sample counters kept
+    over every epoch (a finished epoch's counters are added to the running total)."""
+
+    def __init__(self, data_cfg, env):
+        from dsoft_dist.data import build_train_loader
+
+        self.cfg, self.env, self.epoch = data_cfg, env, 0
+        self._build = build_train_loader
+        self.loader = build_train_loader(data_cfg, env.rank, env.world_size, 0)
+        self.bad_done = 0  # bad samples of finished epochs (this rank)
+        self._it = self._batches()
+
+    def _batches(self):
+        while True:
+            yield from self.loader
+            self.bad_done += self.loader.counters["bad_total"]
+            self.epoch += 1
+            self.loader = self._build(self.cfg, self.env.rank, self.env.world_size, self.epoch)
+
+    def __iter__(self):
+        return self._it
+
+    def __next__(self):
+        return next(self._it)
+
+    @property
+    def bad_total(self) -> int:
+        """Bad samples this rank skipped so far, over every epoch."""
+        return self.bad_done + self.loader.counters["bad_total"]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, **self.loader.state_dict()}
+
+
+def build_engine(cfg: Config, model, head_optimizer, env):
+    """DDPEngine or DeepSpeedEngine for the backbone, per ``parallel.engine``."""
+    o = cfg.optimizer
+    if cfg.parallel.engine == "deepspeed":
+        from dsoft_dist.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, build_backbone_optimizer(model, o), head_optimizer, env, cfg)
+    from dsoft_dist.train.engines import DDPEngine
+
+    return DDPEngine(model, build_backbone_optimizer(model, o), head_optimizer, env, cfg.parallel.precision,
+                     o.grad_clip, o.clip_scope)
+
+
+class Trainer:
+    """One run (see the module doc). Collective: every rank constructs it and calls ``train``."""
+
+    def __init__(self, cfg: Config, env):
+        self.cfg, self.env = cfg, env
+        self.out = cfg.logging.output_dir
+        os.makedirs(self.out, exist_ok=True)
+        self.head = build_head(cfg, env.device)
+        self.head_config = resolve_head_step(cfg)
+        self.head_optimizer = build_head_optimizer(self.head, self.head_config)
+        self.engine = build_engine(cfg, build_backbone(cfg), self.head_optimizer, env)
+        self.step_fn = TrainStep(self.engine, self.head, env, cfg.optimizer.grad_accum_steps)
+        self.data = TrainData(cfg.data, env)
+        self.validator = Validator(cfg, env, self.out)
+        self.step = 0
+        self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.step)
+        self.skipped = 0
+        log.info("%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
+                 cfg.name, env.world_size, env.backend, cfg.parallel.engine, cfg.parallel.precision, cfg.head.loss,
+                 cfg.head.negatives, self.head_config.head_step_in_backward)
+
+    def state_dict(self) -> dict:
+        """The run state a checkpoint needs (this rank's view; the head pieces are by class range)."""
+        return {"step": self.step, "engine": self.engine.state_dict(), "head": self.head.state_dict(),
+                "head_optimizer": self.head_optimizer.state_dict(), "data": self.data.state_dict(),
+                "skipped": self.skipped}
+
+    def _lr(self) -> float:
+        return self.cfg.optimizer.lr * lr_factor(self.step, self.cfg.schedule)
+
+    def _is_log_step(self, n: int) -> bool:
+        """Steps are logged at 1, every logging.log_every, and the last."""
+        return n == 1 or n % self.cfg.logging.log_every == 0 or n == self.cfg.schedule.steps
+
+    def _should(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def evaluate(self) -> dict:
+        """Collective verification of the backbone; rank 0 logs the metrics."""
+        if not self.validator.enabled:
+            return {}
+        metrics = self.validator(self.engine.module)
+        self.metrics.log_eval(self.step, metrics)
+        return metrics
+
+    def _log(self, out, timings: dict, since: float, samples: int) -> None:
+        bad, skipped = sum_over_ranks([self.data.bad_total, 0.0], self.env.device)[0], self.skipped
+        if not self.env.is_main:
+            return
+        row = {"loss": float(out.loss), **out.diagnostics_floats(), "lr": self._lr_applied,
+               "samples_per_s": samples * self.env.world_size / max(time.perf_counter() - since, 1e-9),
+               **{f"time_{k}": v for k, v in timings.items()}, "memory_mb": memory_mb(self.env.device),
+               "bad_samples": int(bad), "skipped_steps": skipped}
+        self.metrics.log_train(self.step, row)
+
+    def train(self) -> dict:
+        """Trains to ``schedule.steps``; verifies per ``eval``; writes the outputs. Returns the summary."""
+        cfg, t_start = self.cfg, time.perf_counter()
+        if cfg.eval.at_start and self.step == 0:
+            self.evaluate()
+        since, samples = time.perf_counter(), 0
+        while self.step < cfg.schedule.steps:
+            log_now = self._is_log_step(self.step + 1)
+            self._lr_applied = self._lr()
+            out = self.step_fn(self.data, self._lr_applied, timed=log_now)
+            self.step += 1
+            self.skipped += not out.applied
+            samples += out.samples
+            self.metrics.advance()
+            if log_now:
+                self._log(out, out.timings, since, samples)
+                since, samples = time.perf_counter(), 0
+            if self._should(cfg.eval.every_steps) and self.step != cfg.schedule.steps:
+                self.evaluate()
+        seconds = time.perf_counter() - t_start
+        final = self.evaluate()
+        return self._finish(seconds, final)
+
+    def _finish(self, seconds: float, final: dict) -> dict:
+        save_head_checkpoint(os.path.join(self.out, "head"), self.head, self.head_optimizer)  # collective
+        bad = sum_over_ranks([self.data.bad_total], self.env.device)[0]
+        if not self.env.is_main:
+            return {}
+        from dsoft_dist.models import save_backbone
+
+        module = self.engine.module
+        if any(p.dtype != torch.float32 for p in module.parameters()):  # DeepSpeed bf16 keeps bf16 weights
+            module = copy.deepcopy(module).float()
+        save_backbone(os.path.join(self.out, "backbone.pt"), module, self.cfg.model)
+        summary = {"config": config_to_dict(self.cfg), "world_size": self.env.world_size, "backend": self.env.backend,
+                   "train_seconds": round(seconds, 1), "head_step_in_backward": self.head_config.head_step_in_backward,
+                   "log": self.metrics.rows, "evals": self.metrics.evals, "final": final, "bad_samples": int(bad),
+                   "skipped_steps": self.skipped}
+        self.metrics.close()  # before the report, so wandb's closing lines do not follow it
+        summary["report"] = write_report(self.out, summary)
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()
