@@ -72,25 +72,32 @@ def triton_local_shard_stats(features, weight, rows, target_local, valid, scale,
                                    config=config, compute_dtype=compute_dtype)
 
 
-def fused_path_usable(features: torch.Tensor, weight: torch.Tensor) -> bool:
+def fused_path_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> bool:
     """True when ``auto`` should run the kernels: CUDA tensors, Triton, and tensor-core operands.
 
-    Tensor-core operands = a 16-bit weight or features (the GEMMs run in the narrower dtype),
-    or fp32 with ``torch.backends.cuda.matmul.allow_tf32``. Plain fp32 would run the kernels'
+    Tensor-core operands = a 16-bit ``compute_dtype``, a 16-bit weight or features (the GEMMs
+    run in the narrower dtype), or fp32 with ``torch.backends.cuda.matmul.allow_tf32``. Plain fp32 would run the kernels'
     GEMMs as IEEE fp32 FMA, likely slower than cuBLAS in the torch path, so auto keeps torch there.
     """
     if not (features.is_cuda and weight.is_cuda and features.dtype in _FUSED_DTYPES
             and weight.dtype in _FUSED_DTYPES):
         return False
-    tensor_cores = min(features.element_size(), weight.element_size()) < 4 or torch.backends.cuda.matmul.allow_tf32
+    narrow = compute_dtype in (torch.float16, torch.bfloat16)
+    tensor_cores = narrow or min(features.element_size(), weight.element_size()) < 4 or \
+        torch.backends.cuda.matmul.allow_tf32
     return tensor_cores and triton_available()
 
 
 def auto_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
-                           logit_cache_mb=0.0):
-    """Fused kernels when ``fused_path_usable``; the torch chunked path (the reference) otherwise."""
-    if fused_path_usable(features, weight):
-        return triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize)
+                           logit_cache_mb=0.0, compute_dtype=None):
+    """Fused kernels when ``fused_path_usable``; the torch chunked path (the reference) otherwise.
+
+    ``compute_dtype``: the fused path's GEMM operand dtype (None: the narrower input dtype);
+    the torch path computes in the inputs' dtype and ignores it.
+    """
+    if fused_path_usable(features, weight, compute_dtype):
+        return triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize,
+                                        compute_dtype=compute_dtype)
     from dsoft_dist.head.local import torch_local_shard_stats
     return torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size,
                                    logit_cache_mb)

@@ -129,3 +129,20 @@ def test_auto_picks_the_kernels_for_16_bit_operands_and_torch_for_plain_fp32():
     assert torch.equal(auto_local_shard_stats(feats, bf16, *args)[0], triton_local_shard_stats(feats, bf16, *args)[0])
     torch_lse = head_local.torch_local_shard_stats(feats, weight, *args)[0]
     assert torch.equal(auto_local_shard_stats(feats, weight, *args)[0], torch_lse)
+
+
+def test_head_compute_dtype_bf16_takes_the_fused_path_on_fp32_inputs(caplog):
+    """head.compute_dtype=bf16 (what the GPU configs set): fp32 weights and embeddings still run the kernels."""
+    from dsoft_dist.head.local import describe_local_path
+    from dsoft_dist.kernels import auto_local_shard_stats
+
+    emb = torch.randn(64, 128, device="cuda")
+    labels = torch.randint(0, 3000, (64,), device="cuda")
+    head = ShardedClassifier(3000, 128, compute_dtype=torch.bfloat16, device="cuda")
+    assert head._local_stats is auto_local_shard_stats
+    assert describe_local_path(head._local_stats, emb, head.weight, torch.bfloat16).startswith("fused Triton")
+    ref = ShardedClassifier(3000, 128, fused="torch", device="cuda")
+    with caplog.at_level("INFO", logger="dsoft_dist"):
+        got = head(emb, labels)
+    assert "fused Triton kernels (bfloat16" in caplog.text
+    _close("bf16 head loss", got.detach(), ref(emb, labels).detach(), 3e-2)

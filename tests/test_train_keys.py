@@ -4,7 +4,11 @@ For each dotted key of ``Config`` the test runs a tiny real run (one gloo rank, 
 twice, with the key at a base value and at a changed value, and compares a fingerprint of
 what ran: the loss and lr of every step, the final weights, the verification metrics, the
 files written, the progress bar and wandb state, the report's title, or the error the run
-raised. A key is covered when the fingerprints differ. The few keys only a multi-process
+raised. A key is covered when the fingerprints differ. Keys that only choose how the same
+numbers are computed (data.num_workers, head.chunk_size, head.fused, head.compute_dtype,
+eval.batch_size) are seen in the component that received them (the loader's workers, the
+head's chunk size, backend and GEMM dtype, the batch size handed to the embedding extractor);
+head.compute_dtype's effect on a GPU is tests/test_kernels_gpu.py's. The few keys only a multi-process
 launch or DeepSpeed can show are listed in ELSEWHERE with the test that shows them; the
 test checks that the three groups together are exactly the schema's fields.
 
@@ -62,6 +66,7 @@ CASES = {
     "head.chunk_size": ({}, 4),
     "head.seed": ({}, 3),
     "head.fused": ({}, "torch"),
+    "head.compute_dtype": ({}, "bf16"),
     "data.source": ("shards", "synthetic"),
     "data.shards": ("shards", "{dir}/missing-{{000000..000001}}.tar"),
     "data.manifest": ("shards", "{dir}/nowhere.json"),
@@ -204,7 +209,7 @@ def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
             wandb_run = t.metrics.sink._wandb
             fp = {"bar": t.metrics.bar.disable, "wandb": wandb_run.project if wandb_run is not None else None,
                   "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size,
-                  "backend": t.head._local_stats.__name__}
+                  "backend": t.head._local_stats.__name__, "compute_dtype": str(t.head.compute_dtype)}
             summary = t.train()
             t.close()
         params = [p.detach().double().sum().item() for p in t.engine.module.parameters()]

@@ -76,9 +76,12 @@ class HeadConfig:
     chunk_size: int = 0  # classes per chunk in the torch path; 0 = automatic
     seed: int = 0
     fused: str = "auto"  # auto | triton | torch
+    # GEMM operands of the fused Triton path (its statistics stay fp32); the torch path computes in fp32
+    compute_dtype: str = "fp32"  # fp32 | bf16 | fp16
 
     def __post_init__(self):
         _choice("head.loss", self.loss, LOSSES)
+        _choice("head.compute_dtype", self.compute_dtype, ("fp32", "bf16", "fp16"))
         _choice("head.negatives", self.negatives, NEGATIVES)
         _check(0.0 < self.sample_rate <= 1.0, "head.sample_rate", self.sample_rate,
                "must be in (0, 1]; e.g. 0.015625 samples 1/64 of the classes")

@@ -483,7 +483,7 @@ def _add_outside_target_grads(features, weight, target_local, tpos, g_target, no
 
 
 def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
-                            logit_cache_mb=0.0, row_update=None):
+                            logit_cache_mb=0.0, row_update=None, compute_dtype=None):
     """The torch (reference, CPU) backend of the local shard statistics; see the module docstring.
 
     logit_cache_mb > 0 keeps up to that many MiB of the forward's exp'd logit chunks for
@@ -493,7 +493,8 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
     of a weight gradient: an optimizer fused into backward (``ShardedClassifier.fuse_optimizer``).
     If it has a ``product(lhs, rhs, row_coef, values, rows=None, start=0, out=None)`` method
     (``dsoft_dist.head.optim.FusedRowUpdate``), chunks hand their gradient over in product form,
-    lhs @ rhs + row_coef[:, None] * values, instead.
+    lhs @ rhs + row_coef[:, None] * values, instead. ``compute_dtype`` is accepted for the
+    shared signature and unused: this path computes in the inputs' dtype.
     """
     chunk = auto_chunk_size(features.shape[0], chunk_size, features.device)
     chunk_bytes = features.shape[0] * chunk * features.element_size()
@@ -505,12 +506,20 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
 _BACKENDS: dict[str, Callable] = {"torch": torch_local_shard_stats}
 
 
-def fuses_row_updates(backend: Callable, features: torch.Tensor, weight: torch.Tensor) -> bool:
+def fuses_row_updates(backend: Callable, features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> bool:
     """True when ``backend`` runs the torch chunked path for these inputs (which takes ``row_update``)."""
     if backend is torch_local_shard_stats:
         return True
     from dsoft_dist.kernels import auto_local_shard_stats, fused_path_usable
-    return backend is auto_local_shard_stats and not fused_path_usable(features, weight)
+    return backend is auto_local_shard_stats and not fused_path_usable(features, weight, compute_dtype)
+
+
+def describe_local_path(backend: Callable, features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> str:
+    """Which path ``backend`` takes for these inputs, in words (logged once by the head)."""
+    if fuses_row_updates(backend, features, weight, compute_dtype):
+        return f"torch chunked ({str(features.dtype).replace('torch.', '')} GEMMs on {features.device.type})"
+    dtype = compute_dtype or min((features.dtype, weight.dtype), key=lambda d: torch.finfo(d).bits)
+    return f"fused Triton kernels ({str(dtype).replace('torch.', '')} GEMM operands, fp32 statistics)"
 
 
 def register_local_backend(name: str, fn: Callable) -> None:

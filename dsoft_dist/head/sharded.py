@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
-from dsoft_dist.head.local import fuses_row_updates, get_local_backend, torch_local_shard_stats
+from dsoft_dist.head.local import describe_local_path, fuses_row_updates, get_local_backend, torch_local_shard_stats
 from dsoft_dist.head.optim import FusedRowUpdate
 from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
@@ -32,6 +32,7 @@ log = get_logger(__name__)
 
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 _INIT_BLOCK = 4096  # rows per init block: the initial weights do not depend on the world size
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # head.compute_dtype; fp32 = the inputs'
 
 
 def init_shard_weight(num_classes, embedding_size, class_start, num_local_classes, seed=0, std=0.01,
@@ -64,7 +65,10 @@ class ShardedClassifier(nn.Module):
     fused (auto | torch | a registered kernel backend); validate (check shapes and labels
     across ranks each step: one small all-gather and a host read); logit_cache_mb (keep up
     to this many MiB of the forward's exp'd logit chunks so backward skips recomputing them;
-    0 = always recompute, the memory-lean default).
+    0 = always recompute, the memory-lean default); compute_dtype (None or torch.bfloat16 /
+    float16 / float32: the GEMM operands of the fused Triton path, which ``fused="auto"`` then
+    takes on CUDA even for fp32 inputs; statistics stay fp32; the torch path ignores it). The
+    path taken is logged at the first training forward.
 
     forward(local_embeddings (B_local, D), local_labels (B_local,) int64, -1 = ignore) returns
     the mean loss over the non-ignored rows of the GLOBAL batch, identical on every rank.
@@ -81,7 +85,7 @@ class ShardedClassifier(nn.Module):
     def __init__(self, num_classes, embedding_size, loss="d_softmax", negatives="all", sample_rate=1.0,
                  scale=64.0, end_point=0.9, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
                  m3=None, seed=0, group=None, chunk_size=0, fused="auto", validate=True, init_std=0.01,
-                 device=None, dtype=torch.float32, logit_cache_mb=0.0):
+                 device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None):
         super().__init__()
         _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size)
         self.group = group
@@ -98,6 +102,11 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")
         self.logit_cache_mb = float(logit_cache_mb)
         self._local_stats = get_local_backend(fused)
+        if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"compute_dtype={compute_dtype} is invalid: use None, torch.float32, torch.bfloat16 "
+                             "or torch.float16")
+        self.compute_dtype = compute_dtype
+        self._path_logged = False
         self._row_update = self._grad_hook = None  # set by fuse_optimizer
         self.weight = nn.Parameter(init_shard_weight(num_classes, embedding_size, self.class_start,
                                                      self.num_local_classes, seed, init_std, dtype, device))
@@ -120,7 +129,7 @@ class ShardedClassifier(nn.Module):
         return cls(num_classes, embedding_size, loss=c.loss, negatives=c.negatives, sample_rate=c.sample_rate,
                    scale=c.scale, end_point=c.end_point, inter_weight=c.inter_weight,
                    inter_correction=c.inter_correction, seed=c.seed, group=group, chunk_size=c.chunk_size,
-                   fused=c.fused, m1=m1, m2=m2, m3=m3, **kwargs)
+                   fused=c.fused, m1=m1, m2=m2, m3=m3, compute_dtype=_DTYPES[c.compute_dtype], **kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, loss={self.loss}, "
@@ -150,11 +159,16 @@ class ShardedClassifier(nn.Module):
         target_local = torch.where(owned, local, torch.full_like(local, -1))  # (B,)
         local_args = (feats, self.weight, rows, target_local, valid, self.scale, self.normalize, self.chunk_size,
                       self.logit_cache_mb)
+        dtype_kw = {"compute_dtype": self.compute_dtype} if self.compute_dtype is not None else {}
+        if not self._path_logged and self.training:
+            log.info("head class shard %d/%d: %s", self.rank, self.world_size,
+                     describe_local_path(self._local_stats, feats, self.weight, self.compute_dtype))
+            self._path_logged = True
         if self._row_update is not None and torch.is_grad_enabled() and self.weight.requires_grad and \
-                fuses_row_updates(self._local_stats, feats, self.weight):
+                fuses_row_updates(self._local_stats, feats, self.weight, self.compute_dtype):
             lse, target, hardest = torch_local_shard_stats(*local_args, row_update=self._row_update)
         else:
-            lse, target, hardest = self._local_stats(*local_args)
+            lse, target, hardest = self._local_stats(*local_args, **dtype_kw)
         stats = gather_replicated(torch.stack([lse, target, hardest]), self.group, self.comm)  # (P, 3, B)
         loss, terms = combine_stats(stats, valid, self, self._log_correction(rows, labels.device))
         self.last_num_negatives = self.num_local_classes if rows is None else rows.numel()

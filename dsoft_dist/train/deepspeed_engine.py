@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -57,7 +59,6 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_clipping": o.grad_clip if o.clip_scope == "backbone" else 0.0,
         "bf16": {"enabled": p.precision == "bf16"},
         "fp16": {"enabled": p.precision == "fp16", "initial_scale_power": 16},
-        "steps_per_print": 0,
         "wall_clock_breakdown": False,
     }
 
@@ -75,6 +76,24 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def _initialize(deepspeed, model, optimizer, config):
+    """deepspeed.initialize without its start-up noise: the comm op's print on every rank, the
+    "untested optimizer" warning (a client SGD is what we pass on purpose) and ZeRO's deprecation
+    warnings for torch's all_gather_into_tensor. Its later warnings (overflow) still show."""
+    from deepspeed.utils import logger as ds_logger
+
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    finally:
+        ds_logger.setLevel(level)
+    return engine, opt
+
+
 class DeepSpeedEngine:
     """The backbone inside a DeepSpeed engine (see the module doc for the conventions)."""
 
@@ -85,9 +104,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
         self.env, self.head_optimizer, self.precision = env, head_optimizer, cfg.parallel.precision
         self.grad_clip, self.clip_scope = cfg.optimizer.grad_clip, cfg.optimizer.clip_scope
-        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its comm op's build line per rank
-            self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
-                                                                 config=deepspeed_config(cfg))
+        self.ds, self.optimizer = _initialize(deepspeed, model.to(env.device), optimizer, deepspeed_config(cfg))
         self.module = self.ds.module
         self.input_dtype = torch.bfloat16 if self.precision == "bf16" else \
             torch.float16 if self.precision == "fp16" else torch.float32
@@ -96,9 +113,8 @@ class DeepSpeedEngine:
         self.last_norms: dict[str, float] = {}
         log.debug("DeepSpeed ZeRO-%d engine, precision %s", self.ds.zero_optimization_stage(), self.precision)
 
-    @property
-    def zero_stage(self) -> int:
-        return int(self.ds.zero_optimization_stage())
+    def describe(self) -> str:
+        return f"deepspeed ZeRO-{int(self.ds.zero_optimization_stage())}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ds(x.to(self.input_dtype) if x.is_floating_point() else x)

@@ -54,6 +54,9 @@ class DDPEngine:
         self.scaler = LossScaler(enabled=precision == "fp16")
         self.last_norms: dict[str, float] = {}
 
+    def describe(self) -> str:
+        return "ddp"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.precision, self.env.device):
             return self.net(x)

@@ -28,7 +28,7 @@ def _header(summary: dict) -> list[str]:
             "",
             f"{data}; {summary['world_size']} {summary['backend']} ranks x {d['batch_size']} samples x "
             f"{o['grad_accum_steps']} micro-batches = {batch} per step; {cfg['schedule']['steps']} steps in "
-            f"{summary['train_seconds']} s; engine {cfg['parallel']['engine']}, precision "
+            f"{summary['train_seconds']} s; engine {summary['engine']}, precision "
             f"{cfg['parallel']['precision']}, head step in backward: {summary['head_step_in_backward']}", ""]
 
 

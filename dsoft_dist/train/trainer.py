@@ -17,6 +17,8 @@ import copy
 import os
 import time
 
+import torch
+
 
 from dsoft_dist.config import config_to_dict
 from dsoft_dist.config.schema import Config
@@ -97,8 +99,10 @@ class Trainer:
         self.step = 0
         self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.step)
         self.skipped = 0
+        self._lr_applied = self._lr()
+        self.last_output = None  # the last StepOutput (timings, diagnostics)
         log.info("%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
-                 cfg.name, env.world_size, env.backend, cfg.parallel.engine, cfg.parallel.precision, cfg.head.loss,
+                 cfg.name, env.world_size, env.backend, self.engine.describe(), cfg.parallel.precision, cfg.head.loss,
                  cfg.head.negatives, self.head_config.head_step_in_backward)
 
     def state_dict(self) -> dict:
@@ -137,11 +141,18 @@ class Trainer:
 
     def train(self) -> dict:
         """Trains to ``schedule.steps``; verifies per ``eval``; writes the outputs. Returns the summary."""
-        cfg, t_start = self.cfg, time.perf_counter()
-        if cfg.eval.at_start and self.step == 0:
+        t_start = time.perf_counter()
+        if self.cfg.eval.at_start and self.step == 0:
             self.evaluate()
+        self.run_steps(self.cfg.schedule.steps - self.step)
+        seconds = time.perf_counter() - t_start
+        final = self.evaluate()
+        return self._finish(seconds, final)
+
+    def run_steps(self, n: int) -> None:
+        """The loop body for ``n`` optimizer steps: step, log, verify on schedule (``dsoft bench train`` times it)."""
         since, samples = time.perf_counter(), 0
-        while self.step < cfg.schedule.steps:
+        for _ in range(n):
             log_now = self._is_log_step(self.step + 1)
             self._lr_applied = self._lr()
             out = self.step_fn(self.data, self._lr_applied, timed=log_now)
@@ -149,14 +160,12 @@ class Trainer:
             self.skipped += not out.applied
             samples += out.samples
             self.metrics.advance()
+            self.last_output = out
             if log_now:
                 self._log(out, out.timings, since, samples)
                 since, samples = time.perf_counter(), 0
-            if self._should(cfg.eval.every_steps) and self.step != cfg.schedule.steps:
+            if self._should(self.cfg.eval.every_steps) and self.step != self.cfg.schedule.steps:
                 self.evaluate()
-        seconds = time.perf_counter() - t_start
-        final = self.evaluate()
-        return self._finish(seconds, final)
 
     def _finish(self, seconds: float, final: dict) -> dict:
         save_head_checkpoint(os.path.join(self.out, "head"), self.head, self.head_optimizer)  # collective
@@ -170,6 +179,7 @@ class Trainer:
             module = copy.deepcopy(module).float()
         save_backbone(os.path.join(self.out, "backbone.pt"), module, self.cfg.model)
         summary = {"config": config_to_dict(self.cfg), "world_size": self.env.world_size, "backend": self.env.backend,
+                   "engine": self.engine.describe(),
                    "train_seconds": round(seconds, 1), "head_step_in_backward": self.head_config.head_step_in_backward,
                    "log": self.metrics.rows, "evals": self.metrics.evals, "final": final, "bad_samples": int(bad),
                    "skipped_steps": self.skipped}

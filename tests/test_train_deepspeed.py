@@ -1,0 +1,89 @@
+"""DeepSpeed ZeRO-1/2 for the backbone against DDP, in real gloo processes on CPU.
+
+The same tiny run (tests/test_train_dist.py) under parallel.engine=ddp and deepspeed: after 3
+steps the backbone and the head agree; accumulation under DeepSpeed equals a larger batch; a
+non-finite gradient makes DeepSpeed skip its step and the head's with it. (DeepSpeed's CPU
+accelerator refuses fp16, so its loss scale is exercised on GPUs only; DDP's fp16 overflow
+test is in tests/test_train_dist.py.)
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from dsoft_dist.config import config_from_dict
+from dsoft_dist.train.distributed import distributed, spawn_local
+from tests.test_train_dist import assert_same_params, run, tiny
+
+pytest.importorskip("deepspeed")  # the test extra installs it; a machine without it runs the DDP tests
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension_cache(tmp_path_factory):
+    """DeepSpeed builds a small C++ comm op once (~35-65 s here); keep it for the whole module."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and "DSOFT_CACHE_DIR" not in os.environ:
+        os.environ["DSOFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("dsoft_cache"))
+    yield
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ddp_and_deepspeed_zero_agree_after_three_steps(tmp_path, stage):
+    ddp = run(tiny(tmp_path / "ddp", optimizer__grad_clip=1.0))
+    ds = run(tiny(tmp_path / "ds", parallel__engine="deepspeed", parallel__zero_stage=stage, optimizer__grad_clip=1.0))
+    assert (ddp["report"]["engine"], ds["report"]["engine"]) == ("ddp", f"deepspeed ZeRO-{stage}")
+    assert ds["loss"] == pytest.approx(ddp["loss"], rel=1e-5)
+    assert_same_params(ds, ddp, atol=1e-5)
+    assert ds["backbone"]["net.0.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_accumulation_equals_one_larger_batch(tmp_path, stage):
+    ds = {"parallel__engine": "deepspeed", "parallel__zero_stage": stage}
+    accum = run(tiny(tmp_path / "acc", data__batch_size=8, optimizer__grad_accum_steps=2, **ds), without_batchnorm=True)
+    big = run(tiny(tmp_path / "big", data__batch_size=16, **ds), without_batchnorm=True)
+    ddp = run(tiny(tmp_path / "ddp", data__batch_size=8, optimizer__grad_accum_steps=2), without_batchnorm=True)
+    assert accum["loss"] == pytest.approx(big["loss"], rel=1e-5)
+    assert_same_params(accum, big, atol=2e-6)
+    assert_same_params(accum, ddp, atol=2e-6)  # and both engines accumulate the same way
+
+
+def test_deepspeed_bf16_trains(tmp_path):
+    res = run(tiny(tmp_path / "bf16", parallel__engine="deepspeed", parallel__zero_stage=2, parallel__precision="bf16",
+                   schedule__steps=30, logging__log_every=10))
+    assert res["loss"][-1] < res["loss"][0] - 1.0
+    assert res["backbone"]["net.0.weight"].dtype == torch.float32  # written as fp32 for dsoft eval
+
+
+def _nonfinite(cfg_dict: dict, out_dir: str) -> None:
+    from dsoft_dist.train.trainer import Trainer
+
+    with distributed("gloo") as env:
+        t = Trainer(config_from_dict(cfg_dict), env)
+        inject = [False]
+        first = next(t.engine.module.parameters())
+        first.register_hook(lambda g: torch.full_like(g, math.inf) if inject[0] and env.rank == 0 else g)
+        records = []
+        for i in range(3):
+            inject[0] = i == 1
+            before = [p.detach().clone() for p in t.engine.module.parameters()] + [t.head.weight.detach().clone()]
+            out = t.step_fn(t.data, 0.1)
+            after = [p.detach() for p in t.engine.module.parameters()] + [t.head.weight.detach()]
+            records.append({"applied": out.applied,
+                            "backbone_changed": any(not torch.equal(a, b) for a, b in zip(before[:-1], after[:-1])),
+                            "head_changed": not torch.equal(before[-1], after[-1])})
+        torch.save(records, os.path.join(out_dir, f"rank{env.rank}.pt"))
+        t.close()
+
+
+def test_deepspeed_skipped_step_skips_the_head_step(tmp_path):
+    cfg = tiny(tmp_path / "run", parallel__engine="deepspeed", parallel__zero_stage=2,
+               optimizer__head_step_in_backward=False)
+    spawn_local(_nonfinite, 2, (cfg, str(tmp_path)))
+    for rank in (0, 1):
+        rec = torch.load(tmp_path / f"rank{rank}.pt")
+        assert [r["applied"] for r in rec] == [True, False, True]
+        assert [(r["backbone_changed"], r["head_changed"]) for r in rec] == [(True, True), (False, False), (True, True)]
