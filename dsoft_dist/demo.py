@@ -31,7 +31,7 @@ DEMO_CONFIG = {  # configs/demo.yaml holds the same values (a test checks it)
     "schedule": {"steps": 300, "warmup_steps": 20, "decay": "cosine"},
     "parallel": {"nproc": 2, "backend": "gloo"},
     "logging": {"output_dir": "runs/demo", "log_every": 30},
-    "eval": {"at_start": True, "synthetic_identities": 100, "synthetic_pairs": 600},
+    "eval": {"at_start": True, "every_steps": 100, "synthetic_identities": 100, "synthetic_pairs": 600},
 }
 
 

@@ -8,15 +8,13 @@ test is in tests/test_train_dist.py.)
 """
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
 
-from dsoft_dist.config import config_from_dict
-from dsoft_dist.train.distributed import distributed, spawn_local
-from tests.test_train_dist import assert_same_params, run, tiny
+from dsoft_dist.train.distributed import spawn_local
+from tests.test_train_dist import assert_same_params, inject_nonfinite, run, tiny
 
 pytest.importorskip("deepspeed")  # the test extra installs it; a machine without it runs the DDP tests
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -58,31 +56,10 @@ def test_deepspeed_bf16_trains(tmp_path):
     assert res["backbone"]["net.0.weight"].dtype == torch.float32  # written as fp32 for dsoft eval
 
 
-def _nonfinite(cfg_dict: dict, out_dir: str) -> None:
-    from dsoft_dist.train.trainer import Trainer
-
-    with distributed("gloo") as env:
-        t = Trainer(config_from_dict(cfg_dict), env)
-        inject = [False]
-        first = next(t.engine.module.parameters())
-        first.register_hook(lambda g: torch.full_like(g, math.inf) if inject[0] and env.rank == 0 else g)
-        records = []
-        for i in range(3):
-            inject[0] = i == 1
-            before = [p.detach().clone() for p in t.engine.module.parameters()] + [t.head.weight.detach().clone()]
-            out = t.step_fn(t.data, 0.1)
-            after = [p.detach() for p in t.engine.module.parameters()] + [t.head.weight.detach()]
-            records.append({"applied": out.applied,
-                            "backbone_changed": any(not torch.equal(a, b) for a, b in zip(before[:-1], after[:-1])),
-                            "head_changed": not torch.equal(before[-1], after[-1])})
-        torch.save(records, os.path.join(out_dir, f"rank{env.rank}.pt"))
-        t.close()
-
-
 def test_deepspeed_skipped_step_skips_the_head_step(tmp_path):
     cfg = tiny(tmp_path / "run", parallel__engine="deepspeed", parallel__zero_stage=2,
                optimizer__head_step_in_backward=False)
-    spawn_local(_nonfinite, 2, (cfg, str(tmp_path)))
+    spawn_local(inject_nonfinite, 2, (cfg, str(tmp_path)))
     for rank in (0, 1):
         rec = torch.load(tmp_path / f"rank{rank}.pt")
         assert [r["applied"] for r in rec] == [True, False, True]

@@ -106,10 +106,12 @@ def test_same_seed_same_loss_sequence(tmp_path, nproc):
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(tmp_path, loss):
     # exact negatives only: a sampled negative set (batch, random) is drawn per micro-batch, so it
     # equals the larger batch's only in expectation
-    k = 2
-    accum = run(tiny(tmp_path / "acc", data__batch_size=8, optimizer__grad_accum_steps=k, head__loss=loss),
+    # and a schedule that moves every step: the lr must move per optimizer step, not per micro-batch
+    k, sched = 2, {"schedule__decay": "cosine", "schedule__warmup_steps": 1, "schedule__steps": 4}
+    accum = run(tiny(tmp_path / "acc", data__batch_size=8, optimizer__grad_accum_steps=k, head__loss=loss, **sched),
                 without_batchnorm=True)
-    big = run(tiny(tmp_path / "big", data__batch_size=8 * k, head__loss=loss), without_batchnorm=True)
+    big = run(tiny(tmp_path / "big", data__batch_size=8 * k, head__loss=loss, **sched), without_batchnorm=True)
+    assert [r["lr"] for r in accum["rows"] if "lr" in r] == [r["lr"] for r in big["rows"] if "lr" in r]
     assert accum["report"]["head_step_in_backward"] is False and big["report"]["head_step_in_backward"] is True
     assert accum["loss"] == pytest.approx(big["loss"], rel=1e-5)
     assert_same_params(accum, big, atol=2e-6)
@@ -124,14 +126,17 @@ def test_bf16_autocast_trains(tmp_path):
     assert res["loss"] != fp32["loss"]  # ... but it did run in bf16
 
 
-def _overflow(cfg_dict: dict, out_dir: str) -> None:
-    """Every rank: three steps, with +inf injected into one backbone gradient on rank 0 at the second."""
+def inject_nonfinite(cfg_dict: dict, out_dir: str) -> None:
+    """Every rank: three steps, with +inf injected into one backbone gradient on rank 0 at the second;
+    records per step whether it was applied and whether the backbone and the head changed."""
     from dsoft_dist.train.trainer import Trainer
 
     cfg = config_from_dict(cfg_dict)
     with distributed("gloo") as env:
         t = Trainer(cfg, env)
-        t.engine.scaler.scale = 2.0 ** 10  # low enough that only the injected step overflows
+        scaler = getattr(t.engine, "scaler", None)  # DDP's; DeepSpeed keeps its own
+        if scaler is not None:
+            scaler.scale = 2.0 ** 10  # low enough that only the injected step overflows
         inject = [False]
         first = next(t.engine.module.parameters())
         first.register_hook(lambda g: torch.full_like(g, math.inf) if inject[0] and env.rank == 0 else g)
@@ -139,10 +144,11 @@ def _overflow(cfg_dict: dict, out_dir: str) -> None:
         for i in range(3):
             inject[0] = i == 1
             before = [p.detach().clone() for p in t.engine.module.parameters()] + [t.head.weight.detach().clone()]
-            scale = t.engine.scaler.scale
+            scale = scaler.scale if scaler is not None else None
             out = t.step_fn(t.data, 0.1)
             after = [p.detach() for p in t.engine.module.parameters()] + [t.head.weight.detach()]
-            records.append({"applied": out.applied, "scale_before": scale, "scale_after": t.engine.scaler.scale,
+            records.append({"applied": out.applied, "scale_before": scale,
+                            "scale_after": scaler.scale if scaler is not None else None,
                             "backbone_changed": any(not torch.equal(a, b) for a, b in zip(before[:-1], after[:-1])),
                             "head_changed": not torch.equal(before[-1], after[-1]), "loss": float(out.loss)})
         torch.save(records, os.path.join(out_dir, f"rank{env.rank}.pt"))
@@ -151,7 +157,7 @@ def _overflow(cfg_dict: dict, out_dir: str) -> None:
 
 def test_fp16_overflow_skips_backbone_and_head_step_together(tmp_path):
     cfg = tiny(tmp_path / "fp16", parallel__precision="fp16")
-    spawn_local(_overflow, 2, (cfg, str(tmp_path)))
+    spawn_local(inject_nonfinite, 2, (cfg, str(tmp_path)))
     for rank in (0, 1):
         rec = torch.load(tmp_path / f"rank{rank}.pt")
         assert [r["applied"] for r in rec] == [True, False, True]
@@ -160,3 +166,48 @@ def test_fp16_overflow_skips_backbone_and_head_step_together(tmp_path):
         assert rec[2]["backbone_changed"] and rec[2]["head_changed"]
         assert rec[1]["scale_after"] == rec[1]["scale_before"] / 2 == 2.0 ** 9
         assert all(math.isfinite(r["loss"]) for r in rec)
+
+
+def _yaml(tmp_path, cfg_dict) -> str:
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg_dict))
+    return str(path)
+
+
+def _torchrun(args, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_ERROR_FILE"}
+    env["WANDB_MODE"] = "disabled"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "dsoft_dist.train", *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600, env=env)
+
+
+def test_torchrun_and_python_m_run_the_same_trainer(tmp_path):
+    """The entry point under torchrun (2 ranks) and as python -m on one process gives the same first loss
+    as the ranks dsoft train spawns itself."""
+    import subprocess
+    import sys
+
+    spawned = run(tiny(tmp_path / "spawned"))
+    proc = _torchrun(["--config", _yaml(tmp_path, tiny(tmp_path / "torchrun"))], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in open(tmp_path / "torchrun" / "metrics.jsonl")]
+    assert [r["loss"] for r in rows] == spawned["loss"]  # same ranks, same data, same numbers
+    assert "Written to" in proc.stdout
+    single = subprocess.run([sys.executable, "-m", "dsoft_dist.train", "--config", _yaml(tmp_path, tiny(tmp_path / "one")),
+                             "--nproc", "1"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert json.loads(open(tmp_path / "one" / "report.json").read())["world_size"] == 1
+
+
+def test_torchrun_reports_the_failing_ranks_traceback(tmp_path):
+    cfg = tiny(tmp_path / "fails", eval__bins=[str(tmp_path / "missing.bin")], eval__at_start=True)
+    proc = _torchrun(["--config", _yaml(tmp_path, cfg)], tmp_path)
+    assert proc.returncode != 0
+    assert "Root Cause" in proc.stderr and "missing.bin" in proc.stderr  # @record: the rank's error reaches torchrun

@@ -161,8 +161,9 @@ class ShardedClassifier(nn.Module):
                       self.logit_cache_mb)
         dtype_kw = {"compute_dtype": self.compute_dtype} if self.compute_dtype is not None else {}
         if not self._path_logged and self.training:
-            log.info("head class shard %d/%d: %s", self.rank, self.world_size,
-                     describe_local_path(self._local_stats, feats, self.weight, self.compute_dtype))
+            (log.info if self.rank == 0 else log.debug)(  # one line for the run, not one per rank
+                "head class shard %d/%d: %s", self.rank, self.world_size,
+                describe_local_path(self._local_stats, feats, self.weight, self.compute_dtype))
             self._path_logged = True
         if self._row_update is not None and torch.is_grad_enabled() and self.weight.requires_grad and \
                 fuses_row_updates(self._local_stats, feats, self.weight, self.compute_dtype):

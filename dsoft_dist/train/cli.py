@@ -70,11 +70,18 @@ def overrides(args) -> list[str]:
 
 
 def _main(args) -> int:
+    from dsoft_dist.train.distributed import resolve_backend
+
     try:
         cfg = load_config(args.config, overrides(args))
     except ConfigError as err:
         sys.stderr.write(f"dsoft train: {err}\n")
         return 1
+    try:
+        resolve_backend(cfg.parallel.backend)  # refused here, before any rank starts
+    except ValueError as err:
+        sys.stderr.write(f"dsoft train: {err}\n")
+        return 2
     launch(cfg)
     return 0
 

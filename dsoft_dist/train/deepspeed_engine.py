@@ -104,10 +104,13 @@ class DeepSpeedEngine:
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
         self.env, self.head_optimizer, self.precision = env, head_optimizer, cfg.parallel.precision
         self.grad_clip, self.clip_scope = cfg.optimizer.grad_clip, cfg.optimizer.clip_scope
-        self.ds, self.optimizer = _initialize(deepspeed, model.to(env.device), optimizer, deepspeed_config(cfg))
-        self.module = self.ds.module
         self.input_dtype = torch.bfloat16 if self.precision == "bf16" else \
             torch.float16 if self.precision == "fp16" else torch.float32
+        # DeepSpeed casts the parameters to bf16/fp16 but not the buffers (BatchNorm's running statistics),
+        # which the normalization kernels then refuse: cast the whole module first (the same values)
+        model = model.to(device=env.device, dtype=self.input_dtype)
+        self.ds, self.optimizer = _initialize(deepspeed, model, optimizer, deepspeed_config(cfg))
+        self.module = self.ds.module
         self._last = True
         self.skipped_by_head = 0
         self.last_norms: dict[str, float] = {}
@@ -150,7 +153,7 @@ class DeepSpeedEngine:
                       "DeepSpeed's was not")
         if applied and head_finite:
             self.head_optimizer.step()
-        elif not applied:
+        elif not applied and self.env.is_main:
             log.warning("non-finite gradients: DeepSpeed skipped its step, the head step is skipped with it")
         self.head_optimizer.zero_grad(set_to_none=True)
         return applied and head_finite

@@ -86,7 +86,7 @@ class DDPEngine:
         if finite:
             self.optimizer.step()
             self.head_optimizer.step()
-        else:
+        elif self.env.is_main:  # the decision is the same on every rank: one line
             log.warning("non-finite gradients (fp16 overflow or bad data): both optimizer steps skipped%s",
                         f"; loss scale now {self.scaler.scale / 2:g}" if self.scaler.enabled else "")
         self.scaler.update(finite)

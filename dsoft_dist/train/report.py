@@ -11,7 +11,10 @@ import json
 import math
 import os
 
+from dsoft_dist.observability import get_logger
+
 _NAN = float("nan")
+log = get_logger(__name__)
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -92,5 +95,8 @@ def write_report(out_dir: str, summary: dict) -> str:
         f.write(text)
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    plot_curves(summary["log"], summary["evals"], os.path.join(out_dir, "curves.png"))
+    try:
+        plot_curves(summary["log"], summary["evals"], os.path.join(out_dir, "curves.png"))
+    except ImportError as err:  # matplotlib is a dependency; a --no-deps install may lack it
+        log.warning("curves.png not written: %s (pip install matplotlib)", err)
     return text

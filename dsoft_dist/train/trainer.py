@@ -101,7 +101,7 @@ class Trainer:
         self.skipped = 0
         self._lr_applied = self._lr()
         self.last_output = None  # the last StepOutput (timings, diagnostics)
-        log.info("%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
+        (log.info if env.is_main else log.debug)("%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
                  cfg.name, env.world_size, env.backend, self.engine.describe(), cfg.parallel.precision, cfg.head.loss,
                  cfg.head.negatives, self.head_config.head_step_in_backward)
 

@@ -76,6 +76,11 @@ class Validator:
     def __init__(self, cfg: Config, env, output_dir: str):
         self.cfg, self.env = cfg, env
         self.bins = list(cfg.eval.bins)
+        for key, paths in (("eval.bins", cfg.eval.bins), ("eval.pairs", cfg.eval.pairs)):
+            for i, path in enumerate(paths):  # found now, not after hours of training
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{key}[{i}]={path!r} does not exist: give the path of a verification "
+                                            f"set (.bin from `dsoft data make-bin`, or a pair list), or remove it")
         if cfg.eval.synthetic_identities:
             path = os.path.join(output_dir, f"{SYNTHETIC_SET}.bin")
             if env.is_main:
