@@ -24,7 +24,7 @@ log = get_logger(__name__)
 @record
 def run_rank(cfg_dict: dict) -> None:
     """One rank of a run: start-up, train, report (rank 0 prints it), teardown."""
-    from dsoft_dist.train.distributed import distributed
+    from dsoft_dist.train.distributed import distributed, release_collected
     from dsoft_dist.train.trainer import Trainer
 
     cfg = config_from_dict(cfg_dict)
@@ -37,6 +37,8 @@ def run_rank(cfg_dict: dict) -> None:
     if env.is_main:
         sys.stdout.write(summary["report"] + f"Written to {cfg.logging.output_dir}/ (report.md, report.json, "
                          "curves.png, metrics.jsonl, backbone.pt, head/)\n")
+    del trainer
+    release_collected()
 
 
 def launch(cfg: Config) -> None:

@@ -17,6 +17,7 @@ CUDA and gloo on CPU ("auto"); ``init_process_group`` is only ever called from h
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,10 +127,21 @@ def distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Iterator[Di
     shutdown_distributed()
 
 
+def release_collected() -> None:
+    """Collects garbage cycles now, while the interpreter is whole.
+
+    A process group still referenced from a cycle (a DDP wrapper, a trainer) would otherwise be
+    freed during interpreter shutdown, when gloo's worker threads can no longer take the GIL
+    and the process aborts ("terminate called without an active exception").
+    """
+    gc.collect()
+
+
 def _child(local_rank: int, nproc: int, port: int, fn: Callable, args: tuple) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     fn(*args)
+    release_collected()
 
 
 def spawn_local(fn: Callable, nproc: int, args: tuple = ()) -> None:
