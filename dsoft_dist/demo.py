@@ -32,6 +32,7 @@ DEMO_CONFIG = {  # configs/demo.yaml holds the same values (a test checks it)
     "parallel": {"nproc": 2, "backend": "gloo"},
     "logging": {"output_dir": "runs/demo", "log_every": 30},
     "eval": {"at_start": True, "every_steps": 100, "synthetic_identities": 100, "synthetic_pairs": 600},
+    "checkpoint": {"resume": "never"},  # a rerun of the demo trains again
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import shutil
 import sys
 
 import pytest
@@ -120,6 +121,12 @@ CASES = {
     "eval.at_start": ("images+bins", True),
     "eval.synthetic_identities": ("images", 4),
     "eval.synthetic_pairs": ("images+synthetic", 20),
+    "checkpoint.dir": ({}, "{dir}/ckpts"),
+    "checkpoint.every_steps": ({}, 1),
+    "checkpoint.keep_last": ({"checkpoint.every_steps": 1}, 1),
+    "checkpoint.keep_best": ("images+bins", "set/accuracy"),
+    "checkpoint.resume": ({}, "{dir}/no-such-checkpoint"),
+    "checkpoint.init_from": ({}, "{dir}/no-such-checkpoint"),
 }
 # keys whose effect needs several processes or DeepSpeed: the test that shows it
 ELSEWHERE = {
@@ -133,7 +140,7 @@ def all_keys(cls=Config, prefix="") -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(f.type) or f.name in ("model", "head", "data", "optimizer", "schedule",
-                                                           "parallel", "logging", "eval"):
+                                                           "parallel", "logging", "eval", "checkpoint"):
             out += all_keys(type(getattr(cls(), f.name)), f"{prefix}{f.name}.")
         else:
             out.append(prefix + f.name)
@@ -232,9 +239,7 @@ def test_changing_the_key_changes_what_runs(dotted, assets, tmp_path, monkeypatc
     changed_cfg = build_case(context, dotted, value, assets, tmp_path / "run")
     base = fingerprint(base_cfg, tmp_path, monkeypatch)
     assert "error" not in base, base  # the base run of every context works
-    for p in (tmp_path / "run").glob("**/*"):
-        if p.is_file():
-            p.unlink()
+    shutil.rmtree(tmp_path / "run")  # the changed run starts clean (checkpoint.resume=auto finds nothing)
     changed = fingerprint(changed_cfg, tmp_path, monkeypatch)
     assert changed != base, f"{dotted}={value!r} changed nothing that ran"
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -275,6 +275,25 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """Run checkpoints (dsoft_dist.train.checkpoint): when to write them, how many to keep, how to start."""
+
+    dir: str = ""  # "" = <logging.output_dir>/checkpoints; one folder all ranks share
+    every_steps: int = 0  # 0 = only at the end of training (and on preemption)
+    keep_last: int = 3
+    keep_best: str = ""  # a verification metric to keep the best checkpoint by (higher is better), e.g. lfw/accuracy
+    resume: str = "auto"  # auto (the newest checkpoint that verifies, if any) | never | a checkpoint folder
+    init_from: str = ""  # a checkpoint folder to take the weights from (fine-tuning; a fresh run otherwise)
+
+    def __post_init__(self):
+        _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0 (0 = at the end only)")
+        _positive("checkpoint.keep_last", self.keep_last)
+        _check(bool(self.resume), "checkpoint.resume", self.resume, "use auto, never or a checkpoint folder")
+        _check(self.keep_best == "" or "/" in self.keep_best, "checkpoint.keep_best", self.keep_best,
+               "name a verification metric as <set>/<metric>, e.g. lfw/accuracy (or leave it empty)")
+
+
+@dataclass(kw_only=True)
 class Config:
     """The whole run: one field per section."""
 
@@ -288,6 +307,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         _check(self.data.num_classes >= self.parallel.nproc, "data.num_classes", self.data.num_classes,
@@ -305,7 +325,7 @@ class Config:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig", "LoggingConfig",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig", "LoggingConfig",
     "ModelConfig", "OptimizerConfig", "ParallelConfig", "ScheduleConfig",
     "LOSSES", "NEGATIVES", "MODELS",
 ]

@@ -35,6 +35,7 @@ from dsoft_dist.data.datasets import (
 )
 from dsoft_dist.data.decode import Augment, normalize_images
 from dsoft_dist.data.manifest import MANIFEST_NAME, check_num_classes, load_manifest
+from dsoft_dist.data.rng import hash_keys
 from dsoft_dist.data.shards import expand_shards
 from dsoft_dist.observability import get_logger
 
@@ -67,8 +68,11 @@ class TrainLoader:
         """Worker chunks from pass 0, then from top-up passes while more are needed."""
         for pass_index in range(_MAX_PASSES):
             stream = self.make_stream(pass_index)
+            # its own generator: a DataLoader iterator otherwise draws its base seed from the global torch
+            # RNG, so starting an epoch (or resuming mid-epoch) would shift the model's dropout draws
+            gen = torch.Generator().manual_seed(int(hash_keys(self.seed, self.epoch, pass_index, self.rank, 307)))
             loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                prefetch_factor=4 if self.num_workers else None)
+                                prefetch_factor=4 if self.num_workers else None, generator=gen)
             for x, y, stats in loader:
                 raise_if_failed(stats)
                 self._stats[(pass_index, stats["worker"])] = stats

@@ -64,11 +64,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) ->
                         help="dotted override, e.g. --set head.negatives=random (repeatable)")
     parser.add_argument("--nproc", type=int, default=None,
                         help="local ranks to spawn (= --set parallel.nproc=N; ignored under torchrun)")
+    parser.add_argument("--resume", default=None, metavar="auto|never|PATH",
+                        help="= --set checkpoint.resume=...: auto (default) takes the newest checkpoint that verifies")
+    parser.add_argument("--init-from", default=None, metavar="PATH",
+                        help="= --set checkpoint.init_from=PATH: start from a checkpoint's weights (fine-tuning)")
 
 
 def overrides(args) -> list[str]:
-    """The --set list with --nproc folded in."""
-    return list(args.set) + ([f"parallel.nproc={args.nproc}"] if args.nproc is not None else [])
+    """The --set list with --nproc, --resume and --init-from folded in."""
+    extra = [(f"parallel.nproc={args.nproc}", args.nproc), (f"checkpoint.resume={args.resume}", args.resume),
+             (f"checkpoint.init_from={args.init_from}", args.init_from)]
+    return list(args.set) + [item for item, given in extra if given is not None]
 
 
 def _main(args) -> int:

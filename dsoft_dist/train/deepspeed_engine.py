@@ -158,8 +158,17 @@ class DeepSpeedEngine:
         self.head_optimizer.zero_grad(set_to_none=True)
         return applied and head_finite
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "global_steps": int(self.ds.global_steps)}
+    def save_state(self, folder: str) -> None:
+        """DeepSpeed's own checkpoint form (its ZeRO partitions, fp32 masters, loss scale); collective."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.ds.save_checkpoint(folder, tag="engine", save_latest=False)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state(self, folder: str, same_world: bool) -> None:
+        """DeepSpeed's ZeRO partitions are per rank: they load on the world size that wrote them only."""
+        from dsoft_dist.train.checkpoint import CheckpointError
+
+        if not same_world:
+            raise CheckpointError(f"{folder}: a DeepSpeed checkpoint resumes on the world size that wrote it; "
+                                  "resume with that many ranks (or parallel.engine=ddp, whose state loads anywhere)")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.ds.load_checkpoint(folder, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False)

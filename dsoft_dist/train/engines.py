@@ -14,6 +14,7 @@ engine divides by the accumulation steps itself.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -100,3 +101,16 @@ class DDPEngine:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+
+    def save_state(self, folder: str) -> None:
+        """The optimizer and loss scale are replicated under DDP: rank 0 writes one file."""
+        from dsoft_dist.train.checkpoint import _save
+
+        if self.env.is_main:
+            _save(self.state_dict(), os.path.join(folder, "ddp.pt"))
+
+    def load_state(self, folder: str, same_world: bool) -> None:
+        """Any world size: the state does not depend on it."""
+        from dsoft_dist.train.checkpoint import load_weights_only
+
+        self.load_state_dict(load_weights_only(os.path.join(folder, "ddp.pt"), map_location=self.env.device))

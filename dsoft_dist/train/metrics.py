@@ -14,6 +14,7 @@ stderr is a terminal (a redirected log gets no bar lines).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -71,11 +72,27 @@ class RunMetrics:
         self.cfg, self.env, self.rows, self.evals = cfg, env, [], []
         self.sink = None
         if env.is_main:
+            self._keep_history(os.path.join(cfg.logging.output_dir, "metrics.jsonl"), start_step)
             self.sink = MetricsSink(cfg.logging.output_dir, resolve_wandb_mode(cfg.logging.wandb),
                                     cfg.logging.wandb_project, cfg.name, config_dict)
         show = env.is_main and cfg.logging.progress and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, desc=cfg.name, disable=not show, file=sys.stderr,
                         dynamic_ncols=True)
+
+    def _keep_history(self, path: str, start_step: int) -> None:
+        """metrics.jsonl keeps the rows of steps <= start_step (a resumed run's history; none for a fresh
+        run), rewritten atomically: rows an interrupted attempt logged past its checkpoint go."""
+        kept = []
+        if start_step > 0 and os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                kept = [row for row in map(json.loads, filter(str.strip, fh)) if row.get("step", 0) <= start_step]
+        tmp = f"{path}.tmp.{os.getpid()}"
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(tmp, path)
+        self.rows = [{k: v for k, v in r.items() if k != "time"} for r in kept if not r.get("eval")]
+        self.evals = [{k: v for k, v in r.items() if k not in ("time", "eval")} for r in kept if r.get("eval")]
 
     def advance(self) -> None:
         self.bar.update(1)

@@ -24,6 +24,7 @@ from dsoft_dist.config import config_to_dict
 from dsoft_dist.config.schema import Config
 from dsoft_dist.head import build_head_optimizer, save_head_checkpoint
 from dsoft_dist.observability import get_logger
+from dsoft_dist.train.checkpoint import Checkpointer
 from dsoft_dist.train.build import build_backbone, build_backbone_optimizer, build_head, resolve_head_step
 from dsoft_dist.train.metrics import RunMetrics, memory_mb, sum_over_ranks
 from dsoft_dist.train.report import write_report
@@ -66,7 +67,32 @@ class TrainData:
         return self.bad_done + self.loader.counters["bad_total"]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, **self.loader.state_dict()}
+        return {**self.loader.state_dict(), "epoch": self.epoch, "bad_done": self.bad_done}
+
+    def load_state_dict(self, state: dict, saved_batch_size: int) -> None:
+        """Continues at a saved position. Same world size and batch: exactly the batches the run had
+        left. Otherwise only approximately: the epoch continues after the same number of samples per
+        rank's new share, but each rank reads its own contiguous part of the epoch's order, so which
+        samples repeat or are skipped depends on the layouts (logged; exact cross-world-size resume
+        needs a world-size-independent epoch order, not there yet)."""
+        epoch, step = state["epoch"], state["step"]
+        consumed = step * saved_batch_size * state["world_size"]
+        per_step = self.cfg.batch_size * self.env.world_size
+        same = state["world_size"] == self.env.world_size and saved_batch_size == self.cfg.batch_size
+        start = step if same else consumed // per_step
+        if not same and self.env.is_main:
+            log.warning("data position: %d samples of epoch %d were consumed by %d ranks x %d; continuing at step "
+                        "%d of %d ranks x %d. The rest of this epoch is approximate: the ranks' parts of the epoch "
+                        "changed with the world size, so some samples repeat and others are skipped",
+                        consumed, epoch, state["world_size"], saved_batch_size, start, self.env.world_size,
+                        self.cfg.batch_size)
+        self.epoch, self.bad_done = epoch, state.get("bad_done", 0)
+        self.loader = self._build(self.cfg, self.env.rank, self.env.world_size, epoch,
+                                  start_step=min(start, self._steps(epoch)))
+        self._it = self._batches()
+
+    def _steps(self, epoch: int) -> int:
+        return len(self._build(self.cfg, self.env.rank, self.env.world_size, epoch))
 
 
 def build_engine(cfg: Config, model, head_optimizer, env):
@@ -96,20 +122,31 @@ class Trainer:
         self.step_fn = TrainStep(self.engine, self.head, env, cfg.optimizer.grad_accum_steps)
         self.data = TrainData(cfg.data, env)
         self.validator = Validator(cfg, env, self.out)
-        self.step = 0
+        self.step, self.skipped = 0, 0
+        self.checkpointer = Checkpointer(cfg, env)
+        self.resumed_from = self._start()
         self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.step)
-        self.skipped = 0
         self._lr_applied = self._lr()
         self.last_output = None  # the last StepOutput (timings, diagnostics)
-        (log.info if env.is_main else log.debug)("%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
-                 cfg.name, env.world_size, env.backend, self.engine.describe(), cfg.parallel.precision, cfg.head.loss,
-                 cfg.head.negatives, self.head_config.head_step_in_backward)
+        (log.info if env.is_main else log.debug)(
+            "%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
+            cfg.name, env.world_size, env.backend, self.engine.describe(), cfg.parallel.precision, cfg.head.loss,
+            cfg.head.negatives, self.head_config.head_step_in_backward)
 
-    def state_dict(self) -> dict:
-        """The run state a checkpoint needs (this rank's view; the head pieces are by class range)."""
-        return {"step": self.step, "engine": self.engine.state_dict(), "head": self.head.state_dict(),
-                "head_optimizer": self.head_optimizer.state_dict(), "data": self.data.state_dict(),
-                "skipped": self.skipped}
+    def _start(self) -> str | None:
+        """checkpoint.resume: auto = the newest checkpoint that verifies (the normal start path, also after
+        torchrun restarts every worker), never, or a folder; else checkpoint.init_from's weights."""
+        c = self.cfg.checkpoint
+        path = None
+        if c.resume == "auto":
+            path = self.checkpointer.find_resume()
+        elif c.resume != "never":
+            path = c.resume
+        if path is not None:
+            self.checkpointer.load(self, path)
+        elif c.init_from:
+            self.checkpointer.init_weights(self, c.init_from)
+        return path
 
     def _lr(self) -> float:
         return self.cfg.optimizer.lr * lr_factor(self.step, self.cfg.schedule)
@@ -122,11 +159,15 @@ class Trainer:
         return every > 0 and self.step % every == 0
 
     def evaluate(self) -> dict:
-        """Collective verification of the backbone; rank 0 logs the metrics."""
+        """Collective verification of the backbone; rank 0 logs the metrics. A new best of
+        checkpoint.keep_best writes a checkpoint and points ``best`` at it."""
         if not self.validator.enabled:
             return {}
         metrics = self.validator(self.engine.module)
         self.metrics.log_eval(self.step, metrics)
+        improved = self.checkpointer.improves(metrics)
+        if improved is not None:
+            self.checkpointer.save(self, best_metric=improved)
         return metrics
 
     def _log(self, out, timings: dict, since: float, samples: int) -> None:
@@ -142,11 +183,17 @@ class Trainer:
     def train(self) -> dict:
         """Trains to ``schedule.steps``; verifies per ``eval``; writes the outputs. Returns the summary."""
         t_start = time.perf_counter()
+        if self.step >= self.cfg.schedule.steps and self.env.is_main:
+            log.info("the run in %s already finished (step %d of %d): nothing to train; use "
+                     "checkpoint.resume=never or another logging.output_dir to train again", self.out, self.step,
+                     self.cfg.schedule.steps)
         if self.cfg.eval.at_start and self.step == 0:
             self.evaluate()
         self.run_steps(self.cfg.schedule.steps - self.step)
         seconds = time.perf_counter() - t_start
         final = self.evaluate()
+        if self.checkpointer.latest_step() != self.step:
+            self.checkpointer.save(self)
         return self._finish(seconds, final)
 
     def run_steps(self, n: int) -> None:
@@ -166,6 +213,8 @@ class Trainer:
                 since, samples = time.perf_counter(), 0
             if self._should(self.cfg.eval.every_steps) and self.step != self.cfg.schedule.steps:
                 self.evaluate()
+            if self._should(self.checkpointer.every) and self.step != self.cfg.schedule.steps:
+                self.checkpointer.save(self)
 
     def _finish(self, seconds: float, final: dict) -> dict:
         save_head_checkpoint(os.path.join(self.out, "head"), self.head, self.head_optimizer)  # collective

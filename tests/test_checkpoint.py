@@ -1,0 +1,136 @@
+"""Run checkpoints in real gloo processes: exact resume, another world size, torn writes, pickles, loss scale.
+
+A run is interrupted by a worker that trains k steps, writes a checkpoint and stops (what a crash
+right after a checkpoint leaves); the resumed run (checkpoint.resume=auto) must continue as if
+nothing happened.
+
+    python -m pytest tests/test_checkpoint.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from dsoft_dist.config import config_from_dict
+from dsoft_dist.train.checkpoint import CheckpointError, Checkpointer, load_weights_only, verify
+from dsoft_dist.train.distributed import distributed, spawn_local
+from tests.test_train_dist import assert_same_params, run, tiny
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+
+def ckpt_cfg(out, **sections) -> dict:
+    base = {"schedule__steps": 8, "schedule__decay": "cosine", "schedule__warmup_steps": 2,
+            "checkpoint__every_steps": 2, "checkpoint__keep_last": 2, "model__dropout": 0.2}  # dropout: RNG state
+    return tiny(out, **{**base, **sections})
+
+
+def _interrupted(cfg_dict: dict, steps: int, scale: float | None = None) -> None:
+    """Every rank: trains ``steps`` steps, writes a checkpoint and stops without finishing."""
+    from dsoft_dist.train.trainer import Trainer
+
+    with distributed("gloo") as env:
+        t = Trainer(config_from_dict(cfg_dict), env)
+        if scale is not None:
+            t.engine.scaler.scale, t.engine.scaler.good_steps = scale, 7
+        t.run_steps(steps - t.step)
+        t.checkpointer.save(t)
+        t.close()
+
+
+def interrupt(cfg_dict: dict, steps: int, nproc: int | None = None, scale: float | None = None) -> None:
+    cfg = json.loads(json.dumps(cfg_dict))
+    cfg["parallel"]["nproc"] = nproc or cfg["parallel"]["nproc"]
+    spawn_local(_interrupted, cfg["parallel"]["nproc"], (cfg, steps, scale))
+
+
+def test_resume_on_the_same_world_size_is_exact(tmp_path):
+    whole = run(ckpt_cfg(tmp_path / "whole"))
+    cfg = ckpt_cfg(tmp_path / "resumed")
+    interrupt(cfg, 5)  # stops after step 5 (the checkpoint at step 5 is the interruption's)
+    resumed = run(cfg)
+    assert resumed["loss"] == whole["loss"]  # all 8 steps: 1-5 before, 6-8 after the resume, bit-identical
+    assert_same_params(resumed, whole, atol=0.0, rtol=0.0)
+    steps = [r["step"] for r in resumed["rows"] if "loss" in r]
+    assert steps == list(range(1, 9))  # the history is whole, nothing logged twice
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["latest", "step-00000006", "step-00000008"]
+
+
+@pytest.mark.parametrize("nproc", [1, 3])
+def test_resume_on_another_world_size(tmp_path, nproc):
+    """The head re-shards and the run goes on with the same global batch; the data position is
+    approximate across world sizes (docs/train.md), so the losses stay in the uninterrupted band."""
+    whole = run(ckpt_cfg(tmp_path / "whole", data__batch_size=6))
+    cfg = ckpt_cfg(tmp_path / "resumed", data__batch_size=6)
+    interrupt(cfg, 4)  # 2 ranks x 6 = 12 samples a step; then 1 x 12 or 3 x 4
+    cfg["parallel"]["nproc"] = nproc
+    cfg["data"]["batch_size"] = 12 // nproc
+    resumed = run(cfg)
+    assert resumed["report"]["world_size"] == nproc
+    assert resumed["loss"][:4] == whole["loss"][:4]
+    lo, hi = min(whole["loss"]), max(whole["loss"])
+    assert all(0.8 * lo <= x <= 1.2 * hi for x in resumed["loss"][4:]), (resumed["loss"], whole["loss"])
+    assert resumed["head"].shape == whole["head"].shape
+
+
+def test_torn_checkpoint_is_never_loaded_and_auto_takes_the_previous(tmp_path, caplog):
+    cfg = ckpt_cfg(tmp_path / "run")
+    interrupt(cfg, 6)
+    root = tmp_path / "run" / "checkpoints"
+    piece = next((root / "step-00000006" / "head").glob("head-*.pt"))
+    piece.write_bytes(piece.read_bytes()[:100])  # truncated, as a kill during the write would leave it
+    (root / "step-00000008.tmp").mkdir()  # a write that never finished
+    with distributed("gloo") as env:
+        ckpt = Checkpointer(config_from_dict(cfg), env)
+        assert "bytes" in verify(str(root / "step-00000006"))
+        with caplog.at_level("WARNING", logger="dsoft_dist"):
+            assert ckpt.find_resume() == str(root / "step-00000004")
+    assert "step-00000006 is not used" in caplog.text and piece.name in caplog.text
+
+
+class _Payload:
+    """Pickles to a call of os.system: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_nothing_runs(tmp_path):
+    cfg = ckpt_cfg(tmp_path / "run")
+    interrupt(cfg, 2)
+    folder = tmp_path / "run" / "checkpoints" / "step-00000002"
+    marker = tmp_path / "pwned"
+    with open(folder / "trainer.pt", "wb") as fh:
+        pickle.dump({"step": _Payload(marker)}, fh)
+    manifest = json.loads((folder / "manifest.json").read_text())  # a crafted manifest that matches
+    from dsoft_dist.data.manifest import sha256_file
+
+    manifest["files"]["trainer.pt"] = {"size": os.path.getsize(folder / "trainer.pt"),
+                                       "sha256": sha256_file(str(folder / "trainer.pt"))}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="trainer.pt could not be loaded as plain tensors"):
+        load_weights_only(str(folder / "trainer.pt"))
+    cfg["checkpoint"]["resume"] = str(folder)
+    with pytest.raises(Exception, match="could not be loaded as plain tensors"):
+        spawn_local(_interrupted, 2, (cfg, 4, None))
+    assert not marker.exists()
+
+
+def test_fp16_loss_scale_and_growth_tracker_survive_resume(tmp_path):
+    cfg = ckpt_cfg(tmp_path / "run", parallel__precision="fp16", model__dropout=0.0)
+    interrupt(cfg, 2, scale=2.0 ** 11)
+    state = load_weights_only(str(tmp_path / "run" / "checkpoints" / "step-00000002" / "engine" / "ddp.pt"))
+    assert state["scaler"]["scale"] == 2.0 ** 11 and state["scaler"]["good_steps"] == 9  # 7 + 2 finite steps
+    with distributed("gloo") as env:
+        from dsoft_dist.train.trainer import Trainer
+
+        t = Trainer(config_from_dict(cfg), env)
+        assert (t.step, t.engine.scaler.scale, t.engine.scaler.good_steps) == (2, 2.0 ** 11, 9)
+        t.close()
