@@ -48,8 +48,7 @@ def _main(args) -> int:
     except ConfigError as err:
         sys.stderr.write(f"dsoft demo: {err}\n")
         return 1
-    launch(cfg)
-    return 0
+    return launch(cfg)
 
 
 def register(subparsers) -> None:

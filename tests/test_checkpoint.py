@@ -13,7 +13,6 @@ import os
 import pickle
 
 import pytest
-import torch
 
 from dsoft_dist.config import config_from_dict
 from dsoft_dist.train.checkpoint import CheckpointError, Checkpointer, load_weights_only, verify

@@ -127,6 +127,7 @@ CASES = {
     "checkpoint.keep_best": ("images+bins", "set/accuracy"),
     "checkpoint.resume": ({}, "{dir}/no-such-checkpoint"),
     "checkpoint.init_from": ({}, "{dir}/no-such-checkpoint"),
+    "checkpoint.signals": ({}, ["SIGUSR2"]),
 }
 # keys whose effect needs several processes or DeepSpeed: the test that shows it
 ELSEWHERE = {
@@ -216,7 +217,8 @@ def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
             wandb_run = t.metrics.sink._wandb
             fp = {"bar": t.metrics.bar.disable, "wandb": wandb_run.project if wandb_run is not None else None,
                   "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size,
-                  "backend": t.head._local_stats.__name__, "compute_dtype": str(t.head.compute_dtype)}
+                  "backend": t.head._local_stats.__name__, "compute_dtype": str(t.head.compute_dtype),
+                  "signals": sorted(s.name for s in t.preemption._previous)}
             summary = t.train()
             t.close()
         params = [p.detach().double().sum().item() for p in t.engine.module.parameters()]

@@ -41,19 +41,33 @@ def run_rank(cfg_dict: dict) -> None:
     release_collected()
 
 
-def launch(cfg: Config) -> None:
-    """Runs ``cfg``: in this process under a launcher or for nproc=1, else in parallel.nproc local ranks."""
+def launch(cfg: Config) -> int:
+    """Runs ``cfg``: in this process under a launcher or for nproc=1, else in parallel.nproc local ranks.
+
+    Returns 0, or PREEMPTED_EXIT_CODE when a preemption signal stopped the run after its checkpoint.
+    """
+    import torch.multiprocessing as mp
+
     from dsoft_dist.train.distributed import spawn_local, under_launcher
+    from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE, Preempted
 
     cfg_dict = config_to_dict(cfg)
-    if under_launcher():
-        if cfg.parallel.nproc > 1:
-            log.info("under a launcher: its world size is used, parallel.nproc=%d is ignored", cfg.parallel.nproc)
-        run_rank(cfg_dict)
-    elif cfg.parallel.nproc > 1:
-        spawn_local(run_rank, cfg.parallel.nproc, (cfg_dict,))
-    else:
-        run_rank(cfg_dict)
+    try:
+        if under_launcher():
+            if cfg.parallel.nproc > 1:
+                log.info("under a launcher: its world size is used, parallel.nproc=%d is ignored", cfg.parallel.nproc)
+            run_rank(cfg_dict)
+        elif cfg.parallel.nproc > 1:
+            spawn_local(run_rank, cfg.parallel.nproc, (cfg_dict,))
+        else:
+            run_rank(cfg_dict)
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
+    except mp.ProcessExitedException as err:
+        if err.exit_code == PREEMPTED_EXIT_CODE:
+            return PREEMPTED_EXIT_CODE
+        raise
+    return 0
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) -> None:
@@ -90,8 +104,7 @@ def _main(args) -> int:
     except ValueError as err:
         sys.stderr.write(f"dsoft train: {err}\n")
         return 2
-    launch(cfg)
-    return 0
+    return launch(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,12 +93,26 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         if backend == "nccl":
             init["device_id"] = device
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
-                                **init)
+        if launched and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            init = {**init, "store": _attempt_store(rank, world, timeout)}
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **init)
     log.debug("rank %d/%d (local %d) on %s with %s", rank, world, local_rank, device, backend)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
+    """The launcher's store under a prefix per torchrun restart.
+
+    After a restart the new workers reach the same agent store as the failed attempt (torch 2.13,
+    --standalone and c10d rendezvous), where gloo finds the dead workers' addresses under the
+    default keys and fails to connect ("Connection refused" to a port of the old attempt) or
+    hangs. A prefix with TORCHELASTIC_RESTART_COUNT gives each attempt its own keys.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore(f"dsoft/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def shutdown_distributed() -> None:

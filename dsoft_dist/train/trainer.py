@@ -24,7 +24,8 @@ from dsoft_dist.config import config_to_dict
 from dsoft_dist.config.schema import Config
 from dsoft_dist.head import build_head_optimizer, save_head_checkpoint
 from dsoft_dist.observability import get_logger
-from dsoft_dist.train.checkpoint import Checkpointer
+from dsoft_dist.train.checkpoint import Checkpointer, step_folder
+from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from dsoft_dist.train.build import build_backbone, build_backbone_optimizer, build_head, resolve_head_step
 from dsoft_dist.train.metrics import RunMetrics, memory_mb, sum_over_ranks
 from dsoft_dist.train.report import write_report
@@ -125,6 +126,9 @@ class Trainer:
         self.step, self.skipped = 0, 0
         self.checkpointer = Checkpointer(cfg, env)
         self.resumed_from = self._start()
+        self.preemption = Preemption(cfg.checkpoint.signals)
+        if os.environ.get("SLURM_RESTART_COUNT") and env.is_main:
+            log.info("Slurm restart count: %s", os.environ["SLURM_RESTART_COUNT"])
         self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.step)
         self._lr_applied = self._lr()
         self.last_output = None  # the last StepOutput (timings, diagnostics)
@@ -215,6 +219,21 @@ class Trainer:
                 self.evaluate()
             if self._should(self.checkpointer.every) and self.step != self.cfg.schedule.steps:
                 self.checkpointer.save(self)
+            if self.preemption.agreed(self.env.device):
+                self._preempted()
+
+    def _preempted(self) -> None:
+        """Every rank at the same step boundary: the checkpoint, then exit with PREEMPTED_EXIT_CODE."""
+        if self.checkpointer.latest_step() != self.step:
+            path = self.checkpointer.save(self)
+        else:
+            path = os.path.join(self.checkpointer.root, step_folder(self.step))
+        message = (f"preempted ({self.preemption.received or 'a signal on another rank'}) after step {self.step}: "
+                   f"checkpoint {path} written; exiting with code {PREEMPTED_EXIT_CODE} (resume with the same command)")
+        if self.env.is_main:
+            log.warning(message)
+        self.close()
+        raise Preempted(message)
 
     def _finish(self, seconds: float, final: dict) -> dict:
         save_head_checkpoint(os.path.join(self.out, "head"), self.head, self.head_optimizer)  # collective
@@ -238,3 +257,4 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.preemption.restore()

@@ -1,0 +1,119 @@
+"""A killed worker under torchrun --max-restarts=1 and a SIGTERM'd run: both end with the uninterrupted
+run's weights. Real processes: `dsoft train` / torchrun in a subprocess, signals sent to one worker."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE
+from tests.test_train_dist import assert_same_params, run, tiny
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+STEPS = 300
+
+
+def long_cfg(out) -> dict:
+    return tiny(out, schedule__steps=STEPS, schedule__decay="cosine", checkpoint__every_steps=40,
+                logging__log_every=1, model__dropout=0.1, data__samples_per_class=40)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _workers(pid: int) -> list[int]:
+    """The training ranks below ``pid`` (torchrun's workers, or spawn_local's children)."""
+    found = []
+    for child in _children(pid):
+        cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"dsoft_dist.train" in cmd or b"multiprocessing.spawn" in cmd:
+            found.append(child)
+    return sorted(found)
+
+
+def _wait_for_step(out: Path, step: int, proc, timeout: float = 300) -> int:
+    """Polls metrics.jsonl until a training row reaches ``step``; returns the last logged step."""
+    path, deadline = out / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists():
+            steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if '"loss"' in x]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"the run never reached step {step} (rc={proc.poll()})")
+
+
+def _launch(cmd, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _final(out: Path, cfg: dict) -> dict:
+    from dsoft_dist.head import ShardedClassifier, load_head_checkpoint
+    from dsoft_dist.models.checkpoint import read_backbone_file
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    head = ShardedClassifier(cfg["data"]["num_classes"], cfg["model"]["embedding_size"])
+    load_head_checkpoint(str(out / "head"), head)
+    return {"loss": [r["loss"] for r in rows if "loss" in r], "steps": [r["step"] for r in rows if "loss" in r],
+            "backbone": read_backbone_file(str(out / "backbone.pt"))["state_dict"], "head": head.weight.detach()}
+
+
+def test_killed_worker_under_torchrun_restarts_and_ends_like_the_uninterrupted_run(tmp_path):
+    whole = run(long_cfg(tmp_path / "whole"))
+    cfg = long_cfg(tmp_path / "killed")
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "--max-restarts", "1", "-m", "dsoft_dist.train", "--config", str(tmp_path / "killed.yaml")], tmp_path)
+    killed_at = _wait_for_step(tmp_path / "killed", 100, proc)
+    victim = _workers(proc.pid)[1]
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stderr, stderr[-3000:]  # the restarted workers found `latest` themselves
+    got = _final(tmp_path / "killed", cfg)
+    assert got["steps"] == list(range(1, STEPS + 1))  # one history: the killed attempt's extra rows are gone
+    assert got["loss"] == whole["loss"]  # every step, the ones after the kill included: bit-identical
+    assert_same_params(got, whole, atol=0.0, rtol=0.0)
+    assert killed_at >= 100
+
+
+def test_sigterm_writes_a_checkpoint_within_a_step_exits_75_and_resumes_to_the_same_weights(tmp_path):
+    whole = run(long_cfg(tmp_path / "whole"))
+    cfg = long_cfg(tmp_path / "term")
+    (tmp_path / "term.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "dsoft_dist.train", "--config", str(tmp_path / "term.yaml"), "--nproc", "2"]
+    proc = _launch(cmd, tmp_path)
+    seen = _wait_for_step(tmp_path / "term", 50, proc)
+    os.kill(_workers(proc.pid)[0], signal.SIGTERM)  # one rank only: the others learn it at the step boundary
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    latest = (tmp_path / "term" / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("-")[1])
+    rows = [json.loads(x) for x in (tmp_path / "term" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert seen <= step <= rows[-1]["step"] + 1 and step < STEPS  # written at the first boundary after the signal
+    assert f"preempted (SIGTERM) after step {step}" in stderr
+    resumed = _launch(cmd, tmp_path)
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    got = _final(tmp_path / "term", cfg)
+    assert got["loss"] == whole["loss"]
+    assert_same_params(got, whole, atol=0.0, rtol=0.0)
