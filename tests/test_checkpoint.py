@@ -13,6 +13,7 @@ import os
 import pickle
 
 import pytest
+import torch
 
 from dsoft_dist.config import config_from_dict
 from dsoft_dist.train.checkpoint import CheckpointError, Checkpointer, load_weights_only, verify
@@ -133,3 +134,51 @@ def test_fp16_loss_scale_and_growth_tracker_survive_resume(tmp_path):
         t = Trainer(config_from_dict(cfg), env)
         assert (t.step, t.engine.scaler.scale, t.engine.scaler.good_steps) == (2, 2.0 ** 11, 9)
         t.close()
+
+
+def _always_nonfinite(cfg_dict: dict) -> None:
+    """Every rank: a NaN into one backbone gradient on rank 1 from step 3 on, then train to the end."""
+    from dsoft_dist.train.trainer import Trainer
+
+    with distributed("gloo") as env:
+        t = Trainer(config_from_dict(cfg_dict), env)
+        first = next(t.engine.module.parameters())
+        first.register_hook(lambda g: g * float("nan") if t.step >= 2 and env.rank == 1 else g)
+        try:
+            t.train()
+        finally:
+            t.close()
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path):
+    cfg = ckpt_cfg(tmp_path / "run", optimizer__max_skipped_in_a_row=3, schedule__steps=20)
+    with pytest.raises(Exception, match=r"3 optimizer steps in a row had non-finite gradients \(steps 3-5\).*"
+                                        r"last checkpoint is step 4"):
+        spawn_local(_always_nonfinite, 2, (cfg,))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2]  # logged every step; the 5th stopped the run
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+
+
+def test_ckpt_inspect_and_export(tmp_path, capsys):
+    from dsoft_dist.cli import main
+    from dsoft_dist.models import load_backbone
+
+    cfg = ckpt_cfg(tmp_path / "run")
+    interrupt(cfg, 4)
+    root = tmp_path / "run" / "checkpoints"
+    assert main(["ckpt", "inspect", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "step 4, written by 2 ranks" in out and "every size and sha256 matches" in out
+    assert main(["ckpt", "export", str(root / "step-00000004"), str(tmp_path / "exp")]) == 0
+    model, model_cfg = load_backbone(str(tmp_path / "exp" / "backbone.pt"))
+    state = load_weights_only(str(root / "step-00000004" / "backbone.pt"))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    head = torch.load(tmp_path / "exp" / "head.pt", weights_only=True)
+    assert head["weight"].shape == (40, 16)  # both ranks' pieces merged into the whole classifier
+    pieces = sorted((root / "step-00000004" / "head").glob("head-*.pt"))
+    first = load_weights_only(str(pieces[0]))["head"]
+    assert torch.equal(head["weight"][:first["num_local_classes"]], first["rows"]["weight"])
+    (root / "step-00000004" / "backbone.pt").write_bytes(b"broken")
+    assert main(["ckpt", "inspect", str(root / "step-00000004")]) == 1
+    assert "FAILS" in capsys.readouterr().out

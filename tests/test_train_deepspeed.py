@@ -64,3 +64,18 @@ def test_deepspeed_skipped_step_skips_the_head_step(tmp_path):
         rec = torch.load(tmp_path / f"rank{rank}.pt")
         assert [r["applied"] for r in rec] == [True, False, True]
         assert [(r["backbone_changed"], r["head_changed"]) for r in rec] == [(True, True), (False, False), (True, True)]
+
+
+def test_deepspeed_resume_on_the_same_world_size_is_exact(tmp_path):
+    from tests.test_checkpoint import ckpt_cfg, interrupt
+
+    ds = {"parallel__engine": "deepspeed", "parallel__zero_stage": 2, "model__dropout": 0.0}
+    whole = run(ckpt_cfg(tmp_path / "whole", **ds))
+    cfg = ckpt_cfg(tmp_path / "resumed", **ds)
+    interrupt(cfg, 5)
+    resumed = run(cfg)
+    assert resumed["loss"] == whole["loss"]
+    assert_same_params(resumed, whole, atol=0.0, rtol=0.0)
+    cfg["parallel"]["nproc"] = 1  # ZeRO partitions are per rank: another world size is refused, by name
+    with pytest.raises(Exception, match="a DeepSpeed checkpoint resumes on the world size that wrote it"):
+        run(cfg)

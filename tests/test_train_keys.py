@@ -99,6 +99,7 @@ CASES = {
     "optimizer.clip_scope": ({"optimizer.grad_clip": 0.01}, "both"),
     "optimizer.grad_accum_steps": ({}, 2),
     "optimizer.decay_norm_and_bias": ({"optimizer.weight_decay": 0.5}, True),
+    "optimizer.max_skipped_in_a_row": ({"optimizer.lr": 1e30, "head.loss": "softmax"}, 1),
     "schedule.steps": ({}, 3),
     "schedule.warmup_steps": ({}, 1),
     "schedule.decay": ({}, "constant"),

@@ -3,6 +3,10 @@
     python -m dsoft_dist.bench.train                         # C=1,000,000, D=512, global batch 512, 2 ranks
     python -m dsoft_dist.bench.train --classes 100000 --sample-rates 1 0.125 --repeats 2
 
+With --checkpoints N it also times N whole checkpoint saves (``Checkpointer.save``: every
+rank writes its head piece, rank 0 the backbone and trainer state, all hash in parallel) and
+prints them against the step time.
+
 For each sample rate r (r = 1: negatives "all", the exact D-Softmax; r < 1: "random", D-Softmax-K)
 it builds one run (MLP backbone on synthetic vectors, the class-sharded head, SGD on both sides,
 DDP, fp32) on --world-size gloo ranks and times, alternately in each repeat:
@@ -102,15 +106,31 @@ def _time_rate(args, rate: float, out_dir: str) -> dict:
             t0 = time.perf_counter()
             bare_split.append(_bare_steps(t, steps))
             bare_s.append(_slowest((time.perf_counter() - t0) / steps))
+        saves = [_time_save(t) for _ in range(args.checkpoints)]
         t.close()
         if not env.is_main:
             return {}
-        result = {"rate": rate, "trainer": trainer_s, "bare": bare_s,
+        result = {"rate": rate, "trainer": trainer_s, "bare": bare_s, "saves": saves,
+                  "checkpoint_mib": _folder_mib(t.checkpointer.root),
                   "trainer_split": {k: statistics.median(s[k] for s in trainer_split) for k in trainer_split[0]},
                   "bare_split": {k: statistics.median(s[k] for s in bare_split) for k in bare_split[0]},
                   "rows": t.head.last_num_negatives}
         torch.save(result, os.path.join(out_dir, "result.pt"))
         return result
+
+
+def _time_save(t) -> float:
+    """One whole Checkpointer.save (every rank writes and hashes its files); the slowest rank's seconds."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    t.checkpointer.save(t)
+    return _slowest(time.perf_counter() - t0)
+
+
+def _folder_mib(root: str) -> float:
+    latest = open(os.path.join(root, "latest")).read().strip()
+    folder = os.path.join(root, latest)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs) / 2 ** 20
 
 
 def _fmt_split(split: dict) -> str:
@@ -133,6 +153,12 @@ def format_table(results: list[dict], args) -> str:
     for r in results:
         lines.append(f"r={r['rate']:g} trainer split: {_fmt_split(r['trainer_split'])}")
         lines.append(f"r={r['rate']:g} bare split:    {_fmt_split(r['bare_split'])}")
+    for r in results:
+        if r["saves"]:
+            save = statistics.median(r["saves"])
+            lines.append(f"r={r['rate']:g} checkpoint (synchronous, {r['checkpoint_mib']:.0f} MiB): {save:.2f} s = "
+                         f"{save / statistics.median(r['trainer']):.1f} steps; every 1000 steps it adds "
+                         f"{100 * save / (1000 * statistics.median(r['trainer'])):.2f}% to the run")
     lines.append("per repeat (s/step): " + "; ".join(
         f"r={r['rate']:g}: trainer " + ", ".join(f"{x:.3f}" for x in r["trainer"]) + " / bare " +
         ", ".join(f"{x:.3f}" for x in r["bare"]) for r in results))
@@ -152,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--log-every", type=int, default=1, help="the trainer's logging.log_every (1 = a row every step)")
+    p.add_argument("--checkpoints", type=int, default=0,
+                   help="also time this many whole checkpoint saves per rate (checkpoint folder in a temp dir)")
     return p
 
 

@@ -166,6 +166,7 @@ class OptimizerConfig:
     clip_scope: str = "backbone"  # backbone | head | both (one norm over both)
     grad_accum_steps: int = 1  # micro-batches of data.batch_size per optimizer step
     decay_norm_and_bias: bool = False  # weight decay also on the backbone's norm weights and biases
+    max_skipped_in_a_row: int = 20  # stop the run after this many non-finite steps in a row (0 = never)
 
     def __post_init__(self):
         _choice("optimizer.name", self.name, ("sgd", "adamw"))
@@ -179,6 +180,8 @@ class OptimizerConfig:
         _check(self.grad_clip >= 0.0, "optimizer.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
         _choice("optimizer.clip_scope", self.clip_scope, ("backbone", "head", "both"))
         _positive("optimizer.grad_accum_steps", self.grad_accum_steps)
+        _check(self.max_skipped_in_a_row >= 0, "optimizer.max_skipped_in_a_row", self.max_skipped_in_a_row,
+               "must be >= 0 (0 = never stop)")
         _check(not (self.head_step_in_backward and self.head_mode != "sparse"), "optimizer.head_step_in_backward",
                self.head_step_in_backward, "needs optimizer.head_mode=sparse (dense mode also steps untouched rows)")
         _check(not (self.head_step_in_backward and self.grad_accum_steps > 1), "optimizer.head_step_in_backward",

@@ -160,7 +160,9 @@ def verify(folder: str) -> str | None:
     """Collective: None when every file of the manifest is there with its size and sha256, else why not."""
     problem = None
     manifest_path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(manifest_path):
+    if not os.path.isdir(folder):
+        problem = f"{folder} does not exist"
+    elif not os.path.isfile(manifest_path):
         problem = f"{manifest_path} is missing (the checkpoint was not finished)"
     else:
         try:

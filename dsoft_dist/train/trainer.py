@@ -123,7 +123,7 @@ class Trainer:
         self.step_fn = TrainStep(self.engine, self.head, env, cfg.optimizer.grad_accum_steps)
         self.data = TrainData(cfg.data, env)
         self.validator = Validator(cfg, env, self.out)
-        self.step, self.skipped = 0, 0
+        self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
         self.checkpointer = Checkpointer(cfg, env)
         self.resumed_from = self._start()
         self.preemption = Preemption(cfg.checkpoint.signals)
@@ -209,6 +209,8 @@ class Trainer:
             out = self.step_fn(self.data, self._lr_applied, timed=log_now)
             self.step += 1
             self.skipped += not out.applied
+            self.skipped_in_a_row = 0 if out.applied else self.skipped_in_a_row + 1
+            self._stop_if_diverged()
             samples += out.samples
             self.metrics.advance()
             self.last_output = out
@@ -217,10 +219,23 @@ class Trainer:
                 since, samples = time.perf_counter(), 0
             if self._should(self.cfg.eval.every_steps) and self.step != self.cfg.schedule.steps:
                 self.evaluate()
-            if self._should(self.checkpointer.every) and self.step != self.cfg.schedule.steps:
+            if self._should(self.checkpointer.every) and self.step != self.cfg.schedule.steps and \
+                    self.checkpointer.latest_step() != self.step:  # not twice (a new best was saved already)
                 self.checkpointer.save(self)
             if self.preemption.agreed(self.env.device):
                 self._preempted()
+
+    def _stop_if_diverged(self) -> None:
+        """optimizer.max_skipped_in_a_row non-finite steps in a row stop the run on every rank (the skip
+        decision is all-reduced, so they agree); skipped steps changed nothing, and the last checkpoint stays."""
+        limit = self.cfg.optimizer.max_skipped_in_a_row
+        if limit and self.skipped_in_a_row >= limit:
+            latest = self.checkpointer.latest_step()
+            raise RuntimeError(
+                f"{self.skipped_in_a_row} optimizer steps in a row had non-finite gradients (steps "
+                f"{self.step - self.skipped_in_a_row + 1}-{self.step}): the run stops. The last checkpoint is "
+                f"{'step %d' % latest if latest is not None else 'none'} in {self.checkpointer.root}. Lower "
+                "optimizer.lr, check the data, use parallel.precision=bf16, or raise optimizer.max_skipped_in_a_row")
 
     def _preempted(self) -> None:
         """Every rank at the same step boundary: the checkpoint, then exit with PREEMPTED_EXIT_CODE."""
