@@ -211,3 +211,29 @@ def test_torchrun_reports_the_failing_ranks_traceback(tmp_path):
     proc = _torchrun(["--config", _yaml(tmp_path, cfg)], tmp_path)
     assert proc.returncode != 0
     assert "Root Cause" in proc.stderr and "missing.bin" in proc.stderr  # @record: the rank's error reaches torchrun
+
+
+def _stuck_rank(timeout_s: float) -> None:
+    """Rank 1 skips a collective rank 0 waits in."""
+    import time
+
+    with distributed("gloo", timeout_s=timeout_s) as env:
+        if env.rank == 0:
+            torch.distributed.all_reduce(torch.ones(1))
+        else:
+            time.sleep(3 * timeout_s)
+            torch.distributed.all_reduce(torch.ones(1))  # too late
+
+
+def test_a_collective_timeout_names_what_to_check():
+    """parallel.timeout_s reaches the process group: a stuck rank fails the other after it, with a message
+    naming MASTER_ADDR, NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME and the setting."""
+    import time
+
+    t0 = time.time()
+    with pytest.raises(Exception) as info:
+        spawn_local(_stuck_rank, 2, (2.0,))
+    text = str(info.value)
+    assert "a collective timed out (parallel.timeout_s=2)" in text
+    assert "MASTER_ADDR=127.0.0.1" in text and "GLOO_SOCKET_IFNAME" in text and "NCCL_SOCKET_IFNAME" in text
+    assert time.time() - t0 < 60

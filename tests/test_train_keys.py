@@ -135,6 +135,7 @@ ELSEWHERE = {
     "parallel.nproc": "tests/test_demo.py::test_demo_two_ranks_learns_unseen_identities (world_size 2 from nproc)",
     "parallel.engine": "tests/test_train_deepspeed.py::test_ddp_and_deepspeed_zero_agree_after_three_steps",
     "parallel.zero_stage": "tests/test_train_deepspeed.py::test_ddp_and_deepspeed_zero_agree_after_three_steps",
+    "parallel.timeout_s": "tests/test_train_dist.py::test_a_collective_timeout_names_what_to_check",
 }
 
 

@@ -223,6 +223,7 @@ class ParallelConfig:
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16
     nproc: int = 1  # processes for `dsoft demo` / local launches
+    timeout_s: float = 1800.0  # rendezvous and collective timeout
 
     def __post_init__(self):
         _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
@@ -231,6 +232,7 @@ class ParallelConfig:
                "use 0, 1 or 2 (ZeRO-3 partitions the backbone's parameters, which the trainer does not support yet)")
         _choice("parallel.precision", self.precision, ("fp32", "bf16", "fp16"))
         _positive("parallel.nproc", self.nproc)
+        _positive("parallel.timeout_s", self.timeout_s)
         _check(self.zero_stage == 0 or self.engine == "deepspeed", "parallel.zero_stage", self.zero_stage,
                "ZeRO stages need parallel.engine=deepspeed")
 

@@ -100,15 +100,16 @@ def load_weights_only(path: str, map_location="cpu"):
 # ----------------------------------------------------------------------------- RNG states as tensors
 
 def rng_state() -> dict:
-    """This process's python, numpy, torch (and CUDA) RNG states, as tensors and plain values."""
+    """This process's python, numpy, torch (and its CUDA device's) RNG states, as tensors and plain values."""
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this rank's device only: get_rng_state_all would create a context on every GPU of the node
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -119,7 +120,7 @@ def set_rng_state(state: dict) -> None:
                          npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

@@ -28,7 +28,7 @@ def run_rank(cfg_dict: dict) -> None:
     from dsoft_dist.train.trainer import Trainer
 
     cfg = config_from_dict(cfg_dict)
-    with distributed(cfg.parallel.backend) as env:
+    with distributed(cfg.parallel.backend, cfg.parallel.timeout_s) as env:
         trainer = Trainer(cfg, env)
         try:
             summary = trainer.train()

@@ -43,6 +43,7 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str
+    timeout_s: float = 1800.0
 
     @property
     def is_main(self) -> bool:
@@ -98,9 +99,33 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
             init["device_id"] = device
         if launched and "TORCHELASTIC_RESTART_COUNT" in os.environ:
             init = {**init, "store": _attempt_store(rank, world, timeout)}
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **init)
+        with explain_timeouts("the rendezvous", timeout_s):
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **init)
     log.debug("rank %d/%d (local %d) on %s with %s", rank, world, local_rank, device, backend)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
+                   timeout_s=timeout_s)
+
+
+def _is_timeout(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, TimeoutError) or "timed out" in text or "timeout" in text
+
+
+@contextmanager
+def explain_timeouts(what: str, timeout_s: float):
+    """Re-raises a rendezvous or collective timeout with what to check (the cause stays chained)."""
+    try:
+        yield
+    except (RuntimeError, TimeoutError) as err:
+        if not _is_timeout(err):
+            raise
+        addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+        raise RuntimeError(
+            f"{what} timed out (parallel.timeout_s={timeout_s:g}): a rank is missing, stuck or unreachable. "
+            f"Check that every node reaches MASTER_ADDR={addr}:{port}; on machines with several network "
+            "interfaces set NCCL_SOCKET_IFNAME (nccl) / GLOO_SOCKET_IFNAME (gloo) to the one the nodes share "
+            "(e.g. eth0, ib0); look for a rank that failed earlier in the logs; raise parallel.timeout_s if a "
+            f"rank legitimately takes longer. The error was: {err}") from err
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
@@ -126,14 +151,16 @@ def shutdown_distributed() -> None:
 
 @contextmanager
 def distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Iterator[DistEnv]:
-    """``init_distributed`` on entry; on a clean exit a barrier and the group's teardown.
+    """``init_distributed`` on entry; on a clean exit a barrier and the group's teardown. A collective
+    timeout inside is re-raised with what to check (``explain_timeouts``).
 
     On an exception the group is destroyed without the barrier (the other ranks may never
     reach it), and the exception propagates so the launcher reports this rank's traceback.
     """
     env = init_distributed(backend, timeout_s)
     try:
-        yield env
+        with explain_timeouts("a collective", timeout_s):
+            yield env
     except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
