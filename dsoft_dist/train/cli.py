@@ -36,7 +36,8 @@ def run_rank(cfg_dict: dict) -> None:
             trainer.close()
     if env.is_main:
         sys.stdout.write(summary["report"] + f"Written to {cfg.logging.output_dir}/ (report.md, report.json, "
-                         "curves.png, metrics.jsonl, backbone.pt, head/)\n")
+                         "curves.png, metrics.jsonl, backbone.pt, head/); checkpoints in "
+                         f"{trainer.checkpointer.root}\n")
     del trainer
     release_collected()
 
