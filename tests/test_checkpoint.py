@@ -182,3 +182,19 @@ def test_ckpt_inspect_and_export(tmp_path, capsys):
     (root / "step-00000004" / "backbone.pt").write_bytes(b"broken")
     assert main(["ckpt", "inspect", str(root / "step-00000004")]) == 1
     assert "FAILS" in capsys.readouterr().out
+
+
+def test_background_saves_write_the_same_checkpoints_and_resume_exactly(tmp_path):
+    sync = run(ckpt_cfg(tmp_path / "sync"))
+    cfg = ckpt_cfg(tmp_path / "async", checkpoint__async_save=True)
+    interrupt(cfg, 5)  # background saves at 2 and 4, then at 5; close() waits for the last
+    root = tmp_path / "async" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000005"]
+    with distributed("gloo"):
+        assert verify(str(root / "step-00000005")) is None
+    resumed = run(cfg)
+    assert resumed["loss"] == sync["loss"]
+    assert_same_params(resumed, sync, atol=0.0, rtol=0.0)
+    a = load_weights_only(str(root / "step-00000008" / "backbone.pt"))
+    b = load_weights_only(str(tmp_path / "sync" / "checkpoints" / "step-00000008" / "backbone.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the copy taken at the step, not later weights

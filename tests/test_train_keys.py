@@ -129,6 +129,7 @@ CASES = {
     "checkpoint.resume": ({}, "{dir}/no-such-checkpoint"),
     "checkpoint.init_from": ({}, "{dir}/no-such-checkpoint"),
     "checkpoint.signals": ({}, ["SIGUSR2"]),
+    "checkpoint.async_save": ({"checkpoint.every_steps": 1}, True),
 }
 # keys whose effect needs several processes or DeepSpeed: the test that shows it
 ELSEWHERE = {
@@ -221,6 +222,7 @@ def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
                   "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size,
                   "backend": t.head._local_stats.__name__, "compute_dtype": str(t.head.compute_dtype),
                   "signals": sorted(s.name for s in t.preemption._previous)}
+            checkpointer = t.checkpointer
             summary = t.train()
             t.close()
         params = [p.detach().double().sum().item() for p in t.engine.module.parameters()]
@@ -229,7 +231,8 @@ def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
         fp.update(loss=[r["loss"] for r in summary["log"]], lr=[r["lr"] for r in summary["log"]],
                   params=params, head=t.head.weight.detach().double().sum().item(), evals=summary["evals"],
                   title=summary["report"].splitlines()[0], files=[f for f in files if "-run-" not in f],
-                  wandb_files=any(".wandb" in f for f in files), eval_batches=calls)
+                  wandb_files=any(".wandb" in f for f in files), eval_batches=calls,
+                  background_saves=checkpointer.background_saves)
         return fp
     except (ValueError, RuntimeError, OSError) as err:
         return {"error": f"{type(err).__name__}: {err}"}

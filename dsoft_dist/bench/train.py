@@ -49,6 +49,7 @@ def run_config(args, rate: float, out_dir: str) -> dict:
         "schedule": {"steps": 10 ** 6, "warmup_steps": 0, "decay": "constant"},
         "parallel": {"nproc": args.world_size, "backend": "gloo"},
         "logging": {"output_dir": out_dir, "log_every": args.log_every, "progress": False},
+        "checkpoint": {"async_save": args.async_checkpoints},
     }
 
 
@@ -106,7 +107,7 @@ def _time_rate(args, rate: float, out_dir: str) -> dict:
             t0 = time.perf_counter()
             bare_split.append(_bare_steps(t, steps))
             bare_s.append(_slowest((time.perf_counter() - t0) / steps))
-        saves = [_time_save(t) for _ in range(args.checkpoints)]
+        saves = [_time_save(t, steps) for _ in range(args.checkpoints)]
         t.close()
         if not env.is_main:
             return {}
@@ -119,12 +120,18 @@ def _time_rate(args, rate: float, out_dir: str) -> dict:
         return result
 
 
-def _time_save(t) -> float:
-    """One whole Checkpointer.save (every rank writes and hashes its files); the slowest rank's seconds."""
+def _time_save(t, steps: int) -> dict:
+    """One Checkpointer.save, then ``steps`` training steps, then the wait for the save: the seconds the
+    save blocked training, the s/step of the steps that ran beside a background save, the whole save."""
     dist.barrier()
     t0 = time.perf_counter()
     t.checkpointer.save(t)
-    return _slowest(time.perf_counter() - t0)
+    block = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    t.run_steps(steps)
+    during = (time.perf_counter() - t1) / steps
+    t.checkpointer.wait()
+    return {"block": _slowest(block), "during": _slowest(during), "total": _slowest(time.perf_counter() - t0)}
 
 
 def _folder_mib(root: str) -> float:
@@ -155,10 +162,15 @@ def format_table(results: list[dict], args) -> str:
         lines.append(f"r={r['rate']:g} bare split:    {_fmt_split(r['bare_split'])}")
     for r in results:
         if r["saves"]:
-            save = statistics.median(r["saves"])
-            lines.append(f"r={r['rate']:g} checkpoint (synchronous, {r['checkpoint_mib']:.0f} MiB): {save:.2f} s = "
-                         f"{save / statistics.median(r['trainer']):.1f} steps; every 1000 steps it adds "
-                         f"{100 * save / (1000 * statistics.median(r['trainer'])):.2f}% to the run")
+            step = statistics.median(r["trainer"])
+            block = statistics.median(s["block"] for s in r["saves"])
+            total = statistics.median(s["total"] for s in r["saves"])
+            during = statistics.median(s["during"] for s in r["saves"])
+            kind = "in the background" if args.async_checkpoints else "synchronous"
+            lines.append(f"r={r['rate']:g} checkpoint ({kind}, {r['checkpoint_mib']:.0f} MiB): training blocked "
+                         f"{block:.2f} s = {block / step:.1f} steps; steps beside it {during:.3f} s/step (vs {step:.3f}); "
+                         f"save done after {total:.2f} s; every 1000 steps the blocked time adds "
+                         f"{100 * block / (1000 * step):.2f}% to the run")
     lines.append("per repeat (s/step): " + "; ".join(
         f"r={r['rate']:g}: trainer " + ", ".join(f"{x:.3f}" for x in r["trainer"]) + " / bare " +
         ", ".join(f"{x:.3f}" for x in r["bare"]) for r in results))
@@ -180,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=1, help="the trainer's logging.log_every (1 = a row every step)")
     p.add_argument("--checkpoints", type=int, default=0,
                    help="also time this many whole checkpoint saves per rate (checkpoint folder in a temp dir)")
+    p.add_argument("--async-checkpoints", action="store_true", help="with --checkpoints: checkpoint.async_save")
     return p
 
 

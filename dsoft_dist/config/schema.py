@@ -289,6 +289,7 @@ class CheckpointConfig:
     keep_best: str = ""  # a verification metric to keep the best checkpoint by (higher is better), e.g. lfw/accuracy
     resume: str = "auto"  # auto (the newest checkpoint that verifies, if any) | never | a checkpoint folder
     init_from: str = ""  # a checkpoint folder to take the weights from (fine-tuning; a fresh run otherwise)
+    async_save: bool = False  # copy the state to CPU memory, write the files in the background (DDP)
     # signals that ask for a checkpoint and an exit (code 75) at the next step boundary
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 

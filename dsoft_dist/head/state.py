@@ -134,20 +134,54 @@ def _barrier(group) -> None:
         dist.barrier(group=group)
 
 
-def save_head_checkpoint(directory: str, head, optimizer=None) -> str:
-    """Every rank writes its piece file; rank 0 then writes meta.json listing them. Collective."""
-    os.makedirs(directory, exist_ok=True)
+def cpu_copy(obj):
+    """``obj`` with every tensor copied to the CPU (containers rebuilt): a snapshot training can't change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def head_snapshot(head, optimizer=None, copy: bool = False) -> dict:
+    """What this rank writes for a head checkpoint: {"file", "payload", "meta" (rank 0's, else None)}.
+
+    copy=True copies every tensor to the CPU, so the snapshot can be written while training goes on.
+    """
     payload = {"head": head.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
-    _atomic_save(payload, os.path.join(directory, _piece_file(head.class_start, head.num_local_classes)))
-    _barrier(head.group)
+    meta = None
     if head.rank == 0:
         files = [_piece_file(s, n) for s, n in shard_ranges(head.num_classes, head.world_size)]
         meta = {"format": HEAD_FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
                 "world_size": head.world_size, "step": head.step, "files": files}
-        tmp = os.path.join(directory, f"{_META}.tmp.{os.getpid()}")
-        with open(tmp, "w") as fh:
-            json.dump(meta, fh, indent=1)
-        os.replace(tmp, os.path.join(directory, _META))
+    return {"file": _piece_file(head.class_start, head.num_local_classes),
+            "payload": cpu_copy(payload) if copy else payload, "meta": meta}
+
+
+def write_head_piece(directory: str, snapshot: dict) -> None:
+    """This rank's piece file of a ``head_snapshot`` (atomically)."""
+    os.makedirs(directory, exist_ok=True)
+    _atomic_save(snapshot["payload"], os.path.join(directory, snapshot["file"]))
+
+
+def write_head_meta(directory: str, snapshot: dict) -> None:
+    """meta.json of a rank-0 ``head_snapshot`` (atomically); a no-op on other ranks."""
+    if snapshot["meta"] is None:
+        return
+    tmp = os.path.join(directory, f"{_META}.tmp.{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(snapshot["meta"], fh, indent=1)
+    os.replace(tmp, os.path.join(directory, _META))
+
+
+def save_head_checkpoint(directory: str, head, optimizer=None) -> str:
+    """Every rank writes its piece file; rank 0 then writes meta.json listing them. Collective."""
+    snapshot = head_snapshot(head, optimizer)
+    write_head_piece(directory, snapshot)
+    _barrier(head.group)
+    write_head_meta(directory, snapshot)
     _barrier(head.group)
     return directory
 

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import threading
 
 import numpy as np
 import torch
@@ -36,7 +37,8 @@ import torch.distributed as dist
 from dsoft_dist import __version__
 from dsoft_dist.config import config_to_dict
 from dsoft_dist.data.manifest import sha256_file
-from dsoft_dist.head import load_head_checkpoint, save_head_checkpoint
+from dsoft_dist.head import load_head_checkpoint
+from dsoft_dist.head.state import head_snapshot, write_head_meta, write_head_piece
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
@@ -58,9 +60,9 @@ def _multi() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if _multi():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _broadcast(obj):
@@ -142,18 +144,18 @@ def _files(folder: str) -> list[str]:
     return sorted(out)
 
 
-def _hash_share(folder: str, names: list[str]) -> dict:
+def _hash_share(folder: str, names: list[str], group=None) -> dict:
     """{name: {size, sha256}} for this rank's share of ``names`` (ranks hash in parallel)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _multi() else (0, 1)
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if _multi() else (0, 1)
     return {n: {"size": os.path.getsize(os.path.join(folder, n)), "sha256": sha256_file(os.path.join(folder, n))}
             for n in names[rank::world]}
 
 
-def _gather_dicts(part: dict) -> dict:
+def _gather_dicts(part: dict, group=None) -> dict:
     if not _multi():
         return part
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, part, group=group)
     return {k: v for p in parts for k, v in p.items()}
 
 
@@ -203,6 +205,13 @@ class Checkpointer:
         self.every, self.keep_last, self.metric = c.every_steps, c.keep_last, c.keep_best
         self.best: float | None = None
         self.best_folder: str | None = None
+        self.async_save = c.async_save
+        self.saved_step: int | None = None  # the step of the newest save started (or resumed from)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.background_saves = 0
+        # the saves' own collectives: a background save must not interleave with training's on WORLD
+        self.group = dist.new_group(backend="gloo") if _multi() else None
 
     def _pointer(self, name: str) -> str | None:
         path = os.path.join(self.root, name)
@@ -220,7 +229,14 @@ class Checkpointer:
         return sorted(names, reverse=True)
 
     def save(self, trainer, best_metric: float | None = None) -> str:
-        """Writes step-N.tmp on every rank, hashes it, renames it to step-N and moves ``latest``."""
+        """Writes step-N.tmp on every rank, hashes it, renames it to step-N and moves ``latest``.
+
+        With checkpoint.async_save the state is copied to CPU memory here and the files are written
+        by a background thread (its collectives on a gloo group of their own), so training goes on;
+        the next save, ``wait()`` and the end of the run wait for it. A pending save's error is
+        raised by the next ``wait()``.
+        """
+        self.wait()
         name = step_folder(trainer.step)
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
         if self.env.is_main:
@@ -229,17 +245,56 @@ class Checkpointer:
         _barrier()
         if best_metric is not None:
             self.best, self.best_folder = best_metric, name
+        background = self.async_save and trainer.engine.snapshots_state
+        snapshot = {"trainer": self._trainer_state(trainer) if self.env.is_main else None,
+                    "backbone": _plain_state(trainer.engine.module) if self.env.is_main else None,
+                    "engine": trainer.engine.state_snapshot(copy=background),
+                    "head": head_snapshot(trainer.head, trainer.head_optimizer, copy=background),
+                    "rng": rng_state()}
+        if snapshot["engine"] is None:  # DeepSpeed writes its own form, collectively, now
+            trainer.engine.save_state(os.path.join(tmp, "engine"))
+        self.saved_step = trainer.step
+        if background:
+            self.background_saves += 1
+            self._thread = threading.Thread(target=self._write_guarded, args=(snapshot, tmp, final, name),
+                                            name=f"checkpoint-{name}")
+            self._thread.start()
+        else:
+            self._write(snapshot, tmp, final, name)
+        return final
+
+    def wait(self) -> None:
+        """Blocks until a background save has finished; raises its error, if it had one."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"the background checkpoint save failed: {err}") from err
+
+    def _write_guarded(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as err:  # raised in the training thread by the next wait()
+            self._error = err
+
+    def _write(self, snapshot: dict, tmp: str, final: str, name: str) -> None:
+        """Every rank's files, then the manifest, the rename and ``latest`` (collectives on self.group)."""
         if self.env.is_main:
-            _save(self._trainer_state(trainer), os.path.join(tmp, "trainer.pt"))
-            _save(_plain_state(trainer.engine.module), os.path.join(tmp, "backbone.pt"))
-        trainer.engine.save_state(os.path.join(tmp, "engine"))  # collective under DeepSpeed
-        save_head_checkpoint(os.path.join(tmp, "head"), trainer.head, trainer.head_optimizer)  # collective
-        _save(rng_state(), os.path.join(tmp, "rng", f"rank-{self.env.rank:05d}.pt"))
-        _barrier()  # every rank's files are in
-        files = _gather_dicts(_hash_share(tmp, _files(tmp)))
+            _save(snapshot["trainer"], os.path.join(tmp, "trainer.pt"))
+            _save(snapshot["backbone"], os.path.join(tmp, "backbone.pt"))
+        engine = snapshot["engine"]
+        if engine is not None and engine["payload"] is not None:
+            _save(engine["payload"], os.path.join(tmp, "engine", engine["file"]))
+        write_head_piece(os.path.join(tmp, "head"), snapshot["head"])
+        write_head_meta(os.path.join(tmp, "head"), snapshot["head"])
+        _save(snapshot["rng"], os.path.join(tmp, "rng", f"rank-{self.env.rank:05d}.pt"))
+        _barrier(self.group)  # every rank's files are in
+        files = _gather_dicts(_hash_share(tmp, _files(tmp), self.group), self.group)
         if self.env.is_main:
-            manifest = {"format": FORMAT, "step": trainer.step, "world_size": self.env.world_size,
-                        "version": __version__, "files": files}
+            step = int(name[len(_PREFIX):])
+            manifest = {"format": FORMAT, "step": step, "world_size": self.env.world_size, "version": __version__,
+                        "files": files}
             write_text_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
             if os.path.isdir(final):
                 shutil.rmtree(final)
@@ -248,9 +303,8 @@ class Checkpointer:
             if self.best_folder == name:
                 write_text_atomic(os.path.join(self.root, "best"), name + "\n")
             self._prune()
-        _barrier()
+        _barrier(self.group)
         log.debug("checkpoint %s written", final)
-        return final
 
     def _trainer_state(self, trainer) -> dict:
         return {"format": FORMAT, "version": __version__, "step": trainer.step, "skipped": trainer.skipped,
@@ -326,6 +380,7 @@ class Checkpointer:
         trainer.engine.load_state(os.path.join(path, "engine"), same_world)
         load_head_checkpoint(os.path.join(path, "head"), trainer.head, trainer.head_optimizer)
         trainer.step, trainer.skipped = state["step"], state["skipped"]
+        self.saved_step = trainer.step
         self.best, self.best_folder = state["best"], state["best_folder"]
         trainer.data.load_state_dict(state["data"], state["batch_size"])
         rng_file = os.path.join(path, "rng", f"rank-{self.env.rank:05d}.pt")

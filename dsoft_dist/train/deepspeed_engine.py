@@ -158,6 +158,12 @@ class DeepSpeedEngine:
         self.head_optimizer.zero_grad(set_to_none=True)
         return applied and head_finite
 
+    snapshots_state = False  # DeepSpeed writes its own form, collectively: no background save
+
+    def state_snapshot(self, copy: bool = False) -> None:
+        """None: the checkpointer calls save_state instead (DeepSpeed's collective save_checkpoint)."""
+        return None
+
     def save_state(self, folder: str) -> None:
         """DeepSpeed's own checkpoint form (its ZeRO partitions, fp32 masters, loss scale); collective."""
         with contextlib.redirect_stdout(io.StringIO()):

@@ -102,12 +102,16 @@ class DDPEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 
-    def save_state(self, folder: str) -> None:
-        """The optimizer and loss scale are replicated under DDP: rank 0 writes one file."""
-        from dsoft_dist.train.checkpoint import _save
+    snapshots_state = True  # state_snapshot can copy the state for a background save
 
+    def state_snapshot(self, copy: bool = False) -> dict:
+        """{"file", "payload"}: the optimizer and loss scale, replicated under DDP, so rank 0's payload only."""
+        from dsoft_dist.head.state import cpu_copy
+
+        payload = None
         if self.env.is_main:
-            _save(self.state_dict(), os.path.join(folder, "ddp.pt"))
+            payload = cpu_copy(self.state_dict()) if copy else self.state_dict()
+        return {"file": "ddp.pt", "payload": payload}
 
     def load_state(self, folder: str, same_world: bool) -> None:
         """Any world size: the state does not depend on it."""

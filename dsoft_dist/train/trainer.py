@@ -196,7 +196,7 @@ class Trainer:
         self.run_steps(self.cfg.schedule.steps - self.step)
         seconds = time.perf_counter() - t_start
         final = self.evaluate()
-        if self.checkpointer.latest_step() != self.step:
+        if self.checkpointer.saved_step != self.step:
             self.checkpointer.save(self)
         return self._finish(seconds, final)
 
@@ -220,7 +220,7 @@ class Trainer:
             if self._should(self.cfg.eval.every_steps) and self.step != self.cfg.schedule.steps:
                 self.evaluate()
             if self._should(self.checkpointer.every) and self.step != self.cfg.schedule.steps and \
-                    self.checkpointer.latest_step() != self.step:  # not twice (a new best was saved already)
+                    self.checkpointer.saved_step != self.step:  # not twice (a new best was saved already)
                 self.checkpointer.save(self)
             if self.preemption.agreed(self.env.device):
                 self._preempted()
@@ -230,6 +230,7 @@ class Trainer:
         decision is all-reduced, so they agree); skipped steps changed nothing, and the last checkpoint stays."""
         limit = self.cfg.optimizer.max_skipped_in_a_row
         if limit and self.skipped_in_a_row >= limit:
+            self.checkpointer.wait()
             latest = self.checkpointer.latest_step()
             raise RuntimeError(
                 f"{self.skipped_in_a_row} optimizer steps in a row had non-finite gradients (steps "
@@ -239,10 +240,11 @@ class Trainer:
 
     def _preempted(self) -> None:
         """Every rank at the same step boundary: the checkpoint, then exit with PREEMPTED_EXIT_CODE."""
-        if self.checkpointer.latest_step() != self.step:
+        if self.checkpointer.saved_step != self.step:
             path = self.checkpointer.save(self)
         else:
             path = os.path.join(self.checkpointer.root, step_folder(self.step))
+        self.checkpointer.wait()  # written before the exit
         message = (f"preempted ({self.preemption.received or 'a signal on another rank'}) after step {self.step}: "
                    f"checkpoint {path} written; exiting with code {PREEMPTED_EXIT_CODE} (resume with the same command)")
         if self.env.is_main:
@@ -271,5 +273,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        """Waits for a background checkpoint save, closes the metrics, restores the signal handlers."""
+        self.checkpointer.wait()
         self.metrics.close()
         self.preemption.restore()
