@@ -119,7 +119,9 @@ def load_optimizer_pieces(opt, state) -> None:
             state[name].copy_(rows)
 
 
-def _atomic_save(obj, path: str) -> None:
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder (created if missing), then os.replace."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -163,7 +165,7 @@ def head_snapshot(head, optimizer=None, copy: bool = False) -> dict:
 def write_head_piece(directory: str, snapshot: dict) -> None:
     """This rank's piece file of a ``head_snapshot`` (atomically)."""
     os.makedirs(directory, exist_ok=True)
-    _atomic_save(snapshot["payload"], os.path.join(directory, snapshot["file"]))
+    atomic_save(snapshot["payload"], os.path.join(directory, snapshot["file"]))
 
 
 def write_head_meta(directory: str, snapshot: dict) -> None:

@@ -38,8 +38,9 @@ from dsoft_dist import __version__
 from dsoft_dist.config import config_to_dict
 from dsoft_dist.data.manifest import sha256_file
 from dsoft_dist.head import load_head_checkpoint
-from dsoft_dist.head.state import head_snapshot, write_head_meta, write_head_piece
+from dsoft_dist.head.state import atomic_save, head_snapshot, write_head_meta, write_head_piece
 from dsoft_dist.observability import get_logger
+from dsoft_dist.parallel import group_rank_size
 
 log = get_logger(__name__)
 
@@ -57,7 +58,7 @@ def step_folder(step: int) -> str:
 
 
 def _multi() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return group_rank_size()[1] > 1
 
 
 def _barrier(group=None) -> None:
@@ -80,13 +81,6 @@ def write_text_atomic(path: str, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -193,6 +187,15 @@ def verify(folder: str) -> str | None:
     return next((p for p in problems if p), None)
 
 
+def read_pointer(root: str, name: str = "latest") -> str | None:
+    """The folder name a pointer file (``latest``, ``best``) under ``root`` holds, or None."""
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().strip() or None
+
+
 # ----------------------------------------------------------------------------- the checkpointer
 
 class Checkpointer:
@@ -214,11 +217,7 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if _multi() else None
 
     def _pointer(self, name: str) -> str | None:
-        path = os.path.join(self.root, name)
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as fh:
-            return fh.read().strip() or None
+        return read_pointer(self.root, name)
 
     def folders(self) -> list[str]:
         """Complete-looking step folders, newest first (``.tmp`` folders are never candidates)."""
@@ -281,14 +280,14 @@ class Checkpointer:
     def _write(self, snapshot: dict, tmp: str, final: str, name: str) -> None:
         """Every rank's files, then the manifest, the rename and ``latest`` (collectives on self.group)."""
         if self.env.is_main:
-            _save(snapshot["trainer"], os.path.join(tmp, "trainer.pt"))
-            _save(snapshot["backbone"], os.path.join(tmp, "backbone.pt"))
+            atomic_save(snapshot["trainer"], os.path.join(tmp, "trainer.pt"))
+            atomic_save(snapshot["backbone"], os.path.join(tmp, "backbone.pt"))
         engine = snapshot["engine"]
         if engine is not None and engine["payload"] is not None:
-            _save(engine["payload"], os.path.join(tmp, "engine", engine["file"]))
+            atomic_save(engine["payload"], os.path.join(tmp, "engine", engine["file"]))
         write_head_piece(os.path.join(tmp, "head"), snapshot["head"])
         write_head_meta(os.path.join(tmp, "head"), snapshot["head"])
-        _save(snapshot["rng"], os.path.join(tmp, "rng", f"rank-{self.env.rank:05d}.pt"))
+        atomic_save(snapshot["rng"], os.path.join(tmp, "rng", f"rank-{self.env.rank:05d}.pt"))
         _barrier(self.group)  # every rank's files are in
         files = _gather_dicts(_hash_share(tmp, _files(tmp), self.group), self.group)
         if self.env.is_main:

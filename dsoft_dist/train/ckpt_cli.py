@@ -21,11 +21,10 @@ log = get_logger(__name__)
 
 def resolve(path: str) -> str:
     """A step folder, or a checkpoint root whose ``latest`` names one."""
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest, encoding="utf-8") as fh:
-            return os.path.join(path, fh.read().strip())
-    return path
+    from dsoft_dist.train.checkpoint import read_pointer
+
+    latest = read_pointer(path)
+    return os.path.join(path, latest) if latest else path
 
 
 def _inspect(args) -> int:
@@ -62,8 +61,7 @@ def _export(args) -> int:
         return 1
     state = load_weights_only(os.path.join(folder, "trainer.pt"))
     m = state["config"]["model"]
-    model = build_model(m["name"], embedding_size=m["embedding_size"], input_size=m["input_size"],
-                        in_features=m["in_features"], dropout=m["dropout"])
+    model = build_model(**m)  # the saved ModelConfig's fields are build_model's arguments
     model.load_state_dict(load_weights_only(os.path.join(folder, "backbone.pt")))
     os.makedirs(args.out, exist_ok=True)
     save_backbone(os.path.join(args.out, "backbone.pt"), model, m, extra={"step": state["step"]})

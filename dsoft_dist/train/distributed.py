@@ -31,8 +31,6 @@ from dsoft_dist.parallel import free_port
 
 log = get_logger(__name__)
 
-_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -43,7 +41,6 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str
-    timeout_s: float = 1800.0
 
     @property
     def is_main(self) -> bool:
@@ -102,8 +99,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
         with explain_timeouts("the rendezvous", timeout_s):
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **init)
     log.debug("rank %d/%d (local %d) on %s with %s", rank, world, local_rank, device, backend)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
-                   timeout_s=timeout_s)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
 def _is_timeout(err: BaseException) -> bool:
@@ -199,12 +195,4 @@ def spawn_local(fn: Callable, nproc: int, args: tuple = ()) -> None:
                            "run the worker directly, the launcher already started the ranks")
     import torch.multiprocessing as mp
 
-    saved = {k: os.environ.get(k) for k in _ENV}
-    try:
-        mp.start_processes(_child, args=(nproc, free_port(), fn, args), nprocs=nproc, start_method="spawn", join=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    mp.start_processes(_child, args=(nproc, free_port(), fn, args), nprocs=nproc, start_method="spawn", join=True)

@@ -26,6 +26,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from dsoft_dist.parallel import group_rank_size
+
 
 def embedding_grad_factor(world_size: int, accum_steps: int, engine_divides_by_accum: bool) -> float:
     """The factor applied to dL/d(emb) before the backbone's backward (see the module doc, item 1).
@@ -54,7 +56,7 @@ def local_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def _multi_rank(group) -> bool:
-    return dist.is_initialized() and dist.get_world_size(group) > 1
+    return group_rank_size(group)[1] > 1
 
 
 def _collective_device(group) -> torch.device:

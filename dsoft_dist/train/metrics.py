@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from dsoft_dist.observability import get_logger
 from dsoft_dist.observability.metrics import MetricsSink
+from dsoft_dist.train.checkpoint import write_text_atomic
 
 log = get_logger(__name__)
 
@@ -86,11 +87,8 @@ class RunMetrics:
         if start_step > 0 and os.path.isfile(path):
             with open(path, encoding="utf-8") as fh:
                 kept = [row for row in map(json.loads, filter(str.strip, fh)) if row.get("step", 0) <= start_step]
-        tmp = f"{path}.tmp.{os.getpid()}"
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in kept)
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
         self.rows = [{k: v for k, v in r.items() if k != "time"} for r in kept if not r.get("eval")]
         self.evals = [{k: v for k, v in r.items() if k not in ("time", "eval")} for r in kept if r.get("eval")]
 

@@ -125,19 +125,18 @@ class Trainer:
         self.validator = Validator(cfg, env, self.out)
         self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
         self.checkpointer = Checkpointer(cfg, env)
-        self.resumed_from = self._start()
+        self._start()
         self.preemption = Preemption(cfg.checkpoint.signals)
         if os.environ.get("SLURM_RESTART_COUNT") and env.is_main:
             log.info("Slurm restart count: %s", os.environ["SLURM_RESTART_COUNT"])
         self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.step)
-        self._lr_applied = self._lr()
         self.last_output = None  # the last StepOutput (timings, diagnostics)
         (log.info if env.is_main else log.debug)(
             "%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
             cfg.name, env.world_size, env.backend, self.engine.describe(), cfg.parallel.precision, cfg.head.loss,
             cfg.head.negatives, self.head_config.head_step_in_backward)
 
-    def _start(self) -> str | None:
+    def _start(self) -> None:
         """checkpoint.resume: auto = the newest checkpoint that verifies (the normal start path, also after
         torchrun restarts every worker), never, or a folder; else checkpoint.init_from's weights."""
         c = self.cfg.checkpoint
@@ -150,7 +149,6 @@ class Trainer:
             self.checkpointer.load(self, path)
         elif c.init_from:
             self.checkpointer.init_weights(self, c.init_from)
-        return path
 
     def _lr(self) -> float:
         return self.cfg.optimizer.lr * lr_factor(self.step, self.cfg.schedule)
@@ -174,13 +172,13 @@ class Trainer:
             self.checkpointer.save(self, best_metric=improved)
         return metrics
 
-    def _log(self, out, timings: dict, since: float, samples: int) -> None:
+    def _log(self, out, lr: float, since: float, samples: int) -> None:
         bad, skipped = sum_over_ranks([self.data.bad_total, 0.0], self.env.device)[0], self.skipped
         if not self.env.is_main:
             return
-        row = {"loss": float(out.loss), **out.diagnostics_floats(), "lr": self._lr_applied,
+        row = {"loss": float(out.loss), **out.diagnostics_floats(), "lr": lr,
                "samples_per_s": samples * self.env.world_size / max(time.perf_counter() - since, 1e-9),
-               **{f"time_{k}": v for k, v in timings.items()}, "memory_mb": memory_mb(self.env.device),
+               **{f"time_{k}": v for k, v in out.timings.items()}, "memory_mb": memory_mb(self.env.device),
                "bad_samples": int(bad), "skipped_steps": skipped}
         self.metrics.log_train(self.step, row)
 
@@ -205,8 +203,8 @@ class Trainer:
         since, samples = time.perf_counter(), 0
         for _ in range(n):
             log_now = self._is_log_step(self.step + 1)
-            self._lr_applied = self._lr()
-            out = self.step_fn(self.data, self._lr_applied, timed=log_now)
+            lr = self._lr()
+            out = self.step_fn(self.data, lr, timed=log_now)
             self.step += 1
             self.skipped += not out.applied
             self.skipped_in_a_row = 0 if out.applied else self.skipped_in_a_row + 1
@@ -215,7 +213,7 @@ class Trainer:
             self.metrics.advance()
             self.last_output = out
             if log_now:
-                self._log(out, out.timings, since, samples)
+                self._log(out, lr, since, samples)
                 since, samples = time.perf_counter(), 0
             if self._should(self.cfg.eval.every_steps) and self.step != self.cfg.schedule.steps:
                 self.evaluate()
