@@ -32,8 +32,12 @@ def run_rank(cfg_dict: dict) -> None:
         trainer = Trainer(cfg, env)
         try:
             summary = trainer.train()
-        finally:
-            trainer.close()
+        except BaseException:
+            # keep the preemption handlers: a launcher's SIGTERM (torchrun stopping the other workers after
+            # one failed) must not end this process while @record writes its error file
+            trainer.close(restore_signals=False)
+            raise
+        trainer.close()
     if env.is_main:
         sys.stdout.write(summary["report"] + f"Written to {cfg.logging.output_dir}/ (report.md, report.json, "
                          "curves.png, metrics.jsonl, backbone.pt, head/); checkpoints in "

@@ -270,8 +270,9 @@ class Trainer:
         summary["report"] = write_report(self.out, summary)
         return summary
 
-    def close(self) -> None:
+    def close(self, restore_signals: bool = True) -> None:
         """Waits for a background checkpoint save, closes the metrics, restores the signal handlers."""
         self.checkpointer.wait()
         self.metrics.close()
-        self.preemption.restore()
+        if restore_signals:
+            self.preemption.restore()
