@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch
 from dsoft_dist.config import config_from_dict
 from dsoft_dist.train.checkpoint import CheckpointError, Checkpointer, load_weights_only, verify
 from dsoft_dist.train.distributed import distributed, spawn_local
+from tests.test_data_fixtures import write_shards
 from tests.test_train_dist import assert_same_params, run, tiny
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -60,13 +62,55 @@ def test_resume_on_the_same_world_size_is_exact(tmp_path):
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["latest", "step-00000006", "step-00000008"]
 
 
-@pytest.mark.parametrize("nproc", [1, 3])
-def test_resume_on_another_world_size(tmp_path, nproc):
-    """The head re-shards and the run goes on with the same global batch; the data position is
-    approximate across world sizes (docs/train.md), so the losses stay in the uninterrupted band."""
-    whole = run(ckpt_cfg(tmp_path / "whole", data__batch_size=6))
-    cfg = ckpt_cfg(tmp_path / "resumed", data__batch_size=6)
-    interrupt(cfg, 4)  # 2 ranks x 6 = 12 samples a step; then 1 x 12 or 3 x 4
+def _epoch_keys(out) -> dict[int, list[str]]:
+    """logging.sample_keys' files: the keys trained on at each step, over every rank."""
+    by_step: dict[int, list[str]] = {}
+    for path in sorted((out / "samples").glob("rank-*.txt")):
+        for line in path.read_text().splitlines():
+            step, epoch, *keys = line.split()
+            if int(epoch) == 0:
+                by_step.setdefault(int(step), []).extend(keys)
+    return by_step
+
+
+def _source_cfg(root, source: str, out) -> dict:
+    """The checkpoint config with 2 ranks x 6, 22 steps and sample keys, on an epoch of 240 samples:
+    40 synthetic classes x 6 vectors, or real WebDataset shards of 8x8 images (one label each)."""
+    sections = {"data__batch_size": 6, "schedule__steps": 22, "logging__sample_keys": True}
+    if source == "synthetic":
+        return ckpt_cfg(out, data__samples_per_class=6, **sections)
+    if not (root / "shards").is_dir():
+        write_shards(str(root / "shards"), [37, 50, 13, 61, 79], num_classes=240)
+    data = {"data__source": "webdataset", "data__manifest": str(root / "shards"), "data__num_classes": 240,
+            "data__image_size": 8, "data__num_workers": 2, "data__shuffle_buffer": 16, "data__augment_flip": False,
+            "model__in_features": 3 * 8 * 8}
+    return ckpt_cfg(out, **{**data, **sections})
+
+
+@pytest.fixture(scope="module")
+def before_resume(tmp_path_factory):
+    """Per data source, once: the uninterrupted run and the run interrupted after 4 steps (2 ranks)."""
+    made = {}
+
+    def get(source: str):
+        if source not in made:
+            root = tmp_path_factory.mktemp(source)
+            whole = run(_source_cfg(root, source, root / "whole"))
+            interrupt(_source_cfg(root, source, root / "interrupted"), 4)
+            made[source] = root, whole
+        return made[source]
+    return get
+
+
+@pytest.mark.parametrize("nproc,source", [(1, "synthetic"), (3, "synthetic"), (3, "shards"), (1, "shards")])
+def test_resume_on_another_world_size_trains_on_each_sample_of_the_epoch_once(tmp_path, before_resume, nproc,
+                                                                              source):
+    """2 ranks x 6 train 4 steps (48 of the epoch's 240 samples); the run resumes on 1 x 12 or 3 x 4
+    ranks. The sample keys every rank logged show each of the 240 trained on exactly once in epoch
+    0 (16 more steps), the head re-shards, and the losses stay in the uninterrupted run's band."""
+    root, whole = before_resume(source)
+    shutil.copytree(root / "interrupted", tmp_path / "resumed")
+    cfg = _source_cfg(root, source, tmp_path / "resumed")
     cfg["parallel"]["nproc"] = nproc
     cfg["data"]["batch_size"] = 12 // nproc
     resumed = run(cfg)
@@ -75,6 +119,11 @@ def test_resume_on_another_world_size(tmp_path, nproc):
     lo, hi = min(whole["loss"]), max(whole["loss"])
     assert all(0.8 * lo <= x <= 1.2 * hi for x in resumed["loss"][4:]), (resumed["loss"], whole["loss"])
     assert resumed["head"].shape == whole["head"].shape
+    by_step = _epoch_keys(tmp_path / "resumed")
+    assert sorted(by_step) == list(range(1, 21))  # 4 steps before, 16 after the resume
+    keys = sum(by_step.values(), [])
+    assert len(keys) == len(set(keys)) == 240, "a sample of the epoch was trained on twice or never"
+    assert sorted(keys) == sorted(sum(_epoch_keys(root / "whole").values(), []))
 
 
 def test_torn_checkpoint_is_never_loaded_and_auto_takes_the_previous(tmp_path, caplog):

@@ -26,10 +26,10 @@ def _run(urls, counts, policy="skip", workers=1, use_fast=True):
     stream = ShardStream(urls, counts, num_classes=12, image_size=8, slot=Slot(), chunk=4, policy=policy,
                          use_fast_jpeg=use_fast)
     labels, stats = [], {}
-    for _, y, s in DataLoader(stream, batch_size=None, num_workers=workers):
-        raise_if_failed(s)
-        labels += y.tolist()
-        stats[s["worker"]] = s
+    for chunk in DataLoader(stream, batch_size=None, num_workers=workers):
+        raise_if_failed(chunk.stats)
+        labels += chunk.labels.tolist()
+        stats[chunk.stats["worker"]] = chunk.stats
     bad = {}
     for s in stats.values():
         for kind, n in s["bad"].items():

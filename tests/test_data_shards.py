@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data import assign_samples, build_train_loader, expand_shards, load_manifest
 from dsoft_dist.data.datasets import ShardStream, Slot
+from dsoft_dist.data.position import done_range
 from tests.test_data_fixtures import write_shards
 
 COUNTS = [7, 3, 5, 1, 6]  # uneven shard sizes, 5 shards for 2 ranks x 2 workers = 4 slots
@@ -20,8 +22,8 @@ def _epoch_labels(urls, counts, rank, world, epoch, seed=0, workers=2, buffer=4)
                          slot=Slot(rank=rank, world_size=world, epoch=epoch, seed=seed), chunk=3,
                          shuffle_buffer_size=buffer)
     labels = []
-    for _, y, _ in DataLoader(stream, batch_size=None, num_workers=workers):
-        labels += y.tolist()
+    for chunk in DataLoader(stream, batch_size=None, num_workers=workers):
+        labels += chunk.labels.tolist()
     return labels
 
 
@@ -68,13 +70,18 @@ def test_loader_gives_equal_steps_on_every_rank(tmp_path):
         loader = build_train_loader(cfg, rank, 2, epoch=0)
         batches = list(loader)
         steps.append(len(batches))
+        mine = []
         for x, y in batches:
             assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
             assert -1.0 <= x.min() and x.max() <= 1.0
-            delivered += y.tolist()
+            mine += y.tolist()
+        delivered += mine
         assert loader.counters["bad_total"] == 0 and loader.counters["samples"] >= 10
-        assert loader.state_dict() == {"epoch": 0, "seed": 0, "step": 2, "steps_per_epoch": 2, "rank": rank,
-                                       "world_size": 2}
+        state = loader.state_dict()
+        consumed = state.pop("consumed")  # sample n has label n: the mask is exactly the samples handed out
+        assert np.flatnonzero(done_range(consumed.numpy(), 0, 22)).tolist() == sorted(mine)
+        assert state == {"epoch": 0, "seed": 0, "step": 2, "steps_per_epoch": 2, "rank": rank, "world_size": 2,
+                         "batch_size": 5, "num_samples": 22, "done": None}
     assert steps == [2, 2]
     assert len(delivered) == len(set(delivered)) == 20
 

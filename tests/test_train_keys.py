@@ -112,6 +112,7 @@ CASES = {
     "logging.wandb": ({}, "offline"),
     "logging.wandb_project": ({"logging.wandb": "offline"}, "another-project"),
     "logging.progress": ({}, False),
+    "logging.sample_keys": ({}, True),
     "eval.bins": ("images", ["{dir}/set.bin"]),
     "eval.pairs": ("images", ["{dir}/pairs.txt"]),
     "eval.every_steps": ("images+bins", 1),

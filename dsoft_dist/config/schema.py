@@ -246,6 +246,7 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "dsoft-dist"
     progress: bool = True
+    sample_keys: bool = False  # each rank appends every batch's sample keys to <output_dir>/samples/rank-N.txt
 
     def __post_init__(self):
         _check(bool(self.output_dir), "logging.output_dir", self.output_dir, "give a directory path")

@@ -17,7 +17,10 @@ of its own part (counted as ``padded``) instead of stopping early.
 
 Resume: ``build_train_loader(..., start_step=k)`` replays the epoch's data pipeline and
 drops the first k batches (data work only), so the (epoch, seed, step) position in a
-checkpoint restores the exact batch sequence.
+checkpoint restores the exact batch sequence. On another world size or batch size,
+``build_train_loader(..., done=mask)`` reads only the samples the epoch has left, cut
+afresh over the new ranks (``dsoft_dist.data.position``); the loader's ``consumed`` mask
+(its ``done`` plus every batch it went through) is what a checkpoint saves for that.
 
     python -c "from dsoft_dist.config.schema import DataConfig as D; from dsoft_dist.data import build_train_loader as b
     print(len(b(D(num_classes=8, samples_per_class=4, image_size=32, batch_size=4, num_workers=0), 0, 1, 0)))"
@@ -27,6 +30,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -35,6 +39,7 @@ from dsoft_dist.data.datasets import (
 )
 from dsoft_dist.data.decode import Augment, normalize_images
 from dsoft_dist.data.manifest import MANIFEST_NAME, check_num_classes, load_manifest
+from dsoft_dist.data.position import count_done, mark, new_mask, to_tensor
 from dsoft_dist.data.rng import hash_keys
 from dsoft_dist.data.shards import expand_shards
 from dsoft_dist.observability import get_logger
@@ -48,24 +53,33 @@ class TrainLoader:
 
     def __init__(self, make_stream: Callable[[int], IterableDataset], steps_per_epoch: int, batch_size: int,
                  num_workers: int, rank: int, world_size: int, epoch: int, seed: int,
-                 normalize: bool = True, start_step: int = 0):
-        if steps_per_epoch < 1:
+                 normalize: bool = True, start_step: int = 0, num_samples: int | None = None,
+                 done: np.ndarray | None = None, keys: bool = False):
+        if steps_per_epoch < 1 and done is None:
             raise ValueError(f"steps_per_epoch={steps_per_epoch}: the data gives no full batch per rank; "
                              "lower data.batch_size or use more data")
-        if not 0 <= start_step <= steps_per_epoch:
+        if not 0 <= start_step <= max(steps_per_epoch, 0):
             raise ValueError(f"start_step={start_step} is outside [0, steps_per_epoch={steps_per_epoch}]")
-        self.make_stream, self.steps_per_epoch, self.batch_size = make_stream, steps_per_epoch, batch_size
+        self.make_stream, self.steps_per_epoch, self.batch_size = make_stream, max(steps_per_epoch, 0), batch_size
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
         self.epoch, self.seed, self.normalize, self.start_step = epoch, seed, normalize, start_step
+        self.num_samples, self.done, self.keys = num_samples, done, keys
         self.step = start_step
         self._stats: dict[tuple[int, int], dict] = {}
         self.padded = 0
+        self.consumed = self._fresh_consumed()
+        self.batch_keys: list[list[str]] = []  # keys of the batches handed out (keys=True), for the caller to take
+
+    def _fresh_consumed(self) -> np.ndarray | None:
+        if self.num_samples is None:
+            return None
+        return new_mask(self.num_samples) if self.done is None else self.done.copy()
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Worker chunks from pass 0, then from top-up passes while more are needed."""
+    def _chunks(self) -> Iterator:
+        """Worker Chunks from pass 0, then from top-up passes while more are needed."""
         for pass_index in range(_MAX_PASSES):
             stream = self.make_stream(pass_index)
             # its own generator: a DataLoader iterator otherwise draws its base seed from the global torch
@@ -73,13 +87,13 @@ class TrainLoader:
             gen = torch.Generator().manual_seed(int(hash_keys(self.seed, self.epoch, pass_index, self.rank, 307)))
             loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                 prefetch_factor=4 if self.num_workers else None, generator=gen)
-            for x, y, stats in loader:
-                raise_if_failed(stats)
-                self._stats[(pass_index, stats["worker"])] = stats
-                if len(y):
+            for chunk in loader:
+                raise_if_failed(chunk.stats)
+                self._stats[(pass_index, chunk.stats["worker"])] = chunk.stats
+                if len(chunk.labels):
                     if pass_index:
-                        self.padded += len(y)
-                    yield x, y
+                        self.padded += len(chunk.labels)
+                    yield chunk
             log.warning("rank %d ran out of data at step %d of %d (epoch %d; bad data skipped: %s): topping up "
                         "from pass %d of its shards", self.rank, self.step, self.steps_per_epoch, self.epoch,
                         self.counters["bad"], pass_index + 1)
@@ -89,22 +103,27 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields exactly steps_per_epoch - start_step batches (B, ...) of batch_size."""
-        self.step, self._stats, self.padded = 0, {}, 0
-        xs, ys, have = [], [], 0
+        self.step, self._stats, self.padded, self.consumed = 0, {}, 0, self._fresh_consumed()
+        held: list = []  # chunk pieces not handed out yet: (images, labels, ids, keys)
+        have, B = 0, self.batch_size
         chunks = self._chunks()
         try:
             while self.step < self.steps_per_epoch:
-                while have < self.batch_size:
-                    x, y = next(chunks)
-                    xs.append(x)
-                    ys.append(y)
-                    have += len(y)
-                x, y = torch.cat(xs), torch.cat(ys)
-                B = self.batch_size
-                xs, ys, have = [x[B:]], [y[B:]], len(y) - B
+                while have < B:
+                    c = next(chunks)
+                    held.append((c.images, c.labels, c.ids, c.keys))
+                    have += len(c.labels)
+                x, y, ids = (torch.cat([h[i] for h in held]) for i in range(3))
+                keys = [k for h in held for k in h[3]] if self.keys else None
+                held = [(x[B:], y[B:], ids[B:], keys[B:] if self.keys else None)]
+                have -= B
                 self.step += 1
+                if self.consumed is not None:
+                    mark(self.consumed, ids[:B].numpy())
                 if self.step <= self.start_step:
                     continue  # resume: replay without handing out
+                if self.keys:
+                    self.batch_keys.append(keys[:B])
                 yield (normalize_images(x[:B]) if self.normalize else x[:B]), y[:B]
         finally:
             chunks.close()  # shuts the DataLoader workers down
@@ -127,22 +146,34 @@ class TrainLoader:
         return {"samples": samples, "padded": self.padded, "bad": bad, "bad_total": sum(bad.values())}
 
     def state_dict(self) -> dict:
-        """The resume position: pass it back as (epoch, start_step=step) with the same seed."""
+        """The resume position: (epoch, start_step=step, done) with the same seed, world size and batch
+        size; on others, the epoch's ``consumed`` mask (this rank's: a checkpoint saves the union over
+        ranks) as ``done``. Masks are uint8 tensors, None where the samples have no ids."""
         return {"epoch": self.epoch, "seed": self.seed, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                "num_samples": self.num_samples, "done": to_tensor(self.done), "consumed": to_tensor(self.consumed)}
 
 
 def _augment(cfg) -> Augment:
     return Augment(flip=cfg.augment_flip, color_jitter=cfg.color_jitter, random_crop=getattr(cfg, "random_crop", False))
 
 
-def _steps(total: int, world_size: int, batch_size: int, explicit: int) -> int:
-    return explicit if explicit > 0 else (total // world_size) // batch_size
+def _steps(total: int, world_size: int, batch_size: int, explicit: int, done: np.ndarray | None) -> int:
+    """Steps per epoch: floor(floor(N / world_size) / batch_size) of the N samples left, or the explicit
+    count less the global batches the done samples filled."""
+    left = total - (0 if done is None else count_done(done))
+    if explicit > 0:
+        return explicit if done is None else explicit - -(-(total - left) // (world_size * batch_size))
+    return (left // world_size) // batch_size
 
 
-def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: int = 0) -> TrainLoader:
+def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: int = 0,
+                       done: np.ndarray | None = None, keys: bool = False) -> TrainLoader:
     """A TrainLoader for ``DataConfig`` cfg on (rank, world_size) for ``epoch`` (see module doc).
 
+    done: a done mask over the data set's sample ids: only the epoch's other samples are read
+    (``num_samples(cfg)`` ids; None for shards without a manifest, which cannot take one).
+    keys: collect every handed-out batch's sample keys in ``loader.batch_keys``.
     Raises ValueError naming the key when the config cannot work (manifest disagrees
     with data.num_classes, no manifest and no data.steps_per_epoch, too few samples).
     """
@@ -151,31 +182,38 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
     explicit = getattr(cfg, "steps_per_epoch", 0)
     chunk = max(1, min(64, cfg.batch_size))
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank, world_size=world_size,
-                  epoch=epoch, seed=cfg.seed, start_step=start_step)
+                  epoch=epoch, seed=cfg.seed, start_step=start_step, done=done, keys=keys)
+    extra = dict(done=done, keys=keys)
 
     def slot(pass_index: int) -> Slot:
         return Slot(rank=rank, world_size=world_size, epoch=epoch, seed=cfg.seed, pass_index=pass_index)
 
     if cfg.source == "synthetic":
         total = cfg.num_classes * cfg.samples_per_class
-        steps = _steps(total, world_size, cfg.batch_size, explicit)
+        steps = _steps(total, world_size, cfg.batch_size, explicit, done)
         if cfg.synthetic_mode == "vectors":
             dim = getattr(cfg, "vector_dim", 128)
             make = lambda p: SyntheticVectorStream(cfg.num_classes, cfg.samples_per_class, dim, slot(p),  # noqa: E731
-                                                   chunk=max(chunk, 256))
-            return TrainLoader(make, steps, normalize=False, **common)
+                                                   chunk=max(chunk, 256), **extra)
+            return TrainLoader(make, steps, normalize=False, num_samples=total, **common)
         difficulty = getattr(cfg, "difficulty", "medium")
         make = lambda p: SyntheticImageStream(cfg.num_classes, cfg.samples_per_class, cfg.image_size,  # noqa: E731
-                                              slot(p), chunk=chunk, difficulty=difficulty, augment=_augment(cfg))
-        return TrainLoader(make, steps, **common)
+                                              slot(p), chunk=chunk, difficulty=difficulty, augment=_augment(cfg),
+                                              **extra)
+        return TrainLoader(make, steps, num_samples=total, **common)
     urls, counts = resolve_shards(cfg)
     if counts is None and explicit <= 0:
         raise ValueError(f"data.shards={cfg.shards!r} without a manifest needs data.steps_per_epoch > 0: set "
                          "data.manifest to the converter's manifest.json (or give the steps explicitly)")
-    steps = _steps(sum(counts or []), world_size, cfg.batch_size, explicit)
+    if counts is None and done is not None:
+        raise ValueError(f"data.shards={cfg.shards!r} has no manifest, so its samples have no ids and a done mask "
+                         "cannot apply: set data.manifest")
+    total = None if counts is None else sum(counts)
+    steps = _steps(total or 0, world_size, cfg.batch_size, explicit, done)
     make = lambda p: ShardStream(urls, counts, cfg.num_classes, cfg.image_size, slot(p), chunk=chunk,  # noqa: E731
-                                 shuffle_buffer_size=cfg.shuffle_buffer, augment=_augment(cfg), policy=cfg.bad_data)
-    return TrainLoader(make, steps, **common)
+                                 shuffle_buffer_size=cfg.shuffle_buffer, augment=_augment(cfg), policy=cfg.bad_data,
+                                 **extra)
+    return TrainLoader(make, steps, num_samples=total, **common)
 
 
 def resolve_shards(cfg) -> tuple[list[str], list[int] | None]:

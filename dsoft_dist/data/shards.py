@@ -10,7 +10,8 @@ Stages (plain generators, composed by ``dsoft_dist.data.pipeline``):
   sequence is cut into world_size contiguous rank ranges, each cut into num_workers
   worker ranges, so every sample is read exactly once per epoch and ranks differ by at
   most one sample. A shard straddling a cut is read by both sides, each keeping its
-  part. Without counts, whole shards are dealt round-robin to (rank, worker) slots.
+  part. Without counts, whole shards are dealt round-robin to (rank, worker) slots. Given
+  a done mask (a resume on another world size), the cut is made over the samples left.
 - ``iter_tar_samples(url, ...)``: groups tar members by key into sample dicts
   (``{"__key__", "__index__", "jpg": bytes, "cls": bytes, ...}``).
 - ``BadData``: per-worker counters plus the policy: ``skip`` counts and warns (first
@@ -28,6 +29,7 @@ from typing import Iterator, Sequence
 import braceexpand
 import numpy as np
 
+from dsoft_dist.data.position import done_range, is_done
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
@@ -98,32 +100,48 @@ def _epoch_order(num_shards: int, epoch: int, seed: int, shuffle: bool) -> np.nd
     return np.random.default_rng([seed, epoch, 101]).permutation(num_shards)
 
 
+def shard_starts(counts: Sequence[int]) -> np.ndarray:
+    """(S + 1,) int64: each shard's first sample id (shards in manifest order), then the total."""
+    return np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
+
+
 def assign_samples(counts: Sequence[int] | int, rank: int, world_size: int, worker: int, num_workers: int,
-                   epoch: int = 0, seed: int = 0, shuffle: bool = True) -> list[tuple[int, int, int]]:
+                   epoch: int = 0, seed: int = 0, shuffle: bool = True,
+                   done: np.ndarray | None = None) -> list[tuple[int, int, int]]:
     """The (rank, worker) slot's reading plan for an epoch: [(shard, start, stop), ...].
 
     counts: per-shard sample counts, or the number of shards when counts are unknown
     (then whole shards are dealt round-robin and stop=-1 means "to the end").
     Samples [start, stop) of shard ``shard`` (its position in the tar) belong to the slot.
+    done: a done mask over sample ids (``dsoft_dist.data.position``): the cut is made over the
+    epoch's remaining samples only, and the reader skips the done ones inside [start, stop).
     """
     if not (0 <= rank < world_size and 0 <= worker < num_workers):
         raise ValueError(f"rank={rank}/world_size={world_size}, worker={worker}/num_workers={num_workers} "
                          "are inconsistent: need 0 <= rank < world_size and 0 <= worker < num_workers")
     if isinstance(counts, int):
+        if done is not None:
+            raise ValueError("a done mask needs per-shard counts (a manifest) to number the samples")
         order = _epoch_order(counts, epoch, seed, shuffle)
         slot, slots = rank * num_workers + worker, world_size * num_workers
         return [(int(s), 0, -1) for s in order[slot::slots]]
     counts = np.asarray(counts, dtype=np.int64)
+    starts = shard_starts(counts)
+    left = counts if done is None else np.array(
+        [c - done_range(done, starts[s], starts[s] + c).sum() for s, c in enumerate(counts)], dtype=np.int64)
     order = _epoch_order(len(counts), epoch, seed, shuffle)
-    total = int(counts.sum())
+    total = int(left.sum())
     r0, r1 = total * rank // world_size, total * (rank + 1) // world_size
     lo, hi = r0 + (r1 - r0) * worker // num_workers, r0 + (r1 - r0) * (worker + 1) // num_workers
     plan, offset = [], 0
     for s in order:
-        n = int(counts[s])
-        a, b = max(lo, offset), min(hi, offset + n)
+        n = int(left[s])
+        a, b = max(lo, offset) - offset, min(hi, offset + n) - offset  # in the shard's remaining samples
         if a < b:
-            plan.append((int(s), a - offset, b - offset))
+            if done is not None:  # the a-th .. (b-1)-th remaining sample, as tar positions
+                keep = np.flatnonzero(~done_range(done, starts[s], starts[s + 1]))
+                a, b = int(keep[a]), int(keep[b - 1]) + 1
+            plan.append((int(s), a, b))
         offset += n
     return plan
 
@@ -187,10 +205,17 @@ def iter_tar_samples(url: str, bad: BadData, start: int = 0, stop: int = -1) -> 
             log.debug("closing %s: %s", url, exc)
 
 
-def iter_plan(urls: Sequence[str], plan, bad: BadData) -> Iterator[dict]:
-    """Chains iter_tar_samples over a slot's plan from assign_samples."""
+def iter_plan(urls: Sequence[str], plan, bad: BadData, counts: Sequence[int] | None = None,
+              done: np.ndarray | None = None) -> Iterator[dict]:
+    """Chains iter_tar_samples over a slot's plan from assign_samples. With per-shard counts each
+    sample gets its ``__id__`` (-1 without) and the ones set in ``done`` are left out."""
+    starts = None if counts is None else shard_starts(counts)
     for shard, start, stop in plan:
-        yield from iter_tar_samples(urls[shard], bad, start, stop)
+        for sample in iter_tar_samples(urls[shard], bad, start, stop):
+            sample["__id__"] = -1 if starts is None else int(starts[shard]) + sample["__index__"]
+            if done is not None and is_done(done, [sample["__id__"]])[0]:
+                continue
+            yield sample
 
 
 def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

@@ -245,7 +245,8 @@ class Checkpointer:
         if best_metric is not None:
             self.best, self.best_folder = best_metric, name
         background = self.async_save and trainer.engine.snapshots_state
-        snapshot = {"trainer": self._trainer_state(trainer) if self.env.is_main else None,
+        data = trainer.data.state_dict(self.group)  # collective: the epoch's done samples over every rank
+        snapshot = {"trainer": self._trainer_state(trainer, data) if self.env.is_main else None,
                     "backbone": _plain_state(trainer.engine.module) if self.env.is_main else None,
                     "engine": trainer.engine.state_snapshot(copy=background),
                     "head": head_snapshot(trainer.head, trainer.head_optimizer, copy=background),
@@ -305,9 +306,9 @@ class Checkpointer:
         _barrier(self.group)
         log.debug("checkpoint %s written", final)
 
-    def _trainer_state(self, trainer) -> dict:
+    def _trainer_state(self, trainer, data: dict) -> dict:
         return {"format": FORMAT, "version": __version__, "step": trainer.step, "skipped": trainer.skipped,
-                "world_size": self.env.world_size, "data": trainer.data.state_dict(),
+                "world_size": self.env.world_size, "data": data,
                 "batch_size": self.cfg.data.batch_size, "best": self.best, "best_folder": self.best_folder,
                 "config": config_to_dict(self.cfg)}
 

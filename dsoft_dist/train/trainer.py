@@ -25,6 +25,7 @@ from dsoft_dist.config.schema import Config
 from dsoft_dist.head import build_head_optimizer, save_head_checkpoint
 from dsoft_dist.observability import get_logger
 from dsoft_dist.train.checkpoint import Checkpointer, step_folder
+from dsoft_dist.train.data import TrainData
 from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from dsoft_dist.train.build import build_backbone, build_backbone_optimizer, build_head, resolve_head_step
 from dsoft_dist.train.metrics import RunMetrics, memory_mb, sum_over_ranks
@@ -34,66 +35,6 @@ from dsoft_dist.train.step import TrainStep
 from dsoft_dist.train.validate import Validator
 
 log = get_logger(__name__)
-
-
-class TrainData:
-    """Endless training batches over epochs of ``build_train_loader``, with bad-sample counters kept
-    over every epoch (a finished epoch's counters are added to the running total)."""
-
-    def __init__(self, data_cfg, env):
-        from dsoft_dist.data import build_train_loader
-
-        self.cfg, self.env, self.epoch = data_cfg, env, 0
-        self._build = build_train_loader
-        self.loader = build_train_loader(data_cfg, env.rank, env.world_size, 0)
-        self.bad_done = 0  # bad samples of finished epochs (this rank)
-        self._it = self._batches()
-
-    def _batches(self):
-        while True:
-            yield from self.loader
-            self.bad_done += self.loader.counters["bad_total"]
-            self.epoch += 1
-            self.loader = self._build(self.cfg, self.env.rank, self.env.world_size, self.epoch)
-
-    def __iter__(self):
-        return self._it
-
-    def __next__(self):
-        return next(self._it)
-
-    @property
-    def bad_total(self) -> int:
-        """Bad samples this rank skipped so far, over every epoch."""
-        return self.bad_done + self.loader.counters["bad_total"]
-
-    def state_dict(self) -> dict:
-        return {**self.loader.state_dict(), "epoch": self.epoch, "bad_done": self.bad_done}
-
-    def load_state_dict(self, state: dict, saved_batch_size: int) -> None:
-        """Continues at a saved position. Same world size and batch: exactly the batches the run had
-        left. Otherwise only approximately: the epoch continues after the same number of samples per
-        rank's new share, but each rank reads its own contiguous part of the epoch's order, so which
-        samples repeat or are skipped depends on the layouts (logged; exact cross-world-size resume
-        needs a world-size-independent epoch order, not there yet)."""
-        epoch, step = state["epoch"], state["step"]
-        consumed = step * saved_batch_size * state["world_size"]
-        per_step = self.cfg.batch_size * self.env.world_size
-        same = state["world_size"] == self.env.world_size and saved_batch_size == self.cfg.batch_size
-        start = step if same else consumed // per_step
-        if not same and self.env.is_main:
-            log.warning("data position: %d samples of epoch %d were consumed by %d ranks x %d; continuing at step "
-                        "%d of %d ranks x %d. The rest of this epoch is approximate: the ranks' parts of the epoch "
-                        "changed with the world size, so some samples repeat and others are skipped",
-                        consumed, epoch, state["world_size"], saved_batch_size, start, self.env.world_size,
-                        self.cfg.batch_size)
-        self.epoch, self.bad_done = epoch, state.get("bad_done", 0)
-        self.loader = self._build(self.cfg, self.env.rank, self.env.world_size, epoch,
-                                  start_step=min(start, self._steps(epoch)))
-        self._it = self._batches()
-
-    def _steps(self, epoch: int) -> int:
-        return len(self._build(self.cfg, self.env.rank, self.env.world_size, epoch))
 
 
 def build_engine(cfg: Config, model, head_optimizer, env):
@@ -121,7 +62,8 @@ class Trainer:
         self.head_optimizer = build_head_optimizer(self.head, self.head_config)
         self.engine = build_engine(cfg, build_backbone(cfg), self.head_optimizer, env)
         self.step_fn = TrainStep(self.engine, self.head, env, cfg.optimizer.grad_accum_steps)
-        self.data = TrainData(cfg.data, env)
+        keys_dir = os.path.join(self.out, "samples") if cfg.logging.sample_keys else None
+        self.data = TrainData(cfg.data, env, keys_dir)
         self.validator = Validator(cfg, env, self.out)
         self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
         self.checkpointer = Checkpointer(cfg, env)
@@ -206,6 +148,7 @@ class Trainer:
             lr = self._lr()
             out = self.step_fn(self.data, lr, timed=log_now)
             self.step += 1
+            self.data.write_keys(self.step)
             self.skipped += not out.applied
             self.skipped_in_a_row = 0 if out.applied else self.skipped_in_a_row + 1
             self._stop_if_diverged()

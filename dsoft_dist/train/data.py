@@ -1,0 +1,116 @@
+"""The trainer's data: endless batches over epochs, a checkpointable position, the sample-key log.
+
+    data = TrainData(cfg.data, env, keys_dir=None)   # keys_dir: logging.sample_keys' folder
+    images, labels = next(data)
+    state = data.state_dict(group)                   # collective: the done masks are OR-ed over ranks
+    data.load_state_dict(state, saved_batch_size)    # on the same or another world size
+
+The position is world-size independent (``dsoft_dist.data.position``): on the same world and
+batch size a resume replays the epoch's pipeline to the saved step (the exact batches the run
+had left); on others the samples the epoch has left are cut afresh over the new ranks, so the
+epoch's samples are each trained on once, across the interrupted and the resumed run.
+"""
+from __future__ import annotations
+
+import os
+
+from dsoft_dist.data import build_train_loader
+from dsoft_dist.data.position import count_done, from_tensor, to_tensor, union_over_ranks
+from dsoft_dist.observability import get_logger
+
+log = get_logger(__name__)
+
+
+class TrainData:
+    """Endless training batches over epochs of ``build_train_loader``, with bad-sample counters kept
+    over every epoch (a finished epoch's counters are added to the running total).
+
+    keys_dir: where each rank appends the keys of every batch it hands out, a line per batch,
+    ``<step> <epoch> <key> <key> ...``, to ``rank-NNNNN.txt`` (``write_keys(step)`` after each
+    optimizer step). After a restart the steps after the resumed checkpoint appear again; the
+    later lines are the ones that were trained on.
+    """
+
+    def __init__(self, data_cfg, env, keys_dir: str | None = None):
+        self.cfg, self.env, self.epoch = data_cfg, env, 0
+        self.keys_dir = keys_dir
+        self._keys: list[tuple[int, list[str]]] = []  # (epoch, keys) of the batches not written yet
+        self.loader = self._build(0)
+        self.bad_done = 0  # bad samples of finished epochs (this rank)
+        self._it = self._batches()
+
+    def _build(self, epoch: int, start_step: int = 0, done=None):
+        return build_train_loader(self.cfg, self.env.rank, self.env.world_size, epoch, start_step=start_step,
+                                  done=done, keys=self.keys_dir is not None)
+
+    def _batches(self):
+        while True:
+            yield from self.loader
+            self.bad_done += self.loader.counters["bad_total"]
+            self.epoch += 1
+            self.loader = self._build(self.epoch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        if self.keys_dir is not None:
+            self._keys.append((self.epoch, self.loader.batch_keys.pop()))
+        return batch
+
+    def write_keys(self, step: int) -> None:
+        """Appends the keys of the batches handed out since the last call (logging.sample_keys)."""
+        if self.keys_dir is None or not self._keys:
+            return
+        os.makedirs(self.keys_dir, exist_ok=True)
+        with open(os.path.join(self.keys_dir, f"rank-{self.env.rank:05d}.txt"), "a", encoding="utf-8") as fh:
+            fh.writelines(f"{step} {epoch} {' '.join(keys)}\n" for epoch, keys in self._keys)
+        self._keys.clear()
+
+    @property
+    def bad_total(self) -> int:
+        """Bad samples this rank skipped so far, over every epoch."""
+        return self.bad_done + self.loader.counters["bad_total"]
+
+    def state_dict(self, group=None) -> dict:
+        """Collective: the position, with the epoch's consumed mask OR-ed over ranks (``group``: gloo)."""
+        state = {**self.loader.state_dict(), "epoch": self.epoch, "bad_done": self.bad_done}
+        if self.loader.consumed is not None:
+            state["consumed"] = to_tensor(union_over_ranks(self.loader.consumed, group))
+        return state
+
+    def load_state_dict(self, state: dict, saved_batch_size: int) -> None:
+        """Continues at a saved position: the same world and batch size replay the epoch to the saved
+        step; others read exactly the samples the epoch has left (see the module doc). A position
+        without a consumed mask (shards without a manifest) continues only approximately, and says so."""
+        epoch, step = state["epoch"], state["step"]
+        self.epoch, self.bad_done = epoch, state.get("bad_done", 0)
+        num_samples = self._build(epoch).num_samples
+        same = state["world_size"] == self.env.world_size and saved_batch_size == self.cfg.batch_size
+        if same:
+            done = None if state.get("done") is None else from_tensor(state["done"], num_samples)
+            self.loader = self._build(epoch, start_step=min(step, len(self._build(epoch, done=done))), done=done)
+        elif state.get("consumed") is not None and num_samples is not None:
+            done = from_tensor(state["consumed"], num_samples)
+            self.loader = self._build(epoch, done=done)
+            if self.env.is_main:
+                log.info("data position: epoch %d has %d of %d samples left after %d ranks x %d; they are cut over "
+                         "%d ranks x %d: %d steps to the end of the epoch", epoch, num_samples - count_done(done),
+                         num_samples, state["world_size"], saved_batch_size, self.env.world_size,
+                         self.cfg.batch_size, len(self.loader))
+        else:
+            self.loader = self._approximate(state, saved_batch_size)
+        self._it = self._batches()
+
+    def _approximate(self, state: dict, saved_batch_size: int):
+        """The same number of samples per rank's new share, in each rank's own part of the epoch."""
+        epoch, consumed = state["epoch"], state["step"] * saved_batch_size * state["world_size"]
+        start = consumed // (self.cfg.batch_size * self.env.world_size)
+        if self.env.is_main:
+            log.warning("data position: %d samples of epoch %d were consumed by %d ranks x %d; continuing at step "
+                        "%d of %d ranks x %d. The rest of this epoch is approximate: these shards have no manifest, "
+                        "so their samples have no ids and which ones repeat or are skipped depends on the layouts "
+                        "(set data.manifest for an exact resume)", consumed, epoch, state["world_size"],
+                        saved_batch_size, start, self.env.world_size, self.cfg.batch_size)
+        return self._build(epoch, start_step=min(start, len(self._build(epoch))))
