@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 
 import pytest
@@ -151,19 +150,23 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+def plant_payload(folder, name: str, marker) -> None:
+    """Replaces ``folder/name`` with a file whose pickle would touch ``marker``, and crafts a manifest that
+    matches it (so the sha256 check passes and only the weights-only load stands in the way)."""
+    from dsoft_dist.data.manifest import sha256_file
+
+    torch.save({"step": _Payload(marker)}, folder / name)  # torch's own format: torch.load would run it
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = {"size": os.path.getsize(folder / name), "sha256": sha256_file(str(folder / name))}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_nothing_runs(tmp_path):
     cfg = ckpt_cfg(tmp_path / "run")
     interrupt(cfg, 2)
     folder = tmp_path / "run" / "checkpoints" / "step-00000002"
     marker = tmp_path / "pwned"
-    with open(folder / "trainer.pt", "wb") as fh:
-        pickle.dump({"step": _Payload(marker)}, fh)
-    manifest = json.loads((folder / "manifest.json").read_text())  # a crafted manifest that matches
-    from dsoft_dist.data.manifest import sha256_file
-
-    manifest["files"]["trainer.pt"] = {"size": os.path.getsize(folder / "trainer.pt"),
-                                       "sha256": sha256_file(str(folder / "trainer.pt"))}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    plant_payload(folder, "trainer.pt", marker)
     with pytest.raises(CheckpointError, match="trainer.pt could not be loaded as plain tensors"):
         load_weights_only(str(folder / "trainer.pt"))
     cfg["checkpoint"]["resume"] = str(folder)

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from dsoft_dist.eval import eer, roc_curve, roc_metrics, tar_at_far
+from dsoft_dist.eval import roc_curve, roc_metrics, tar_at_far
 from dsoft_dist.eval.roc import plot_roc, write_json
 
 FARS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.25, 0.5]

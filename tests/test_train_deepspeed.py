@@ -67,7 +67,7 @@ def test_deepspeed_skipped_step_skips_the_head_step(tmp_path):
 
 
 def test_deepspeed_resume_on_the_same_world_size_is_exact(tmp_path):
-    from tests.test_checkpoint import ckpt_cfg, interrupt
+    from tests.test_checkpoint import ckpt_cfg, interrupt, plant_payload
 
     ds = {"parallel__engine": "deepspeed", "parallel__zero_stage": 2, "model__dropout": 0.0}
     whole = run(ckpt_cfg(tmp_path / "whole", **ds))
@@ -79,3 +79,12 @@ def test_deepspeed_resume_on_the_same_world_size_is_exact(tmp_path):
     cfg["parallel"]["nproc"] = 1  # ZeRO partitions are per rank: another world size is refused, by name
     with pytest.raises(Exception, match="a DeepSpeed checkpoint resumes on the world size that wrote it"):
         run(cfg)
+    # DeepSpeed itself reads with weights_only=False: a crafted partition is refused before it does
+    root = tmp_path / "resumed" / "checkpoints"
+    folder = root / (root / "latest").read_text().strip()
+    name = "engine/engine/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    plant_payload(folder, name, tmp_path / "pwned")
+    cfg["parallel"]["nproc"], cfg["checkpoint"]["resume"] = 2, str(folder)
+    with pytest.raises(Exception, match="zero_pp_rank_1_mp_rank_00_optim_states.pt could not be loaded as plain"):
+        run(cfg)
+    assert not (tmp_path / "pwned").exists()

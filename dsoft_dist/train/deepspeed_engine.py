@@ -30,6 +30,7 @@ the installed version (2 gloo ranks on CPU) and what this engine does about it:
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import logging
 import os
@@ -170,11 +171,29 @@ class DeepSpeedEngine:
             self.ds.save_checkpoint(folder, tag="engine", save_latest=False)
 
     def load_state(self, folder: str, same_world: bool) -> None:
-        """DeepSpeed's ZeRO partitions are per rank: they load on the world size that wrote them only."""
+        """DeepSpeed's ZeRO partitions are per rank: they load on the world size that wrote them only.
+        DeepSpeed reads its files with ``weights_only=False``, so each is first read weights-only (see
+        refuse_code): a file carrying code is refused before DeepSpeed opens it."""
         from dsoft_dist.train.checkpoint import CheckpointError
 
         if not same_world:
             raise CheckpointError(f"{folder}: a DeepSpeed checkpoint resumes on the world size that wrote it; "
                                   "resume with that many ranks (or parallel.engine=ddp, whose state loads anywhere)")
+        refuse_code(folder)
         with contextlib.redirect_stdout(io.StringIO()):
             self.ds.load_checkpoint(folder, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+def refuse_code(folder: str) -> None:
+    """Reads every ``.pt`` file of a DeepSpeed checkpoint folder weights-only, allowing the four plain
+    DeepSpeed classes its optimizer files hold (loss scalers, the ZeRO stage enum, fragment addresses;
+    measured on DeepSpeed 0.19); anything else raises CheckpointError naming the file."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from dsoft_dist.train.checkpoint import load_weights_only
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        for path in sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)):
+            load_weights_only(path)
