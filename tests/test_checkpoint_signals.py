@@ -1,5 +1,6 @@
-"""A killed worker under torchrun --max-restarts=1 and a SIGTERM'd run: both end with the uninterrupted
-run's weights. Real processes: `dsoft train` / torchrun in a subprocess, signals sent to one worker."""
+"""A killed worker under torchrun --max-restarts=1 (one node, and two elastic nodes) and a SIGTERM'd run:
+each ends with the uninterrupted run's weights. Real processes: `dsoft train` / torchrun agents in
+subprocesses, signals sent to one worker."""
 from __future__ import annotations
 
 import json
@@ -61,8 +62,8 @@ def _wait_for_step(out: Path, step: int, proc, timeout: float = 300) -> int:
     raise AssertionError(f"the run never reached step {step} (rc={proc.poll()})")
 
 
-def _launch(cmd, tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+def _launch(cmd, tmp_path, extra_env: dict | None = None):
+    env = {**os.environ, "WANDB_MODE": "disabled", **(extra_env or {})}
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -77,8 +78,13 @@ def _final(out: Path, cfg: dict) -> dict:
             "backbone": read_backbone_file(str(out / "backbone.pt"))["state_dict"], "head": head.weight.detach()}
 
 
-def test_killed_worker_under_torchrun_restarts_and_ends_like_the_uninterrupted_run(tmp_path):
-    whole = run(long_cfg(tmp_path / "whole"))
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> dict:
+    """The uninterrupted run every interrupted one must end like (2 ranks of spawn_local)."""
+    return run(long_cfg(tmp_path_factory.mktemp("whole") / "run"))
+
+
+def test_killed_worker_under_torchrun_restarts_and_ends_like_the_uninterrupted_run(tmp_path, whole):
     cfg = long_cfg(tmp_path / "killed")
     (tmp_path / "killed.yaml").write_text(yaml.safe_dump(cfg))
     proc = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -96,8 +102,37 @@ def test_killed_worker_under_torchrun_restarts_and_ends_like_the_uninterrupted_r
     assert killed_at >= 100
 
 
-def test_sigterm_writes_a_checkpoint_within_a_step_exits_75_and_resumes_to_the_same_weights(tmp_path):
-    whole = run(long_cfg(tmp_path / "whole"))
+@pytest.mark.parametrize("shared_store", [True, False])
+def test_killed_worker_on_one_of_two_elastic_nodes_restarts_both_and_ends_like_the_uninterrupted_run(
+        tmp_path, whole, shared_store):
+    """Two torchrun agents (two nodes on one machine, one worker each) meet in an elastic c10d rendezvous
+    (--nnodes 1:2); the second node's worker is SIGKILLed. Both agents start a new round, the workers
+    resume from `latest`, and the run ends with the uninterrupted run's losses and weights. With the
+    agents' shared store (torchrun's default: the workers' keys go under a prefix per restart) and with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per round, no prefix; docs/train.md)."""
+    from dsoft_dist.train.distributed import free_port
+
+    cfg = long_cfg(tmp_path / "elastic")
+    (tmp_path / "elastic.yaml").write_text(yaml.safe_dump(cfg))
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "elastic-test",
+             "--max-restarts", "1", "-m", "dsoft_dist.train", "--config", str(tmp_path / "elastic.yaml")]
+    env = {"OMP_NUM_THREADS": "1"}  # one thread per worker, as spawn_local's two ranks get
+    if not shared_store:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    first, second = _launch(agent, tmp_path, env), _launch(agent, tmp_path, env)
+    _wait_for_step(tmp_path / "elastic", 100, first)
+    os.kill(_workers(second.pid)[0], signal.SIGKILL)
+    (_, err1), (_, err2) = first.communicate(timeout=600), second.communicate(timeout=600)
+    assert (first.returncode, second.returncode) == (0, 0), (err1[-3000:], err2[-3000:])
+    assert "resumed from" in err1 + err2
+    got = _final(tmp_path / "elastic", cfg)
+    assert got["steps"] == list(range(1, STEPS + 1))
+    assert got["loss"] == whole["loss"]
+    assert_same_params(got, whole, atol=0.0, rtol=0.0)
+
+
+def test_sigterm_writes_a_checkpoint_within_a_step_exits_75_and_resumes_to_the_same_weights(tmp_path, whole):
     cfg = long_cfg(tmp_path / "term")
     (tmp_path / "term.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "dsoft_dist.train", "--config", str(tmp_path / "term.yaml"), "--nproc", "2"]

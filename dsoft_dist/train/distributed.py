@@ -77,7 +77,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
     """Initializes the default process group from the launcher's environment (or as one rank).
 
     CUDA ranks use device cuda:LOCAL_RANK; CPU ranks get cores // LOCAL_WORLD_SIZE threads
-    each, so local ranks do not oversubscribe the machine.
+    each (OMP_NUM_THREADS, when set, wins), so local ranks do not oversubscribe the machine.
     """
     backend = resolve_backend(backend)
     launched = under_launcher()  # else a single process: a one-rank group, so every path is the same
@@ -89,12 +89,13 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        if not os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         if backend == "nccl":
             init["device_id"] = device
-        if launched and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        if launched and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             init = {**init, "store": _attempt_store(rank, world, timeout)}
         with explain_timeouts("the rendezvous", timeout_s):
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **init)
@@ -128,9 +129,12 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
     """The launcher's store under a prefix per torchrun restart.
 
     After a restart the new workers reach the same agent store as the failed attempt (torch 2.13,
-    --standalone and c10d rendezvous), where gloo finds the dead workers' addresses under the
-    default keys and fails to connect ("Connection refused" to a port of the old attempt) or
-    hangs. A prefix with TORCHELASTIC_RESTART_COUNT gives each attempt its own keys.
+    --standalone and c10d rendezvous sharing the agent's store, the default), where gloo finds the
+    dead workers' addresses under the default keys and fails to connect ("Connection refused" to a
+    port of the old attempt) or hangs. A prefix with TORCHELASTIC_RESTART_COUNT gives each attempt
+    its own keys. That count is per agent, and agents restarted by a change of membership do not
+    count it up, so on several nodes agents can disagree: there, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    (set for torchrun) gives every rendezvous round a fresh store on a new port, and no prefix is used.
     """
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
     return dist.PrefixStore(f"dsoft/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
