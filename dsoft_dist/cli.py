@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = (
     "dsoft_dist.train.cli",
     "dsoft_dist.train.ckpt_cli",
+    "dsoft_dist.launch.doctor",
     "dsoft_dist.demo",
     "dsoft_dist.config.cli",
     "dsoft_dist.data.cli",

@@ -20,7 +20,7 @@ set -uo pipefail
 OUT=${1:?usage: launch/gpu_check.sh OUT_DIR}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-cd "$REPO"
+cd "$REPO" || exit 1
 PY=${PYTHON:-python3}
 START=$(date +%s)
 STATUS="$OUT/stages.txt"

@@ -96,6 +96,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
         if backend == "nccl":
             init["device_id"] = device
         if launched and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _warn_if_restarts_can_hang(rank)
             init = {**init, "store": _attempt_store(rank, world, timeout)}
         with explain_timeouts("the rendezvous", timeout_s):
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **init)
@@ -138,6 +139,15 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
     """
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
     return dist.PrefixStore(f"dsoft/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
+def _warn_if_restarts_can_hang(rank: int) -> None:
+    """Several nodes sharing the agents' store with restarts allowed: a restart can hang (_attempt_store)."""
+    if rank == 0 and _env_int("GROUP_WORLD_SIZE", 1) > 1 and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0:
+        log.warning("torchrun on %s nodes with --max-restarts and the agents' shared store: after a failure the "
+                    "nodes' restart counts can differ and the restarted workers wait for each other forever. "
+                    "Export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (launch/multinode.sh does)",
+                    os.environ["GROUP_WORLD_SIZE"])
 
 
 def shutdown_distributed() -> None:

@@ -1,0 +1,1 @@
+"""Launch helpers: the pre-flight check (dsoft doctor)."""

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Many nodes: run this same command on every node; the nodes meet in a c10d rendezvous on MASTER_ADDR.
+#
+#   # on each of 4 nodes (node 0's address is 10.0.0.1):
+#   NNODES=4 MASTER_ADDR=10.0.0.1 launch/multinode.sh --config configs/glint360k_r100_dsoftmax.yaml
+#   # elastic: start with 2..4 nodes, restart every node's workers when one fails, resume from `latest`
+#   NNODES=2:4 MAX_RESTARTS=10 MASTER_ADDR=10.0.0.1 launch/multinode.sh --config my.yaml
+#
+# Environment:
+#   NNODES          node count, or MIN:MAX for an elastic range (required)
+#   MASTER_ADDR     an address of the rendezvous host that every node can reach (required; not 127.0.0.1
+#                   unless all "nodes" are on this machine). `dsoft doctor --nnodes N` checks it.
+#   MASTER_PORT     the rendezvous port on MASTER_ADDR (default 29500)
+#   NPROC_PER_NODE  ranks per node (default: the GPUs torch sees, else 1)
+#   MAX_RESTARTS    restarts after a failed worker (default 3)
+#   RDZV_ID         the job's rendezvous id, the same on every node (default: SLURM_JOB_ID, else dsoft)
+#   PYTHON          the interpreter with dsoft_dist installed (default: python)
+# Set NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME to the interface the nodes share when a node has several.
+# Every rendezvous round gets a fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; docs/launch.md says why).
+set -euo pipefail
+: "${NNODES:?set NNODES to the node count (or MIN:MAX)}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host that every node can reach}"
+python="${PYTHON:-python}"
+nproc="${NPROC_PER_NODE:-$("$python" -c 'import torch; print(torch.cuda.device_count() or 1)')}"
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+exec "$python" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$nproc" \
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-dsoft}}" \
+  --max-restarts "${MAX_RESTARTS:-3}" -m dsoft_dist.train "$@"
