@@ -23,6 +23,23 @@ set -euo pipefail
 python="${PYTHON:-python}"
 nproc="${NPROC_PER_NODE:-$("$python" -c 'import torch; print(torch.cuda.device_count() or 1)')}"
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
-exec "$python" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$nproc" \
+"$python" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-dsoft}}" \
-  --max-restarts "${MAX_RESTARTS:-3}" -m dsoft_dist.train "$@"
+  --max-restarts "${MAX_RESTARTS:-3}" -m dsoft_dist.train "$@" &
+agent=$!
+# A preemption signal reaches torchrun and its workers too (Slurm signals the whole step; a terminal its
+# process group): the ranks checkpoint and exit 75, torchrun then fails. This node exits 0 in that case,
+# so that srun --kill-on-bad-exit does not kill another node still finishing its part of the checkpoint.
+signaled=""
+trap 'signaled=TERM' TERM
+trap 'signaled=USR1' USR1
+status=0
+while true; do  # a trapped signal interrupts `wait`: wait again until torchrun has really ended
+  wait "$agent" && status=0 || status=$?
+  kill -0 "$agent" 2>/dev/null || break
+done
+if [ -n "$signaled" ]; then
+  echo "multinode.sh: stopped by $signaled (torchrun exit code $status): the ranks checkpointed at a step boundary"
+  exit 0
+fi
+exit "$status"
