@@ -42,11 +42,15 @@ def _children(pid: int) -> list[int]:
 
 
 def _workers(pid: int) -> list[int]:
-    """The training ranks below ``pid`` (torchrun's workers, or spawn_local's children)."""
-    found = []
-    for child in _children(pid):
+    """The training ranks below ``pid`` (torchrun's workers, or spawn_local's children), at any depth:
+    launch/multinode.sh is a shell whose child is torchrun, whose children are the workers."""
+    found, todo = [], _children(pid)
+    while todo:
+        child = todo.pop()
         cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
-        if b"dsoft_dist.train" in cmd or b"multiprocessing.spawn" in cmd:
+        if b"torch.distributed.run" in cmd:
+            todo += _children(child)
+        elif b"dsoft_dist.train" in cmd or b"multiprocessing.spawn" in cmd:
             found.append(child)
     return sorted(found)
 
