@@ -171,8 +171,8 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
                        done: np.ndarray | None = None, keys: bool = False) -> TrainLoader:
     """A TrainLoader for ``DataConfig`` cfg on (rank, world_size) for ``epoch`` (see module doc).
 
-    done: a done mask over the data set's sample ids: only the epoch's other samples are read
-    (``num_samples(cfg)`` ids; None for shards without a manifest, which cannot take one).
+    done: a done mask over the data set's sample ids (``loader.num_samples`` of them): only the
+    epoch's other samples are read; shards without a manifest have no ids and cannot take one.
     keys: collect every handed-out batch's sample keys in ``loader.batch_keys``.
     Raises ValueError naming the key when the config cannot work (manifest disagrees
     with data.num_classes, no manifest and no data.steps_per_epoch, too few samples).

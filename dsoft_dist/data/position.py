@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dsoft_dist.parallel import group_rank_size
+
 
 def new_mask(num_samples: int) -> np.ndarray:
     """An all-clear done mask for ``num_samples`` sample ids: (ceil(N / 8),) uint8."""
@@ -52,7 +54,7 @@ def count_done(mask: np.ndarray) -> int:
 def union_over_ranks(mask: np.ndarray, group=None) -> np.ndarray:
     """Collective: the bitwise OR of every rank's mask (on a gloo group: NCCL has no bitwise OR;
     ``group=None`` uses the default group, which must then be gloo). One rank: the mask itself."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    if group_rank_size(group)[1] == 1:
         return mask.copy()
     t = torch.from_numpy(mask.copy())
     dist.all_reduce(t, op=dist.ReduceOp.BOR, group=group)
