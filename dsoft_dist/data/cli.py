@@ -1,6 +1,8 @@
 """``dsoft data ...``: build, convert and check data sets.
 
     dsoft data synth OUT --identities 1000 --samples-per-identity 20 --image-size 112
+    dsoft data synth OUT --vectors --identities 1000000 --samples-per-identity 2 --dim 128
+    dsoft data from-npy features.npy labels.npy OUT --dtype float16
     dsoft data from-rec /data/ms1m/train.rec OUT --workers 8
     dsoft data from-folder /data/faces OUT --workers 4
     dsoft data make-bin OUT.bin --synthetic 300 --pairs 3000 --image-size 112
@@ -24,6 +26,10 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("float16", "float32"), help="vectors: stored dtype (default float16)")
+
+
 def _shard_kw(args) -> dict:
     return dict(per_shard=args.per_shard, workers=args.workers, policy=args.bad_data, overwrite=args.overwrite,
                 progress=not args.no_progress)
@@ -35,17 +41,32 @@ def register(subparsers) -> None:
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
-    p = sub.add_parser("synth", help="write synthetic identities to WebDataset shards")
+    p = sub.add_parser("synth", help="write synthetic identities (images or feature vectors) to WebDataset shards")
     p.add_argument("out")
     p.add_argument("--identities", type=int, required=True)
     p.add_argument("--samples-per-identity", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--difficulty", choices=("easy", "medium", "hard"), default="medium")
     p.add_argument("--eval", action="store_true", help="use the unseen evaluation identity range")
-    p.add_argument("--format", choices=("jpg", "png", "webp"), default="jpg")
+    p.add_argument("--image-size", type=int, help="images: side in pixels (default 112)")
+    p.add_argument("--difficulty", choices=("easy", "medium", "hard"), help="images: nuisance preset (default medium)")
+    p.add_argument("--format", choices=("jpg", "png", "webp"), help="images: encoding (default jpg)")
+    p.add_argument("--vectors", action="store_true", help="write feature vectors (data.synthetic_mode=vectors's "
+                   "source) instead of images")
+    p.add_argument("--dim", type=int, help="vectors: values per vector (default 128)")
+    _dtype_arg(p)
     _shard_args(p)
     p.set_defaults(func=_synth)
+
+    p = sub.add_parser("from-npy", help="(N, D) features.npy + (N,) labels.npy -> vector shards")
+    p.add_argument("features", help=".npy of shape (N, D), read memory-mapped")
+    p.add_argument("labels", help=".npy of N integer class ids in [0, C)")
+    p.add_argument("out")
+    p.add_argument("--num-classes", type=int, default=0, help="C (default: max label + 1)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the row order (default: seeded shuffle)")
+    p.add_argument("--seed", type=int, default=0)
+    _dtype_arg(p)
+    _shard_args(p)
+    p.set_defaults(func=_from_npy)
 
     for name, helptext in (("from-rec", "InsightFace train.rec/.idx -> shards"),
                            ("from-folder", "ROOT/<identity>/<image> -> shards")):
@@ -77,13 +98,38 @@ def register(subparsers) -> None:
     p.set_defaults(func=_verify)
 
 
+def _refuse(args, names: tuple[str, ...], why: str) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} {why}")
+
+
 def _synth(args) -> int:
-    from dsoft_dist.data.convert import synth_to_shards
     from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET
 
-    synth_to_shards(args.out, args.identities, args.samples_per_identity, image_size=args.image_size, seed=args.seed,
-                    identity_offset=EVAL_IDENTITY_OFFSET if args.eval else 0, difficulty=args.difficulty,
-                    fmt=args.format, **_shard_kw(args))
+    offset = EVAL_IDENTITY_OFFSET if args.eval else 0
+    if args.vectors:
+        from dsoft_dist.data.vectors import synth_vectors_to_shards
+
+        _refuse(args, ("image_size", "difficulty", "format"), "apply to images only: drop them, or drop --vectors")
+        synth_vectors_to_shards(args.out, args.identities, args.samples_per_identity, dim=128 if args.dim is None else args.dim,
+                                dtype=args.dtype or "float16", seed=args.seed, identity_offset=offset,
+                                **_shard_kw(args))
+        return 0
+    from dsoft_dist.data.convert import synth_to_shards
+
+    _refuse(args, ("dim", "dtype"), "apply to --vectors only: add --vectors, or drop them")
+    synth_to_shards(args.out, args.identities, args.samples_per_identity, image_size=112 if args.image_size is None else args.image_size,
+                    seed=args.seed, identity_offset=offset, difficulty=args.difficulty or "medium",
+                    fmt=args.format or "jpg", **_shard_kw(args))
+    return 0
+
+
+def _from_npy(args) -> int:
+    from dsoft_dist.data.vectors import from_npy
+
+    from_npy(args.features, args.labels, args.out, dtype=args.dtype or "float16", shuffle=not args.no_shuffle,
+             seed=args.seed, num_classes=args.num_classes, **_shard_kw(args))
     return 0
 
 

@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 from functools import partial
+from typing import Iterator
 
 import numpy as np
 import webdataset as wds
@@ -42,9 +43,31 @@ def _image_size(data: bytes) -> tuple[int, int]:
         return img.height, img.width
 
 
-def _write_shard(out_dir: str, shard_id: int, items: list, policy: str, check_decode: bool, prefix: str,
-                 make_sample) -> dict:
-    """Writes one shard from items via make_sample(item) -> (key, bytes, label); returns its sidecar."""
+def image_samples(make_sample, check_decode: bool, items, bad: BadData) -> Iterator[dict]:
+    """Sample dicts of images: make_sample(item) -> (key, encoded bytes, label); bad items are reported.
+
+    Each dict also carries ``__size__`` ((H, W), read from the header) for the manifest.
+    """
+    for item in items:
+        try:
+            key, data, label = make_sample(item)
+            ext = image_format(data)
+            if not ext:
+                raise ValueError(f"payload is not jpg/png/webp (starts with {data[:8]!r})")
+            if check_decode:
+                decode_image(data)
+            size = _image_size(data)
+        except RecordIOError as exc:
+            bad.report("corrupt_image", str(exc))
+            continue
+        except (OSError, ValueError, EOFError, SyntaxError) as exc:  # unreadable image (PIL/simplejpeg errors)
+            bad.report("corrupt_image", f"item {item!r}: {exc}")
+            continue
+        yield {"__key__": key, ext: data, "cls": int(label), "__size__": size}
+
+
+def _write_shard(out_dir: str, shard_id: int, items, policy: str, prefix: str, make_samples) -> dict:
+    """Writes one shard from the sample dicts make_samples(items, bad) yields; returns its sidecar."""
     name = f"{prefix}-{shard_id:06d}.tar"
     path, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
     bad = BadData(policy, where=f"[{name}] ")
@@ -52,22 +75,11 @@ def _write_shard(out_dir: str, shard_id: int, items: list, policy: str, check_de
     # a fixed *int* mtime: a rewritten shard is byte-identical, and no float field forces a PAX
     # header before every member (one 512-byte header per member halves tar parsing when loading)
     with wds.TarWriter(tmp, mtime=0) as sink:
-        for item in items:
-            try:
-                key, data, label = make_sample(item)
-                ext = image_format(data)
-                if not ext:
-                    raise ValueError(f"payload is not jpg/png/webp (starts with {data[:8]!r})")
-                if check_decode:
-                    decode_image(data)
-                sizes.add(_image_size(data))
-            except RecordIOError as exc:
-                bad.report("corrupt_image", str(exc))
-                continue
-            except (OSError, ValueError, EOFError, SyntaxError) as exc:  # unreadable image (PIL/simplejpeg errors)
-                bad.report("corrupt_image", f"item {item!r}: {exc}")
-                continue
-            sink.write({"__key__": key, ext: data, "cls": int(label)})
+        for sample in make_samples(items, bad):
+            size = sample.pop("__size__", None)
+            if size is not None:
+                sizes.add(size)
+            sink.write(sample)
             count += 1
     os.replace(tmp, path)
     part = {"name": name, "samples": count, "bytes": os.path.getsize(path), "sha256": sha256_file(path),
@@ -86,13 +98,15 @@ def _done(out_dir: str, shard_id: int, prefix: str) -> dict | None:
     return None
 
 
-def run_shards(out_dir: str, items: list, make_sample, num_classes: int, source: dict, per_shard: int = 1000,
-               workers: int = 1, policy: str = "skip", check_decode: bool = False, overwrite: bool = False,
-               prefix: str = "train", progress: bool = True) -> Manifest:
+def run_shards(out_dir: str, items, make_samples, num_classes: int, source: dict, per_shard: int = 1000,
+               workers: int = 1, policy: str = "skip", overwrite: bool = False, prefix: str = "train",
+               progress: bool = True, kind: dict | None = None) -> Manifest:
     """Writes items to shards in parallel (restartable) and then the manifest (see module doc).
 
-    make_sample(item) -> (key str, encoded image bytes, int label) must be picklable
-    (a module-level function or functools.partial of one).
+    items: a sequence (a ``range`` keeps a million positions O(1)); each shard gets ``per_shard`` of them.
+    make_samples(items, bad) -> iterator of sample dicts for the tar (``image_samples`` for images) must
+    be picklable (a module-level function or functools.partial of one).
+    kind: the manifest's sample fields for non-image shards (``sample_kind``, ``vector_dim``, ``vector_dtype``).
     """
     if per_shard < 1 or workers < 1:
         raise ValueError(f"per_shard={per_shard}, workers={workers}: both must be >= 1")
@@ -102,8 +116,9 @@ def run_shards(out_dir: str, items: list, make_sample, num_classes: int, source:
     todo = [(i, chunk) for i, chunk in jobs if i not in parts]
     if parts:
         log.info("resuming: %d of %d shards already written in %s", len(parts), len(jobs), out_dir)
-    write = partial(_job, out_dir, policy, check_decode, prefix, make_sample)
-    bar = tqdm(total=sum(len(c) for _, c in todo), unit="img", disable=not progress, desc=f"writing {out_dir}")
+    write = partial(_job, out_dir, policy, prefix, make_samples)
+    unit = "vec" if kind else "img"
+    bar = tqdm(total=sum(len(c) for _, c in todo), unit=unit, disable=not progress, desc=f"writing {out_dir}")
     with (mp.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else _Serial()) as pool:
         for shard_id, part in pool.imap_unordered(write, todo):
             parts[shard_id] = part
@@ -113,16 +128,16 @@ def run_shards(out_dir: str, items: list, make_sample, num_classes: int, source:
     sizes = {tuple(s) for p in ordered for s in p["sizes"]}
     manifest = Manifest(num_classes=num_classes, source=source, bad_samples=sum(p["bad"] for p in ordered),
                         shards=[ShardInfo(p["name"], p["samples"], p["bytes"], p["sha256"]) for p in ordered],
-                        image_size=list(sizes.pop()) if len(sizes) == 1 else [0, 0], root=out_dir)
+                        image_size=list(sizes.pop()) if len(sizes) == 1 else [0, 0], root=out_dir, **(kind or {}))
     write_manifest(manifest, out_dir)
     log.info("wrote %d samples of %d classes in %d shards to %s (%d bad items skipped)", manifest.num_samples,
              num_classes, len(ordered), out_dir, manifest.bad_samples)
     return manifest
 
 
-def _job(out_dir, policy, check_decode, prefix, make_sample, job):
+def _job(out_dir, policy, prefix, make_samples, job):
     shard_id, chunk = job
-    return shard_id, _write_shard(out_dir, shard_id, chunk, policy, check_decode, prefix, make_sample)
+    return shard_id, _write_shard(out_dir, shard_id, chunk, policy, prefix, make_samples)
 
 
 class _Serial:
@@ -151,7 +166,8 @@ def _rec_sample(rec_path: str, key: int):
     return f"{key:09d}", payload, scalar_label(header)
 
 
-def from_rec(rec_path: str, out_dir: str, shuffle: bool = True, seed: int = 0, **kw) -> Manifest:
+def from_rec(rec_path: str, out_dir: str, shuffle: bool = True, seed: int = 0, check_decode: bool = False,
+             **kw) -> Manifest:
     """train.rec(+.idx) -> shards. Classes from the header record (else max label + 1)."""
     with RecordReader(rec_path) as reader:
         keys, num_classes = reader.image_keys(), reader.num_classes()
@@ -166,7 +182,8 @@ def from_rec(rec_path: str, out_dir: str, shuffle: bool = True, seed: int = 0, *
     if shuffle:  # records are grouped by identity; mix them so every shard holds many
         keys = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
     source = {"kind": "recordio", "path": os.path.abspath(rec_path), "records": len(keys), "shuffle_seed": seed}
-    return run_shards(out_dir, keys, partial(_rec_sample, os.path.abspath(rec_path)), num_classes, source, **kw)
+    samples = partial(image_samples, partial(_rec_sample, os.path.abspath(rec_path)), check_decode)
+    return run_shards(out_dir, keys, samples, num_classes, source, **kw)
 
 
 # ---- image folders --------------------------------------------------------------------
@@ -196,7 +213,8 @@ def _file_sample(item):
     return f"{number:09d}", data, label
 
 
-def from_folder(root: str, out_dir: str, shuffle: bool = True, seed: int = 0, **kw) -> Manifest:
+def from_folder(root: str, out_dir: str, shuffle: bool = True, seed: int = 0, check_decode: bool = False,
+                **kw) -> Manifest:
     """ROOT/<identity>/<image> -> shards; writes classes.tsv (label TAB folder name)."""
     classes, items = scan_folder(root)
     order = np.random.default_rng(seed).permutation(len(items)) if shuffle else range(len(items))
@@ -205,7 +223,7 @@ def from_folder(root: str, out_dir: str, shuffle: bool = True, seed: int = 0, **
     with open(os.path.join(out_dir, "classes.tsv"), "w", encoding="utf-8") as f:
         f.writelines(f"{i}\t{name}\n" for i, name in enumerate(classes))
     source = {"kind": "folder", "path": os.path.abspath(root), "images": len(items), "shuffle_seed": seed}
-    return run_shards(out_dir, items, _file_sample, len(classes), source, **kw)
+    return run_shards(out_dir, items, partial(image_samples, _file_sample, check_decode), len(classes), source, **kw)
 
 
 # ---- synthetic identities -------------------------------------------------------------
@@ -242,4 +260,5 @@ def synth_to_shards(out_dir: str, num_identities: int, samples_per_identity: int
     params = dict(num_identities=num_identities, samples_per_identity=samples_per_identity, image_size=image_size,
                   seed=seed, identity_offset=identity_offset, difficulty=difficulty, format=fmt, total=total)
     source = {"kind": "synthetic", **params}
-    return run_shards(out_dir, list(range(total)), partial(_synth_sample, params), num_identities, source, **kw)
+    samples = partial(image_samples, partial(_synth_sample, params), False)
+    return run_shards(out_dir, range(total), samples, num_identities, source, **kw)

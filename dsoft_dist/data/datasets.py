@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dsoft_dist.data.decode import Augment, BadSample, decode_sample
+from dsoft_dist.data.decode import Augment, BadSample, decode_sample, decode_vector
 from dsoft_dist.data.position import count_done, is_done
 from dsoft_dist.data.rng import FeistelPermutation, hash_keys
 from dsoft_dist.data.shards import BadData, BadDataError, assign_samples, iter_plan, shuffle_buffer
@@ -102,17 +102,22 @@ def _stack_u8(xs: list) -> torch.Tensor:
     return torch.from_numpy(np.stack(xs))  # (b, H, W, 3) uint8
 
 
+def _stack_f32(xs: list) -> torch.Tensor:
+    return torch.from_numpy(np.stack(xs))  # (b, D) float32
+
+
 def _empty(image_size: int) -> torch.Tensor:
     return torch.empty((0, image_size, image_size, 3), dtype=torch.uint8)
 
 
 class ShardStream(IterableDataset):
-    """WebDataset shards -> decoded, augmented uint8 chunks for one slot (see module doc)."""
+    """WebDataset shards -> decoded, augmented uint8 image chunks for one slot (see module doc), or
+    float32 (b, D) chunks of feature vectors when ``vector_dim`` > 0 (``dsoft_dist.data.vectors``)."""
 
     def __init__(self, urls: Sequence[str], counts: Sequence[int] | None, num_classes: int, image_size: int,
                  slot: Slot = Slot(), chunk: int = 64, shuffle_buffer_size: int = 1000, shard_shuffle: bool = True,
                  augment: Augment | None = None, policy: str = "skip", use_fast_jpeg: bool = True,
-                 done: np.ndarray | None = None, keys: bool = False):
+                 done: np.ndarray | None = None, keys: bool = False, vector_dim: int = 0):
         super().__init__()
         if counts is not None and len(counts) != len(urls):
             raise ValueError(f"{len(urls)} shard URLs but {len(counts)} per-shard counts: the shard list and the "
@@ -121,7 +126,7 @@ class ShardStream(IterableDataset):
         self.num_classes, self.image_size, self.slot, self.chunk = num_classes, image_size, slot, chunk
         self.shuffle_buffer_size, self.shard_shuffle = shuffle_buffer_size, shard_shuffle
         self.augment, self.policy, self.use_fast_jpeg = augment, policy, use_fast_jpeg
-        self.done, self.keys = done, keys
+        self.done, self.keys, self.vector_dim = done, keys, vector_dim
 
     def plan(self, worker: int, num_workers: int):
         s = self.slot
@@ -138,11 +143,13 @@ class ShardStream(IterableDataset):
         samples = iter_plan(self.urls, self.plan(worker, num_workers), bad, self.counts, self.done)
         raw = shuffle_buffer(samples, self.shuffle_buffer_size, rng)
         stats = {"worker": worker, "samples": 0, "bad": bad.counts}
+        vectors = self.vector_dim > 0
+        decoded = self._vectors(raw, bad) if vectors else self._decoded(raw, bad, rng)
         try:
-            yield from _chunks(self._decoded(raw, bad, rng), self.chunk, stats, _stack_u8, self.keys)
+            yield from _chunks(decoded, self.chunk, stats, _stack_f32 if vectors else _stack_u8, self.keys)
         except BadDataError as exc:  # fail policy: hand the message over instead of crashing the worker
             stats["error"] = str(exc)
-        yield _last(_empty(self.image_size), stats, self.keys)
+        yield _last(torch.empty((0, self.vector_dim)) if vectors else _empty(self.image_size), stats, self.keys)
 
     def _decoded(self, raw: Iterator[dict], bad: BadData, rng: np.random.Generator):
         for sample in raw:
@@ -152,6 +159,15 @@ class ShardStream(IterableDataset):
                 bad.report(exc.kind, f"{sample.get('__url__')} #{sample.get('__index__')}: {exc}")
                 continue
             yield (self.augment(img, rng) if self.augment else img), label, sample["__id__"], sample["__key__"]
+
+    def _vectors(self, raw: Iterator[dict], bad: BadData):
+        for sample in raw:
+            try:
+                vec, label = decode_vector(sample, self.num_classes, self.vector_dim)
+            except BadSample as exc:
+                bad.report(exc.kind, f"{sample.get('__url__')} #{sample.get('__index__')}: {exc}")
+                continue
+            yield vec, label, sample["__id__"], sample["__key__"]
 
 
 def synthetic_positions(total: int, slot: Slot, worker: int, num_workers: int, shuffle: bool = True,

@@ -1,9 +1,10 @@
-"""Image decoding, label parsing, face augmentations and normalization.
+"""Image and feature-vector decoding, label parsing, face augmentations and normalization.
 
 Decoding uses simplejpeg (libjpeg-turbo, ``pip install simplejpeg``) for JPEG when it
 is installed and Pillow otherwise (and always for PNG/WebP). ``decode_sample`` turns a
 raw sample dict into ``(image uint8 (H, W, 3), label int)`` or raises ``BadSample``
-naming the kind of problem; the caller applies the bad-data policy.
+naming the kind of problem; the caller applies the bad-data policy. ``decode_vector`` does
+the same for feature-vector samples (``KEY.f16|f32|npy`` + ``KEY.cls``) -> (float32 (D,), label).
 
 Augmentations (all from an explicit numpy Generator, so they are reproducible):
 horizontal flip (p=0.5), color jitter (brightness/contrast/saturation factors in
@@ -28,6 +29,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 FAST_JPEG = _simplejpeg is not None
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VECTOR_EXTS = ("f16", "f32", "npy")  # feature-vector members (dsoft_dist.data.vectors)
+RAW_VECTOR_DTYPES = {"f16": np.dtype("<f2"), "f32": np.dtype("<f4")}
 
 
 class BadSample(ValueError):
@@ -85,13 +88,33 @@ def decode_sample(sample: dict, num_classes: int, image_size: int, use_fast: boo
     label = parse_label(sample, num_classes)
     ext = next((e for e in _IMAGE_EXTS if e in sample), None)
     if ext is None:
+        hint = (": it holds a vector: vector shards are read through their manifest (set data.manifest)"
+                if any(e in sample for e in VECTOR_EXTS) else "")
         raise BadSample("missing_image", f"sample {sample.get('__key__')!r} has no jpg/png/webp entry "
-                                         f"(entries: {sorted(k for k in sample if not k.startswith('__'))})")
+                                         f"(entries: {sorted(k for k in sample if not k.startswith('__'))}){hint}")
     try:
         img = decode_image(sample[ext], use_fast)
     except Exception as exc:  # every decoder failure is a corrupt image, whatever the library raises
         raise BadSample("corrupt_image", f"sample {sample.get('__key__')!r} ({ext}) does not decode: {exc}")
     return resize(img, image_size), label
+
+
+def decode_vector(sample: dict, num_classes: int, dim: int) -> tuple[np.ndarray, int]:
+    """Raw sample dict -> (vector (dim,) float32, label int); raises BadSample (missing/corrupt_vector)."""
+    label = parse_label(sample, num_classes)
+    ext = next((e for e in VECTOR_EXTS if e in sample), None)
+    if ext is None:
+        raise BadSample("missing_vector", f"sample {sample.get('__key__')!r} has no f16/f32/npy entry "
+                                          f"(entries: {sorted(k for k in sample if not k.startswith('__'))})")
+    data = sample[ext]
+    try:
+        vec = np.load(io.BytesIO(data), allow_pickle=False) if ext == "npy" else np.frombuffer(data, RAW_VECTOR_DTYPES[ext])
+    except ValueError as exc:  # a malformed .npy, or a raw buffer whose size is no multiple of the item size
+        raise BadSample("corrupt_vector", f"sample {sample.get('__key__')!r} ({ext}) does not decode: {exc}")
+    if vec.size != dim:
+        raise BadSample("corrupt_vector", f"sample {sample.get('__key__')!r} ({ext}) has {vec.size} values, the "
+                                          f"manifest says vector_dim={dim}")
+    return vec.reshape(dim).astype(np.float32), label
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Dataset manifests: the JSON every converter writes next to its shards.
 
 A manifest says how many classes, samples and shards a shard set holds, each shard's
-sample count, size and sha256, and the image size. The loader uses the per-shard
+sample count, size and sha256, and what a sample holds: an image (``sample_kind="images"``,
+with the image size when all agree) or a fixed-size feature vector (``"vectors"``, with
+``vector_dim`` and ``vector_dtype``, see ``dsoft_dist.data.vectors``). The loader uses the per-shard
 counts to give every rank the same number of samples (and so the same number of
 steps); the trainer reads ``num_classes`` from it and refuses a config that disagrees.
 
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsoft-wds"
 VERSION = 1
+SAMPLE_KINDS = ("images", "vectors")
 
 
 class ManifestError(ValueError):
@@ -35,14 +38,29 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    """A shard set. ``image_size`` is [H, W] (0s when mixed/unknown); ``root`` is not saved."""
+    """A shard set. ``image_size`` is [H, W] (0s when mixed/unknown, or vectors); ``root`` is not saved.
+
+    sample_kind: "images" (KEY.jpg|png|webp + KEY.cls) or "vectors" (KEY.f16|f32|npy + KEY.cls,
+    each vector ``vector_dim`` values stored as ``vector_dtype``).
+    """
 
     num_classes: int
     shards: list[ShardInfo]
     image_size: list[int] = field(default_factory=lambda: [0, 0])
     source: dict = field(default_factory=dict)
     bad_samples: int = 0
+    sample_kind: str = "images"
+    vector_dim: int = 0
+    vector_dtype: str = ""
     root: str = ""
+
+    def __post_init__(self):
+        if self.sample_kind not in SAMPLE_KINDS:
+            raise ManifestError(f"manifest sample_kind={self.sample_kind!r} is unknown: expected one of "
+                                f"{', '.join(SAMPLE_KINDS)}")
+        if self.sample_kind == "vectors" and not (self.vector_dim > 0 and self.vector_dtype):
+            raise ManifestError(f"a vector manifest needs vector_dim > 0 and vector_dtype (got {self.vector_dim}, "
+                                f"{self.vector_dtype!r}): regenerate it with the converter")
 
     @property
     def num_samples(self) -> int:
@@ -102,8 +120,11 @@ def load_manifest(path: str) -> Manifest:
         shards = [ShardInfo(**s) for s in d["shards"]]
         return Manifest(num_classes=int(d["num_classes"]), shards=shards, image_size=list(d.get("image_size", [0, 0])),
                         source=d.get("source", {}), bad_samples=int(d.get("bad_samples", 0)),
-                        root=os.path.dirname(os.path.abspath(path)))
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+                        sample_kind=d.get("sample_kind", "images"), vector_dim=int(d.get("vector_dim", 0)),
+                        vector_dtype=d.get("vector_dtype", ""), root=os.path.dirname(os.path.abspath(path)))
+    except ManifestError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestError(f"manifest {path!r} is malformed ({exc}): regenerate it with the converter") from exc
 
 

@@ -4,12 +4,13 @@
 (under torchrun, with rank/world_size passed explicitly). It returns a ``TrainLoader``:
 
     for images, labels in loader:      # images (B, 3, H, W) float32 in [-1, 1]
-        ...                            # labels (B,) int64; vector mode: images (B, D)
+        ...                            # labels (B,) int64; vectors (synthetic or shards): (B, D)
     loader.counters                    # {"samples": n, "padded": n, "bad": {kind: n}}
     loader.state_dict()                # {"epoch", "seed", "step", "steps_per_epoch", ...}
 
 Sources: ``data.source=synthetic`` (procedural identities, images or vectors; no files)
-or ``webdataset`` (shards + the converters' manifest). Every rank gets the same
+or ``webdataset`` (shards + the converters' manifest; image or feature-vector samples, as
+the manifest's ``sample_kind`` says). Vectors from either source share the batching below. Every rank gets the same
 ``steps_per_epoch`` = floor(floor(N / world_size) / batch_size), N = samples per epoch,
 so no rank runs out first. Worker chunks are re-batched in the main process to exactly
 batch_size. If bad data leaves a rank short, it tops up from a reshuffled second pass
@@ -201,7 +202,7 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
                                               slot(p), chunk=chunk, difficulty=difficulty, augment=_augment(cfg),
                                               **extra)
         return TrainLoader(make, steps, num_samples=total, **common)
-    urls, counts = resolve_shards(cfg)
+    urls, counts, vector_dim = resolve_shards(cfg)
     if counts is None and explicit <= 0:
         raise ValueError(f"data.shards={cfg.shards!r} without a manifest needs data.steps_per_epoch > 0: set "
                          "data.manifest to the converter's manifest.json (or give the steps explicitly)")
@@ -210,33 +211,47 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
                          "cannot apply: set data.manifest")
     total = None if counts is None else sum(counts)
     steps = _steps(total or 0, world_size, cfg.batch_size, explicit, done)
-    make = lambda p: ShardStream(urls, counts, cfg.num_classes, cfg.image_size, slot(p), chunk=chunk,  # noqa: E731
+    make = lambda p: ShardStream(urls, counts, cfg.num_classes, cfg.image_size, slot(p),  # noqa: E731
+                                 chunk=max(chunk, 256) if vector_dim else chunk,
                                  shuffle_buffer_size=cfg.shuffle_buffer, augment=_augment(cfg), policy=cfg.bad_data,
-                                 **extra)
-    return TrainLoader(make, steps, num_samples=total, **common)
+                                 vector_dim=vector_dim, **extra)
+    return TrainLoader(make, steps, num_samples=total, normalize=not vector_dim, **common)
 
 
-def resolve_shards(cfg) -> tuple[list[str], list[int] | None]:
-    """Shard URLs and per-shard counts from data.manifest and/or data.shards.
+def resolve_shards(cfg) -> tuple[list[str], list[int] | None, int]:
+    """Shard URLs, per-shard counts and the vector size (0: image samples) from data.manifest and/or data.shards.
 
-    The manifest (a manifest.json or its folder) gives local shard paths and counts;
-    data.shards, when also set, overrides the URLs (e.g. ``pipe:`` reads of the same
-    shards in remote storage) and must list as many shards.
+    The manifest (a manifest.json or its folder) gives local shard paths, counts and the sample
+    kind; data.shards, when also set, overrides the URLs (e.g. ``pipe:`` reads of the same
+    shards in remote storage) and must list as many shards. Shards without a manifest hold images.
     """
     manifest_path = cfg.manifest
     if not manifest_path and cfg.shards and os.path.exists(os.path.join(cfg.shards, MANIFEST_NAME)):
         manifest_path = cfg.shards  # a converter's output folder
     manifest = load_manifest(manifest_path) if manifest_path else None
+    vector_dim = 0
     if manifest is not None:
         check_num_classes(manifest, cfg.num_classes)
+        vector_dim = _vector_dim(manifest, cfg)
     if not cfg.shards:
         if manifest is None:
             raise ValueError("data.source=webdataset needs data.shards or data.manifest")
-        return manifest.shard_paths(), manifest.shard_counts()
+        return manifest.shard_paths(), manifest.shard_counts(), vector_dim
     urls = expand_shards(cfg.shards)
     if manifest is None:
-        return urls, None
+        return urls, None, 0
     if len(urls) != len(manifest.shards):
         raise ValueError(f"data.shards={cfg.shards!r} expands to {len(urls)} shards but the manifest lists "
                          f"{len(manifest.shards)}: make them match, or leave data.shards empty")
-    return urls, manifest.shard_counts()
+    return urls, manifest.shard_counts(), vector_dim
+
+
+def _vector_dim(manifest, cfg) -> int:
+    """The manifest's vector size (0 for images); it must agree with data.vector_dim."""
+    if manifest.sample_kind != "vectors":
+        return 0
+    if cfg.vector_dim != manifest.vector_dim:
+        raise ValueError(f"data.vector_dim={cfg.vector_dim} disagrees with the vector shards in {manifest.root!r} "
+                         f"({manifest.vector_dim}-d {manifest.vector_dtype}): set data.vector_dim="
+                         f"{manifest.vector_dim} (and model.in_features={manifest.vector_dim})")
+    return manifest.vector_dim

@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import importlib
 import os
-import tarfile
 from typing import Iterator, Sequence
 
 import braceexpand
 import numpy as np
 
 from dsoft_dist.data.position import done_range, is_done
+from dsoft_dist.data.tarstream import TarFormatError, iter_members
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
 
-BAD_KINDS = ("corrupt_image", "missing_image", "missing_label", "bad_label", "truncated_shard", "unreadable_shard")
+BAD_KINDS = ("corrupt_image", "missing_image", "corrupt_vector", "missing_vector", "missing_label", "bad_label",
+             "truncated_shard", "unreadable_shard")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 POLICIES = ("skip", "fail")
 
@@ -155,11 +156,10 @@ def _open(url: str):
 
 def _split_name(name: str) -> tuple[str, str]:
     """webdataset convention: key = path up to the first dot of the basename, ext = the rest."""
-    folder, base = os.path.split(name)
-    if "." not in base:
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0:
         return name, ""
-    stem, ext = base.split(".", 1)
-    return os.path.join(folder, stem), ext.lower()
+    return name[:dot], name[dot + 1:].lower()
 
 
 def iter_tar_samples(url: str, bad: BadData, start: int = 0, stop: int = -1) -> Iterator[dict]:
@@ -176,27 +176,24 @@ def iter_tar_samples(url: str, bad: BadData, start: int = 0, stop: int = -1) -> 
         return
     index, current, key = -1, None, None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_name(member.name)
-                if k != key:
-                    if current is not None and index >= start:
-                        yield current
-                    index, key, current = index + 1, k, None
-                    if 0 <= stop <= index:
-                        return
-                    if index >= start:
-                        current = {"__key__": k, "__url__": url, "__index__": index}
-                if current is not None:
-                    current[ext] = tar.extractfile(member).read()
+        for name, data in iter_members(stream):
+            k, ext = _split_name(name)
+            if k != key:
+                if current is not None and index >= start:
+                    yield current
+                index, key, current = index + 1, k, None
+                if 0 <= stop <= index:
+                    return
+                if index >= start:
+                    current = {"__key__": k, "__url__": url, "__index__": index}
+            if current is not None:
+                current[ext] = data
         if current is not None:
             yield current
         if stop >= 0 and index + 1 < stop:  # ended early at a member boundary: only the manifest can tell
             bad.report("truncated_shard", f"shard {url!r} ended after {index + 1} samples but the manifest "
                        f"promises at least {stop}")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (TarFormatError, OSError) as exc:
         bad.report("truncated_shard", f"shard {url!r} is truncated or corrupt after sample {index} ({exc})")
     finally:
         try:
