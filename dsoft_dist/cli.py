@@ -6,11 +6,18 @@ an exit code). Add a module to ``COMMAND_MODULES`` when its subcommand is real.
 
     dsoft --help
     dsoft config show configs/demo.yaml --set head.scale=32
+
+Expected user errors (a missing or unreadable file, a bad value, bad data: see
+``user_errors``) raised by a subcommand become one line on stderr,
+``dsoft <subcommand>: error: <message>``, and exit code 2 (130 for Ctrl-C); bugs
+(any other exception) keep their traceback. ``DSOFT_TRACEBACK=1`` re-raises the user
+errors too, for developers.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = (
@@ -23,6 +30,8 @@ COMMAND_MODULES = (
     "dsoft_dist.eval.cli",
     "dsoft_dist.bench.cli",
 )
+USER_ERROR_EXIT, INTERRUPTED_EXIT = 2, 130
+TRACEBACK_VARIABLE = "DSOFT_TRACEBACK"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +46,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the input is wrong", not "the code is wrong".
+
+    OSError (missing, unreadable, not-a-folder paths), ValueError (bad values; ConfigError,
+    ManifestError, BinFormatError, RecordIOError, BadSample and json.JSONDecodeError are
+    ValueErrors), yaml and tar errors, and the project's BadDataError and CheckpointError.
+    Imported here, only when an error is being reported, so ``dsoft --help`` stays fast.
+    """
+    import tarfile  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from dsoft_dist.data.shards import BadDataError  # noqa: PLC0415
+    from dsoft_dist.train.checkpoint import CheckpointError  # noqa: PLC0415
+
+    return OSError, ValueError, tarfile.TarError, yaml.YAMLError, BadDataError, CheckpointError
+
+
+def error_line(command: str, err: BaseException) -> str:
+    """``<command>: error: <message>`` on one line (a multi-line message is joined with '; ')."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = "; ".join(lines) or type(err).__name__
+    return f"{command}: error: {message} ({TRACEBACK_VARIABLE}=1 for a traceback)"
+
+
+def report_user_error(command: str, err: BaseException) -> None:
+    """For a subcommand that maps a user error to its own exit code: re-raises ``err`` with DSOFT_TRACEBACK=1,
+    else writes ``error_line`` to stderr. Call it inside the ``except`` block."""
+    if traceback_wanted():
+        raise err
+    sys.stderr.write(error_line(command, err) + "\n")
+
+
+def traceback_wanted() -> bool:
+    """True when ``DSOFT_TRACEBACK`` is set to anything but '', '0', 'false' or 'no'."""
+    return os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_command(command: str, func, args: argparse.Namespace) -> int:
+    """Runs ``func(args)`` and returns its exit code; a user error becomes one stderr line and exit 2.
+
+    KeyboardInterrupt exits 130. With DSOFT_TRACEBACK=1 both are re-raised (the traceback is shown).
+    """
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        if traceback_wanted():
+            raise
+        sys.stderr.write(f"{command}: interrupted\n")
+        return INTERRUPTED_EXIT
+    except user_errors() as err:  # evaluated only when an exception arrives here
+        report_user_error(command, err)
+        return USER_ERROR_EXIT
+
+
+def command_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """'dsoft data synth' for the parsed namespace: the ``dest`` of each nested subparser action in turn."""
+    words = [parser.prog]
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, action.dest, None) if action is not None else None
+        if chosen is None or chosen not in action.choices:
+            return " ".join(words)
+        words.append(chosen)
+        parser = action.choices[chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dsoft`` console script."""
     parser = build_parser()
@@ -44,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return run_command(command_name(parser, args), args.func, args)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ It is exactly ``dsoft train --config configs/demo.yaml``. Outputs under
 from __future__ import annotations
 
 import copy
-import sys
 
+from dsoft_dist.cli import report_user_error
 from dsoft_dist.config import apply_overrides, config_from_dict, load_config
 from dsoft_dist.config.schema import ConfigError
 from dsoft_dist.train.cli import add_run_arguments, launch, overrides
@@ -46,7 +46,7 @@ def _main(args) -> int:
             raise ConfigError("parallel.backend='nccl' is invalid for dsoft demo: it runs on CPU with gloo; "
                               "use dsoft train for GPU runs")
     except ConfigError as err:
-        sys.stderr.write(f"dsoft demo: {err}\n")
+        report_user_error("dsoft demo", err)  # one line; DSOFT_TRACEBACK=1 re-raises
         return 1
     return launch(cfg)
 

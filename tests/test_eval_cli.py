@@ -114,3 +114,109 @@ def test_pair_list_separators_and_comments(tmp_path):
     assert [os.path.basename(p) for p in p1] == ["a b.png", "x.png", "p.png"]
     assert [os.path.basename(p) for p in p2] == ["c d.png", "y.png", "q.png"]
     assert same.tolist() == [True, False, True]
+
+
+def brute_force_rates(probe, pid, gallery, gid, distractors, ks):
+    """Full (P, G + N) cosine matrix; rank = 1 + #impostors (other-id gallery, every distractor) >= genuine."""
+    def unit(x):
+        x = np.asarray(x, dtype=np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    cands = unit(np.concatenate([gallery, distractors]))
+    same = np.concatenate([pid[:, None] == gid[None, :], np.zeros((len(pid), len(distractors)), bool)], axis=1)
+    sims = unit(probe) @ cands.T  # (P, G + N)
+    genuine = np.where(same, sims, -np.inf).max(axis=1)  # best same-identity gallery score
+    ranks = 1 + (np.where(same, -np.inf, sims) >= genuine[:, None]).sum(axis=1)
+    return {str(k): float(np.mean(ranks <= k)) for k in ks}
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_eval_identify_npz_equals_brute_force(tmp_path, capsys, backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    names = np.array([f"person{i:03d}" for i in range(60)])
+    centers = rng.normal(size=(60, 24))
+    g_idx = rng.permutation(np.repeat(np.arange(60), 2))  # 2 gallery images per identity, shuffled
+    p_idx = rng.choice(60, size=45, replace=False)  # 45 probes, 15 identities only in the gallery
+    gallery = (centers[g_idx] + 0.7 * rng.normal(size=(120, 24))).astype(np.float32)
+    probe = (centers[p_idx] + 0.7 * rng.normal(size=(45, 24))).astype(np.float32)
+    distractors = rng.normal(size=(1500, 24)).astype(np.float32)
+    np.savez(tmp_path / "g.npz", embeddings=gallery, ids=names[g_idx])  # string ids: matched by name
+    np.savez(tmp_path / "p.npz", embeddings=probe, ids=names[p_idx])
+    np.save(tmp_path / "d.npy", distractors)
+    rc = main(["eval", "--identify", str(tmp_path / "p.npz"), str(tmp_path / "g.npz"), "--distractors",
+               str(tmp_path / "d.npy"), "--rank-k", "5", "1", "--backend", backend, "--report", str(tmp_path / "r")])
+    assert rc == 0
+    assert "rank-1" in capsys.readouterr().out
+    with open(tmp_path / "r" / "results.json", encoding="utf-8") as f:
+        got = json.load(f)["identification"][0]
+    expected = brute_force_rates(probe, p_idx, gallery, g_idx, distractors, (1, 5))
+    assert got["rank"] == pytest.approx(expected, abs=1e-12)
+    assert (got["num_probes"], got["num_gallery"], got["num_distractors"]) == (45, 120, 1500)
+    assert 0.0 < expected["1"] < expected["5"] < 1.0  # neither trivial nor hopeless: the comparison can fail
+    assert expected["1"] < brute_force_rates(probe, p_idx, gallery, g_idx, distractors[:0], (1,))["1"]
+    assert "| p vs g | 45 | 120 | 1500 |" in (tmp_path / "r" / "results.md").read_text()
+
+
+def _image_folder(root, identities, per_identity, rng, nested=False):
+    for ident in identities:
+        folder = root / (f"batch{ident % 3}" if nested else "") / f"id{ident}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_identity):
+            Image.fromarray(face_like(rng, ident)).save(folder / f"{j}.png")
+
+
+def test_eval_identify_image_folders_through_a_checkpoint(workspace, tmp_path, capsys):
+    from dsoft_dist.eval import extract_embeddings, identify
+    from dsoft_dist.eval.pairs import FileImages
+
+    _, ckpt = workspace
+    rng = np.random.default_rng(5)
+    _image_folder(tmp_path / "gallery", range(12), 2, rng)
+    _image_folder(tmp_path / "probes", range(0, 12, 2), 1, rng)
+    _image_folder(tmp_path / "distractors", range(900, 920), 1, rng, nested=True)  # any depth
+    rc = main(["eval", "--checkpoint", ckpt, "--identify", str(tmp_path / "probes"), str(tmp_path / "gallery"),
+               "--distractors", str(tmp_path / "distractors"), "--rank-k", "1", "5", "--batch-size", "8",
+               "--report", str(tmp_path / "r")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "probes vs gallery" in out and "rank-5" in out
+    got = json.loads((tmp_path / "r" / "results.json").read_text())["identification"][0]
+    assert (got["num_probes"], got["num_gallery"], got["num_distractors"]) == (6, 24, 20)
+    assert got["rank"]["1"] >= 0.5 and got["rank"]["5"] >= got["rank"]["1"]  # same-identity images are close
+    model, _ = load_backbone(ckpt)
+
+    def embed(folder):
+        paths = sorted(str(p) for p in folder.rglob("*.png"))
+        return extract_embeddings(model, FileImages(paths), flip=True), [os.path.basename(os.path.dirname(p))
+                                                                         for p in paths]
+    (pe, pn), (ge, gn) = embed(tmp_path / "probes"), embed(tmp_path / "gallery")
+    de = embed(tmp_path / "distractors")[0]
+    ids = {name: i for i, name in enumerate(sorted(set(gn)))}
+    for k in (1, 5):
+        direct = identify(pe, [ids[n] for n in pn], ge, [ids[n] for n in gn], distractors=de, k=k, backend="torch")
+        assert got["rank"][str(k)] == pytest.approx(direct, abs=1e-12)
+    # the gallery as shards (dsoft data from-folder): identities matched through its classes.tsv names
+    assert main(["data", "from-folder", str(tmp_path / "gallery"), str(tmp_path / "gshards"), "--no-progress"]) == 0
+    assert main(["eval", "--checkpoint", ckpt, "--identify", str(tmp_path / "probes"), str(tmp_path / "gshards"),
+                 "--distractors", str(tmp_path / "distractors"), "--rank-k", "1", "5", "--report",
+                 str(tmp_path / "r2")]) == 0
+    from_shards = json.loads((tmp_path / "r2" / "results.json").read_text())["identification"][0]
+    assert from_shards["rank"] == pytest.approx(got["rank"], abs=1e-6) and from_shards["num_gallery"] == 24
+
+
+def test_eval_identify_errors(tmp_path, workspace, capsys):
+    _, ckpt = workspace
+    rng = np.random.default_rng(0)
+    _image_folder(tmp_path / "gallery", range(3), 1, rng)
+    _image_folder(tmp_path / "probes", [0, 7], 1, rng)
+    assert main(["eval", "--checkpoint", ckpt, "--identify", str(tmp_path / "probes"), str(tmp_path / "gallery")]) == 2
+    assert "'id7'" in capsys.readouterr().err  # the probe identity with no gallery image, by name
+    assert main(["eval", "--identify", str(tmp_path / "probes"), str(tmp_path / "gallery")]) == 2  # no checkpoint
+    assert "--checkpoint" in capsys.readouterr().err
+    np.savez(tmp_path / "no_ids.npz", embeddings=np.ones((3, 4), np.float32))
+    assert main(["eval", "--identify", str(tmp_path / "no_ids.npz"), str(tmp_path / "no_ids.npz")]) == 2
+    assert "'ids'" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", ckpt, "--identify", str(tmp_path / "probes"), str(tmp_path / "gallery"),
+                 "--rank-k", "0"]) == 2

@@ -72,6 +72,21 @@ def synthetic_vectors(batch: int = 512, steps: int = 20) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
+def _worker_counts(args) -> list[int]:
+    """The --workers counts; ValueError naming the option for a size below 1 or a worker count that is not >= 0."""
+    for name, value in (("--samples", args.samples), ("--identities", args.identities),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} {value} is invalid: must be >= 1")
+    try:
+        counts = [int(v) for v in args.workers.split(",")]
+    except ValueError:
+        counts = [-1]
+    if any(c < 0 for c in counts):
+        raise ValueError(f"--workers {args.workers!r} is invalid: give comma-separated counts >= 0, e.g. 0,1,2")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=2000)
@@ -80,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--color-jitter", type=float, default=0.0)
     p.add_argument("--identities", type=int, default=100)
     args = p.parse_args(argv)
+    workers = _worker_counts(args)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder = "simplejpeg" if FAST_JPEG else "pillow"
         for name, rate in bare.items():
             rows.append((f"bare decode loop ({name})", 1, rate, rate / bare[decoder]))
-        for w in [int(v) for v in args.workers.split(",")]:
+        for w in workers:
             rate = pipeline(tmp, manifest.num_classes, w, args.batch_size, args.color_jitter)
             rows.append((f"pipeline, {w} workers ({decoder})", max(1, w), rate, rate / bare[decoder]))
     for size in (112, 32):

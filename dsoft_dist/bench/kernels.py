@@ -280,6 +280,8 @@ def _smoke_args(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out:  # a bad --out folder fails now (OSError naming it), not after the whole run
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.smoke and not torch.cuda.is_available():
         args = _smoke_args(args)
     elif not torch.cuda.is_available():
@@ -294,7 +296,6 @@ def main(argv=None) -> int:
     table = format_table(result)
     result["table"] = table
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
     sys.stdout.write(table + "\n")  # the script's product: the table on stdout (logs go to stderr)

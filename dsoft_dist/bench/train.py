@@ -202,6 +202,8 @@ def main(argv=None) -> int:
         sys.stderr.write(f"--batch {args.batch} must be divisible by --world-size {args.world_size}\n")
         return 2
     os.environ.setdefault("WANDB_MODE", "disabled")
+    for rate in args.sample_rates:  # a bad value raises ConfigError here, before any rank is spawned
+        config_from_dict(run_config(args, rate, tempfile.gettempdir()))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for rate in args.sample_rates:

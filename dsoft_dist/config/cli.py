@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from dsoft_dist.cli import report_user_error
 from dsoft_dist.config.loader import dump_config, load_config
 from dsoft_dist.config.schema import ConfigError
 
@@ -11,7 +12,7 @@ def _run(args) -> int:
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as err:
-        sys.stderr.write(f"dsoft config: {err}\n")
+        report_user_error("dsoft config", err)  # one line; DSOFT_TRACEBACK=1 re-raises
         return 1
     if args.action == "show":
         sys.stdout.write(dump_config(cfg))

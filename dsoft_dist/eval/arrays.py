@@ -1,8 +1,30 @@
-"""Small array helpers shared by the evaluation modules: tensors/arrays to numpy, scores, cosine, L2 norm."""
+"""Small array helpers for the evaluation modules: .npz loading, tensors to numpy, scores, cosine, L2 norm."""
 from __future__ import annotations
+
+import zipfile
 
 import numpy as np
 import torch
+
+
+def load_npz(path: str, what: str, mmap_mode: str | None = None):
+    """``np.load(path, allow_pickle=False)``: an NpzFile for .npz, an array for .npy (memory-mapped with mmap_mode).
+
+    A file that is no .npz/.npy (or a truncated one) raises ValueError naming ``what`` and the path;
+    a missing file keeps numpy's FileNotFoundError (which names it).
+    """
+    try:
+        data = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{what} {path!r} is not a readable numpy file ({type(err).__name__}: {err}); "
+                         "write it with np.savez / np.save") from err
+    is_npz = isinstance(data, np.lib.npyio.NpzFile)
+    if is_npz != path.endswith(".npz"):
+        if is_npz:
+            data.close()
+        raise ValueError(f"{what} {path!r} holds {'an .npz archive' if is_npz else 'one .npy array'}, which its "
+                         "name does not say: name .npz files (np.savez) *.npz and .npy files (np.save) *.npy")
+    return data
 
 
 def as_numpy_2d(x, name: str) -> np.ndarray:

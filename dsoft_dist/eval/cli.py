@@ -1,7 +1,15 @@
-"""``dsoft eval`` (verification / TAR@FAR report for a checkpoint) and ``dsoft export`` (ONNX / TorchScript).
+"""``dsoft eval`` (verification, TAR@FAR, rank-k identification) and ``dsoft export`` (ONNX / TorchScript).
 
     dsoft eval --checkpoint ckpt/backbone.pt --bin lfw.bin cfp_fp.bin --pairs pairs.txt --report out/
+    dsoft eval --checkpoint ckpt/backbone.pt --identify probes/ gallery/ --distractors megaface/ --rank-k 1 5 10
+    dsoft eval --identify probes.npz gallery.npz --distractors distractors.npy     # precomputed: no checkpoint
     dsoft export --checkpoint ckpt/backbone.pt --format onnx out/backbone.onnx
+
+``--identify PROBES GALLERY``: image folders ``ROOT/<identity>/<image>`` (identities matched by
+folder name), shard sets, or ``.npz`` files of ``embeddings`` (N, D) + ``ids`` (N,);
+``--distractors``: any images under a folder, a shard set, or ``.npz``/``.npy`` embeddings
+(see dsoft_dist.eval.idsets). Prints rank-k rates beside the verification tables and adds them
+to the ``--report``. Bad input ends in one ``dsoft eval: error: ...`` line and exit 2.
 """
 from __future__ import annotations
 
@@ -14,12 +22,21 @@ log = get_logger(__name__)
 
 def register(subparsers) -> None:
     """Adds the ``eval`` and ``export`` subcommands."""
-    p = subparsers.add_parser("eval", help="verification (.bin, 10-fold) and TAR@FAR (pair lists) for a checkpoint",
+    p = subparsers.add_parser("eval", help="verification (.bin, 10-fold), TAR@FAR (pair lists) and rank-k "
+                              "identification for a checkpoint",
                               description="Evaluate a backbone checkpoint; prints a table, optionally writes a report.")
-    p.add_argument("--checkpoint", help="backbone checkpoint written by save_backbone (needed unless only .npz pairs)")
+    p.add_argument("--checkpoint", help="backbone checkpoint written by save_backbone (needed unless only .npz inputs)")
     p.add_argument("--bin", nargs="+", default=[], metavar="BIN", help="InsightFace .bin verification sets")
     p.add_argument("--pairs", nargs="+", default=[], metavar="LIST",
                    help="pair lists: text 'path1 path2 label' or .npz (scores/emb1+emb2 + issame)")
+    p.add_argument("--identify", nargs=2, metavar=("PROBES", "GALLERY"),
+                   help="rank-k identification: image folders ROOT/<identity>/<image>, shard sets, or .npz "
+                        "(embeddings + ids); probe and gallery identities are matched by name")
+    p.add_argument("--distractors", metavar="DISTRACTORS", help="distractors for --identify: images at any depth under DIR, "
+                   "a shard set, or .npz/.npy embeddings")
+    p.add_argument("--rank-k", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="ranks to report")
+    p.add_argument("--backend", choices=("auto", "torch", "faiss"), default="auto",
+                   help="distractor search for --identify: faiss when installed (auto), or chunked torch")
     p.add_argument("--report", metavar="DIR", help="write results.json, results.md and roc.png here")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-flip", dest="flip", action="store_false", help="disable flip augmentation")
@@ -35,48 +52,77 @@ def register(subparsers) -> None:
                               description="Export with a dynamic batch dimension and check parity against PyTorch.")
     e.add_argument("out", help="output file (.onnx or .pt)")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    e.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
+                   help="onnx (torch.export-based exporter, the default) or torchscript (torch.jit, which "
+                        "PyTorch 2.13 deprecates)")
     e.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (max abs difference)")
-    e.add_argument("--opset", type=int, default=None)
-    e.add_argument("--no-dynamo", dest="dynamo", action="store_false", help="use the legacy TorchScript ONNX exporter")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's, 20 in torch 2.13)")
     e.add_argument("--no-check", dest="check", action="store_false", help="skip the parity check")
     e.set_defaults(func=run_export)
 
 
-def _evaluate(args: argparse.Namespace) -> dict:
-    from dsoft_dist.config.schema import EvalConfig  # noqa: PLC0415 (keep `dsoft --help` fast)
-    from dsoft_dist.eval.runner import evaluate_all  # noqa: PLC0415
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Refuses an empty run and inputs that need a model when there is no --checkpoint, before any work."""
+    from dsoft_dist.eval.idsets import EMBEDDING_SUFFIXES, check_exists  # noqa: PLC0415
+
+    sets = dict(zip(("probes", "gallery"), args.identify or ()), distractors=args.distractors)
+    for role, path in sets.items():
+        if path:
+            check_exists(path, role)
+    if not args.bin and not args.pairs and not args.identify:
+        raise ValueError("nothing to evaluate; pass --bin FILE..., --pairs FILE... and/or --identify PROBES GALLERY")
+    if args.distractors and not args.identify:
+        raise ValueError(f"--distractors {args.distractors} needs --identify PROBES GALLERY")
+    if args.identify and min(args.rank_k) < 1:
+        raise ValueError(f"--rank-k {min(args.rank_k)} is invalid: ranks start at 1, e.g. --rank-k 1 5 10")
+    if args.checkpoint:
+        return
+    if args.bin:
+        raise ValueError("--bin needs --checkpoint: the images must be embedded by a model")
+    images = [(role, p) for role, p in sets.items() if p and not p.endswith(EMBEDDING_SUFFIXES)]
+    if images:
+        raise ValueError(f"{images[0][0]} {images[0][1]!r} holds images: pass --checkpoint so they can be "
+                         "embedded, or give .npz embeddings + ids")
+
+
+def _load_model(args: argparse.Namespace):
+    """The --checkpoint backbone on --device (auto: cuda when available), or None."""
     from dsoft_dist.models import load_backbone  # noqa: PLC0415
 
     if args.device == "auto":
         import torch  # noqa: PLC0415
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = None
-    if args.checkpoint:
-        model, cfg = load_backbone(args.checkpoint, map_location=args.device)
-        log.info("loaded %s (%s)", args.checkpoint, cfg)
-    elif args.bin:
-        raise ValueError("--bin needs --checkpoint: the images must be embedded by a model")
+    if not args.checkpoint:
+        return None
+    model, cfg = load_backbone(args.checkpoint, map_location=args.device)
+    log.info("loaded %s (%s)", args.checkpoint, cfg)
+    return model
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from dsoft_dist.config.schema import EvalConfig  # noqa: PLC0415 (keep `dsoft --help` fast)
+    from dsoft_dist.eval.idsets import evaluate_identification  # noqa: PLC0415
+    from dsoft_dist.eval.runner import evaluate_all  # noqa: PLC0415
+
+    _check_inputs(args)
     cfg = EvalConfig(bins=args.bin, pairs=args.pairs, flip=args.flip, batch_size=args.batch_size, folds=args.folds,
                      fars=args.fars)  # validates the values (ConfigError is a ValueError)
+    model = _load_model(args)
     results = evaluate_all(model, cfg, device=args.device, far=args.far, progress=args.progress,
                            interpolation=args.interpolation)
+    if args.identify:
+        results["identification"] = [evaluate_identification(
+            model, *args.identify, distractors=args.distractors, ks=args.rank_k, backend=args.backend,
+            batch_size=args.batch_size, flip=args.flip, device=args.device, progress=args.progress)]
     return {"checkpoint": args.checkpoint, "flip": args.flip, **results}
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """``dsoft eval``: prints the tables to stdout; returns 2 on a usage/data error."""
+    """``dsoft eval``: prints the tables. Bad input raises: ``dsoft``'s main turns it into one line, exit 2."""
     from dsoft_dist.eval.report import format_tables, write_report  # noqa: PLC0415
 
-    if not args.bin and not args.pairs:
-        log.error("dsoft eval: nothing to evaluate; pass --bin FILE... and/or --pairs FILE...")
-        return 2
-    try:
-        results = _evaluate(args)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("dsoft eval: %s", exc)
-        return 2
+    results = _evaluate(args)
     print(format_tables(results))
     if args.report:
         paths = write_report(results, args.report)
@@ -89,13 +135,8 @@ def run_export(args: argparse.Namespace) -> int:
     from dsoft_dist.eval.export import export_model  # noqa: PLC0415
     from dsoft_dist.models import load_backbone  # noqa: PLC0415
 
-    try:
-        model, _ = load_backbone(args.checkpoint)
-        res = export_model(model, args.out, fmt=args.format, check=args.check, atol=args.atol, opset=args.opset,
-                           dynamo=args.dynamo)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("dsoft export: %s", exc)
-        return 2
+    model, _ = load_backbone(args.checkpoint)  # bad input raises: dsoft's main prints one line and exits 2
+    res = export_model(model, args.out, fmt=args.format, check=args.check, atol=args.atol, opset=args.opset)
     diff = ("not checked" if res["max_abs_diff"] is None
             else f"max|diff| {res['max_abs_diff']:.3g} ({res['checked_with']})")
     print(f"exported {res['path']} ({res['format']}, dynamic batch): parity {diff}")

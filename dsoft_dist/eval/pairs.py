@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from dsoft_dist.eval.arrays import load_npz
+
 
 class FileImages:
     """A lazy sequence of image files read as bytes (for extract_embeddings; O(batch) memory)."""
@@ -70,7 +72,7 @@ def read_pair_list(path: str) -> tuple[list[str], list[str], np.ndarray]:
 
 def read_pair_npz(path: str) -> dict:
     """Loads a precomputed pair file: {"scores", "issame"} or {"emb1", "emb2", "issame"} (no pickles)."""
-    with np.load(path, allow_pickle=False) as data:
+    with load_npz(path, "pair file") as data:
         keys = set(data.files)
         if "issame" not in keys or not ({"scores"} <= keys or {"emb1", "emb2"} <= keys):
             raise ValueError(f"{path}: holds {sorted(keys)}; expected 'scores'+'issame' or 'emb1'+'emb2'+'issame'")

@@ -1,6 +1,6 @@
 """Evaluation reports: a text table for the terminal, Markdown + JSON files and the ROC PNG.
 
-    paths = write_report({"bins": [...], "pairs": [...]}, "out/")  # results.json, results.md, roc.png
+    paths = write_report({"bins": [...], "pairs": [...], "identification": [...]}, "out/")  # .json, .md, roc.png
 """
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def pair_rows(pairs: list[dict]) -> list[list[str]]:
     return [header] + rows
 
 
+def identification_rows(results: list[dict]) -> list[list[str]]:
+    """Header + one row per identification result (evaluate_identification): set sizes, then rank-k rates."""
+    keys = list(results[0]["rank"]) if results else []
+    header = ["identification", "probes", "gallery", "distractors"] + [f"rank-{k}" for k in keys]
+    rows = [[r["name"], str(r["num_probes"]), str(r["num_gallery"]), str(r["num_distractors"])]
+            + [_fmt(r["rank"][k]) for k in keys] for r in results]
+    return [header] + rows
+
+
 def _markdown(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
@@ -43,7 +52,7 @@ def _plain(rows: list[list[str]]) -> str:
 
 
 def format_tables(results: dict, markdown: bool = False) -> str:
-    """The verification (.bin) and pair-list tables as text; '*' marks FARs below 1 / n_different."""
+    """The verification (.bin), pair-list and identification tables as text; '*' marks FARs below 1 / n_different."""
     render, parts = (_markdown if markdown else _plain), []
     if results.get("bins"):
         parts.append(render(bin_rows(results["bins"])))
@@ -51,6 +60,8 @@ def format_tables(results: dict, markdown: bool = False) -> str:
         parts.append(render(pair_rows(results["pairs"])))
         interp = results["pairs"][0]["interpolation"]
         parts.append(f"TAR@FAR interpolation: {interp} (see docs/eval.md); * = FAR below 1/#different pairs")
+    if results.get("identification"):
+        parts.append(render(identification_rows(results["identification"])))
     return "\n\n".join(parts)
 
 

@@ -474,13 +474,14 @@ def _load(args):
 
 
 def _main(args) -> int:
+    from dsoft_dist.cli import report_user_error
     from dsoft_dist.config.schema import ConfigError
 
     try:
         cfg = _load(args)
         site = resolve_site(args)
     except (ConfigError, ValueError) as err:
-        sys.stderr.write(f"dsoft doctor: {err}\n")
+        report_user_error("dsoft doctor", err)  # one line; DSOFT_TRACEBACK=1 re-raises
         return 1
     checks = run_checks(cfg, site)
     sys.stdout.write("\n".join(c.line() for c in checks) + "\n" + summary(checks) + "\n")

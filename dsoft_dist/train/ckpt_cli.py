@@ -27,6 +27,18 @@ def resolve(path: str) -> str:
     return os.path.join(path, latest) if latest else path
 
 
+def _summary(folder: str, manifest_path: str) -> list[str]:
+    """The step, writer's world size, version and sizes a checkpoint's manifest records, as text lines."""
+    with open(manifest_path, encoding="utf-8") as fh:
+        manifest = json.load(fh)
+    files = manifest["files"]
+    head = [n for n in files if n.startswith("head/head-")]
+    return [f"checkpoint {folder}", f"  step {manifest['step']}, written by {manifest['world_size']} ranks, "
+            f"dsoft_dist {manifest['version']}",
+            f"  {len(files)} files, {sum(f['size'] for f in files.values()) / 2 ** 20:.1f} MiB "
+            f"(head: {len(head)} pieces, {sum(files[n]['size'] for n in head) / 2 ** 20:.1f} MiB)"]
+
+
 def _inspect(args) -> int:
     from dsoft_dist.train.checkpoint import MANIFEST, verify
 
@@ -35,14 +47,12 @@ def _inspect(args) -> int:
     if not os.path.isfile(manifest_path):
         sys.stderr.write(f"dsoft ckpt: {folder} is not a finished checkpoint ({MANIFEST} is missing)\n")
         return 1
-    with open(manifest_path, encoding="utf-8") as fh:
-        manifest = json.load(fh)
-    files = manifest["files"]
-    head = [n for n in files if n.startswith("head/head-")]
-    lines = [f"checkpoint {folder}", f"  step {manifest['step']}, written by {manifest['world_size']} ranks, "
-             f"dsoft_dist {manifest['version']}",
-             f"  {len(files)} files, {sum(f['size'] for f in files.values()) / 2 ** 20:.1f} MiB "
-             f"(head: {len(head)} pieces, {sum(files[n]['size'] for n in head) / 2 ** 20:.1f} MiB)"]
+    try:
+        lines = _summary(folder, manifest_path)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, or not the manifest's fields
+        sys.stderr.write(f"dsoft ckpt: {manifest_path} is not a dsoft checkpoint manifest "
+                         f"({type(err).__name__}: {err}); the checkpoint is damaged: use another step folder\n")
+        return 1
     problem = verify(folder)
     lines.append("  manifest: every size and sha256 matches" if problem is None else f"  manifest: FAILS: {problem}")
     sys.stdout.write("\n".join(lines) + "\n")

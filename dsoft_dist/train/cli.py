@@ -6,11 +6,17 @@
 
 Under torchrun (RANK/WORLD_SIZE set) the launcher's ranks are used and ``--nproc`` /
 ``parallel.nproc`` are ignored. ``init_process_group`` happens only inside ``run_rank``.
+User errors are reported on one line (``dsoft train: error: ...``, exit 1 for a config that
+does not load, else 2): a bad config before any rank starts (by rank 0 alone under torchrun,
+which then adds its own failure summary); a bad path or value found inside the ranks
+``dsoft train`` spawns, once, by the parent. ``DSOFT_TRACEBACK=1`` shows the tracebacks.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -46,14 +52,51 @@ def run_rank(cfg_dict: dict) -> None:
     release_collected()
 
 
+def _spawned_rank(cfg_dict: dict, error_dir: str) -> None:
+    """``run_rank`` in a rank ``spawn_local`` started. A user error (``dsoft_dist.cli.user_errors``: a missing
+    file, a bad value) is written as one line to ``error_dir/rank<R>.txt`` and the rank exits 2, so the parent
+    reports it once instead of re-raising every rank's traceback."""
+    from dsoft_dist.cli import USER_ERROR_EXIT, error_line, traceback_wanted, user_errors
+
+    try:
+        run_rank(cfg_dict)
+    except user_errors() as err:
+        if traceback_wanted():
+            raise
+        with open(os.path.join(error_dir, f"rank{os.environ['RANK']}.txt"), "w", encoding="utf-8") as fh:
+            fh.write(error_line("dsoft train", err))
+        raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def _spawn(cfg_dict: dict, nproc: int) -> int:
+    """``nproc`` local ranks; 0, or 2 after printing the first failing rank's user error (see _spawned_rank)."""
+    import torch.multiprocessing as mp
+
+    from dsoft_dist.cli import USER_ERROR_EXIT
+    from dsoft_dist.train.distributed import spawn_local
+
+    with tempfile.TemporaryDirectory(prefix="dsoft-rank-errors-") as error_dir:
+        try:
+            spawn_local(_spawned_rank, nproc, (cfg_dict, error_dir))
+        except mp.ProcessExitedException as err:
+            path = os.path.join(error_dir, f"rank{err.error_index}.txt")
+            if err.exit_code != USER_ERROR_EXIT or not os.path.isfile(path):
+                raise
+            with open(path, encoding="utf-8") as fh:
+                sys.stderr.write(fh.read() + "\n")
+            return USER_ERROR_EXIT
+    return 0
+
+
 def launch(cfg: Config) -> int:
     """Runs ``cfg``: in this process under a launcher or for nproc=1, else in parallel.nproc local ranks.
 
-    Returns 0, or PREEMPTED_EXIT_CODE when a preemption signal stopped the run after its checkpoint.
+    Returns 0, PREEMPTED_EXIT_CODE when a preemption signal stopped the run after its checkpoint, or 2 when a
+    spawned rank stopped on a user error (printed once, on one line).
     """
     import torch.multiprocessing as mp
 
-    from dsoft_dist.train.distributed import spawn_local, under_launcher
+    from dsoft_dist.train.distributed import under_launcher
     from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE, Preempted
 
     cfg_dict = config_to_dict(cfg)
@@ -63,7 +106,7 @@ def launch(cfg: Config) -> int:
                 log.info("under a launcher: its world size is used, parallel.nproc=%d is ignored", cfg.parallel.nproc)
             run_rank(cfg_dict)
         elif cfg.parallel.nproc > 1:
-            spawn_local(run_rank, cfg.parallel.nproc, (cfg_dict,))
+            return _spawn(cfg_dict, cfg.parallel.nproc)
         else:
             run_rank(cfg_dict)
     except Preempted:
@@ -96,18 +139,27 @@ def overrides(args) -> list[str]:
     return list(args.set) + [item for item, given in extra if given is not None]
 
 
+def _refuse(err: Exception) -> None:
+    """One ``dsoft train: error: ...`` line, written once: by rank 0 alone under torchrun (every rank loads the
+    same config, so the other ranks would only repeat it)."""
+    from dsoft_dist.cli import report_user_error, traceback_wanted
+
+    if os.environ.get("RANK", "0") == "0" or traceback_wanted():
+        report_user_error("dsoft train", err)
+
+
 def _main(args) -> int:
     from dsoft_dist.train.distributed import resolve_backend
 
     try:
         cfg = load_config(args.config, overrides(args))
     except ConfigError as err:
-        sys.stderr.write(f"dsoft train: {err}\n")
+        _refuse(err)
         return 1
     try:
         resolve_backend(cfg.parallel.backend)  # refused here, before any rank starts
     except ValueError as err:
-        sys.stderr.write(f"dsoft train: {err}\n")
+        _refuse(err)
         return 2
     return launch(cfg)
 
@@ -127,5 +179,7 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dsoft_dist.train``."""
-    return _main(build_parser().parse_args(argv))
+    """``python -m dsoft_dist.train`` (torchrun's target): user errors become one line, as under ``dsoft train``."""
+    from dsoft_dist.cli import run_command
+
+    return run_command("dsoft train", _main, build_parser().parse_args(argv))
