@@ -122,6 +122,16 @@ def test_vector_dim_disagreement_and_image_flags_are_refused(tmp_path, capsys):
     assert "--image-size apply to images only" in err and "--dim apply to --vectors only" in err
 
 
+def test_start_up_reads_no_shard_content(tmp_path):
+    """Building the loader uses the manifest's counts only: with every shard emptied it still has its steps."""
+    manifest = synth_vectors_to_shards(str(tmp_path), 50, 2, dim=8, per_shard=30, progress=False)
+    for path in manifest.shard_paths():
+        open(path, "wb").close()  # the files exist, their contents are gone
+    cfg = DataConfig(source="webdataset", manifest=str(tmp_path), num_classes=50, batch_size=10, vector_dim=8)
+    loader = build_train_loader(cfg, 1, 2, epoch=3)
+    assert len(loader) == 5 and loader.num_samples == 100
+
+
 def test_npy_and_raw_members_decode_alike():
     from dsoft_dist.data.decode import decode_vector
 

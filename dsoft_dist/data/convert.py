@@ -110,6 +110,8 @@ def run_shards(out_dir: str, items, make_samples, num_classes: int, source: dict
     """
     if per_shard < 1 or workers < 1:
         raise ValueError(f"per_shard={per_shard}, workers={workers}: both must be >= 1")
+    if not len(items):
+        raise ValueError(f"nothing to write to {out_dir!r}: the source holds no samples")
     os.makedirs(os.path.join(out_dir, _PARTS), exist_ok=True)
     jobs = [(i, items[s:s + per_shard]) for i, s in enumerate(range(0, len(items), per_shard))]
     parts = {} if overwrite else {i: p for i, _ in jobs if (p := _done(out_dir, i, prefix))}
@@ -256,6 +258,9 @@ def synth_to_shards(out_dir: str, num_identities: int, samples_per_identity: int
                     seed: int = 0, identity_offset: int = 0, difficulty: str = "medium", fmt: str = "jpg",
                     **kw) -> Manifest:
     """Synthetic identities -> shards (samples in a seeded shuffled order); labels are local ids."""
+    if num_identities < 1 or samples_per_identity < 1:
+        raise ValueError(f"identities={num_identities}, samples_per_identity={samples_per_identity}: both must be "
+                         ">= 1")
     total = num_identities * samples_per_identity
     params = dict(num_identities=num_identities, samples_per_identity=samples_per_identity, image_size=image_size,
                   seed=seed, identity_offset=identity_offset, difficulty=difficulty, format=fmt, total=total)

@@ -42,7 +42,7 @@ from dsoft_dist.data.decode import Augment, normalize_images
 from dsoft_dist.data.manifest import MANIFEST_NAME, check_num_classes, load_manifest
 from dsoft_dist.data.position import count_done, mark, new_mask, to_tensor
 from dsoft_dist.data.rng import hash_keys
-from dsoft_dist.data.shards import expand_shards
+from dsoft_dist.data.shards import check_local_shards, expand_shards
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
@@ -203,6 +203,7 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
                                               **extra)
         return TrainLoader(make, steps, num_samples=total, **common)
     urls, counts, vector_dim = resolve_shards(cfg)
+    check_local_shards(urls, f"data.shards={cfg.shards!r}" if cfg.shards else f"data.manifest={cfg.manifest!r}")
     if counts is None and explicit <= 0:
         raise ValueError(f"data.shards={cfg.shards!r} without a manifest needs data.steps_per_epoch > 0: set "
                          "data.manifest to the converter's manifest.json (or give the steps explicitly)")

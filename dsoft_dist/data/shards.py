@@ -95,6 +95,16 @@ def expand_shards(spec) -> list[str]:
     return list(braceexpand.braceexpand(spec))
 
 
+def check_local_shards(urls: Sequence[str], what: str) -> None:
+    """Raises FileNotFoundError when local shard paths do not exist (URLs and ``pipe:`` are not checked):
+    a missing local shard at start-up is a wrong path, not bad data to skip for a whole run."""
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{what}: {len(missing)} of {len(urls)} shard files do not exist (first: "
+                                f"{missing[0]!r}): check the path or pattern (dsoft data verify DIR checks a "
+                                "shard set against its manifest)")
+
+
 def _epoch_order(num_shards: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(num_shards)
@@ -220,12 +230,15 @@ def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iter
     if size <= 1:
         yield from items
         return
-    buf = []
+    buf, draws = [], iter(())
     for item in items:
         if len(buf) < size:
             buf.append(item)
             continue
-        j = int(rng.integers(size))
+        j = next(draws, None)
+        if j is None:  # slots drawn 1024 at a time: one numpy call per item would cost as much as the read
+            draws = iter(rng.integers(size, size=1024).tolist())
+            j = next(draws)
         buf[j], item = item, buf[j]
         yield item
     order = rng.permutation(len(buf))

@@ -79,10 +79,9 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         _checked(header, offset)
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _number(header[124:136])
-        data = _read(stream, size, f"member data at byte {offset}") if size else b""
-        if size % BLOCK:
-            _read(stream, BLOCK - size % BLOCK, "member padding")
-        offset += BLOCK + -(-size // BLOCK) * BLOCK
+        padded = -(-size // BLOCK) * BLOCK  # the data and its padding to whole blocks, in one read
+        data = _read(stream, padded, f"member data at byte {offset}")[:size] if size else b""
+        offset += BLOCK + padded
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue

@@ -79,10 +79,10 @@ def synth_vectors_to_shards(out_dir: str, num_identities: int, samples_per_ident
     kw: run_shards options (per_shard, workers, policy, overwrite, progress).
     """
     kind = vector_kind(dim, dtype)
+    if num_identities < 1 or samples_per_identity < 1:
+        raise ValueError(f"identities={num_identities}, samples_per_identity={samples_per_identity}: both must be "
+                         ">= 1")
     total = num_identities * samples_per_identity
-    if total < 1:
-        raise ValueError(f"identities={num_identities} x samples_per_identity={samples_per_identity} gives no "
-                         "samples: both must be >= 1")
     params = (int(num_identities), int(samples_per_identity), int(dim), int(seed), int(identity_offset))
     source = {"kind": "synthetic-vectors", "num_identities": num_identities,
               "samples_per_identity": samples_per_identity, "seed": seed, "identity_offset": identity_offset}

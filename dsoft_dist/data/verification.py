@@ -27,7 +27,7 @@ import numpy as np
 
 from dsoft_dist.data.convert import encode_image, scan_folder
 from dsoft_dist.data.decode import image_format
-from dsoft_dist.data.shards import BadData, expand_shards, iter_tar_samples
+from dsoft_dist.data.shards import BadData, check_local_shards, expand_shards, iter_tar_samples
 from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET, SyntheticIdentities
 from dsoft_dist.observability import get_logger
 
@@ -55,7 +55,9 @@ def collect_shards(spec: str, max_per_identity: int = 10, max_identities: int = 
     """Groups by label from a shard set (bounded: at most max_per_identity images each)."""
     by_label: dict[int, list[ImageRef]] = {}
     bad = BadData("skip")
-    for url in expand_shards(spec):
+    urls = expand_shards(spec)
+    check_local_shards(urls, f"shards {spec!r}")
+    for url in urls:
         for sample in iter_tar_samples(url, bad):
             ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
             if ext is None or "cls" not in sample:
