@@ -6,7 +6,8 @@
 #
 # Writes OUT_DIR/report.md (GPU, date, versions, test results, every figure, targets met or not),
 # OUT_DIR/kernels.json (the benchmark), head.log (the whole head step on the torch chunked path, fp32),
-# nvidia-smi.txt, versions.txt, pytest-*.log/xml, compile-check.log, train.log + train/ (the run's outputs).
+# nvidia-smi.txt, versions.txt, pytest-*.log/xml, compile-check.log, train.log + train/ (the run's outputs),
+# speedup.log + speedup/ (`dsoft bench speedup` at C = 1M and 4M).
 # Every stage has a `timeout` so the whole check ends in under ~9 minutes; a stage that fails or
 # times out is recorded in the report and the next stage still runs. Sizes are fixed below.
 # Python: $PYTHON if set, else `python3`. If that cannot import dsoft_dist.kernels + triton + pytest,
@@ -61,10 +62,10 @@ PYEOF
 cat "$OUT/versions.txt" >&2
 
 # 1. GPU-marked tests (compiled kernels: bf16/fp16/fp32, large shapes, tile configs, memory, head)
-stage pytest-gpu 180 "$PY" -m pytest -m gpu tests/test_kernels_shard_stats.py tests/test_kernels_head.py \
+stage pytest-gpu 170 "$PY" -m pytest -m gpu tests/test_kernels_shard_stats.py tests/test_kernels_head.py \
     tests/test_kernels_bench.py tests/test_kernels_gpu.py -q -rA -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml"
 # 2. the benchmark at the issue's sizes, tiles picked by a fixed 4-config sweep at the first size
-stage bench 170 "$PY" -m dsoft_dist.bench.kernels --classes 100000 1000000 --batch 512 4096 --dim 512 \
+stage bench 150 "$PY" -m dsoft_dist.bench.kernels --classes 100000 1000000 --batch 512 4096 --dim 512 \
     --dtype bf16 --sample-rate 0.015625 --repeats 5 --warmup 2 --sweep --out "$OUT/kernels.json"
 # 3. register/shared-memory use of the compiled kernels (sm_90 code, this Triton version)
 stage compile-check 30 "$PY" -m dsoft_dist.kernels.compile_check --arch 90 --sweep
@@ -75,16 +76,21 @@ stage pytest-compiled 50 "$PY" -m pytest tests/test_kernels_shard_stats.py -k "f
 
 # 5. the whole head step (forward + backward + row-sparse SGD) on the torch chunked path, fp32, at the
 #    head issue's sizes, with the weight gradient + step and with the optimizer fused into backward
-stage head 60 bash -c "\"$PY\" -m dsoft_dist.bench.head --device cuda --classes 1000000 --dim 512 --batch 512 \
+stage head 55 bash -c "\"$PY\" -m dsoft_dist.bench.head --device cuda --classes 1000000 --dim 512 --batch 512 \
     --sample-rates 1 0.125 0.015625 --repeats 5 --warmup 2 && \"$PY\" -m dsoft_dist.bench.head --device cuda \
     --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625 --repeats 5 --warmup 2 \
     --optimizer-in-backward"
 
 # 6. the trainer on one GPU: nccl, bf16 autocast, head.compute_dtype=bf16 (train.log says which head path
 #    ran and the samples/s; train/report.md the verification before and after)
-stage train 50 "$PY" -m dsoft_dist.train --config configs/demo.yaml --nproc 1 --set parallel.backend=nccl \
+stage train 40 "$PY" -m dsoft_dist.train --config configs/demo.yaml --nproc 1 --set parallel.backend=nccl \
     --set parallel.precision=bf16 --set head.compute_dtype=bf16 --set data.num_workers=2 --set schedule.steps=200 \
     --set logging.log_every=50 --set logging.wandb=disabled --set "logging.output_dir=$OUT/train"
+
+# 7. the paper's speedup table at fixed sizes: every method's whole head step and memory (speedup/ holds
+#    speedup.md, .csv, .json and .png); softmax_naive is skipped where its replicated weight cannot fit
+stage speedup 45 "$PY" -m dsoft_dist.cli bench speedup --device cuda --classes 1000000,4000000 --dim 512 \
+    --batch 512 --rates 1/8,1/64 --repeats 3 --no-progress --out "$OUT/speedup"
 
 "$PY" -m dsoft_dist.bench.kernels_report "$OUT" > "$OUT/report.md" 2> "$OUT/report.log" \
     || echo "report generation failed (see report.log)" >> "$STATUS"

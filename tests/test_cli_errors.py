@@ -38,6 +38,7 @@ ROWS = {
     "bench data": (["bench", "data", "--workers", "x"], "--workers 'x'"),
     "bench head": (["bench", "head", "--classes", "-5"], "num_classes=-5"),
     "bench kernels": (["bench", "kernels", "--out", f"{FILE}/k.json"], FILE),
+    "bench speedup": (["bench", "speedup", "--rates", "3/2"], "--rates '3/2'"),
     "bench stream": (["bench", "stream", "--identities", "4", "--workers", "0", "--keep", f"{FILE}/shards"],
                      f"{FILE}/shards"),
     "bench train": (["bench", "train", "--classes", "-9"], "num_classes=-9"),

@@ -78,7 +78,8 @@ class PeakMemory:
             self.peak = _status_kib("VmHWM") * 1024 - self.base
 
 
-def _sync(device):
+def sync_device(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA); a no-op on CPU. Timings bracket it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -94,12 +95,12 @@ def _matmul_rate(batch, dim, k, device, class_major, repeats=5) -> float:
     g_bk = g.t() if class_major else g  # (B, k) view
     times = []
     for _ in range(repeats + 1):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         torch.mm(w, f.t()) if class_major else torch.mm(f, w.t())
         torch.mm(g_bk, w)
         torch.mm(g_bk.t(), f)
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return 6 * batch * k * dim / statistics.median(times[1:]) / 1e9
 
@@ -115,8 +116,9 @@ def _reference_rate(batch, dim, k, chunk, device) -> float:
                for class_major in (False, True))
 
 
-def _state_bytes(head, opt) -> int:
-    tensors = [head.weight] + [t for s in opt.state.values() for t in s.values()]
+def state_bytes(weight: torch.Tensor, opt) -> int:
+    """Bytes of a classifier's state: its weight plus every tensor in the optimizer's state."""
+    tensors = [weight] + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -136,12 +138,12 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
         labels = torch.randint(0, args.classes, (args.batch,), generator=gen).to(device)
         head.comm.reset()
         with PeakMemory(device) as mem:
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             head(emb, labels).backward()
             opt.step()
             opt.zero_grad()
-            _sync(device)
+            sync_device(device)
             elapsed = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(elapsed)
@@ -165,7 +167,7 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
         effs = [model_flop / step / 1e9 / statistics.median(refs)]
     return {"rate": rate, "negatives": head.negatives, "k": k, "step": step, "times": times, "best": min(times),
             "model": model_flop / step / 1e9, "exec": executed / step / 1e9, "matmul": statistics.median(refs),
-            "eff": statistics.median(effs), "effs": effs, "state": _state_bytes(head, opt),
+            "eff": statistics.median(effs), "effs": effs, "state": state_bytes(head.weight, opt),
             "transient": max(peaks), "bytes": nbytes}
 
 
