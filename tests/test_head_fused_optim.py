@@ -203,6 +203,24 @@ def test_fuse_optimizer_none_returns_to_weight_gradients():
     opt.step()
 
 
+@pytest.mark.parametrize("negatives", ["all", "random"])
+def test_a_dropped_head_and_its_fused_optimizer_are_freed(negatives):
+    """The optimizer's hook sits in the weight's C++ hook table, which the garbage collector cannot see
+    into: it must not keep the optimizer, the weight and its momentum alive after both are dropped
+    (a sweep building heads one after another in one process grew by each head's state)."""
+    import gc
+    import weakref
+
+    head = ShardedClassifier(C, D, negatives=negatives, sample_rate=0.5)
+    opt = build_head_optimizer(head, OptimizerConfig(head_step_in_backward=True))
+    emb, labels = _batches()[0]
+    head(emb.clone().requires_grad_(True), labels).backward()
+    alive = [weakref.ref(x) for x in (head, opt, head.weight)]
+    del head, opt
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True, True, True]
+
+
 def test_config_head_step_in_backward_needs_sparse_mode(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optimizer:\n  head_mode: dense\n  head_step_in_backward: true\n")

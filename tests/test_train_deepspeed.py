@@ -28,6 +28,20 @@ def extension_cache(tmp_path_factory):
     yield
 
 
+def _comm_buffers() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_")} \
+        if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.fixture(autouse=True)
+def no_comm_buffer_left():
+    """DeepSpeed's CPU all-reduce never unlinks its ~69 MB /dev/shm segments; the engine does, so a run
+    leaves none behind (before that fix every test here left two, in RAM, until reboot)."""
+    before = _comm_buffers()
+    yield
+    assert _comm_buffers() <= before, f"left in /dev/shm: {sorted(_comm_buffers() - before)}"
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_ddp_and_deepspeed_zero_agree_after_three_steps(tmp_path, stage):
     ddp = run(tiny(tmp_path / "ddp", optimizer__grad_clip=1.0))

@@ -14,6 +14,8 @@ Without torch.distributed initialized the head runs as a single process (P = 1).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -203,7 +205,11 @@ class ShardedClassifier(nn.Module):
             raise ValueError("fuse_optimizer: the optimizer does not hold this head's weight; build it with "
                              "build_head_optimizer(head, cfg)")
         self._row_update = FusedRowUpdate(optimizer, self.weight)
-        self._grad_hook = self.weight.register_post_accumulate_grad_hook(optimizer.step_and_clear)
+        # the hook lives in the weight's C++ hook table, which Python's garbage collector cannot
+        # traverse: a strong reference there would keep the optimizer (and through it the weight and
+        # its momentum) alive forever after the head and the optimizer are dropped
+        step = weakref.WeakMethod(optimizer.step_and_clear)
+        self._grad_hook = self.weight.register_post_accumulate_grad_hook(lambda p: step()(p))
 
     def _log_correction(self, rows, device):
         """log(C / |N|) with |N| the global number of selected classes (one O(1) all-reduce), or None."""

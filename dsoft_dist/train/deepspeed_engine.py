@@ -37,6 +37,7 @@ import os
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dsoft_dist.config.schema import Config, ConfigError
@@ -95,6 +96,25 @@ def _initialize(deepspeed, model, optimizer, config):
     return engine, opt
 
 
+def _unlink_comm_buffers(env) -> None:
+    """Removes the names of DeepSpeed's CPU all-reduce buffers (their memory stays mapped until exit).
+
+    On CPU, DeepSpeed's shared-memory all-reduce creates one ~69 MB POSIX shared-memory segment per
+    rank, ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, and never
+    unlinks it: every run would leave its segments in /dev/shm (RAM) until the machine reboots. Each
+    rank maps every other rank's segment during ``deepspeed.initialize`` (it waits for them to exist);
+    after a barrier all have, so each rank unlinks its own name and the kernel frees the memory when
+    the last process using it exits.
+    """
+    if env.device.type != "cpu" or not dist.is_initialized():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{env.rank}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
+
+
 class DeepSpeedEngine:
     """The backbone inside a DeepSpeed engine (see the module doc for the conventions)."""
 
@@ -111,6 +131,7 @@ class DeepSpeedEngine:
         # which the normalization kernels then refuse: cast the whole module first (the same values)
         model = model.to(device=env.device, dtype=self.input_dtype)
         self.ds, self.optimizer = _initialize(deepspeed, model, optimizer, deepspeed_config(cfg))
+        _unlink_comm_buffers(env)
         self.module = self.ds.module
         self._last = True
         self.skipped_by_head = 0
