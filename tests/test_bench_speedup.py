@@ -72,3 +72,34 @@ def test_bad_options_name_the_value():
         args = speedup.build_parser().parse_args(argv + ["--device", "cpu"])
         with pytest.raises(ValueError, match=message):
             speedup.check_args(args)
+
+
+def test_end_to_end_adds_the_backbone_and_the_head_share(tmp_path):
+    out = tmp_path / "sp"
+    assert main(["bench", "speedup", "--classes", "2000", "--dim", "32", "--batch", "32", "--rates", "1/8",
+                 "--repeats", "1", "--methods", "d_softmax,d_softmax_k", "--end-to-end", "--out", str(out),
+                 "--no-progress"]) == 0
+    result = json.loads((out / "speedup.json").read_text())
+    assert result["backbone_ms"] > 0
+    for r in result["records"]:
+        assert r["head_share"] == pytest.approx(r["step_ms"] / (r["step_ms"] + result["backbone_ms"]))
+    assert "head share" in (out / "speedup.md").read_text()
+
+
+@pytest.mark.dist
+def test_speedup_under_torchrun_uses_its_ranks(tmp_path):
+    """Under a launcher (torchrun, the Slurm script) the command takes the launcher's ranks; rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_ERROR_FILE"}
+    out = tmp_path / "sp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "dsoft_dist.bench.speedup", "--classes", "2000", "--dim", "32", "--batch", "32",
+                           "--rates", "1/8", "--repeats", "1", "--methods", "d_softmax,d_softmax_k",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _records(out)
+    assert {r["ranks"] for r in records} == {2} and len(records) == 2
+    assert proc.stdout.count("**C = 2,000, 2 ranks**") == 1  # printed once, by rank 0
