@@ -15,5 +15,6 @@ def test_bench_stream_runs_at_toy_size_and_reports_every_row(tmp_path, capsys):
     result = json.loads(out.read_text())["results"]["300"]
     assert result["samples"] == 600 and result["shards"] == 6
     two = result["loader"]["2"]
-    assert len(two["workers"]) == 2 and all(w["private_mb"] > 0 for w in two["workers"])
+    # at this toy size a worker may finish its 300 samples and exit before the first reading: 1 or 2 are listed
+    assert 1 <= len(two["workers"]) <= 2 and all(w["private_mb"] > 0 for w in two["workers"])
     assert two["steps"] == 600 // 64 and two["steady_per_s"] > 0 and two["start_s"] > 0

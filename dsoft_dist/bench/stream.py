@@ -10,6 +10,7 @@ cache warm:
   re-batching; images also flip and normalization) with 0, 1, 2... DataLoader workers:
   start-up (building the loader until the first batch), steady samples/s over the rest of one
   epoch, and the memory of each worker, read 20 times over the epoch, the last reading kept
+  (a worker that finished its part before the first reading, possible only at toy sizes, is not listed)
   (peak RSS, and private memory: what the worker does not share with the main process it
   was forked from).
 
@@ -117,14 +118,21 @@ def _memory(pid: int) -> dict:
     return {"peak_rss_mb": peak / 1024, "private_mb": private / 1024}
 
 
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
 def _children(parent: int) -> list[int]:
-    found = []
+    """The DataLoader workers of ``parent``: its live children forked without exec (same command line), so
+    helpers it started with exec (multiprocessing's resource tracker) are not counted."""
+    found, own = [], _cmdline(parent)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-                if int(ppid) == parent and state != "Z":  # a zombie (an exited helper) has no memory left
+                if int(ppid) == parent and state != "Z" and _cmdline(int(entry)) == own:  # a zombie has no memory
                     found.append(int(entry))
             except OSError:  # the process ended meanwhile
                 continue
