@@ -268,15 +268,14 @@ def _spawned(args, out_path: str) -> None:
                 json.dump(result, fh)
 
 
-def machine() -> dict:
-    """What ran it: host, cores, device, versions, the command."""
+def machine(argv: list[str]) -> dict:
+    """What ran it: host, cores, device, versions, the command (``argv``: the benchmark's own arguments)."""
     device = "cpu"
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     return {"host": platform.node(), "cpu_count": os.cpu_count(), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": "dsoft bench speedup " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "speedup"]
-                                                           else sys.argv[1:])}
+            "command": " ".join(["dsoft bench speedup", *argv])}
 
 
 def _rate_text(rate: float) -> str:
@@ -436,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run(args)
-    result["machine"] = machine()
+    result["machine"] = machine(sys.argv[1:] if argv is None else list(argv))
     result["markdown"] = format_markdown(result, args)
     paths = write_outputs(result, args)
     sys.stdout.write(result["markdown"] + "\n\n" + "wrote " + ", ".join(paths.values()) + "\n")
