@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from dsoft_dist.bench import int_list
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data.convert import synth_to_shards
 from dsoft_dist.data.decode import FAST_JPEG, decode_image
@@ -78,13 +79,7 @@ def _worker_counts(args) -> list[int]:
                         ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{name} {value} is invalid: must be >= 1")
-    try:
-        counts = [int(v) for v in args.workers.split(",")]
-    except ValueError:
-        counts = [-1]
-    if any(c < 0 for c in counts):
-        raise ValueError(f"--workers {args.workers!r} is invalid: give comma-separated counts >= 0, e.g. 0,1,2")
-    return counts
+    return int_list(args.workers, "--workers", 0)
 
 
 def main(argv: list[str] | None = None) -> int:

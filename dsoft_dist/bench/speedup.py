@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dsoft_dist.bench import int_list
 from dsoft_dist.bench.head import PeakMemory, state_bytes, sync_device
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer
@@ -70,16 +71,6 @@ def parse_rates(text: str) -> list[float]:
     if not rates or not all(0 < r <= 1 for r in rates):
         raise ValueError(f"--rates {text!r} is invalid: give comma-separated rates in (0, 1], e.g. 1,1/8,1/64")
     return rates
-
-
-def _positive_list(text: str, name: str) -> list[int]:
-    try:
-        values = [int(float(v)) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise ValueError(f"{name} {text!r} is invalid: give comma-separated integers >= 1")
-    return values
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -399,7 +390,7 @@ def check_args(args) -> None:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
     default = "1000000,10000000" if args.device.startswith("cuda") else "100000,1000000"
-    args.class_counts = _positive_list(args.classes or default, "--classes")
+    args.class_counts = int_list(args.classes or default, "--classes", 1)
     args.rate_list = parse_rates(args.rates)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.method_list if m not in METHODS]
@@ -417,18 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    if under_launcher():  # torchrun / Slurm started the ranks
+    if under_launcher() or args.nproc > 1:  # torchrun / Slurm started the ranks, or we start them here
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.json")
-            _spawned(args, out)
-            if os.environ.get("RANK") != "0":
-                return 0
-            with open(out, encoding="utf-8") as fh:
-                result = json.load(fh)
-    elif args.nproc > 1:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "result.json")
-            spawn_local(_spawned, args.nproc, (args, out))
+            if under_launcher():
+                _spawned(args, out)
+                if os.environ.get("RANK") != "0":
+                    return 0
+            else:
+                spawn_local(_spawned, args.nproc, (args, out))
             with open(out, encoding="utf-8") as fh:
                 result = json.load(fh)
     else:

@@ -37,20 +37,11 @@ import time
 
 import torch
 
+from dsoft_dist.bench import int_list
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data.decode import FAST_JPEG, decode_image
 from dsoft_dist.data.manifest import MANIFEST_NAME, load_manifest
 from dsoft_dist.data.tarstream import iter_members
-
-
-def _count_list(text: str, name: str, low: int) -> list[int]:
-    try:
-        values = [int(float(v)) for v in text.split(",")]
-    except ValueError:
-        values = [low - 1]
-    if not values or min(values) < low:
-        raise ValueError(f"{name} {text!r} is invalid: give comma-separated integers >= {low}")
-    return values
 
 
 def write(out: str, identities: int, args) -> dict:
@@ -247,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sizes = _count_list(args.identities, "--identities", 1)
-    args.worker_counts = _count_list(args.workers, "--workers", 0)
+    sizes = int_list(args.identities, "--identities", 1)
+    args.worker_counts = int_list(args.workers, "--workers", 0)
     for name in ("samples_per_identity", "image_size", "dim", "batch_size", "per_shard", "write_workers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: must be >= 1")

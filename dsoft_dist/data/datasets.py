@@ -144,30 +144,26 @@ class ShardStream(IterableDataset):
         raw = shuffle_buffer(samples, self.shuffle_buffer_size, rng)
         stats = {"worker": worker, "samples": 0, "bad": bad.counts}
         vectors = self.vector_dim > 0
-        decoded = self._vectors(raw, bad) if vectors else self._decoded(raw, bad, rng)
         try:
-            yield from _chunks(decoded, self.chunk, stats, _stack_f32 if vectors else _stack_u8, self.keys)
+            yield from _chunks(self._decoded(raw, bad, rng), self.chunk, stats, _stack_f32 if vectors else _stack_u8,
+                               self.keys)
         except BadDataError as exc:  # fail policy: hand the message over instead of crashing the worker
             stats["error"] = str(exc)
         yield _last(torch.empty((0, self.vector_dim)) if vectors else _empty(self.image_size), stats, self.keys)
 
     def _decoded(self, raw: Iterator[dict], bad: BadData, rng: np.random.Generator):
+        """(image or vector, label, id, key) per good sample; bad ones are reported to ``bad``."""
         for sample in raw:
             try:
-                img, label = decode_sample(sample, self.num_classes, self.image_size, self.use_fast_jpeg)
+                if self.vector_dim:
+                    x, label = decode_vector(sample, self.num_classes, self.vector_dim)
+                else:
+                    x, label = decode_sample(sample, self.num_classes, self.image_size, self.use_fast_jpeg)
+                    x = self.augment(x, rng) if self.augment else x
             except BadSample as exc:
                 bad.report(exc.kind, f"{sample.get('__url__')} #{sample.get('__index__')}: {exc}")
                 continue
-            yield (self.augment(img, rng) if self.augment else img), label, sample["__id__"], sample["__key__"]
-
-    def _vectors(self, raw: Iterator[dict], bad: BadData):
-        for sample in raw:
-            try:
-                vec, label = decode_vector(sample, self.num_classes, self.vector_dim)
-            except BadSample as exc:
-                bad.report(exc.kind, f"{sample.get('__url__')} #{sample.get('__index__')}: {exc}")
-                continue
-            yield vec, label, sample["__id__"], sample["__key__"]
+            yield x, label, sample["__id__"], sample["__key__"]
 
 
 def synthetic_positions(total: int, slot: Slot, worker: int, num_workers: int, shuffle: bool = True,
