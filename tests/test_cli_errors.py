@@ -39,6 +39,8 @@ ROWS = {
     "bench head": (["bench", "head", "--classes", "-5"], "num_classes=-5"),
     "bench kernels": (["bench", "kernels", "--out", f"{FILE}/k.json"], FILE),
     "bench speedup": (["bench", "speedup", "--rates", "3/2"], "--rates '3/2'"),
+    "bench accuracy": (["bench", "accuracy", "--parts", "audio"], "--parts 'audio'"),
+    "bench dissection": (["bench", "dissection", "--classes", "1"], "--classes '1'"),
     "bench stream": (["bench", "stream", "--identities", "4", "--workers", "0", "--keep", f"{FILE}/shards"],
                      f"{FILE}/shards"),
     "bench train": (["bench", "train", "--classes", "-9"], "num_classes=-9"),

@@ -3,6 +3,8 @@
     dsoft bench head --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625
     dsoft bench train                     # the whole training step, 2 ranks, C=1,000,000, r=1 vs 1/64
     dsoft bench speedup --nproc 2         # every method vs full softmax and full D-Softmax, rates 1/2..1/64
+    dsoft bench accuracy                  # every method trained and verified, 3 seeds (about an hour on CPU)
+    dsoft bench dissection                # intra-class angles of 3-D embeddings, 5 vs 10 identities
     dsoft bench data --samples 6000 --workers 0,1,2
     dsoft bench stream --identities 100000,1000000  # vector shards; --images for image shards
     dsoft bench kernels                   # CUDA only; launch/gpu_check.sh OUT runs it with the GPU tests
@@ -19,6 +21,8 @@ BENCHMARKS = {
     "head": "one sharded head step (forward + backward + optimizer) vs sample rate, against plain matmul",
     "train": "the trainer's whole step vs sample rate (C=1M), against a bare loop over the same objects",
     "speedup": "the paper's speedup table: every method's whole head step and memory vs rate, CSV/Markdown/PNG",
+    "accuracy": "the paper's accuracy table: every method trained by dsoft train, verified on unseen identities",
+    "dissection": "the paper's dissection figure: 3-D embeddings of 5 vs 10 identities, softmax vs D-Softmax",
     "data": "data pipeline samples/s against a bare decode loop",
     "stream": "shards of many identities: write, start-up, samples/s vs bare tar reads, memory per worker",
     "kernels": "fused Triton head vs torch chunked vs naive on CUDA (time, peak memory, bf16 matmul fraction)",

@@ -259,17 +259,17 @@ def _spawned(args, out_path: str) -> None:
                 json.dump(result, fh)
 
 
-def machine(argv: list[str]) -> dict:
+def machine(argv: list[str], bench: str = "speedup") -> dict:
     """What ran it: host, cores, device, versions, the command (``argv``: the benchmark's own arguments)."""
     device = "cpu"
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     return {"host": platform.node(), "cpu_count": os.cpu_count(), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": " ".join(["dsoft bench speedup", *argv])}
+            "command": " ".join([f"dsoft bench {bench}", *argv])}
 
 
-def _rate_text(rate: float) -> str:
+def rate_text(rate: float) -> str:
     frac = Fraction(rate).limit_denominator(1 << 16)
     return "1" if rate == 1 else (f"1/{frac.denominator}" if frac.numerator == 1 else f"{rate:.4g}")
 
@@ -293,11 +293,11 @@ def format_markdown(result: dict, args) -> str:
             if (r["classes"], r["ranks"]) != (classes, ranks):
                 continue
             if "skipped" in r:
-                lines.append(f"| {r['method']} | {_rate_text(r['rate'])} | | skipped: {r['skipped']} | | | | |"
+                lines.append(f"| {r['method']} | {rate_text(r['rate'])} | | skipped: {r['skipped']} | | | | |"
                              + (" |" if share else ""))
                 continue
             vs = [f"{v:.1f}x" if v else "" for v in (r["speedup_vs_softmax"], r["speedup_vs_d_softmax"])]
-            lines.append(f"| {r['method']} | {_rate_text(r['rate'])} | {r['k']:,} | {r['step_ms']:,.1f} | {vs[0]} | "
+            lines.append(f"| {r['method']} | {rate_text(r['rate'])} | {r['k']:,} | {r['step_ms']:,.1f} | {vs[0]} | "
                          f"{vs[1]} | {r['transient_mb']:,.0f} | {r['peak_mb']:,.0f} |"
                          + (f" {100 * r['head_share']:.0f}% |" if share else ""))
     return "\n".join(lines)

@@ -124,7 +124,7 @@ class DataConfig:
     seed: int = 0
     steps_per_epoch: int = 0  # 0 = from the data: floor(floor(samples / ranks) / batch_size)
     random_crop: bool = False  # pad by image_size/8 and crop back at a random offset
-    difficulty: str = "medium"  # synthetic images: easy | medium | hard (docs/data.md)
+    difficulty: str = "medium"  # synthetic images and vectors: easy | medium | hard (docs/data.md)
     vector_dim: int = 128  # synthetic_mode=vectors: feature size (model.in_features)
 
     def __post_init__(self):

@@ -42,6 +42,7 @@ from dsoft_dist.data.decode import Augment, normalize_images
 from dsoft_dist.data.manifest import MANIFEST_NAME, check_num_classes, load_manifest
 from dsoft_dist.data.position import count_done, mark, new_mask, to_tensor
 from dsoft_dist.data.rng import hash_keys
+from dsoft_dist.data.synthetic import vector_difficulty
 from dsoft_dist.data.shards import check_local_shards, expand_shards
 from dsoft_dist.observability import get_logger
 
@@ -194,8 +195,9 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
         steps = _steps(total, world_size, cfg.batch_size, explicit, done)
         if cfg.synthetic_mode == "vectors":
             dim = getattr(cfg, "vector_dim", 128)
+            nuisance = vector_difficulty(getattr(cfg, "difficulty", "medium"))
             make = lambda p: SyntheticVectorStream(cfg.num_classes, cfg.samples_per_class, dim, slot(p),  # noqa: E731
-                                                   chunk=max(chunk, 256), **extra)
+                                                   chunk=max(chunk, 256), **nuisance, **extra)
             return TrainLoader(make, steps, normalize=False, num_samples=total, **common)
         difficulty = getattr(cfg, "difficulty", "medium")
         make = lambda p: SyntheticImageStream(cfg.num_classes, cfg.samples_per_class, cfg.image_size,  # noqa: E731

@@ -87,6 +87,20 @@ def get_difficulty(name_or_obj) -> Difficulty:
     return DIFFICULTIES[name_or_obj]
 
 
+VECTOR_DIFFICULTIES = {  # SyntheticVectors' nuisance and noise for data.difficulty in vector mode
+    "easy": {"nuisance": 0.15, "noise": 0.02},
+    "medium": {"nuisance": 0.3, "noise": 0.05},  # SyntheticVectors' defaults
+    "hard": {"nuisance": 0.6, "noise": 0.2},
+}
+
+
+def vector_difficulty(name: str) -> dict:
+    """SyntheticVectors keyword arguments (nuisance, noise) of a preset name (easy | medium | hard)."""
+    if name not in VECTOR_DIFFICULTIES:
+        raise ValueError(f"difficulty={name!r} is unknown: use one of {', '.join(VECTOR_DIFFICULTIES)}")
+    return dict(VECTOR_DIFFICULTIES[name])
+
+
 def _check_ids(num_identities: int, identity_offset: int) -> None:
     if num_identities < 1:
         raise ValueError(f"num_identities={num_identities} is invalid: must be >= 1")

@@ -49,7 +49,7 @@ def build_synthetic_bin(cfg: Config, path: str) -> str:
     from dsoft_dist.data.verification import collect_synthetic, sample_pairs, write_bin
 
     groups = collect_synthetic(cfg.eval.synthetic_identities, per_identity=6, image_size=cfg.data.image_size,
-                               seed=cfg.data.seed, fmt="png")
+                               seed=cfg.data.seed, difficulty=cfg.data.difficulty, fmt="png")
     write_bin(path, sample_pairs(groups, cfg.eval.synthetic_pairs, seed=cfg.seed))
     return path
 
@@ -109,7 +109,14 @@ class Validator:
         return result
 
     def __call__(self, backbone: nn.Module) -> dict[str, float]:
-        """Evaluates ``backbone`` on every set; rank 0 gets the flat metrics, the others {}."""
+        """Evaluates ``backbone`` on every set; rank 0 gets the flat metrics, the others {}.
+
+        Every rank first takes rank 0's buffers (BatchNorm's running statistics): each rank's own
+        last training step updated its copy, and rank 0's is the one ``backbone.pt`` holds. Training
+        does not read them (DDP broadcasts rank 0's before each forward anyway)."""
+        if dist.is_initialized() and self.env.world_size > 1:
+            for buffer in backbone.buffers():
+                dist.broadcast(buffer, src=0)
         model = EvalForward(backbone)
         bins = [self._bin(path, model) for path in self.bins]
         pairs = []

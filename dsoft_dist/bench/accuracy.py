@@ -1,0 +1,440 @@
+"""The paper's accuracy comparison: every method trained by ``dsoft train`` with the same budget and seeds,
+verified on identities never seen in training.
+
+Two parts, each on procedural synthetic identities (``dsoft_dist.data.synthetic``) sized for a CPU:
+
+| part | data | backbone | methods (default) |
+|---|---|---|---|
+| vectors | 20,000 vector identities x 8 samples, ``data.difficulty=hard`` | ``mlp`` | every method below |
+| images | 500 image identities x 16 samples (32 px, medium) | ``iresnet_tiny`` | the six full losses |
+
+| method | head | rates |
+|---|---|---|
+| softmax, normface, sphereface, cosface, arcface, d_softmax | that loss over all classes | 1 |
+| d_softmax_b | D-Softmax-B: the inter term over the batch's classes | its K / C |
+| d_softmax_k | D-Softmax-K: the inter term over a random r of the classes | --rates |
+| partial_fc | Partial-FC-style: ArcFace over the batch's positives + random others up to r C | --rates |
+| sampled_softmax | plain sampled softmax: linear softmax over a random r of the classes | --rates |
+
+At r = 1 the sampled methods are their full loss (d_softmax_k = d_softmax, partial_fc = arcface,
+sampled_softmax = softmax), so their r = 1 rows are those runs. Every run of a seed shares the
+seed's synthetic world (``seed``, ``data.seed`` and ``head.seed`` are the seed), the schedule,
+the batch and the optimizer; the seeds give the spread.
+
+Verification (the same for every run): ``--eval-identities`` unseen identities (global ids from
+``EVAL_IDENTITY_OFFSET``) x ``--eval-samples`` samples, embedded by the run's ``backbone.pt``
+(images: the flip-summed embedding), every pair scored by cosine: TAR at FAR = 1e-3 and 1e-4 over
+all pairs (1000 x 4 gives 6,000 genuine and 7,992,000 impostor pairs), and the 10-fold accuracy
+over the genuine pairs plus as many impostor pairs drawn at random.
+
+The sweep is resumable: each run trains in ``OUT/runs/<part>-<method>-<rate>-s<seed>/`` (checkpoints
+every third of the run; ``checkpoint.resume=auto`` continues an interrupted one), and its record is
+appended to ``OUT/results.jsonl`` once verified; a rerun with the same settings skips what is done.
+
+    dsoft bench accuracy                                   # both parts, 3 seeds: about an hour on 2 CPU cores
+    dsoft bench accuracy --parts vectors --seeds 0 --methods d_softmax,d_softmax_k --rates 1,1/64
+
+Writes ``accuracy.json`` (settings, machine, one record per run), ``accuracy.csv``, ``accuracy.md``
+(mean and spread over seeds), ``accuracy_vs_rate.png`` and ``loss_curves.png`` to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import yaml
+
+from dsoft_dist.bench import int_list
+from dsoft_dist.bench.speedup import SAMPLED, machine, parse_rates, rate_text
+from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET, SyntheticIdentities, SyntheticVectors, vector_difficulty
+from dsoft_dist.eval.extract import extract_embeddings
+from dsoft_dist.eval.roc import tar_at_far
+from dsoft_dist.eval.verification import verify_scores_kfold
+from dsoft_dist.models.checkpoint import load_backbone
+
+FULL_LOSSES = ("softmax", "normface", "sphereface", "cosface", "arcface", "d_softmax")
+METHODS = (*FULL_LOSSES, "d_softmax_b", *SAMPLED)
+FULL_OF = {"d_softmax_k": "d_softmax", "partial_fc": "arcface", "sampled_softmax": "softmax"}  # r = 1
+PARTS = ("vectors", "images")
+DEFAULT_METHODS = {"vectors": METHODS, "images": FULL_LOSSES}
+FARS = (1e-3, 1e-4)
+
+
+def head_of(method: str) -> tuple[str, str]:
+    """(head.loss, head.negatives) of a method."""
+    if method == "d_softmax_b":
+        return "d_softmax", "batch"
+    return SAMPLED.get(method, (method, "all"))
+
+
+def part_config(part: str, args) -> dict:
+    """The config every run of a part shares (its method, rate and seed are set per run)."""
+    if part == "vectors":
+        model = {"name": "mlp", "embedding_size": 128, "in_features": 128}
+        data = {"synthetic_mode": "vectors", "vector_dim": 128, "difficulty": "hard",
+                "num_classes": args.vector_classes, "samples_per_class": 8, "batch_size": 256 // args.nproc}
+        steps = args.vector_steps
+    else:
+        model = {"name": "iresnet_tiny", "embedding_size": 128, "input_size": 32}
+        data = {"synthetic_mode": "images", "image_size": 32, "difficulty": "medium",
+                "num_classes": args.image_classes, "samples_per_class": 16, "batch_size": 128 // args.nproc,
+                "num_workers": 1}
+        steps = args.image_steps
+    return {
+        "model": model,
+        "head": {"scale": 32.0, "end_point": 0.9},
+        "data": {"source": "synthetic", "num_workers": 0, **data},
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4},
+        "schedule": {"steps": steps, "warmup_steps": max(1, steps // 15), "decay": "cosine"},
+        "parallel": {"nproc": args.nproc, "backend": "gloo"},
+        "logging": {"log_every": max(1, steps // 30), "progress": False},
+        "checkpoint": {"every_steps": max(1, steps // 3), "keep_last": 1, "resume": "auto"},
+    }
+
+
+def plan(args) -> list[dict]:
+    """Every run of the sweep, seed by seed (an interrupted sweep has whole seeds first)."""
+    runs = []
+    for seed in args.seed_list:
+        for part in args.part_list:
+            for method in args.methods_of[part]:
+                rates = [r for r in args.rate_list if r < 1] if method in SAMPLED else [1.0]
+                for rate in rates:
+                    runs.append({"part": part, "method": method, "rate": rate, "seed": seed,
+                                 "name": f"{part}-{method}-{rate_text(rate).replace('/', 'of')}-s{seed}"})
+    return runs
+
+
+def run_config(run: dict, args, out: str) -> dict:
+    cfg = part_config(run["part"], args)
+    loss, negatives = head_of(run["method"])
+    cfg["name"], cfg["seed"] = run["name"], run["seed"]
+    cfg["head"].update(loss=loss, negatives=negatives, sample_rate=run["rate"], seed=run["seed"])
+    cfg["data"]["seed"] = run["seed"]
+    cfg["logging"]["output_dir"] = out
+    return cfg
+
+
+def train(cfg: dict, out: str) -> float:
+    """``dsoft train`` of a config dict in a subprocess, logging to ``out/train.log`` (with
+    ``checkpoint.resume=auto`` it continues the run's newest checkpoint); returns its wall seconds."""
+    os.makedirs(out, exist_ok=True)
+    cfg_path = os.path.join(out, "config.yaml")
+    with open(cfg_path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg, fh, sort_keys=False)
+    log_path = os.path.join(out, "train.log")
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    start = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        code = subprocess.call([sys.executable, "-m", "dsoft_dist.cli", "train", "--config", cfg_path],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            tail = "".join(fh.readlines()[-15:])
+        raise RuntimeError(f"dsoft train failed for {cfg['name']} (exit {code}); the end of {log_path}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def unseen_inputs(part: str, seed: int, identities: int, per_identity: int):
+    """(inputs, identity of each) of the part's unseen identities in its seed's synthetic world."""
+    ids = np.repeat(np.arange(identities), per_identity)
+    index = np.tile(np.arange(per_identity), identities)
+    if part == "vectors":
+        src = SyntheticVectors(identities, dim=128, seed=seed, identity_offset=EVAL_IDENTITY_OFFSET,
+                               **vector_difficulty("hard"))
+        return src.batch(ids, index), ids
+    src = SyntheticIdentities(identities, image_size=32, seed=seed, identity_offset=EVAL_IDENTITY_OFFSET,
+                              difficulty="medium")
+    return np.stack([src.sample(i, j) for i, j in zip(ids.tolist(), index.tolist())]), ids
+
+
+def verify_embeddings(emb: np.ndarray, ids: np.ndarray, seed: int = 0) -> dict:
+    """All-pairs TAR@FAR and the 10-fold accuracy (genuine pairs + as many random impostor pairs) of
+    L2-normalized embeddings (N, D) with identities (N,)."""
+    rows, cols = np.triu_indices(len(ids), 1)
+    scores = (emb @ emb.T)[rows, cols]
+    same = ids[rows] == ids[cols]
+    tar = tar_at_far(scores, same, fars=FARS)
+    rng = np.random.default_rng([seed, 17])
+    genuine = np.flatnonzero(same)
+    impostor = rng.choice(np.flatnonzero(~same), size=len(genuine), replace=False)
+    pairs = rng.permutation(np.concatenate([genuine, impostor]))
+    kfold = verify_scores_kfold(scores[pairs], same[pairs], folds=10)
+    return {"accuracy": kfold["accuracy"], "accuracy_std": kfold["accuracy_std"],
+            **{f"tar_at_{far:.0e}": tar[far] for far in FARS},
+            "genuine_pairs": int(same.sum()), "impostor_pairs": int((~same).sum())}
+
+
+def verify_run(run: dict, args, out: str) -> dict:
+    model, _ = load_backbone(os.path.join(out, "backbone.pt"))
+    inputs, ids = unseen_inputs(run["part"], run["seed"], args.eval_identities, args.eval_samples)
+    emb = extract_embeddings(model, inputs, batch_size=512, flip=run["part"] == "images")
+    return verify_embeddings(emb, ids, seed=run["seed"])
+
+
+def loss_curve(out: str) -> list[tuple[int, float]]:
+    """(step, loss) of every logged step of a run."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+
+
+def sampled_k(run: dict, args) -> int:
+    """Classes the inter term touches per step; for d_softmax_b its upper bound, the global batch."""
+    if run["method"] == "d_softmax_b":
+        return 256 if run["part"] == "vectors" else 128
+    classes = args.vector_classes if run["part"] == "vectors" else args.image_classes
+    return int(np.ceil(run["rate"] * classes))
+
+
+def classes_of(part: str, s: dict) -> int:
+    return s["vector_classes"] if part == "vectors" else s["image_classes"]
+
+
+def load_results(path: str) -> dict[str, dict]:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return {r["name"]: r for r in (json.loads(line) for line in fh if line.strip())}
+
+
+def settings(args) -> dict:
+    """What the records depend on: a rerun must match it to reuse them."""
+    return {k: getattr(args, k) for k in ("vector_classes", "vector_steps", "image_classes", "image_steps",
+                                          "eval_identities", "eval_samples", "nproc")}
+
+
+def check_settings(out: str, args) -> None:
+    path = os.path.join(out, "settings.json")
+    mine = settings(args)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            theirs = json.load(fh)
+        if theirs != mine:
+            diff = ", ".join(f"{k}: {theirs.get(k)} there, {v} now" for k, v in mine.items() if theirs.get(k) != v)
+            raise ValueError(f"--out {out!r} holds a sweep with other settings ({diff}): use another --out, "
+                             "or rerun with its settings to resume it")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(mine, fh, indent=1)
+
+
+def sweep(args) -> list[dict]:
+    """Trains and verifies every planned run not yet in results.jsonl; returns the records of the plan."""
+    results_path = os.path.join(args.out, "results.jsonl")
+    done = load_results(results_path)
+    runs = plan(args)
+    for i, run in enumerate(runs, 1):
+        if run["name"] in done:
+            continue
+        out = os.path.join(args.out, "runs", run["name"])
+        train_s = train(run_config(run, args, out), out)
+        record = {**run, "k": sampled_k(run, args), "train_s": train_s, **verify_run(run, args, out),
+                  "loss_curve": loss_curve(out)}
+        with open(results_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        done[run["name"]] = record
+        print(f"[{i}/{len(runs)}] {run['name']}: TAR@FAR=1e-3 {record['tar_at_1e-03']:.4f}, "
+              f"1e-4 {record['tar_at_1e-04']:.4f}, accuracy {record['accuracy']:.4f} ({train_s:.0f} s)", flush=True)
+    return [done[r["name"]] for r in runs]
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (part, method, rate): mean and sample standard deviation over the seeds; the sampled
+    methods' r = 1 rows are their full loss's runs."""
+    rows = []
+    keys = []
+    for r in records:
+        key = (r["part"], r["method"], r["rate"])
+        if key not in keys:
+            keys.append(key)
+    for part, method, rate in keys:
+        mine = [r for r in records if (r["part"], r["method"], r["rate"]) == (part, method, rate)]
+        row = {"part": part, "method": method, "rate": rate, "k": mine[0]["k"], "seeds": len(mine),
+               "train_s": statistics.fmean(r["train_s"] for r in mine), "impostor_pairs": mine[0]["impostor_pairs"]}
+        for metric in ("accuracy", "tar_at_1e-03", "tar_at_1e-04"):
+            row[metric], row[metric + "_sd"] = _spread([100 * r[metric] for r in mine])
+        rows.append(row)
+    for part, method in {(r["part"], m) for r in rows for m in FULL_OF}:
+        full = [r for r in rows if (r["part"], r["method"], r["rate"]) == (part, FULL_OF[method], 1.0)]
+        if full and any(r["part"] == part and r["method"] == method for r in rows):
+            rows.append({**full[0], "method": method, "same_as": FULL_OF[method]})
+    return rows
+
+
+def format_markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    lines = [f"`{m['command']}` on {m['host']} ({m['cpu_count']} cores, {m['device']}), torch {m['torch']}, "
+             f"{m['date']}; verification on {s['eval_identities']} unseen identities x {s['eval_samples']} samples "
+             "(TAR over all pairs, unresolvable where FAR x impostor pairs < 1; 10-fold accuracy over the genuine "
+             "pairs + as many impostors); mean +- standard deviation over the seeds, in %"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for part in PARTS:
+        rows = sorted((r for r in result["summary"] if r["part"] == part),
+                      key=lambda r: (order[r["method"]], -r["rate"]))
+        if not rows:
+            continue
+        classes, steps = classes_of(part, s), s["vector_steps" if part == "vectors" else "image_steps"]
+        lines += ["", f"**{part}: C = {classes:,} training identities, {steps} steps**", "",
+                  "| method | r | K | seeds | TAR@FAR=1e-3 | TAR@FAR=1e-4 | 10-fold accuracy | train s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            cells = [f"{r[k]:.2f} +- {r[k + '_sd']:.2f}" if far * r["impostor_pairs"] >= 1 else "unresolvable"
+                     for k, far in (("tar_at_1e-03", 1e-3), ("tar_at_1e-04", 1e-4), ("accuracy", 1.0))]
+            name = r["method"] + (f" (= {r['same_as']})" if "same_as" in r else "")
+            rate, k = rate_text(r["rate"]), f"{r['k']:,}"
+            if r["method"] == "d_softmax_b":
+                rate, k = f"<= {r['k'] / classes:.3g}", f"<= {r['k']:,}"
+            lines.append(f"| {name} | {rate} | {k} | {r['seeds']} | {' | '.join(cells)} | {r['train_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_csv(records: list[dict], path: str) -> None:
+    fields = ["part", "method", "rate", "k", "seed", "train_s", "accuracy", "accuracy_std", "tar_at_1e-03",
+              "tar_at_1e-04", "genuine_pairs", "impostor_pairs"]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415 (only when a plot is written)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def plot_rates(summary: list[dict], settings: dict, path: str) -> None:
+    """TAR@FAR=1e-3 against the sample rate, a line per sampled method (its r = 1 point is its full loss),
+    the full losses as points at r = 1, d_softmax_b at its K / C; error bars are the spread over seeds."""
+    plt = _pyplot()
+    parts = [p for p in PARTS if any(r["part"] == p for r in summary)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.4), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        for method in METHODS:
+            rows = sorted((r for r in summary if r["part"] == part and r["method"] == method), key=lambda r: r["rate"])
+            if not rows or (method in FULL_OF.values() and any(r["part"] == part and r["method"] in FULL_OF
+                                                                and r.get("same_as") == method for r in summary)):
+                continue  # a full loss drawn as the r = 1 end of its sampled line
+            x = [r["k"] / classes_of(part, settings) if method == "d_softmax_b" else r["rate"] for r in rows]
+            ax.errorbar(x, [r["tar_at_1e-03"] for r in rows], yerr=[r["tar_at_1e-03_sd"] for r in rows],
+                        marker="o", capsize=3, label=method, linestyle="-" if len(rows) > 1 else "none")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sample rate r (classes in the inter term / C)")
+        ax.set_ylabel("TAR @ FAR = 1e-3 (%) on unseen identities")
+        ax.set_title(part)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(records: list[dict], path: str) -> None:
+    """The training loss of each (method, rate), first seed, a panel per part (each loss on its own scale:
+    the curves show convergence, not a comparison of values)."""
+    plt = _pyplot()
+    parts = [p for p in PARTS if any(r["part"] == p for r in records)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.4), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        first = min(r["seed"] for r in records if r["part"] == part)
+        for r in records:
+            if r["part"] == part and r["seed"] == first and r["loss_curve"]:
+                steps, losses = zip(*r["loss_curve"])
+                ax.plot(steps, losses, label=f"{r['method']} {rate_text(r['rate'])}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(f"{part} (seed {first})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: str) -> dict:
+    paths = {name: os.path.join(out, name) for name in ("accuracy.json", "accuracy.csv", "accuracy.md",
+                                                        "accuracy_vs_rate.png", "loss_curves.png")}
+    with open(paths["accuracy.json"], "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    write_csv(result["records"], paths["accuracy.csv"])
+    with open(paths["accuracy.md"], "w", encoding="utf-8") as fh:
+        fh.write(result["markdown"] + "\n")
+    plot_rates(result["summary"], result["settings"], paths["accuracy_vs_rate.png"])
+    plot_losses(result["records"], paths["loss_curves.png"])
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsoft bench accuracy", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/accuracy", help="sweep folder (resumable; default runs/accuracy)")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of vectors, images")
+    p.add_argument("--methods", default="", help=f"comma-separated subset of {', '.join(METHODS)} "
+                   "(default: every method for vectors, the six full losses for images)")
+    p.add_argument("--rates", default="1,1/8,1/64", help="sample rates of the sampled methods (default 1,1/8,1/64)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    p.add_argument("--vector-classes", type=int, default=20_000)
+    p.add_argument("--vector-steps", type=int, default=300)
+    p.add_argument("--image-classes", type=int, default=500)
+    p.add_argument("--image-steps", type=int, default=300)
+    p.add_argument("--eval-identities", type=int, default=1000, help="unseen identities verified (default 1000)")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples of each unseen identity (default 4)")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks of each dsoft train run (default 1)")
+    return p
+
+
+def check_args(args) -> None:
+    """Fills the parsed lists; ValueError naming the option on a bad value."""
+    args.part_list = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not args.part_list or any(p not in PARTS for p in args.part_list):
+        raise ValueError(f"--parts {args.parts!r} is invalid: choose from {', '.join(PARTS)}")
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or (args.methods and not chosen):
+        raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; choose from {', '.join(METHODS)}")
+    args.methods_of = {p: tuple(chosen) or DEFAULT_METHODS[p] for p in PARTS}
+    args.rate_list = parse_rates(args.rates)
+    args.seed_list = int_list(args.seeds, "--seeds", 0)
+    for name in ("vector_classes", "vector_steps", "image_classes", "image_steps", "eval_samples", "nproc"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: must be >= 1")
+    if args.eval_identities < 2 or args.eval_samples < 2:
+        raise ValueError(f"--eval-identities {args.eval_identities} / --eval-samples {args.eval_samples}: "
+                         "verification needs >= 2 identities with >= 2 samples each")
+    for option, batch in (("vectors", 256), ("images", 128)):
+        if batch % args.nproc:
+            raise ValueError(f"--nproc {args.nproc} does not divide the {option} part's global batch of {batch}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    check_settings(args.out, args)
+    records = sweep(args)
+    result = {"settings": settings(args), "machine": machine(argv, "accuracy"), "records": records}
+    result["summary"] = summarize(records)
+    result["markdown"] = format_markdown(result)
+    paths = write_outputs(result, args.out)
+    sys.stdout.write(result["markdown"] + "\n\n" + "wrote " + ", ".join(paths.values()) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
