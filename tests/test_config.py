@@ -45,6 +45,8 @@ def _write(tmp_path, data):
     ({"data": {"num_classes": 1}, "parallel": {"nproc": 2}}, r"data.num_classes=1 is invalid"),
     ({"head": {"loss": "d_softmax", "m2": 0.5}}, r"head.m2=0.5 is invalid: head.loss=d_softmax takes no margin"),
     ({"data": {"source": "webdataset"}}, r"data.shards='' is invalid"),
+    ({"data": {"synthetic_mode": "vectors"}, "model": {"name": "mlp", "in_features": 128},
+      "eval": {"synthetic_identities": 10}}, r"eval.synthetic_identities=10 is invalid: the synthetic verification"),
 ])
 def test_bad_values_name_the_key(tmp_path, data, pattern):
     with pytest.raises(ConfigError, match=pattern):

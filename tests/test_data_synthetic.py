@@ -13,6 +13,7 @@ from dsoft_dist.data import (
     EVAL_IDENTITY_OFFSET, Difficulty, SyntheticIdentities, SyntheticVectors, build_train_loader,
 )
 from dsoft_dist.data.rng import FeistelPermutation, hash_normal
+from dsoft_dist.data.synthetic import VECTOR_DIFFICULTIES, vector_difficulty
 
 _DIGEST = ("from dsoft_dist.data import SyntheticIdentities as S; import hashlib, sys; "
            "s = S(1000, image_size={size}, seed=3); "
@@ -104,3 +105,18 @@ def test_synthetic_loader_splits_an_epoch_exactly_across_ranks(mode):
     again = [y.tolist() for _, y in build_train_loader(cfg, 1, 2, epoch=0)]
     assert again == [y.tolist() for _, y in build_train_loader(cfg, 1, 2, epoch=0)]
     assert again != [y.tolist() for _, y in build_train_loader(cfg, 1, 2, epoch=1)]
+
+
+@pytest.mark.parametrize("level", ["easy", "medium", "hard"])
+def test_vector_mode_takes_its_nuisance_and_noise_from_data_difficulty(level):
+    cfg = DataConfig(synthetic_mode="vectors", vector_dim=16, num_classes=10, samples_per_class=3, batch_size=6,
+                     num_workers=0, difficulty=level)
+    loader = build_train_loader(cfg, 0, 1, 0, keys=True)
+    x, y = next(iter(loader))
+    ids, idx = zip(*(map(int, key.split("-")) for key in loader.batch_keys.pop()))
+    assert y.tolist() == list(ids)
+    want = SyntheticVectors(10, dim=16, seed=0, **vector_difficulty(level)).batch(ids, idx)
+    assert np.array_equal(x.numpy(), want)
+    assert VECTOR_DIFFICULTIES["medium"] == {"nuisance": 0.3, "noise": 0.05}  # SyntheticVectors' defaults
+    with pytest.raises(ValueError, match="difficulty='extreme' is unknown"):
+        vector_difficulty("extreme")

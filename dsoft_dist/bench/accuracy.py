@@ -325,8 +325,17 @@ def plot_rates(summary: list[dict], settings: dict, path: str) -> None:
     parts = [p for p in PARTS if any(r["part"] == p for r in summary)]
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.4), squeeze=False)
     for ax, part in zip(axes[0], parts):
+        mine = [r for r in summary if r["part"] == part]
+        if all(r["method"] in FULL_LOSSES for r in mine):  # no rates to plot against: one point per method
+            ax.errorbar(range(len(mine)), [r["tar_at_1e-03"] for r in mine], yerr=[r["tar_at_1e-03_sd"] for r in mine],
+                        marker="o", capsize=3, linestyle="none")
+            ax.set_xticks(range(len(mine)), [r["method"] for r in mine])
+            ax.set_ylabel("TAR @ FAR = 1e-3 (%) on unseen identities")
+            ax.set_title(f"{part} (all classes in every method)")
+            ax.grid(True, alpha=0.3)
+            continue
         for method in METHODS:
-            rows = sorted((r for r in summary if r["part"] == part and r["method"] == method), key=lambda r: r["rate"])
+            rows = sorted((r for r in mine if r["method"] == method), key=lambda r: r["rate"])
             if not rows or (method in FULL_OF.values() and any(r["part"] == part and r["method"] in FULL_OF
                                                                 and r.get("same_as") == method for r in summary)):
                 continue  # a full loss drawn as the r = 1 end of its sampled line
@@ -352,6 +361,7 @@ def plot_losses(records: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.4), squeeze=False)
     for ax, part in zip(axes[0], parts):
         first = min(r["seed"] for r in records if r["part"] == part)
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a color for each of up to 20 runs
         for r in records:
             if r["part"] == part and r["seed"] == first and r["loss_curve"]:
                 steps, losses = zip(*r["loss_curve"])

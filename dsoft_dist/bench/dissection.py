@@ -153,6 +153,7 @@ def plot(records: list[dict], path: str) -> None:
             emb, ids = np.asarray(r["embeddings"]), np.asarray(r["ids"])
             ax.scatter(emb[:, 0], emb[:, 1], emb[:, 2], c=ids, cmap="tab10", s=4, depthshade=False)
             ax.set_title(f"{loss}, {classes} identities\nintra-class {r['intra_deg']:.1f} deg", fontsize=9)
+            ax.set_box_aspect((1, 1, 1))
             ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -324,6 +324,10 @@ class Config:
         _check(self.eval.synthetic_identities == 0 or self.data.source == "synthetic", "eval.synthetic_identities",
                self.eval.synthetic_identities, f"synthetic verification pairs need data.source=synthetic (got "
                f"{self.data.source!r}): set it to 0 and give your own verification sets in eval.bins")
+        _check(self.eval.synthetic_identities == 0 or self.data.synthetic_mode == "images",
+               "eval.synthetic_identities", self.eval.synthetic_identities,
+               "the synthetic verification pairs are images, which a data.synthetic_mode=vectors backbone cannot "
+               "embed: set it to 0 (dsoft bench accuracy shows how to verify vector runs on unseen identities)")
         _check(not (self.optimizer.head_step_in_backward and self.parallel.precision == "fp16"),
                "optimizer.head_step_in_backward", self.optimizer.head_step_in_backward,
                "under parallel.precision=fp16 an overflow must skip the head step with the backbone's, which a step "
