@@ -103,3 +103,13 @@ def test_speedup_under_torchrun_uses_its_ranks(tmp_path):
     records = _records(out)
     assert {r["ranks"] for r in records} == {2} and len(records) == 2
     assert proc.stdout.count("**C = 2,000, 2 ranks**") == 1  # printed once, by rank 0
+
+
+def test_logit_cache_bench_alternates_both_budgets_in_one_run(capsys):
+    from dsoft_dist.bench import logit_cache
+
+    assert logit_cache.main(["--classes", "3000", "--dim", "16", "--batch", "32", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "logit_cache_mb=0: " in out and "logit_cache_mb=64: " in out and "recompute / cache: " in out
+    with pytest.raises(ValueError, match="--batch 33 is not divisible by --nproc 2"):
+        logit_cache.main(["--batch", "33", "--nproc", "2"])

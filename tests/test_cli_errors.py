@@ -41,6 +41,7 @@ ROWS = {
     "bench speedup": (["bench", "speedup", "--rates", "3/2"], "--rates '3/2'"),
     "bench accuracy": (["bench", "accuracy", "--parts", "audio"], "--parts 'audio'"),
     "bench dissection": (["bench", "dissection", "--classes", "1"], "--classes '1'"),
+    "bench logit_cache": (["bench", "logit_cache", "--rate", "2"], "--rate '2'"),
     "bench stream": (["bench", "stream", "--identities", "4", "--workers", "0", "--keep", f"{FILE}/shards"],
                      f"{FILE}/shards"),
     "bench train": (["bench", "train", "--classes", "-9"], "num_classes=-9"),

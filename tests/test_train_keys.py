@@ -5,9 +5,9 @@ twice, with the key at a base value and at a changed value, and compares a finge
 what ran: the loss and lr of every step, the final weights, the verification metrics, the
 files written, the progress bar and wandb state, the report's title, or the error the run
 raised. A key is covered when the fingerprints differ. Keys that only choose how the same
-numbers are computed (data.num_workers, head.chunk_size, head.fused, head.compute_dtype,
+numbers are computed (data.num_workers, head.chunk_size, head.logit_cache_mb, head.fused, head.compute_dtype,
 eval.batch_size) are seen in the component that received them (the loader's workers, the
-head's chunk size, backend and GEMM dtype, the batch size handed to the embedding extractor);
+head's chunk size, logit cache, backend and GEMM dtype, the batch size handed to the embedding extractor);
 head.compute_dtype's effect on a GPU is tests/test_kernels_gpu.py's. The few keys only a multi-process
 launch or DeepSpeed can show are listed in ELSEWHERE with the test that shows them; the
 test checks that the three groups together are exactly the schema's fields.
@@ -65,6 +65,7 @@ CASES = {
     "head.m2": ({"head.loss": "margin"}, 0.3),
     "head.m3": ({"head.loss": "margin"}, 0.2),
     "head.chunk_size": ({}, 4),
+    "head.logit_cache_mb": ({}, 0.0),
     "head.seed": ({}, 3),
     "head.fused": ({}, "torch"),
     "head.compute_dtype": ({}, "bf16"),
@@ -220,7 +221,7 @@ def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
             t = Trainer(cfg, env)
             wandb_run = t.metrics.sink._wandb
             fp = {"bar": t.metrics.bar.disable, "wandb": wandb_run.project if wandb_run is not None else None,
-                  "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size,
+                  "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size, "cache_mb": t.head.logit_cache_mb,
                   "backend": t.head._local_stats.__name__, "compute_dtype": str(t.head.compute_dtype),
                   "signals": sorted(s.name for s in t.preemption._previous)}
             checkpointer = t.checkpointer

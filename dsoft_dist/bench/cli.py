@@ -22,6 +22,7 @@ BENCHMARKS = {
     "train": "the trainer's whole step vs sample rate (C=1M), against a bare loop over the same objects",
     "speedup": "the paper's speedup table: every method's whole head step and memory vs rate, CSV/Markdown/PNG",
     "accuracy": "the paper's accuracy table: every method trained by dsoft train, verified on unseen identities",
+    "logit_cache": "the head step with and without the logit cache, alternating in one run",
     "dissection": "the paper's dissection figure: 3-D embeddings of 5 vs 10 identities, softmax vs D-Softmax",
     "data": "data pipeline samples/s against a bare decode loop",
     "stream": "shards of many identities: write, start-up, samples/s vs bare tar reads, memory per worker",

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from dsoft_dist.bench import int_list
 from dsoft_dist.bench.head import PeakMemory, state_bytes, sync_device
-from dsoft_dist.config.schema import OptimizerConfig
+from dsoft_dist.config.schema import HeadConfig, OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer
 from dsoft_dist.train.distributed import distributed, spawn_local, under_launcher
 
@@ -62,14 +62,14 @@ DEFAULT_RATES = "1/2,1/4,1/8,1/16,1/32,1/64"
 _MIB = 1 << 20
 
 
-def parse_rates(text: str) -> list[float]:
+def parse_rates(text: str, option: str = "--rates") -> list[float]:
     """'1,1/8,1/64' -> [1.0, 0.125, 0.015625]; ValueError naming the value unless each is in (0, 1]."""
     try:
         rates = [float(Fraction(v.strip())) for v in text.split(",") if v.strip()]
     except (ValueError, ZeroDivisionError):
         rates = []
     if not rates or not all(0 < r <= 1 for r in rates):
-        raise ValueError(f"--rates {text!r} is invalid: give comma-separated rates in (0, 1], e.g. 1,1/8,1/64")
+        raise ValueError(f"{option} {text!r} is invalid: give comma-separated rates in (0, 1], e.g. 1,1/8,1/64")
     return rates
 
 
@@ -112,10 +112,12 @@ class NaiveSoftmax:
 
 
 class ShardedStep:
-    """One class-sharded head and its optimizer (the trainer's default: row-sparse SGD inside backward)."""
+    """One class-sharded head and its optimizer as the trainer builds them by default (row-sparse SGD inside
+    backward, the default logit cache)."""
 
     def __init__(self, classes: int, dim: int, loss: str, negatives: str, rate: float, device: torch.device):
-        self.head = ShardedClassifier(classes, dim, loss=loss, negatives=negatives, sample_rate=rate, device=device)
+        self.head = ShardedClassifier(classes, dim, loss=loss, negatives=negatives, sample_rate=rate, device=device,
+                                      logit_cache_mb=HeadConfig().logit_cache_mb)
         self.opt = build_head_optimizer(self.head, OptimizerConfig(name="sgd", lr=0.1, momentum=0.9,
                                                                    weight_decay=5e-4, head_mode="sparse",
                                                                    head_step_in_backward=True))

@@ -74,6 +74,9 @@ class HeadConfig:
     m2: Optional[float] = None
     m3: Optional[float] = None
     chunk_size: int = 0  # classes per chunk in the torch path; 0 = automatic
+    # MiB of the forward's exp'd logit chunks kept for backward, which then skips their GEMM (torch path);
+    # a sampled step of up to this size recomputes nothing, a larger one recomputes the rest; 0 = recompute all
+    logit_cache_mb: float = 64.0
     seed: int = 0
     fused: str = "auto"  # auto | triton | torch
     # GEMM operands of the fused Triton path (its statistics stay fp32); the torch path computes in fp32
@@ -97,6 +100,7 @@ class HeadConfig:
             _check(not given, "head." + next(iter(given), "m1"), next(iter(given.values()), None),
                    f"head.loss={self.loss} takes no margin; remove it or use loss=margin/arcface/cosface/sphereface")
         _check(self.chunk_size >= 0, "head.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
+        _check(self.logit_cache_mb >= 0, "head.logit_cache_mb", self.logit_cache_mb, "must be >= 0 (0 = recompute)")
         _choice("head.fused", self.fused, ("auto", "triton", "torch"))
 
     def margins(self) -> tuple[float, float, float]:

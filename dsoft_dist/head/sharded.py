@@ -131,7 +131,8 @@ class ShardedClassifier(nn.Module):
         return cls(num_classes, embedding_size, loss=c.loss, negatives=c.negatives, sample_rate=c.sample_rate,
                    scale=c.scale, end_point=c.end_point, inter_weight=c.inter_weight,
                    inter_correction=c.inter_correction, seed=c.seed, group=group, chunk_size=c.chunk_size,
-                   fused=c.fused, m1=m1, m2=m2, m3=m3, compute_dtype=_DTYPES[c.compute_dtype], **kwargs)
+                   fused=c.fused, m1=m1, m2=m2, m3=m3, compute_dtype=_DTYPES[c.compute_dtype],
+                   logit_cache_mb=c.logit_cache_mb, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, loss={self.loss}, "
