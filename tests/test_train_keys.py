@@ -6,8 +6,10 @@ what ran: the loss and lr of every step, the final weights, the verification met
 files written, the progress bar and wandb state, the report's title, or the error the run
 raised. A key is covered when the fingerprints differ. Keys that only choose how the same
 numbers are computed (data.num_workers, head.chunk_size, head.logit_cache_mb, head.fused, head.compute_dtype,
-eval.batch_size) are seen in the component that received them (the loader's workers, the
-head's chunk size, logit cache, backend and GEMM dtype, the batch size handed to the embedding extractor);
+eval.batch_size; optimizer.head_mode and optimizer.head_step_in_backward when every row is touched: with the
+logit cache, the step inside backward and the separate step give the same bits) are seen in the component that
+received them (the loader's workers, the head's chunk size, logit cache, backend and GEMM dtype, the head
+optimizer's mode and where it steps, the batch size handed to the embedding extractor);
 head.compute_dtype's effect on a GPU is tests/test_kernels_gpu.py's. The few keys only a multi-process
 launch or DeepSpeed can show are listed in ELSEWHERE with the test that shows them; the
 test checks that the three groups together are exactly the schema's fields.
@@ -222,6 +224,7 @@ def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
             wandb_run = t.metrics.sink._wandb
             fp = {"bar": t.metrics.bar.disable, "wandb": wandb_run.project if wandb_run is not None else None,
                   "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size, "cache_mb": t.head.logit_cache_mb,
+                  "head_optimizer": (t.head_optimizer.mode, t.head_config.head_step_in_backward),
                   "backend": t.head._local_stats.__name__, "compute_dtype": str(t.head.compute_dtype),
                   "signals": sorted(s.name for s in t.preemption._previous)}
             checkpointer = t.checkpointer
