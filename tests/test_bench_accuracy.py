@@ -23,6 +23,12 @@ def _records(out: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def _checked(argv: list[str]):
+    args = accuracy.build_parser().parse_args(argv)
+    accuracy.check_args(args)
+    return args
+
+
 def test_verify_embeddings_scores_every_pair_once_like_a_plain_loop():
     rng = np.random.default_rng(0)
     ids = np.repeat(np.arange(7), 3)
@@ -48,8 +54,7 @@ def test_verify_embeddings_scores_every_pair_once_like_a_plain_loop():
 
 
 def test_plan_maps_every_method_to_its_head_and_reuses_the_full_loss_at_rate_one():
-    args = accuracy.build_parser().parse_args(["--seeds", "0", "--rates", "1,1/8,1/64"])
-    accuracy.check_args(args)
+    args = _checked(["--seeds", "0", "--rates", "1,1/8,1/64"])
     runs = accuracy.plan(args)
     names = [r["name"] for r in runs]
     assert len(names) == len(set(names)) == 13 + 6  # vectors: 6 full + d_softmax_b + 3 x 2 sampled; images: 6
@@ -58,6 +63,9 @@ def test_plan_maps_every_method_to_its_head_and_reuses_the_full_loss_at_rate_one
     assert (cfg["head"]["loss"], cfg["head"]["negatives"], cfg["head"]["sample_rate"]) == ("arcface", "partial", 0.125)
     assert cfg["data"]["difficulty"] == "hard" and cfg["data"]["seed"] == cfg["seed"] == cfg["head"]["seed"] == 0
     assert accuracy.head_of("d_softmax_b") == ("d_softmax", "batch")
+    assert accuracy.sampled_k(cfg) == 2500  # 1/8 of 20,000
+    batch_run = next(r for r in runs if r["name"] == "vectors-d_softmax_b-1-s0")
+    assert accuracy.sampled_k(accuracy.run_config(batch_run, args, "/tmp/x")) == 256  # the global batch
     assert accuracy.head_of("sampled_softmax") == ("softmax", "random")
 
 
@@ -76,7 +84,9 @@ def test_toy_sweep_trains_through_dsoft_train_verifies_and_resumes(tmp_path, cap
         assert report["config"]["head"]["sample_rate"] == r["rate"] and report["config"]["seed"] == r["seed"]
         assert r["k"] == (64 if r["rate"] == 1 else 8) and r["loss_curve"][-1][0] == 12
     # training is what the verification measures: the trained backbone beats its untrained start
-    inputs, ids = accuracy.unseen_inputs("vectors", 0, 12, 3)
+    args = _checked(argv)
+    first = next(r for r in accuracy.plan(args) if r["name"] == "vectors-d_softmax-1-s0")
+    inputs, ids = accuracy.unseen_inputs(accuracy.run_config(first, args, out)["data"], 12, 3)
     torch.manual_seed(0)
     untrained = build_model("mlp", in_features=128, embedding_size=128).eval()
     with torch.no_grad():

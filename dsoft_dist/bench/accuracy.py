@@ -64,6 +64,7 @@ METHODS = (*FULL_LOSSES, "d_softmax_b", *SAMPLED)
 FULL_OF = {"d_softmax_k": "d_softmax", "partial_fc": "arcface", "sampled_softmax": "softmax"}  # r = 1
 PARTS = ("vectors", "images")
 DEFAULT_METHODS = {"vectors": METHODS, "images": FULL_LOSSES}
+GLOBAL_BATCH = {"vectors": 256, "images": 128}  # split over --nproc ranks
 FARS = (1e-3, 1e-4)
 
 
@@ -79,12 +80,12 @@ def part_config(part: str, args) -> dict:
     if part == "vectors":
         model = {"name": "mlp", "embedding_size": 128, "in_features": 128}
         data = {"synthetic_mode": "vectors", "vector_dim": 128, "difficulty": "hard",
-                "num_classes": args.vector_classes, "samples_per_class": 8, "batch_size": 256 // args.nproc}
+                "num_classes": args.vector_classes, "samples_per_class": 8, "batch_size": GLOBAL_BATCH[part] // args.nproc}
         steps = args.vector_steps
     else:
         model = {"name": "iresnet_tiny", "embedding_size": 128, "input_size": 32}
         data = {"synthetic_mode": "images", "image_size": 32, "difficulty": "medium",
-                "num_classes": args.image_classes, "samples_per_class": 16, "batch_size": 128 // args.nproc,
+                "num_classes": args.image_classes, "samples_per_class": 16, "batch_size": GLOBAL_BATCH[part] // args.nproc,
                 "num_workers": 1}
         steps = args.image_steps
     return {
@@ -142,16 +143,17 @@ def train(cfg: dict, out: str) -> float:
     return time.perf_counter() - start
 
 
-def unseen_inputs(part: str, seed: int, identities: int, per_identity: int):
-    """(inputs, identity of each) of the part's unseen identities in its seed's synthetic world."""
+def unseen_inputs(data: dict, identities: int, per_identity: int):
+    """(inputs, identity of each) of unseen identities in the synthetic world of a run's ``data`` config
+    (its mode, seed, difficulty and vector or image size)."""
     ids = np.repeat(np.arange(identities), per_identity)
     index = np.tile(np.arange(per_identity), identities)
-    if part == "vectors":
-        src = SyntheticVectors(identities, dim=128, seed=seed, identity_offset=EVAL_IDENTITY_OFFSET,
-                               **vector_difficulty("hard"))
+    if data["synthetic_mode"] == "vectors":
+        src = SyntheticVectors(identities, dim=data["vector_dim"], seed=data["seed"],
+                               identity_offset=EVAL_IDENTITY_OFFSET, **vector_difficulty(data["difficulty"]))
         return src.batch(ids, index), ids
-    src = SyntheticIdentities(identities, image_size=32, seed=seed, identity_offset=EVAL_IDENTITY_OFFSET,
-                              difficulty="medium")
+    src = SyntheticIdentities(identities, image_size=data["image_size"], seed=data["seed"],
+                              identity_offset=EVAL_IDENTITY_OFFSET, difficulty=data["difficulty"])
     return np.stack([src.sample(i, j) for i, j in zip(ids.tolist(), index.tolist())]), ids
 
 
@@ -172,11 +174,11 @@ def verify_embeddings(emb: np.ndarray, ids: np.ndarray, seed: int = 0) -> dict:
             "genuine_pairs": int(same.sum()), "impostor_pairs": int((~same).sum())}
 
 
-def verify_run(run: dict, args, out: str) -> dict:
+def verify_run(cfg: dict, args, out: str) -> dict:
     model, _ = load_backbone(os.path.join(out, "backbone.pt"))
-    inputs, ids = unseen_inputs(run["part"], run["seed"], args.eval_identities, args.eval_samples)
-    emb = extract_embeddings(model, inputs, batch_size=512, flip=run["part"] == "images")
-    return verify_embeddings(emb, ids, seed=run["seed"])
+    inputs, ids = unseen_inputs(cfg["data"], args.eval_identities, args.eval_samples)
+    emb = extract_embeddings(model, inputs, batch_size=512, flip=cfg["data"]["synthetic_mode"] == "images")
+    return verify_embeddings(emb, ids, seed=cfg["seed"])
 
 
 def loss_curve(out: str) -> list[tuple[int, float]]:
@@ -186,12 +188,12 @@ def loss_curve(out: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
 
 
-def sampled_k(run: dict, args) -> int:
-    """Classes the inter term touches per step; for d_softmax_b its upper bound, the global batch."""
-    if run["method"] == "d_softmax_b":
-        return 256 if run["part"] == "vectors" else 128
-    classes = args.vector_classes if run["part"] == "vectors" else args.image_classes
-    return int(np.ceil(run["rate"] * classes))
+def sampled_k(cfg: dict) -> int:
+    """Classes the inter term of a run's config touches per step; for d_softmax_b its upper bound, the
+    global batch."""
+    if cfg["head"]["negatives"] == "batch":
+        return cfg["data"]["batch_size"] * cfg["parallel"]["nproc"]
+    return int(np.ceil(cfg["head"]["sample_rate"] * cfg["data"]["num_classes"]))
 
 
 def classes_of(part: str, s: dict) -> int:
@@ -235,8 +237,9 @@ def sweep(args) -> list[dict]:
         if run["name"] in done:
             continue
         out = os.path.join(args.out, "runs", run["name"])
-        train_s = train(run_config(run, args, out), out)
-        record = {**run, "k": sampled_k(run, args), "train_s": train_s, **verify_run(run, args, out),
+        cfg = run_config(run, args, out)
+        train_s = train(cfg, out)
+        record = {**run, "k": sampled_k(cfg), "train_s": train_s, **verify_run(cfg, args, out),
                   "loss_curve": loss_curve(out)}
         with open(results_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -427,7 +430,7 @@ def check_args(args) -> None:
     if args.eval_identities < 2 or args.eval_samples < 2:
         raise ValueError(f"--eval-identities {args.eval_identities} / --eval-samples {args.eval_samples}: "
                          "verification needs >= 2 identities with >= 2 samples each")
-    for option, batch in (("vectors", 256), ("images", 128)):
+    for option, batch in GLOBAL_BATCH.items():
         if batch % args.nproc:
             raise ValueError(f"--nproc {args.nproc} does not divide the {option} part's global batch of {batch}")
 
