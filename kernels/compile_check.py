@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from dsoft_dist.kernels.config import KernelConfig, default_config, next_pow2
+from dsoft_dist.kernels.config import SWEEP_CONFIGS, KernelConfig, default_config, next_pow2
 
 _PTR_TYPES = dict(cols_ptr="*i64", neg_ptr="*i8", tgt_ptr="*i64", valid_ptr="*i1")
 _SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -130,8 +130,7 @@ def main(argv=None) -> int:
         return 2
     configs = [("default", default_config(args.dim, interpret=False))]
     if args.sweep:
-        from dsoft_dist.bench.kernels import _SWEEP
-        configs += [(f"sweep{i}", KernelConfig(**c)) for i, c in enumerate(_SWEEP)]
+        configs += [(f"sweep{i}", KernelConfig(**c)) for i, c in enumerate(SWEEP_CONFIGS)]
     fatal_default, lines = [], []
     for label, cfg in configs:
         rows = compile_all(cfg, args.dim, args.dtype, args.arch)

@@ -57,6 +57,20 @@ class KernelConfig:
         return replace(self, **changes)
 
 
+# tile settings tried by ``dsoft bench kernels --sweep`` (fixed in advance; the best by median step time is used);
+# all compile for sm_90 without spills beyond 16 bytes (python -m dsoft_dist.kernels.compile_check --sweep)
+SWEEP_CONFIGS = [
+    dict(block_m=128, block_n=128, block_k=64, block_d=256, bwd_block_m=64, bwd_block_n=64, num_warps=8,
+         num_stages=3),  # the default GPU config: backward in two D slices (recomputes the logits twice)
+    dict(block_m=128, block_n=128, block_k=64, block_d=512, bwd_block_m=64, bwd_block_n=32, num_warps=8,
+         num_stages=2),  # whole D=512 per backward program: one recompute, narrower column tiles
+    dict(block_m=128, block_n=128, block_k=64, block_d=512, bwd_block_m=64, bwd_block_n=32, num_warps=8,
+         num_stages=3),
+    dict(block_m=128, block_n=128, block_k=64, block_d=256, bwd_block_m=64, bwd_block_n=64, num_warps=8,
+         num_stages=4),
+]
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= max(n, 16)."""
     p = _POW2_MIN

@@ -40,6 +40,8 @@ FUSED_OPT = {"sgd": OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=
              "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
 RESHARD_BATCH = 12  # divisible by 1, 2 and 3
 WORLD_SIZES = (1, 2, 3, 4)
+COMM_WORLD_SIZES = (1, 2, 3, 4, 8)  # P = 8 runs only the communication count
+COMM_BATCH = 24  # the global batch of the communication count: divisible by every P there
 # two fp32 runs that sum in different orders (chunk sizes, world sizes): a few 1e-6 of the largest
 # entry, since the chunk loops round each base-2 logit s log2(e) cos ~ 92 to ~8e-6 absolute
 FP32_PATHS_ATOL = 5e-6
@@ -78,15 +80,18 @@ def _run_case(case, rank, world_size):
 
 
 def _comm_bytes(rank, world_size):
+    """Per (C, negatives): the counted collectives of a first (validated) and a second (steady) step, at the
+    global batch COMM_BATCH whatever P is."""
     out = {}
     for num_classes in (40, 400):
         for neg in MODES:
             head = ShardedClassifier(num_classes, D, negatives=neg, sample_rate=0.25, inter_correction=True)
-            emb = torch.randn(B_LOCAL, D, requires_grad=True)
-            labels = torch.randint(0, num_classes, (B_LOCAL,))
-            head.comm.reset()
-            head(emb, labels).backward()
-            out[(num_classes, neg)] = head.comm.snapshot()
+            for step in ("first", "steady"):
+                emb = torch.randn(COMM_BATCH // world_size, D, requires_grad=True)
+                labels = torch.randint(0, num_classes, (COMM_BATCH // world_size,))
+                head.comm.reset()
+                head(emb, labels).backward()
+                out[(num_classes, neg, step)] = head.comm.snapshot()
     return out
 
 
@@ -186,9 +191,11 @@ _RESULTS: dict[int, list[dict]] = {}
 def run_group(world_size: int, tmp_root) -> list[dict]:
     """Spawns (once per session) the P-rank gloo group and returns every rank's results."""
     if world_size not in _RESULTS:
-        tasks = ["parity"] + (["fused_optimizer"] if world_size < 4 else [])
+        tasks = ["comm"]
+        if world_size in WORLD_SIZES:
+            tasks += ["parity"] + (["fused_optimizer"] if world_size < 4 else [])
         if world_size == 2:
-            tasks += ["comm", "bad_inputs", "reshard_save"]
+            tasks += ["bad_inputs", "reshard_save"]
         if world_size in (1, 3):
             run_group(2, tmp_root)  # writes the checkpoint these groups load
             tasks.append("reshard_load")
@@ -286,11 +293,39 @@ def test_bytes_per_step_do_not_grow_with_classes(tmp_root):
     for res in results:
         comm = res["comm"]
         for neg in MODES:
-            small, large = comm[(40, neg)], comm[(400, neg)]
+            small, large = comm[(40, neg, "steady")], comm[(400, neg, "steady")]
             assert small["bytes"] > 0, f"{neg}: no bytes counted"
             assert small == large, f"{neg}: bytes moved changed with 10x classes: {small} vs {large}"
-        # the embeddings dominate: gather (P B D) and reduce-scatter (P B D) floats, everything else O(P B)
-        assert comm[(40, "all")]["by_op"]["reduce_scatter"] == 2 * B_LOCAL * D * 4
+
+
+def payload(world_size: int, sampled: bool, first: bool) -> dict[str, int]:
+    """The payload formula of docs/head.md: bytes each rank receives per collective, global batch B."""
+    b = COMM_BATCH
+    if world_size == 1:
+        return {}
+    out = {"labels": 8 * b, "embeddings": 4 * b * D, "stats_max": 3 * 4 * b, "stats_sum": 4 * b,
+           "embeddings_grad": 4 * b * D}
+    if sampled:
+        out["inter_correction"] = 8  # one float64: the global number of selected classes
+    if first:
+        out["validate"] = 8 * 8 * world_size  # 8 int64 per rank, on the first forward only
+    return out
+
+
+@pytest.mark.parametrize("world_size", COMM_WORLD_SIZES)
+def test_each_collective_moves_the_payload_formula_whatever_the_world_size(world_size, tmp_root):
+    """Per rank and step the statistics cost two all-reduces of 16 B bytes in all: nothing grows with P."""
+    results = run_group(world_size, tmp_root)
+    for rank, res in enumerate(results):
+        for (num_classes, neg, step), snap in res["comm"].items():
+            expected = payload(world_size, neg != "all", step == "first")
+            what = f"P={world_size} rank {rank} C={num_classes} {neg} {step} step"
+            assert snap["by_name"] == expected, f"{what}: {snap['by_name']} != {expected}"
+            assert [name for name, _, _ in snap["events"]] == [n for n in (
+                "validate", "labels", "embeddings", "inter_correction", "stats_max", "stats_sum", "embeddings_grad")
+                if n in expected], f"{what}: order {snap['events']}"
+            stats = expected and snap["by_name"]["stats_max"] + snap["by_name"]["stats_sum"]
+            assert world_size == 1 or stats == 16 * COMM_BATCH, f"{what}: statistics bytes {stats}"
 
 
 def test_bad_inputs_fail_on_every_rank_naming_rank_and_value(tmp_root):

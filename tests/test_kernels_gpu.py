@@ -17,10 +17,10 @@ if not torch.cuda.is_available():  # Triton decides interpreter vs compiler at i
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 triton = pytest.importorskip("triton")
 
-from dsoft_dist.bench.kernels import _SWEEP  # noqa: E402
 from dsoft_dist.head import ShardedClassifier  # noqa: E402
 from dsoft_dist.head import local as head_local  # noqa: E402
 from dsoft_dist.kernels import KernelConfig, register_backends, triton_local_shard_stats  # noqa: E402
+from dsoft_dist.kernels.config import SWEEP_CONFIGS  # noqa: E402
 
 SCALE = 64.0
 # (dtype, stats atol, gradient tol relative to the largest entry)
@@ -77,11 +77,11 @@ def test_compiled_kernels_match_dense_float64(dtype, stat_tol, grad_tol, rate):
         _close(name, a, b.detach(), tol)
 
 
-@pytest.mark.parametrize("index", range(len(_SWEEP)))
+@pytest.mark.parametrize("index", range(len(SWEEP_CONFIGS)))
 def test_every_benchmark_config_compiles_and_matches(index):
     feats, weight, rows, target, valid = _case(300, 5000, 512, torch.bfloat16, 1.0)
     base = _grads(triton_local_shard_stats, feats, weight, rows, target, valid)
-    got = _grads(triton_local_shard_stats, feats, weight, rows, target, valid, config=KernelConfig(**_SWEEP[index]))
+    got = _grads(triton_local_shard_stats, feats, weight, rows, target, valid, config=KernelConfig(**SWEEP_CONFIGS[index]))
     for name, a, b in zip(("lse", "target", "grad features", "grad weight"), got, base):
         _close(name, a, b, 3e-2)
 
@@ -146,3 +146,29 @@ def test_head_compute_dtype_bf16_takes_the_fused_path_on_fp32_inputs(caplog):
         got = head(emb, labels)
     assert "fused Triton kernels (bfloat16" in caplog.text
     _close("bf16 head loss", got.detach(), ref(emb, labels).detach(), 3e-2)
+
+
+@pytest.mark.parametrize("fused,dtype,negatives", [("torch", torch.float32, "all"), ("torch", torch.float32, "random"),
+                                                   ("auto", torch.bfloat16, "all")])
+def test_a_steady_head_step_does_not_synchronize(fused, dtype, negatives):
+    """torch.cuda.set_sync_debug_mode("error") raises on any host sync in the second step (the CPU twin:
+    tests/test_head_host_sync.py). The Triton path's sampled modes sync once (unique of rows + targets)."""
+    from dsoft_dist.config.schema import OptimizerConfig
+    from dsoft_dist.head import build_head_optimizer
+
+    head = ShardedClassifier(5000, 128, negatives=negatives, sample_rate=0.1, fused=fused, device="cuda",
+                             dtype=dtype, logit_cache_mb=4.0)
+    build_head_optimizer(head, OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, head_step_in_backward=True))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(2):
+        emb = torch.randn(64, 128, device="cuda", generator=gen, dtype=dtype).requires_grad_(True)
+        labels = torch.randint(0, 5000, (64,), device="cuda", generator=gen)
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            head(emb, labels).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(head.weight).all()

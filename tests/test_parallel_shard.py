@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsoft_dist.parallel import CommCounter, all_gather_cat, gather_replicated, gather_rows, shard_range, shard_ranges
+from dsoft_dist.parallel import CommCounter, all_gather_cat, gather_rows, reduce_replicated, shard_range, shard_ranges
 
 
 @pytest.mark.parametrize("num_classes, world_size", [(c, p) for c in (1, 7, 37, 100, 1001)
@@ -39,8 +39,8 @@ def test_collectives_are_identity_without_a_process_group():
     counter = CommCounter()
     x = torch.randn(3, 4, requires_grad=True)
     y = gather_rows(x, None, counter)
-    s = gather_replicated(x, None, counter)
-    assert torch.equal(y, x) and s.shape == (1, 3, 4)
+    s = reduce_replicated(x, None, counter)
+    assert torch.equal(y, x) and s.shape == (3, 4)
     (y.sum() + 2 * s.sum()).backward()
     assert torch.equal(x.grad, torch.full((3, 4), 3.0))
     assert torch.equal(all_gather_cat(x.detach(), None, counter), x.detach())

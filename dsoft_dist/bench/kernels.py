@@ -36,19 +36,6 @@ from dsoft_dist.observability import get_logger
 log = get_logger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MATMUL_COLS = 65536
-# a few tile settings tried by --sweep (fixed in advance; the best by median step time is used)
-_SWEEP = [  # all compile for sm_90 without spills beyond 16 bytes (python -m dsoft_dist.kernels.compile_check --sweep)
-    dict(block_m=128, block_n=128, block_k=64, block_d=256, bwd_block_m=64, bwd_block_n=64, num_warps=8,
-         num_stages=3),  # the default GPU config: backward in two D slices (recomputes the logits twice)
-    dict(block_m=128, block_n=128, block_k=64, block_d=512, bwd_block_m=64, bwd_block_n=32, num_warps=8,
-         num_stages=2),  # whole D=512 per backward program: one recompute, narrower column tiles
-    dict(block_m=128, block_n=128, block_k=64, block_d=512, bwd_block_m=64, bwd_block_n=32, num_warps=8,
-         num_stages=3),
-    dict(block_m=128, block_n=128, block_k=64, block_d=256, bwd_block_m=64, bwd_block_n=64, num_warps=8,
-         num_stages=4),
-]
-
-
 class Clock:
     """Times a callable: CUDA events on GPU, perf_counter on CPU; peak transient memory on GPU."""
 
@@ -177,10 +164,10 @@ def run_case(method, batch, classes, rate, args, clock, rate_ref, config):
 
 
 def sweep(args, clock, rate_ref):
-    """Times the fused full head with each _SWEEP config at the first size; returns (best config, rows)."""
+    """Times the fused full head with each SWEEP_CONFIGS config at the first size; returns (best config, rows)."""
     from dsoft_dist.kernels import KernelConfig
     rows, best = [], None
-    for i, params in enumerate(_SWEEP):
+    for i, params in enumerate(SWEEP_CONFIGS):
         cfg = KernelConfig(**params)
         try:
             row = run_case("fused", args.batch[0], args.classes[0], 1.0, args, clock, rate_ref, cfg)

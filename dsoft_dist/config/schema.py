@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from dsoft_dist.losses.modules import resolve_margins
+from dsoft_dist.models.registry import MODELS
 
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 NEGATIVES = ("all", "batch", "random", "partial")
-MODELS = (
-    "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet",
-    "iresnet_tiny", "mobilefacenet_tiny", "mlp",
-)
 
 
 class ConfigError(ValueError):

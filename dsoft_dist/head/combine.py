@@ -1,58 +1,77 @@
-"""Turns the per-rank row statistics of every class shard into the loss (identical on all ranks).
+"""Turns every class shard's per-row statistics into the loss (identical on all ranks), with reductions.
 
-Input: ``stats`` (P, 3, B) = for each shard p the rows' (lse_p, target part, max logit) from
-``dsoft_dist.head.local``. Per row i (DESIGN.md §1-§2):
+Input on rank p: (lse_p, target_p, max_p), each (B,), from ``dsoft_dist.head.local``, and
+the rows' ``owned`` mask (this shard owns the row's class). Per row i (DESIGN.md §1-§2):
 
-    z_y        = sum_p target_p                              (only the owner shard is non-zero)
+    z_y        = target_p of the one shard p that owns y_i
     d_softmax  = softplus(s (d - z_y)) + lambda * log(1 + c * sum_p exp(lse_p))
     margin     = log(exp(t_y) + sum_p exp(lse_p)) - t_y,      t_y = s psi(z_y)  (linear: z_y)
 
-c is the optional inter correction |all negatives| / |N| (passed as log c). Every
-logsumexp here has a finite column (0 or t_y), so shards without negatives (lse_p = -inf)
-give exact zeros, never NaN. The loss is the mean over non-ignored rows of the global batch.
+c is the optional inter correction |all negatives| / |N| (passed as log c). Two all-reduces
+over the process group carry everything, 16 B bytes per rank whatever the number of ranks P:
+
+    MAX over (3, B) fp32: max_p lse_p, z_y (non-owners send -inf), max_p max_p (diagnostics)
+    SUM over (B,)  fp32:  S = sum_p exp(lse_p + log c - m),  m = max(max_p lse_p + log c, first)
+
+with first = 0 (d_softmax) or t_y (margins). Then log(exp(first) + c sum_p exp(lse_p)) =
+m + log(exp(first - m) + S): every term is <= 1 and the first column is finite, so shards
+without negatives (lse_p = -inf) give exact zeros, never NaN. m is a constant of the
+backward (the result does not depend on it); the SUM's backward is the identity, since every
+rank forms the same loss from S (``dsoft_dist.parallel.reduce_replicated``). The loss is the
+mean over non-ignored rows of the global batch.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from dsoft_dist.losses import functional as LF
+from dsoft_dist.parallel import all_reduce, reduce_replicated
 
 
-def _lse_with(first: torch.Tensor, lse_all: torch.Tensor) -> torch.Tensor:
-    """log(exp(first) + sum_p exp(lse_all[p])) per row; first (B,), lse_all (P, B)."""
-    return torch.logsumexp(torch.cat([first[None], lse_all], dim=0), dim=0)
-
-
-def combine_stats(stats: torch.Tensor, valid: torch.Tensor, head, log_correction=None):
-    """Returns (loss scalar, terms {name: (B,)}) from the gathered stats (P, 3, B).
+def combine_stats(lse, target, hardest, owned, valid, head, log_correction=None, group=None, counter=None):
+    """Returns (loss scalar, terms {name: (B,)}, hardest (B,)) from this shard's stats, each (B,).
 
     ``head`` supplies loss, scale, end_point, inter_weight and the margins m1, m2, m3.
-    ``log_correction`` is None or a 0-d tensor log(c) added to every shard's lse.
+    ``log_correction`` is None or a 0-d tensor log(c) added to every shard's lse. ``hardest``
+    is the largest negative logit over all shards (no gradient).
     """
-    lse_all, target = stats[:, 0], stats[:, 1].sum(dim=0)  # (P, B), (B,)
+    neg_inf = torch.full_like(lse, float("-inf"))
+    packed = torch.stack([lse, torch.where(owned, target, neg_inf), hardest]).detach()  # (3, B)
+    top = all_reduce(packed, op=dist.ReduceOp.MAX, group=group, counter=counter, name="stats_max")
+    lse_max, z_owner, hardest_all = top[0], top[1], top[2]
+    # the owner keeps its own target (and its gradient); the others take the reduced value
+    z = torch.where(owned, target, torch.where(valid, z_owner, torch.zeros_like(z_owner)))  # (B,)
     if log_correction is not None:
-        lse_all = lse_all + log_correction
+        lse, lse_max = lse + log_correction, lse_max + log_correction
     if head.loss == "d_softmax":
-        intra = LF.intra_from_parts(target, head.scale, head.end_point)  # (B,)
-        inter = _lse_with(torch.zeros_like(target), lse_all)  # softplus(LSE), exact when no negatives
+        intra = LF.intra_from_parts(z, head.scale, head.end_point)  # (B,)
+        inter = _log_sum_with(torch.zeros_like(z), lse, lse_max, group, counter)  # softplus(LSE)
         per_row = intra + head.inter_weight * inter
         terms = {"intra": intra, "inter": inter}
     else:
-        if head.loss == "softmax":
-            target_logit = target
-        else:
-            target_logit = head.scale * LF.margin_target(target, head.m1, head.m2, head.m3)
-        per_row = _lse_with(target_logit, lse_all) - target_logit
+        target_logit = z if head.loss == "softmax" else head.scale * LF.margin_target(z, head.m1, head.m2, head.m3)
+        per_row = _log_sum_with(target_logit, lse, lse_max, group, counter) - target_logit
         terms = {"loss": per_row}
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
     loss = per_row.sum() / valid.sum().clamp(min=1).to(per_row.dtype)
-    return loss, {**terms, "target_cos": target}
+    return loss, {**terms, "target_cos": z}, hardest_all
 
 
-def diagnostics_from(stats: torch.Tensor, valid: torch.Tensor, terms: dict, scale: float) -> dict:
-    """Row means over non-ignored rows (0-d float tensors, no host sync): the terms, target_cos, hardest_neg_cos."""
+def _log_sum_with(first, lse, lse_max, group, counter):
+    """log(exp(first) + sum_p exp(lse_p)) per row (B,), from this shard's lse (B,) and max_p lse_p (B,)."""
+    shift = torch.maximum(lse_max, first).detach()  # finite: first is
+    total = reduce_replicated(torch.exp(lse - shift), group, counter, "stats_sum")  # (B,) each term <= 1
+    return shift + torch.log(torch.exp(first - shift) + total)
+
+
+def diagnostics_from(terms: dict, hardest: torch.Tensor, valid: torch.Tensor, scale: float) -> dict:
+    """Row means over non-ignored rows (0-d float tensors, no host sync): the terms, target_cos, hardest_neg_cos.
+
+    ``hardest`` (B,) is the largest negative logit over all shards (-inf: none).
+    """
     with torch.no_grad():
-        hardest = stats[:, 2].amax(dim=0) / scale  # (B,) the hardest negative's cosine (linear: logit)
+        hardest = hardest / scale  # (B,) the hardest negative's cosine (linear: logit)
         hardest = torch.where(torch.isfinite(hardest), hardest, torch.zeros_like(hardest))
         n = valid.sum().clamp(min=1)
         rows = {**terms, "hardest_neg_cos": hardest}

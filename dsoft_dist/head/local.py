@@ -21,7 +21,8 @@ opt-in ``logit_cache_mb`` budget, rescales the forward's exp'd chunk) and uses t
 forms of DESIGN.md §1: dlse/dl_ik = exp(l_ik - lse_i); d target / d(f, w_y) = (w_y, f);
 both chained through the row normalization w/|w|. The weight gradient is dense when
 rows is None and a sparse COO tensor over the touched rows (the negatives plus the owned
-targets, unique by construction) otherwise, so sampled steps cost O(K D), not O(C_local D).
+targets; uncoalesced, with fixed-size slots for the targets, so no size is read back to the
+host) otherwise, so sampled steps cost O(K D), not O(C_local D).
 With ``row_update`` (an optimizer fused into backward) no weight gradient is returned:
 each chunk's rows are handed to it with their complete gradient instead.
 """
@@ -299,11 +300,13 @@ class LocalShardStats(torch.autograd.Function):
                                "by the first backward); use logit_cache_mb=0 with retain_graph=True")
         grad_w = _WeightGrad(weight, rows, target_local, tpos, features.dtype, ctx.row_update)
         grad_f = _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, grad_w, ctx)
+        outside = None
         if rows is not None:  # owned targets outside the columns: their gradient is not in any chunk
-            _add_outside_target_grads(features, weight, target_local, tpos, g_target, ctx.normalize, grad_f, grad_w)
+            outside = _add_outside_target_grads(features, weight, rows, target_local, tpos, g_target,
+                                                     ctx.normalize, grad_f, grad_w)
         need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.cache = None
-        return (grad_f if need_f else None), (grad_w.finish() if need_w else None), *([None] * 8)
+        return (grad_f if need_f else None), (grad_w.finish(outside) if need_w else None), *([None] * 8)
 
 
 class _WeightGrad:
@@ -311,7 +314,11 @@ class _WeightGrad:
     row updates handed to ``row_update`` (an optimizer fused into backward: no gradient is kept).
 
     Each row's gradient is complete when its chunk is done: the chunk's GEMM includes the
-    targets inside it, and owned targets outside every chunk get their own rows.
+    targets inside it, and owned targets outside every chunk get their own rows. With a row
+    list the values are (K + B, D): the K rows in order (each chunk writes its slice in place),
+    then one slot per batch row for the owned targets outside the rows (``_OutsideTargets``),
+    so their sizes are known without reading anything back to the host; the sparse gradient
+    is then uncoalesced (unused slots add zeros to rows[0]).
     """
 
     def __init__(self, weight, rows, target_local, tpos, dtype, row_update=None):
@@ -322,13 +329,15 @@ class _WeightGrad:
         if rows is None:
             self.dense = torch.empty(weight.shape, dtype=dtype, device=weight.device)  # every row written once
         else:
-            outside = target_local[(target_local >= 0) & (tpos < 0)]
-            self.touched = torch.unique(torch.cat([rows, outside]))  # (n,) sorted
-            self.values = torch.zeros(self.touched.numel(), weight.shape[1], dtype=dtype, device=weight.device)
+            self.values = torch.empty(rows.numel() + target_local.numel(), weight.shape[1], dtype=dtype,
+                                      device=weight.device)
 
     def chunk_out(self, c0, k, ws):
-        """Where the chunk's (k, D) gradient is computed: its rows of the dense gradient, or a buffer."""
-        return self.dense[c0:c0 + k] if self.dense is not None else ws.grad_view(k)
+        """Where the chunk's (k, D) gradient is computed: its rows of the dense gradient or of the values, or a
+        buffer (row updates)."""
+        if self.dense is not None:
+            return self.dense[c0:c0 + k]
+        return self.values[c0:c0 + k] if self.values is not None else ws.grad_view(k)
 
     def commit_product(self, c0, lhs, rhs, row_coef, values, ws):
         """The chunk's rows get the gradient lhs (k, B) @ rhs (B, D) + row_coef (k,)[:, None] * values (k, D)
@@ -344,34 +353,59 @@ class _WeightGrad:
             return
         self.commit_chunk(c0, product_gradient(lhs, rhs, row_coef, values, self.chunk_out(c0, lhs.shape[0], ws)))
 
-    # index_put_ rather than index_add_: index_add_ is ~10x slower on CPU in torch 2.13 (measured)
     def commit_chunk(self, c0, grad):
-        """The chunk's rows (distinct, not yet written) get their whole gradient ``grad`` (k, D)."""
-        chunk_rows = None if self.rows is None else self.rows[c0:c0 + grad.shape[0]]
+        """The chunk's rows (distinct, not yet written) get their whole gradient ``grad`` (k, D), which was
+        computed in ``chunk_out`` (the dense gradient or the values: nothing left to do)."""
         if self.row_update is not None:
-            self.row_update(grad, rows=chunk_rows, start=c0)
-        elif self.values is not None:
-            self.values.index_put_((torch.searchsorted(self.touched, chunk_rows),), grad)
+            self.row_update(grad, rows=None if self.rows is None else self.rows[c0:c0 + grad.shape[0]], start=c0)
 
-    def add_outside_rows(self, local_rows, grad, outside):
-        """Owned target rows outside the columns: adds ``grad`` (B, D) of the entries with ``outside`` (B,)
-        to the rows ``local_rows`` (B,) (the other entries' gradient is zero)."""
-        if self.row_update is not None:  # one update per distinct row, with the summed gradient
-            unique, inverse = torch.unique(local_rows[outside], return_inverse=True)
-            summed = grad.new_zeros(unique.numel(), grad.shape[1]).index_put_((inverse,), grad[outside],
-                                                                               accumulate=True)
-            self.row_update(summed, rows=unique)
-        elif self.touched.numel():
-            pos = torch.searchsorted(self.touched, local_rows).clamp(max=self.touched.numel() - 1)
-            self.values.index_put_((pos,), grad, accumulate=True)
+    def add_outside_rows(self, outside: "_OutsideTargets", grad):
+        """Owned targets outside the columns: ``grad`` (B, D) holds each batch row's gradient for its target
+        (zero for the other rows); each distinct target row gets the sum of its entries."""
+        summed = outside.sum(grad)  # (B, D) one slot per distinct outside target, the rest zero
+        if self.row_update is not None:  # one update per distinct row; unused slots are left unchanged
+            self.row_update(summed, rows=outside.slot_rows, mask=outside.used)
+        else:
+            self.values[self.rows.numel():] = summed
 
-    def finish(self):
+    def finish(self, outside=None):
+        """The weight gradient (None with row updates); ``outside``: the ``_OutsideTargets`` (row lists)."""
         if self.row_update is not None:
             return None
         if self.rows is None:
             return self.dense.to(self.dtype)
-        return torch.sparse_coo_tensor(self.touched[None], self.values.to(self.dtype), self.shape, is_coalesced=True,
-                                       check_invariants=False)
+        indices, values = torch.cat([self.rows, outside.slot_rows]), self.values  # (K + B,), uncoalesced
+        if not self.rows.numel():  # no row is touched anyway: drop the unused slots (a host sync; no mode gets here
+            indices, values = indices[outside.used], values[outside.used]  # with owned targets in a steady step)
+        return torch.sparse_coo_tensor(indices[None], values.to(self.dtype), self.shape, check_invariants=False)
+
+
+class _OutsideTargets:
+    """The owned targets that are not among the rows, grouped into B fixed slots with no host sync.
+
+    Batch rows with the same target share a slot; slot g < (number of distinct targets) holds
+    the g-th smallest such row, the other slots hold ``anchor`` (a row of the column list) with
+    ``used`` False, so every shape is B whatever the labels are. Sorting puts the entries of
+    one target next to each other; a cumulative sum over "differs from the previous" numbers
+    the slots.
+    """
+
+    def __init__(self, target_local, outside, anchor):
+        batch = target_local.numel()
+        key = torch.where(outside, target_local, torch.iinfo(torch.int64).max)  # (B,) the others sort last
+        sorted_key, order = torch.sort(key)
+        first = torch.ones_like(outside)
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
+        slot_sorted = first.cumsum(0) - 1  # (B,) slot of each sorted entry
+        self.slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # (B,) slot of each batch row
+        self.used = torch.zeros_like(outside).scatter_(0, slot_sorted, outside[order])  # (B,) bool
+        rows = torch.empty_like(target_local).scatter_(0, slot_sorted, sorted_key)  # entries of a slot agree
+        self.slot_rows = torch.where(self.used, rows, anchor.expand(batch))  # (B,)
+        self.batch = batch
+
+    def sum(self, grad):
+        """(B, D) per slot: the sum of ``grad``'s rows (B, D) over the batch rows in the slot."""
+        return grad.new_zeros(self.batch, grad.shape[1]).index_put_((self.slot,), grad, accumulate=True)
 
 
 def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, grad_w, ctx):
@@ -471,15 +505,18 @@ def _chunk_grads(block, src, inv, inv_sq, f_signed, grad_f, grad_w, c0, ws, logi
     grad_w.commit_product(c0, block, f_signed, minus_radial, src, ws)
 
 
-def _add_outside_target_grads(features, weight, target_local, tpos, g_target, normalize, grad_f, grad_w):
-    """Adds d target_i = <f_i, w_hat_y> for owned targets outside the columns to grad_f (B, D) and grad_w."""
+def _add_outside_target_grads(features, weight, rows, target_local, tpos, g_target, normalize, grad_f, grad_w):
+    """Adds d target_i = <f_i, w_hat_y> for owned targets outside the columns to grad_f (B, D) and grad_w;
+    returns their ``_OutsideTargets``."""
     w_t, norm, owned = _target_rows(weight, target_local, normalize, features.dtype)
-    outside = owned & (tpos < 0)
+    outside = owned & (tpos < 0)  # (B,)
     g = torch.where(outside, g_target, torch.zeros_like(g_target))[:, None]  # (B, 1)
     grad_f.add_(g * w_t)
-    g_hat = _normalize_backward_(g * features, w_t, norm)  # (B, D)
-    grad_w.add_outside_rows(target_local.clamp(min=0), torch.where(outside[:, None], g_hat, torch.zeros_like(g_hat)),
-                            outside)
+    g_hat = _normalize_backward_(g * features, w_t, norm)  # (B, D), zero where not outside
+    # unused slots point at a row that is touched anyway; with no rows, row 0 (dropped again in finish)
+    slots = _OutsideTargets(target_local, outside, rows[:1] if rows.numel() else target_local.new_zeros(1))
+    grad_w.add_outside_rows(slots, g_hat)
+    return slots
 
 
 def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
@@ -488,14 +525,18 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
 
     logit_cache_mb > 0 keeps up to that many MiB of the forward's exp'd logit chunks for
     backward, which then skips their recompute (one GEMM of 2 B k D per cached chunk).
-    row_update(grad (n, D), rows=None | (n,) sorted local ids, start=0), when given, receives
-    each row's whole gradient in backward (rows [start, start + n) when rows is None) instead
-    of a weight gradient: an optimizer fused into backward (``ShardedClassifier.fuse_optimizer``).
+    row_update(grad (n, D), rows=None | (n,) local ids, start=0, mask=None), when given, receives
+    each row's whole gradient in backward (rows [start, start + n) when rows is None; only the
+    rows where ``mask`` is True, when given, the others repeat and stay unchanged) instead of a
+    weight gradient: an optimizer fused into backward (``ShardedClassifier.fuse_optimizer``).
     If it has a ``product(lhs, rhs, row_coef, values, rows=None, start=0, out=None)`` method
     (``dsoft_dist.head.optim.FusedRowUpdate``), chunks hand their gradient over in product form,
     lhs @ rhs + row_coef[:, None] * values, instead. ``compute_dtype`` is accepted for the
-    shared signature and unused: this path computes in the inputs' dtype.
+    shared signature and unused: this path computes in fp32 (float64 for float64 features),
+    reading 16-bit weight rows chunk by chunk; gradients come back in the inputs' dtypes.
     """
+    if features.dtype in (torch.float16, torch.bfloat16):  # statistics in fp32; the gradient casts back
+        features = features.float()
     chunk = auto_chunk_size(features.shape[0], chunk_size, features.device)
     chunk_bytes = features.shape[0] * chunk * features.element_size()
     n_cached = int(logit_cache_mb * (1 << 20) // max(chunk_bytes, 1)) if torch.is_grad_enabled() else 0

@@ -111,16 +111,23 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def update_rows(self, p, grad, rows=None, start=0):
+    def update_rows(self, p, grad, rows=None, start=0, mask=None):
         """One step for some rows of ``p``, given their whole gradient for this step.
 
-        ``grad`` (n, D) belongs to the rows ``rows`` (n,) (sorted, unique local ids), or to the
-        slice [start, start + n) when rows is None. This is how the head applies the optimizer
+        ``grad`` (n, D) belongs to the rows ``rows`` (n,) (unique local ids), or to the slice
+        [start, start + n) when rows is None. This is how the head applies the optimizer
         inside backward (``ShardedClassifier.fuse_optimizer``); the rows and their state change
-        exactly as a ``step()`` with a gradient on those rows would change them.
+        exactly as a ``step()`` with a gradient on those rows would change them. ``mask`` (n,)
+        bool (with a row list): only the rows where it is True step; the others, which may
+        repeat, are written back unchanged (fixed-size row lists need no host sync).
         """
         w, state, rows, group = self._rows_to_update(p, rows, start, grad.shape[0])
+        before = None if mask is None else [t.index_select(0, rows) for t in (p, *state.values())]
         self._update(w, state, rows, grad.to(p.dtype), group)
+        if before is not None:
+            for t, old in zip((p, *state.values()), before):
+                keep = mask.view(-1, *([1] * (old.dim() - 1)))
+                t.index_copy_(0, rows, torch.where(keep, t.index_select(0, rows), old))
 
     @torch.no_grad()
     def update_rows_product(self, p, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None):
@@ -279,7 +286,7 @@ def _epilogues_for(w, buf, coef, values):
 class FusedRowUpdate:
     """What the head calls to step ``param``'s rows inside backward (``ShardedClassifier.fuse_optimizer``).
 
-    ``update(grad, rows=None, start=0)`` takes a chunk's gradient, ``update.product(lhs, rhs,
+    ``update(grad, rows=None, start=0, mask=None)`` takes a chunk's gradient, ``update.product(lhs, rhs,
     row_coef, values, rows=None, start=0, out=None)`` the product form of it (see
     ``update_rows_product``).
     """
@@ -287,8 +294,8 @@ class FusedRowUpdate:
     def __init__(self, optimizer, param):
         self.optimizer, self.param = optimizer, param
 
-    def __call__(self, grad, rows=None, start=0):
-        self.optimizer.update_rows(self.param, grad, rows=rows, start=start)
+    def __call__(self, grad, rows=None, start=0, mask=None):
+        self.optimizer.update_rows(self.param, grad, rows=rows, start=start, mask=mask)
 
     def product(self, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None):
         self.optimizer.update_rows_product(self.param, lhs, rhs, row_coef, values, rows=rows, start=start, out=out)

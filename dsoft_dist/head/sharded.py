@@ -7,13 +7,16 @@
 
 Each rank owns ``weight`` (num_local_classes, D) = classes [class_start, class_start + C_local)
 (DESIGN.md §2). A step all-gathers the embeddings and labels, computes its shard's per-row
-statistics (``dsoft_dist.head.local``), all-gathers those (O(B) floats per rank) and forms
-the same loss on every rank (``dsoft_dist.head.combine``); backward reduce-scatters the
-embedding gradient to its owners. Nothing of size O(C) crosses the network.
+statistics (``dsoft_dist.head.local``), combines them with two all-reduces (16 B bytes per
+rank, whatever the number of ranks) and forms the same loss on every rank
+(``dsoft_dist.head.combine``); backward reduce-scatters the embedding gradient to its
+owners. Nothing of size O(C) or O(P B) crosses the network besides the gathered batch.
 Without torch.distributed initialized the head runs as a single process (P = 1).
 """
 from __future__ import annotations
 
+import math
+import os
 import weakref
 
 import torch
@@ -27,7 +30,7 @@ from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
 from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
 from dsoft_dist.observability import get_logger
-from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_replicated, gather_rows
+from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_rows
 from dsoft_dist.parallel import group_rank_size, shard_range
 
 log = get_logger(__name__)
@@ -35,6 +38,8 @@ log = get_logger(__name__)
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 _INIT_BLOCK = 4096  # rows per init block: the initial weights do not depend on the world size
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # head.compute_dtype; fp32 = the inputs'
+VALIDATE = ("first", "always", "never")
+VALIDATE_ENV = "DSOFT_VALIDATE"  # overrides the head's validate= (e.g. DSOFT_VALIDATE=always to debug a run)
 
 
 def init_shard_weight(num_classes, embedding_size, class_start, num_local_classes, seed=0, std=0.01,
@@ -64,8 +69,11 @@ class ShardedClassifier(nn.Module):
     C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
     seed (negatives: seeded by (seed, step, rank); init: by (seed, row block)); group (the
     head's process group, default WORLD); chunk_size (classes per chunk, 0 = automatic);
-    fused (auto | torch | a registered kernel backend); validate (check shapes and labels
-    across ranks each step: one small all-gather and a host read); logit_cache_mb (keep up
+    fused (auto | torch | a registered kernel backend); validate (first | always | never:
+    check shapes and labels across ranks on the first forward, on every forward, or not at all;
+    a check is one small all-gather and a host read, so ``first`` keeps the steady step free
+    of host syncs; True / False mean always / never; the ``DSOFT_VALIDATE`` environment
+    variable overrides it); logit_cache_mb (keep up
     to this many MiB of the forward's exp'd logit chunks so backward skips recomputing them;
     0 = always recompute, the memory-lean default); compute_dtype (None or torch.bfloat16 /
     float16 / float32: the GEMM operands of the fused Triton path, which ``fused="auto"`` then
@@ -86,7 +94,7 @@ class ShardedClassifier(nn.Module):
 
     def __init__(self, num_classes, embedding_size, loss="d_softmax", negatives="all", sample_rate=1.0,
                  scale=64.0, end_point=0.9, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
-                 m3=None, seed=0, group=None, chunk_size=0, fused="auto", validate=True, init_std=0.01,
+                 m3=None, seed=0, group=None, chunk_size=0, fused="auto", validate="first", init_std=0.01,
                  device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None):
         super().__init__()
         _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size)
@@ -99,7 +107,9 @@ class ShardedClassifier(nn.Module):
         self.scale = 1.0 if loss == "softmax" else float(scale)
         self.end_point, self.inter_weight, self.inter_correction = end_point, inter_weight, inter_correction
         self.m1, self.m2, self.m3 = resolve_margins(loss, m1, m2, m3)
-        self.seed, self.chunk_size, self.fused, self.validate = seed, chunk_size, fused, validate
+        self.seed, self.chunk_size, self.fused = seed, chunk_size, fused
+        self.validate = _validate_mode(validate)
+        self._validated = False  # a forward has passed the input check
         if logit_cache_mb < 0:
             raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")
         self.logit_cache_mb = float(logit_cache_mb)
@@ -146,10 +156,11 @@ class ShardedClassifier(nn.Module):
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """(B_local, D), (B_local,) int64 -> scalar mean loss over the global batch (same on every rank)."""
-        if self.validate:
+        if self.validate == "always" or (self.validate == "first" and not self._validated):
             check_inputs(local_embeddings, local_labels, self, self.group, self.comm)
-        labels = all_gather_cat(local_labels.to(local_embeddings.device), self.group, self.comm)  # (B,)
-        emb = gather_rows(local_embeddings, self.group, self.comm)  # (B, D)
+            self._validated = True
+        labels = all_gather_cat(local_labels.to(local_embeddings.device), self.group, self.comm, "labels")  # (B,)
+        emb = gather_rows(local_embeddings, self.group, self.comm, "embeddings")  # (B, D)
         feats = emb.to(torch.float64 if emb.dtype == torch.float64 else torch.float32)
         if self.normalize:
             feats = F.normalize(feats, dim=1)
@@ -160,6 +171,15 @@ class ShardedClassifier(nn.Module):
         local = labels - self.class_start
         owned = valid & (local >= 0) & (local < self.num_local_classes)
         target_local = torch.where(owned, local, torch.full_like(local, -1))  # (B,)
+        lse, target, hardest = self._local_stats_for(feats, rows, target_local, valid)
+        loss, terms, hardest = combine_stats(lse, target, hardest, owned, valid, self,
+                                             self._log_correction(rows, labels.device), self.group, self.comm)
+        self.last_num_negatives = self.num_local_classes if rows is None else rows.numel()
+        self.last_stats = diagnostics_from(terms, hardest, valid, self.scale)
+        return loss
+
+    def _local_stats_for(self, feats, rows, target_local, valid):
+        """This shard's (lse, target, max) (B,) each, from the selected backend (logged once)."""
         local_args = (feats, self.weight, rows, target_local, valid, self.scale, self.normalize, self.chunk_size,
                       self.logit_cache_mb)
         dtype_kw = {"compute_dtype": self.compute_dtype} if self.compute_dtype is not None else {}
@@ -170,14 +190,8 @@ class ShardedClassifier(nn.Module):
             self._path_logged = True
         if self._row_update is not None and torch.is_grad_enabled() and self.weight.requires_grad and \
                 fuses_row_updates(self._local_stats, feats, self.weight, self.compute_dtype):
-            lse, target, hardest = torch_local_shard_stats(*local_args, row_update=self._row_update)
-        else:
-            lse, target, hardest = self._local_stats(*local_args, **dtype_kw)
-        stats = gather_replicated(torch.stack([lse, target, hardest]), self.group, self.comm)  # (P, 3, B)
-        loss, terms = combine_stats(stats, valid, self, self._log_correction(rows, labels.device))
-        self.last_num_negatives = self.num_local_classes if rows is None else rows.numel()
-        self.last_stats = diagnostics_from(stats, valid, terms, self.scale)
-        return loss
+            return torch_local_shard_stats(*local_args, row_update=self._row_update)
+        return self._local_stats(*local_args, **dtype_kw)
 
     def fuse_optimizer(self, optimizer) -> None:
         """Applies ``optimizer``'s step to the shard inside backward (None: back to ``weight.grad``).
@@ -216,10 +230,9 @@ class ShardedClassifier(nn.Module):
         """log(C / |N|) with |N| the global number of selected classes (one O(1) all-reduce), or None."""
         if not self.inter_correction or rows is None:
             return None
-        count = all_reduce(torch.tensor(float(rows.numel()), dtype=torch.float64, device=device),
-                           group=self.group, counter=self.comm)
-        return (torch.log(torch.tensor(float(self.num_classes), dtype=torch.float64, device=device))
-                - torch.log(count.clamp(min=1.0))).float()
+        count = all_reduce(torch.full((), float(rows.numel()), dtype=torch.float64, device=device),
+                           group=self.group, counter=self.comm, name="inter_correction")
+        return (math.log(self.num_classes) - torch.log(count.clamp(min=1.0))).float()
 
     def diagnostics(self) -> dict[str, float]:
         """The last forward's row means as floats (reads values to the host: call outside the step)."""
@@ -234,6 +247,20 @@ class ShardedClassifier(nn.Module):
         """Loads this rank's rows from one piece or a list of pieces written by any number of ranks."""
         from dsoft_dist.head.state import load_head_pieces
         load_head_pieces(self, state)
+
+
+def _validate_mode(value) -> str:
+    """first | always | never from the argument (True / False: always / never), or the DSOFT_VALIDATE override."""
+    value = {True: "always", False: "never"}.get(value, value) if isinstance(value, bool) else value
+    env = os.environ.get(VALIDATE_ENV, "").strip().lower()
+    if env:
+        if env not in VALIDATE:
+            raise ValueError(f"{VALIDATE_ENV}={env!r} is invalid; use one of {', '.join(VALIDATE)} (or unset it)")
+        value = env
+    if value not in VALIDATE:
+        raise ValueError(f"validate={value!r} is invalid; use one of {', '.join(VALIDATE)} (first: check the "
+                         "first forward's inputs across ranks)")
+    return value
 
 
 def _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size):

@@ -1,4 +1,4 @@
-"""The backbone registry: ``build_model(name, ...)`` for every name in ``config.schema.MODELS``.
+"""The backbone registry: ``build_model(name, ...)`` for every name in ``MODELS`` (the config's choices).
 
     from dsoft_dist.models import build_model
     model = build_model("iresnet_tiny", embedding_size=64, input_size=32)
@@ -9,7 +9,6 @@ from typing import Callable
 
 from torch import nn
 
-from dsoft_dist.config.schema import MODELS
 from dsoft_dist.models.iresnet import iresnet, iresnet_tiny
 from dsoft_dist.models.mlp import MLPEmbedder
 from dsoft_dist.models.mobilefacenet import mobilefacenet, mobilefacenet_tiny
@@ -23,6 +22,7 @@ _IMAGE_MODELS: dict[str, Callable[..., nn.Module]] = {
     "iresnet_tiny": iresnet_tiny,
     "mobilefacenet_tiny": mobilefacenet_tiny,
 }
+MODELS = (*_IMAGE_MODELS, "mlp")  # every name build_model takes; config.schema validates model.name against it
 # the smallest input each image model accepts (its final feature map must be >= 1x1 with padding)
 MIN_INPUT_SIZE = 8
 

@@ -7,12 +7,14 @@ deprecation warnings in torch 2.13). Without an initialized process group (and w
 one plain process.
 
     counter = CommCounter()
-    emb_global = gather_rows(emb_local, group, counter)     # (P*B, D); backward = reduce-scatter
-    stats = gather_replicated(stats_local, group, counter)  # (P, ...); backward = own slice
-    counter.bytes                                           # payload bytes this rank moved
+    emb_global = gather_rows(emb_local, group, counter, "embeddings")  # (P*B, D); backward = reduce-scatter
+    total = reduce_replicated(part, group, counter, "stats_sum")       # sum over ranks; backward = identity
+    counter.bytes, counter.by_name, counter.events                     # payload bytes this rank moved
 
 Bytes are counted per collective as the size of the buffer the rank receives:
-all_gather P * n, reduce_scatter P * n_out (the reduced input list), all_reduce n.
+all_gather P * n, reduce_scatter P * n_out (the reduced input list), all_reduce n. What a
+ring algorithm puts on each link is (P - 1) / P of the all_gather / reduce_scatter figure
+and 2 (P - 1) / P of the all_reduce one (docs/head.md).
 """
 from __future__ import annotations
 
@@ -31,15 +33,21 @@ class CommCounter:
         self.bytes = 0
         self.calls = 0
         self.by_op: dict[str, int] = {}
+        self.by_name: dict[str, int] = {}
+        self.events: list[tuple[str, str, int]] = []  # (name, op, bytes), one per collective, in order
 
-    def add(self, op: str, nbytes: int) -> None:
+    def add(self, op: str, nbytes: int, name: str | None = None) -> None:
+        name = name or op
         self.bytes += int(nbytes)
         self.calls += 1
         self.by_op[op] = self.by_op.get(op, 0) + int(nbytes)
+        self.by_name[name] = self.by_name.get(name, 0) + int(nbytes)
+        self.events.append((name, op, int(nbytes)))
 
     def snapshot(self) -> dict:
-        """{'bytes': int, 'calls': int, 'by_op': {op: bytes}} (a copy)."""
-        return {"bytes": self.bytes, "calls": self.calls, "by_op": dict(self.by_op)}
+        """{'bytes', 'calls', 'by_op': {op: bytes}, 'by_name': {name: bytes}, 'events': [(name, op, bytes)]} (a copy)."""
+        return {"bytes": self.bytes, "calls": self.calls, "by_op": dict(self.by_op), "by_name": dict(self.by_name),
+                "events": list(self.events)}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -56,12 +64,13 @@ def group_rank_size(group=None) -> tuple[int, int]:
     return 0, 1
 
 
-def _count(counter: CommCounter | None, op: str, nbytes: int) -> None:
+def _count(counter: CommCounter | None, op: str, nbytes: int, name: str | None) -> None:
     if counter is not None:
-        counter.add(op, nbytes)
+        counter.add(op, nbytes, name)
 
 
-def all_gather_cat(x: torch.Tensor, group=None, counter: CommCounter | None = None) -> torch.Tensor:
+def all_gather_cat(x: torch.Tensor, group=None, counter: CommCounter | None = None,
+                   name: str | None = None) -> torch.Tensor:
     """Concatenates every rank's ``x`` (same shape on all ranks) along dim 0; no autograd."""
     _, size = group_rank_size(group)
     if size == 1:
@@ -69,22 +78,24 @@ def all_gather_cat(x: torch.Tensor, group=None, counter: CommCounter | None = No
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x, group=group)
-    _count(counter, "all_gather", size * _nbytes(x))
+    _count(counter, "all_gather", size * _nbytes(x), name)
     return torch.cat(parts, dim=0)
 
 
-def all_reduce(x: torch.Tensor, op=None, group=None, counter: CommCounter | None = None) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, op=None, group=None, counter: CommCounter | None = None,
+               name: str | None = None) -> torch.Tensor:
     """All-reduces a copy of ``x`` (default SUM) and returns it; the caller's tensor is untouched."""
     _, size = group_rank_size(group)
     if size == 1:
         return x
     out = x.detach().clone()
     dist.all_reduce(out, op=op or dist.ReduceOp.SUM, group=group)
-    _count(counter, "all_reduce", _nbytes(out))
+    _count(counter, "all_reduce", _nbytes(out), name)
     return out
 
 
-def reduce_scatter_rows(x: torch.Tensor, group=None, counter: CommCounter | None = None) -> torch.Tensor:
+def reduce_scatter_rows(x: torch.Tensor, group=None, counter: CommCounter | None = None,
+                        name: str | None = None) -> torch.Tensor:
     """Sums ``x`` (P*n, ...) over ranks and returns this rank's block (n, ...)."""
     rank, size = group_rank_size(group)
     if size == 1:
@@ -92,7 +103,7 @@ def reduce_scatter_rows(x: torch.Tensor, group=None, counter: CommCounter | None
     chunks = [c.contiguous() for c in x.chunk(size, dim=0)]
     out = torch.empty_like(chunks[rank])
     dist.reduce_scatter(out, chunks, op=dist.ReduceOp.SUM, group=group)
-    _count(counter, "reduce_scatter", _nbytes(x))
+    _count(counter, "reduce_scatter", _nbytes(x), name)
     return out
 
 
@@ -100,38 +111,41 @@ class _GatherRows(torch.autograd.Function):
     """all_gather along dim 0 whose backward reduce-scatters the gradient to the owner ranks."""
 
     @staticmethod
-    def forward(ctx, x, group, counter):
-        ctx.group, ctx.counter = group, counter
-        return all_gather_cat(x, group, counter)
+    def forward(ctx, x, group, counter, name):
+        ctx.group, ctx.counter, ctx.name = group, counter, name
+        return all_gather_cat(x, group, counter, name)
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter_rows(grad.contiguous(), ctx.group, ctx.counter), None, None
+        name = ctx.name and ctx.name + "_grad"
+        return reduce_scatter_rows(grad.contiguous(), ctx.group, ctx.counter, name), None, None, None
 
 
-class _GatherReplicated(torch.autograd.Function):
-    """all_gather (stacked on a new dim 0) for values consumed by a computation replicated on every rank.
+class _ReduceReplicated(torch.autograd.Function):
+    """all_reduce SUM for a value consumed by a computation replicated on every rank.
 
-    Every rank computes the same function of the gathered tensor and calls backward on
-    it, so rank p's own gradient is already complete on rank p: backward keeps its slice
-    and communicates nothing.
+    Every rank computes the same loss L from the sum S = sum_p x_p and calls backward on it,
+    so rank p's gradient dL/dx_p = dL/dS is already on rank p: backward is the identity and
+    communicates nothing.
     """
 
     @staticmethod
-    def forward(ctx, x, group, counter):
-        ctx.rank, _ = group_rank_size(group)
-        return all_gather_cat(x.unsqueeze(0), group, counter)
+    def forward(ctx, x, group, counter, name):
+        return all_reduce(x, group=group, counter=counter, name=name)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[ctx.rank], None, None
+        return grad, None, None, None
 
 
-def gather_rows(x: torch.Tensor, group=None, counter: CommCounter | None = None) -> torch.Tensor:
-    """(n, ...) per rank -> (P*n, ...) in rank order; the gradient is summed over ranks and scattered back."""
-    return _GatherRows.apply(x, group, counter)
+def gather_rows(x: torch.Tensor, group=None, counter: CommCounter | None = None, name: str | None = None):
+    """(n, ...) per rank -> (P*n, ...) in rank order; the gradient is summed over ranks and scattered back
+    (counted as ``name + "_grad"``)."""
+    return _GatherRows.apply(x, group, counter, name)
 
 
-def gather_replicated(x: torch.Tensor, group=None, counter: CommCounter | None = None) -> torch.Tensor:
-    """(...) per rank -> (P, ...); use only when every rank computes the same loss from the result."""
-    return _GatherReplicated.apply(x, group, counter)
+def reduce_replicated(x: torch.Tensor, group=None, counter: CommCounter | None = None, name: str | None = None):
+    """sum_p x_p (same shape as ``x``) on every rank; use only when every rank computes the same loss from it."""
+    if group_rank_size(group)[1] == 1:
+        return x
+    return _ReduceReplicated.apply(x, group, counter, name)

@@ -77,13 +77,10 @@ class TrainStep:
         for i in range(k):
             t0 = self._clock(timed)
             x, y = next(batches)
-            if not self._checked:
-                check_labels(y, self.head.num_classes)  # up front, naming the value and the fix
+            if not self._checked:  # up front, naming the value and the fix; the head checks its first
+                # forward across ranks, and from then on the loader's label checks and fixed batch size hold
+                check_labels(y, self.head.num_classes)
                 self._checked = True
-            elif self.head.validate:
-                # the head checked the first step across ranks; from then on the loader's per-sample label
-                # checks and fixed batch size hold, and its check would cost a sync and an all-gather over P
-                self.head.validate = False
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             t1 = self._clock(timed)
             with self.engine.accumulating(last=i == k - 1):
