@@ -166,6 +166,7 @@ def run_case(method, batch, classes, rate, args, clock, rate_ref, config):
 def sweep(args, clock, rate_ref):
     """Times the fused full head with each SWEEP_CONFIGS config at the first size; returns (best config, rows)."""
     from dsoft_dist.kernels import KernelConfig
+    from dsoft_dist.kernels.config import SWEEP_CONFIGS
     rows, best = [], None
     for i, params in enumerate(SWEEP_CONFIGS):
         cfg = KernelConfig(**params)
