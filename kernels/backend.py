@@ -1,8 +1,7 @@
-"""Backend selection for the head's local shard statistics: fused Triton kernels or the torch path.
+"""The triton backend of the head's local shard statistics (the head's registry, dsoft_dist.head.backend, loads it).
 
-    requested_backend("auto")        # -> DSOFT_FUSED if set (auto | torch | triton), else "auto"
-    auto_local_shard_stats(...)      # fused on CUDA with Triton, torch otherwise (per call)
-    triton_local_shard_stats(...)    # fused, or a clear error when it cannot run
+    fused_path_usable(features, weight)   # CUDA tensors, tensor-core operands, Triton importable
+    triton_local_shard_stats(...)         # the kernels, or a clear error when they cannot run
 
 This module never imports Triton at import time, so ``import dsoft_dist.kernels`` works
 without it; the kernels are imported on the first fused call.
@@ -17,8 +16,6 @@ from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
 
-BACKEND_NAMES = ("auto", "torch", "triton")
-ENV_VAR = "DSOFT_FUSED"
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -34,20 +31,6 @@ def triton_available() -> bool:
 def interpreter_requested() -> bool:
     """True when ``TRITON_INTERPRET=1``: kernels run on CPU tensors in Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def requested_backend(default: str = "auto") -> str:
-    """The head backend to use: the ``DSOFT_FUSED`` env var (auto | torch | triton) if set, else ``default``.
-
-    Raises ValueError naming the variable, the value and the choices when the env var is invalid.
-    """
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    if not value:
-        return default
-    if value not in BACKEND_NAMES:
-        raise ValueError(f"{ENV_VAR}={value!r} is invalid; use one of {', '.join(BACKEND_NAMES)} "
-                         f"(or unset it to use the head's fused= setting)")
-    return value
 
 
 def _require_triton() -> None:
@@ -86,25 +69,3 @@ def fused_path_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtyp
     tensor_cores = narrow or min(features.element_size(), weight.element_size()) < 4 or \
         torch.backends.cuda.matmul.allow_tf32
     return tensor_cores and triton_available()
-
-
-def auto_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
-                           logit_cache_mb=0.0, compute_dtype=None):
-    """Fused kernels when ``fused_path_usable``; the torch chunked path (the reference) otherwise.
-
-    ``compute_dtype``: the fused path's GEMM operand dtype (None: the narrower input dtype);
-    the torch path computes in the inputs' dtype and ignores it.
-    """
-    if fused_path_usable(features, weight, compute_dtype):
-        return triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize,
-                                        compute_dtype=compute_dtype)
-    from dsoft_dist.head.local import torch_local_shard_stats
-    return torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size,
-                                   logit_cache_mb)
-
-
-def register_backends() -> None:
-    """Registers ``triton`` (strict fused) with the head, so ``ShardedClassifier(fused='triton')`` works."""
-    from dsoft_dist.head.local import register_local_backend
-    register_local_backend("triton", triton_local_shard_stats)
-    log.debug("registered local backend 'triton' (triton importable: %s)", triton_available())

@@ -11,7 +11,8 @@ import torch
 from dsoft_dist.config import load_config
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer
-from dsoft_dist.head.local import LocalShardStats, register_local_backend, torch_local_shard_stats
+from dsoft_dist.head.backend import register_local_backend
+from dsoft_dist.head.local import LocalShardStats, torch_local_shard_stats
 from dsoft_dist.losses import MODES
 
 C, D, B, STEPS = 29, 6, 10, 3
@@ -131,7 +132,7 @@ def test_chunked_backward_with_signed_upstream_gradients(normalize, sampled):
     g_lse, g_tgt = torch.randn(8, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen,
                                                                                    dtype=torch.float64)
     f1, w1 = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    lse, tgt, _ = LocalShardStats.apply(f1, w1, rows, target, valid, scale, normalize, 4, 0, None)
+    lse, tgt, _ = LocalShardStats.apply(f1, w1, rows, target, valid, scale, normalize, 4, 0, None, None)
     ((lse * g_lse).sum() + (tgt * g_tgt).sum()).backward()
     f2, w2 = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     want_lse, want_tgt = _dense_reference(f2, w2, rows, target, scale, normalize)
@@ -156,7 +157,7 @@ def test_a_row_below_eps_gets_the_gradient_of_f_normalize(sampled):
     g_lse, g_tgt = torch.rand(6, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen,
                                                                                   dtype=torch.float64)
     f1, w1 = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    lse, tgt, _ = LocalShardStats.apply(f1, w1, rows, target, torch.ones(6, dtype=torch.bool), 2.0, True, 4, 0, None)
+    lse, tgt, _ = LocalShardStats.apply(f1, w1, rows, target, torch.ones(6, dtype=torch.bool), 2.0, True, 4, 0, None, None)
     ((lse * g_lse).sum() + (tgt * g_tgt).sum()).backward()
     f2, w2 = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     want_lse, want_tgt = _dense_reference(f2, w2, rows, target, 2.0, True)

@@ -105,7 +105,7 @@ def test_local_stats_gradcheck_float64():
     valid = torch.tensor([True, True, True, True, False])
     for normalize, scale in ((True, 3.0), (False, 1.0)):
         def fn(f, w):
-            lse, tgt, _ = LocalShardStats.apply(f, w, None, target, valid, scale, normalize, 4, 0, None)
+            lse, tgt, _ = LocalShardStats.apply(f, w, None, target, valid, scale, normalize, 4, 0, None, None)
             return torch.where(valid, lse, torch.zeros_like(lse)), tgt
         assert torch.autograd.gradcheck(fn, (feats.clone().requires_grad_(), weight.clone().requires_grad_()))
 

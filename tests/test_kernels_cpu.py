@@ -134,8 +134,8 @@ def test_epilogues_refuse_tensors_they_would_misread(epi):
 
 def _step(monkeypatch, enabled, negatives, fused_opt, seed=0):
     """One float32 D-Softmax head step with the epilogues on or off: loss, embedding grad, weight (grad)."""
-    monkeypatch.setenv(cpu_kernels.ENV_VAR, "1" if enabled else "0")
-    head = ShardedClassifier(3000, 24, negatives=negatives, sample_rate=0.4, chunk_size=256, seed=seed, init_std=0.3)
+    head = ShardedClassifier(3000, 24, negatives=negatives, sample_rate=0.4, chunk_size=256, seed=seed, init_std=0.3,
+                             fused="cpu-c" if enabled else "torch")
     opt = build_head_optimizer(head, OptimizerConfig(name="sgd", lr=0.5, momentum=0.9, weight_decay=0.01,
                                                      head_step_in_backward=fused_opt))
     gen = torch.Generator().manual_seed(seed)
@@ -186,7 +186,7 @@ def test_build_is_cached_and_a_broken_compiler_falls_back(monkeypatch, tmp_path,
     with caplog.at_level(logging.WARNING):
         assert cpu_kernels.cpu_epilogues() is None
     assert "could not build the CPU epilogues" in caplog.text
-    head = ShardedClassifier(500, 8, chunk_size=64)  # the torch ops take over
+    head = ShardedClassifier(500, 8, chunk_size=64, fused="cpu-c")  # the torch ops take over
     head(torch.randn(6, 8), torch.randint(0, 500, (6,))).backward()
     assert head.weight.grad is not None
 

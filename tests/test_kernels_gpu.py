@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 
 from dsoft_dist.head import ShardedClassifier  # noqa: E402
 from dsoft_dist.head import local as head_local  # noqa: E402
-from dsoft_dist.kernels import KernelConfig, register_backends, triton_local_shard_stats  # noqa: E402
+from dsoft_dist.kernels import KernelConfig, triton_local_shard_stats  # noqa: E402
 from dsoft_dist.kernels.config import SWEEP_CONFIGS  # noqa: E402
 
 SCALE = 64.0
@@ -104,8 +104,6 @@ def test_fused_step_holds_no_logit_matrix():
 @pytest.mark.parametrize("negatives", ["all", "random"])
 @pytest.mark.parametrize("loss", ["d_softmax", "arcface"])
 def test_head_on_cuda_fused_equals_torch(monkeypatch, loss, negatives):
-    monkeypatch.setattr(head_local, "_BACKENDS", dict(head_local._BACKENDS))
-    register_backends()
     emb = torch.randn(256, 128, device="cuda")
     labels = torch.randint(0, 10_000, (256,), device="cuda")
     out = []
@@ -122,7 +120,7 @@ def test_head_on_cuda_fused_equals_torch(monkeypatch, loss, negatives):
 
 
 def test_auto_picks_the_kernels_for_16_bit_operands_and_torch_for_plain_fp32():
-    from dsoft_dist.kernels import auto_local_shard_stats
+    from dsoft_dist.head.backend import auto_local_shard_stats
     feats, weight, rows, target, valid = _case(64, 3000, 128, torch.float32, 1.0)
     args = (rows, target, valid, SCALE, True)
     bf16 = weight.to(torch.bfloat16)
@@ -133,14 +131,13 @@ def test_auto_picks_the_kernels_for_16_bit_operands_and_torch_for_plain_fp32():
 
 def test_head_compute_dtype_bf16_takes_the_fused_path_on_fp32_inputs(caplog):
     """head.compute_dtype=bf16 (what the GPU configs set): fp32 weights and embeddings still run the kernels."""
-    from dsoft_dist.head.local import describe_local_path
-    from dsoft_dist.kernels import auto_local_shard_stats
+    from dsoft_dist.head.backend import describe_local_path
 
     emb = torch.randn(64, 128, device="cuda")
     labels = torch.randint(0, 3000, (64,), device="cuda")
     head = ShardedClassifier(3000, 128, compute_dtype=torch.bfloat16, device="cuda")
-    assert head._local_stats is auto_local_shard_stats
-    assert describe_local_path(head._local_stats, emb, head.weight, torch.bfloat16).startswith("fused Triton")
+    assert head.backend == "auto"
+    assert describe_local_path(head.backend, emb, head.weight, torch.bfloat16).startswith("triton kernels")
     ref = ShardedClassifier(3000, 128, fused="torch", device="cuda")
     with caplog.at_level("INFO", logger="dsoft_dist"):
         got = head(emb, labels)

@@ -19,19 +19,11 @@ pytest.importorskip("triton")
 
 import dsoft_dist.head.local as head_local  # noqa: E402
 from dsoft_dist.head import ShardedClassifier  # noqa: E402
-from dsoft_dist.kernels import KernelConfig, auto_local_shard_stats, register_backends  # noqa: E402
-from dsoft_dist.kernels import requested_backend, triton_local_shard_stats  # noqa: E402
+from dsoft_dist.head.backend import auto_local_shard_stats, requested_backend  # noqa: E402
+from dsoft_dist.kernels import KernelConfig, triton_local_shard_stats  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 C, D, B = 300, 40, 24
-
-
-@pytest.fixture
-def triton_registered(monkeypatch):
-    """Registers fused='triton' for one test; the head's backend table is restored afterwards."""
-    monkeypatch.setattr(head_local, "_BACKENDS", dict(head_local._BACKENDS))
-    register_backends()
-    yield
 
 
 def _data(step):
@@ -43,11 +35,11 @@ def _data(step):
 
 @pytest.mark.parametrize("negatives", ["all", "random"])
 @pytest.mark.parametrize("loss", ["d_softmax", "arcface", "cosface", "softmax"])
-def test_fused_head_equals_torch_head_over_steps(triton_registered, loss, negatives):
+def test_fused_head_equals_torch_head_over_steps(loss, negatives):
     """Loss, embedding gradient and weight gradient agree over 2 training steps (same sampled rows)."""
     heads = [ShardedClassifier(C, D, loss=loss, negatives=negatives, sample_rate=0.2, seed=3, fused=name,
                                device=DEVICE) for name in ("triton", "torch")]
-    assert heads[0]._local_stats is triton_local_shard_stats
+    assert heads[0].backend == "triton"
     for step in range(2):
         emb, labels = _data(step)
         results = []
@@ -73,7 +65,7 @@ def test_requested_backend_reads_the_env_var(monkeypatch):
     monkeypatch.setenv("DSOFT_FUSED", " Triton ")
     assert requested_backend("torch") == "triton"
     monkeypatch.setenv("DSOFT_FUSED", "cuda")
-    with pytest.raises(ValueError, match="DSOFT_FUSED='cuda' is invalid; use one of auto, torch, triton"):
+    with pytest.raises(ValueError, match="DSOFT_FUSED='cuda' is invalid; use one of auto, torch, cpu-c, triton"):
         requested_backend()
 
 
@@ -121,10 +113,11 @@ def test_package_imports_and_falls_back_without_triton():
     code = "\n".join([
         "import sys; sys.modules['triton'] = None",  # makes `import triton` raise ImportError
         "import torch, dsoft_dist.kernels as k",
+        "from dsoft_dist.head.backend import auto_local_shard_stats",
         "assert not k.triton_available()",
         "f = torch.nn.functional.normalize(torch.randn(4, 8), dim=1); w = torch.randn(10, 8)",
         "args = (f, w, None, torch.tensor([1, -1, 3, 9]), torch.ones(4, dtype=torch.bool), 8.0, True)",
-        "lse, tgt, mx = k.auto_local_shard_stats(*args); assert lse.shape == (4,)",
+        "lse, tgt, mx = auto_local_shard_stats(*args); assert lse.shape == (4,)",
         "try:\n    k.triton_local_shard_stats(*args)\nexcept RuntimeError as e:\n    print('ERR', e)",
     ])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -225,7 +225,7 @@ def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
             fp = {"bar": t.metrics.bar.disable, "wandb": wandb_run.project if wandb_run is not None else None,
                   "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size, "cache_mb": t.head.logit_cache_mb,
                   "head_optimizer": (t.head_optimizer.mode, t.head_config.head_step_in_backward),
-                  "backend": t.head._local_stats.__name__, "compute_dtype": str(t.head.compute_dtype),
+                  "backend": t.head.backend, "compute_dtype": str(t.head.compute_dtype),
                   "signals": sorted(s.name for s in t.preemption._previous)}
             checkpointer = t.checkpointer
             summary = t.train()

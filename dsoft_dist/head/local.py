@@ -29,8 +29,6 @@ each chunk's rows are handed to it with their complete gradient instead.
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
 from dsoft_dist.head.optim import product_gradient
@@ -166,12 +164,11 @@ def _target_positions(rows, target_local):
     return torch.where(hit, pos, torch.full_like(pos, -1))
 
 
-def _epilogues(features):
-    """The compiled CPU epilogues (dsoft_dist.kernels.cpu) for float32 CPU features, else None (torch ops)."""
-    if features.device.type != "cpu" or features.dtype != torch.float32:
+def _epilogues_for(features, epilogues):
+    """The cpu-c backend's compiled epilogues when they apply (float32 CPU features), else None (torch ops)."""
+    if epilogues is None or features.device.type != "cpu" or features.dtype != torch.float32:
         return None
-    from dsoft_dist.kernels.cpu import cpu_epilogues
-    return cpu_epilogues()
+    return epilogues
 
 
 def _n_cols(weight, rows):
@@ -276,19 +273,20 @@ class LocalShardStats(torch.autograd.Function):
     """(features, weight, rows, target_local, valid) -> (lse, target, max) with chunked recompute backward."""
 
     @staticmethod
-    def forward(ctx, features, weight, rows, target_local, valid, scale, normalize, chunk, n_cached, row_update):
+    def forward(ctx, features, weight, rows, target_local, valid, scale, normalize, chunk, n_cached, row_update,
+                epilogues):
         tpos = _target_positions(rows, target_local)  # (B,)
         f_s2 = features * (scale * _LOG2E)  # (B, D): base-2 logits
         fixed = fixed_shift_ok(scale, _n_cols(weight, rows), normalize)
         lse, run_max, norms, ctx.cache = _forward_chunks(f_s2, weight, rows, tpos, normalize, chunk, n_cached, fixed,
-                                                          _epilogues(features))
+                                                          _epilogues_for(features, epilogues))
         neg_inf = torch.full_like(lse, float("-inf"))
         lse, run_max = torch.where(valid, lse, neg_inf), torch.where(valid, run_max, neg_inf)
         w_t, _, owned = _target_rows(weight, target_local, normalize, features.dtype)
         target = torch.where(owned, (features * w_t).sum(dim=1), torch.zeros_like(lse))  # (B,)
         ctx.save_for_backward(features, weight, rows, target_local, tpos, lse, norms)
         ctx.scale, ctx.normalize, ctx.chunk, ctx.n_cached = scale, normalize, chunk, len(ctx.cache)
-        ctx.row_update = row_update
+        ctx.row_update, ctx.epilogues = row_update, _epilogues_for(features, epilogues)
         ctx.mark_non_differentiable(run_max)
         return lse, target, run_max
 
@@ -306,7 +304,7 @@ class LocalShardStats(torch.autograd.Function):
                                                      ctx.normalize, grad_f, grad_w)
         need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.cache = None
-        return (grad_f if need_f else None), (grad_w.finish(outside) if need_w else None), *([None] * 8)
+        return (grad_f if need_f else None), (grad_w.finish(outside) if need_w else None), *([None] * 9)
 
 
 class _WeightGrad:
@@ -431,7 +429,7 @@ def _backward_chunks(features, weight, rows, tpos, g_lse, g_target, lse, norms, 
     f_s2 = features * (ctx.scale * _LOG2E)  # (B, D): base-2 logits
     f_signed = features * (ctx.scale * sign[:, None])
     grad_f = torch.zeros_like(features)  # (B, D): sum_k |G_ik| w_hat_k, signed and scaled at the end
-    epi = _epilogues(features) if ctx.normalize else None  # they write the block over the logits
+    epi = ctx.epilogues if ctx.normalize else None  # they write the block over the logits
     width = min(ctx.chunk, max(n_cols, 1))
     ws = _Workspace(batch, width, features.shape[1], features.dtype, features.device, rows is not None,
                     grad_buffer=grad_w.dense is None, block_buffer=epi is None)
@@ -520,7 +518,7 @@ def _add_outside_target_grads(features, weight, rows, target_local, tpos, g_targ
 
 
 def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
-                            logit_cache_mb=0.0, row_update=None, compute_dtype=None):
+                            logit_cache_mb=0.0, row_update=None, compute_dtype=None, epilogues=None):
     """The torch (reference, CPU) backend of the local shard statistics; see the module docstring.
 
     logit_cache_mb > 0 keeps up to that many MiB of the forward's exp'd logit chunks for
@@ -534,6 +532,8 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
     lhs @ rhs + row_coef[:, None] * values, instead. ``compute_dtype`` is accepted for the
     shared signature and unused: this path computes in fp32 (float64 for float64 features),
     reading 16-bit weight rows chunk by chunk; gradients come back in the inputs' dtypes.
+    ``epilogues``: the cpu-c backend's compiled passes (``dsoft_dist.kernels.cpu``), used for
+    float32 CPU features; None runs every pass as torch ops (the reference).
     """
     if features.dtype in (torch.float16, torch.bfloat16):  # statistics in fp32; the gradient casts back
         features = features.float()
@@ -541,48 +541,4 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
     chunk_bytes = features.shape[0] * chunk * features.element_size()
     n_cached = int(logit_cache_mb * (1 << 20) // max(chunk_bytes, 1)) if torch.is_grad_enabled() else 0
     return LocalShardStats.apply(features, weight, rows, target_local, valid, scale, normalize, chunk, n_cached,
-                                 row_update)
-
-
-_BACKENDS: dict[str, Callable] = {"torch": torch_local_shard_stats}
-
-
-def fuses_row_updates(backend: Callable, features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> bool:
-    """True when ``backend`` runs the torch chunked path for these inputs (which takes ``row_update``)."""
-    if backend is torch_local_shard_stats:
-        return True
-    from dsoft_dist.kernels import auto_local_shard_stats, fused_path_usable
-    return backend is auto_local_shard_stats and not fused_path_usable(features, weight, compute_dtype)
-
-
-def describe_local_path(backend: Callable, features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> str:
-    """Which path ``backend`` takes for these inputs, in words (logged once by the head)."""
-    if fuses_row_updates(backend, features, weight, compute_dtype):
-        return f"torch chunked ({str(features.dtype).replace('torch.', '')} GEMMs on {features.device.type})"
-    dtype = compute_dtype or min((features.dtype, weight.dtype), key=lambda d: torch.finfo(d).bits)
-    return f"fused Triton kernels ({str(dtype).replace('torch.', '')} GEMM operands, fp32 statistics)"
-
-
-def register_local_backend(name: str, fn: Callable) -> None:
-    """Registers a backend with the signature of ``torch_local_shard_stats`` (the fused kernels use this)."""
-    _BACKENDS[name] = fn
-
-
-def get_local_backend(name: str) -> Callable:
-    """The backend for head ``fused`` = auto | torch | triton | <registered name>.
-
-    The ``DSOFT_FUSED`` environment variable (auto | torch | triton) overrides ``name``.
-    auto decides per call: the fused kernels on CUDA with tensor-core operands when Triton
-    imports, the torch chunked path otherwise (CPU, float64, plain fp32, no Triton).
-    """
-    from dsoft_dist.kernels import auto_local_shard_stats, register_backends, requested_backend
-
-    name = requested_backend(name)
-    if name == "auto":
-        return auto_local_shard_stats
-    if name == "triton" and name not in _BACKENDS:
-        register_backends()
-    if name not in _BACKENDS:
-        raise ValueError(f"fused={name!r} is not available; registered backends: {', '.join(sorted(_BACKENDS))} "
-                         f"(use fused='torch' or 'auto')")
-    return _BACKENDS[name]
+                                 row_update, epilogues)

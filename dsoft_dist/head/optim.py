@@ -130,7 +130,8 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 t.index_copy_(0, rows, torch.where(keep, t.index_select(0, rows), old))
 
     @torch.no_grad()
-    def update_rows_product(self, p, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None):
+    def update_rows_product(self, p, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None,
+                            epilogues=None):
         """``update_rows`` with the gradient given as lhs (n, m) @ rhs (m, D) + row_coef (n,)[:, None] * values.
 
         ``values`` (n, D) are the rows' current values, p[rows] (needed with ``row_coef``); with a
@@ -140,10 +141,11 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         into its momentum buffer (``addmm`` with beta = momentum), which saves the passes over
         a separate gradient; the other optimizers form the gradient (in ``out`` when given)
         and take the ``update_rows`` path. Same result as ``update_rows`` to rounding.
+        ``epilogues``: the cpu-c backend's compiled passes (the SGD tail runs in one), or None.
         """
         w, state, rows, group = self._rows_to_update(p, rows, start, lhs.shape[0])
         same_dtype = lhs.dtype == rhs.dtype == p.dtype and (values is None or values.dtype == p.dtype)
-        if same_dtype and self._update_product(w, state, rows, lhs, rhs, row_coef, values, group):
+        if same_dtype and self._update_product(w, state, rows, lhs, rhs, row_coef, values, group, epilogues):
             return
         grad = product_gradient(lhs, rhs, row_coef, values, out)
         self._update(w, state, rows, grad.to(p.dtype), group)
@@ -176,7 +178,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     def _update(self, p, state, rows, grad, group):
         raise NotImplementedError
 
-    def _update_product(self, p, state, rows, lhs, rhs, row_coef, values, group) -> bool:
+    def _update_product(self, p, state, rows, lhs, rhs, row_coef, values, group, epilogues=None) -> bool:
         """The update from the product form of the gradient (see update_rows_product); False: not
         supported here, the caller forms the gradient instead."""
         return False
@@ -238,7 +240,7 @@ class RowSparseSGD(_RowSparseOptimizer):
                 w.add_(buf, alpha=-lr)
         self._put(p, rows, w)
 
-    def _update_product(self, p, state, rows, lhs, rhs, row_coef, values, group):
+    def _update_product(self, p, state, rows, lhs, rhs, row_coef, values, group, epilogues=None):
         """g = lhs @ rhs + c w with c = row_coef (+ wd): b = m b + lhs @ rhs + c w is one addmm and one
         addcmul, then w -= lr b; without momentum, w (1 - lr c) - lr lhs @ rhs. Nesterov needs g itself."""
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -256,7 +258,7 @@ class RowSparseSGD(_RowSparseOptimizer):
             w.addmm_(lhs, rhs, alpha=-lr)
         else:
             buf = self._take(state["momentum_buffer"], rows).addmm_(lhs, rhs, beta=momentum)
-            epi = _epilogues_for(w, buf, coef, values)
+            epi = _epilogues_for(w, buf, coef, values, epilogues)
             if epi is not None:  # buf += coef w; w -= lr buf in one pass
                 epi.sgd_tail(w, buf, coef, lr)
             else:
@@ -270,17 +272,17 @@ class RowSparseSGD(_RowSparseOptimizer):
         return True
 
 
-def _epilogues_for(w, buf, coef, values):
-    """The CPU epilogues (dsoft_dist.kernels.cpu) when the SGD tail can run in them: float32 CPU rows w (the
-    same memory as ``values``, if given) and buf, contiguous, with a per-row coefficient; else None."""
-    if coef is None or w.device.type != "cpu" or w.dtype != torch.float32 or buf.dtype != torch.float32:
+def _epilogues_for(w, buf, coef, values, epilogues):
+    """``epilogues`` (the cpu-c backend's) when the SGD tail can run in them: float32 CPU rows w (the same
+    memory as ``values``, if given) and buf, contiguous, with a per-row coefficient; else None."""
+    if epilogues is None or coef is None or w.device.type != "cpu" or w.dtype != torch.float32 \
+            or buf.dtype != torch.float32:
         return None
     if not (w.is_contiguous() and buf.is_contiguous()):
         return None
     if values is not None and (values.data_ptr() != w.data_ptr() or values.stride() != w.stride()):
         return None
-    from dsoft_dist.kernels.cpu import cpu_epilogues
-    return cpu_epilogues()
+    return epilogues
 
 
 class FusedRowUpdate:
@@ -291,14 +293,15 @@ class FusedRowUpdate:
     ``update_rows_product``).
     """
 
-    def __init__(self, optimizer, param):
-        self.optimizer, self.param = optimizer, param
+    def __init__(self, optimizer, param, epilogues=None):
+        self.optimizer, self.param, self.epilogues = optimizer, param, epilogues
 
     def __call__(self, grad, rows=None, start=0, mask=None):
         self.optimizer.update_rows(self.param, grad, rows=rows, start=start, mask=mask)
 
     def product(self, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None):
-        self.optimizer.update_rows_product(self.param, lhs, rhs, row_coef, values, rows=rows, start=start, out=out)
+        self.optimizer.update_rows_product(self.param, lhs, rhs, row_coef, values, rows=rows, start=start, out=out,
+                                           epilogues=self.epilogues)
 
 
 class RowSparseAdamW(_RowSparseOptimizer):

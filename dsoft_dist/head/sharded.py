@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
-from dsoft_dist.head.local import describe_local_path, fuses_row_updates, get_local_backend, torch_local_shard_stats
+from dsoft_dist.head.backend import describe_local_path, get_local_backend, local_stats_fn, takes_row_updates
 from dsoft_dist.head.optim import FusedRowUpdate
 from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
@@ -69,7 +69,8 @@ class ShardedClassifier(nn.Module):
     C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
     seed (negatives: seeded by (seed, step, rank); init: by (seed, row block)); group (the
     head's process group, default WORLD); chunk_size (classes per chunk, 0 = automatic);
-    fused (auto | torch | a registered kernel backend); validate (first | always | never:
+    fused (the backend of the local statistics, dsoft_dist.head.backend: auto | torch |
+    cpu-c | triton | a registered name); validate (first | always | never:
     check shapes and labels across ranks on the first forward, on every forward, or not at all;
     a check is one small all-gather and a host read, so ``first`` keeps the steady step free
     of host syncs; True / False mean always / never; the ``DSOFT_VALIDATE`` environment
@@ -113,7 +114,7 @@ class ShardedClassifier(nn.Module):
         if logit_cache_mb < 0:
             raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")
         self.logit_cache_mb = float(logit_cache_mb)
-        self._local_stats = get_local_backend(fused)
+        self.backend = get_local_backend(fused)  # auto | torch | cpu-c | triton | a registered name
         if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"compute_dtype={compute_dtype} is invalid: use None, torch.float32, torch.bfloat16 "
                              "or torch.float16")
@@ -186,12 +187,13 @@ class ShardedClassifier(nn.Module):
         if not self._path_logged and self.training:
             (log.info if self.rank == 0 else log.debug)(  # one line for the run, not one per rank
                 "head class shard %d/%d: %s", self.rank, self.world_size,
-                describe_local_path(self._local_stats, feats, self.weight, self.compute_dtype))
+                describe_local_path(self.backend, feats, self.weight, self.compute_dtype))
             self._path_logged = True
+        fn = local_stats_fn(self.backend)
         if self._row_update is not None and torch.is_grad_enabled() and self.weight.requires_grad and \
-                fuses_row_updates(self._local_stats, feats, self.weight, self.compute_dtype):
-            return torch_local_shard_stats(*local_args, row_update=self._row_update)
-        return self._local_stats(*local_args, **dtype_kw)
+                takes_row_updates(self.backend, feats, self.weight, self.compute_dtype):
+            return fn(*local_args, row_update=self._row_update)
+        return fn(*local_args, **dtype_kw)
 
     def fuse_optimizer(self, optimizer) -> None:
         """Applies ``optimizer``'s step to the shard inside backward (None: back to ``weight.grad``).
@@ -219,7 +221,11 @@ class ShardedClassifier(nn.Module):
         if not any(p is self.weight for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("fuse_optimizer: the optimizer does not hold this head's weight; build it with "
                              "build_head_optimizer(head, cfg)")
-        self._row_update = FusedRowUpdate(optimizer, self.weight)
+        epilogues = None
+        if self.backend == "cpu-c":  # the SGD tail runs in the same compiled code as the chunks' passes
+            from dsoft_dist.kernels.cpu import cpu_epilogues
+            epilogues = cpu_epilogues()
+        self._row_update = FusedRowUpdate(optimizer, self.weight, epilogues)
         # the hook lives in the weight's C++ hook table, which Python's garbage collector cannot
         # traverse: a strong reference there would keep the optimizer (and through it the weight and
         # its momentum) alive forever after the head and the optimizer are dropped
