@@ -39,8 +39,8 @@ def _require_triton() -> None:
                            "(or triton>=3.0), or use fused='torch'")
 
 
-def triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
-                             logit_cache_mb=0.0, *, config=None, compute_dtype=None):
+def triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, *, chunk_size=0,
+                             logit_cache_mb=0.0, config=None, compute_dtype=None):
     """Fused backend, same contract as ``dsoft_dist.head.local.torch_local_shard_stats``.
 
     features (B, D), weight (C_local, D) raw rows, rows (K,) sorted unique int64 or None,

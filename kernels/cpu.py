@@ -59,7 +59,7 @@ class CpuEpilogues:
     """The compiled functions, called on contiguous float32 CPU tensors (int32 for the slots).
 
     slots: (chunk_id (B,) int32, offset (B,) int32): batch row b's target is row offset_b of
-    chunk chunk_id_b (chunk_id -1: not in this shard's columns); see head.local._TargetSlots.
+    chunk chunk_id_b (chunk_id -1: not in this shard's columns); see dsoft_dist.head.chunks.TargetSlots.
     """
 
     def __init__(self, lib: ctypes.CDLL, path: Path):

@@ -58,9 +58,10 @@ def _train(loss, neg, opt_name, chunk, fused, backend="auto", dtype=torch.float3
     return steps, state
 
 
-def _plain_backend(*args):
+def _plain_backend(*args, **kwargs):
     """A registered backend without row updates: the head must step from the weight gradient instead."""
-    return torch_local_shard_stats(*args)
+    assert kwargs.get("row_update") is None
+    return torch_local_shard_stats(*args, **kwargs)
 
 
 register_local_backend("plain_for_tests", _plain_backend)

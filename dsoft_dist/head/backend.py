@@ -8,7 +8,7 @@
             torch otherwise (the default)
 
 Every backend has the signature of ``torch_local_shard_stats`` (features, weight, rows,
-target_local, valid, scale, normalize, chunk_size, logit_cache_mb, *, row_update,
+target_local, valid, scale, normalize, *, chunk_size, logit_cache_mb, row_update,
 compute_dtype) -> (lse, target, max), each (B,): the per-row statistics forward and a
 recompute backward. ``dsoft_dist.kernels`` is imported only when triton or cpu-c is selected,
 or when auto meets CUDA inputs: the head never needs it on CPU. The ``DSOFT_FUSED``
@@ -42,12 +42,6 @@ def requested_backend(default: str = "auto") -> str:
     return value
 
 
-def cpu_c_local_shard_stats(*args, **kwargs):
-    """The cpu-c backend: the torch path with the compiled epilogues (plain torch ops without a compiler)."""
-    from dsoft_dist.kernels.cpu import cpu_epilogues
-    return torch_local_shard_stats(*args, epilogues=cpu_epilogues(), **kwargs)
-
-
 def triton_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> bool:
     """auto's test: CUDA inputs with tensor-core operands and Triton importable (kernels imported only then)."""
     if not (features.is_cuda and weight.is_cuda):
@@ -56,15 +50,15 @@ def triton_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtype=No
     return fused_path_usable(features, weight, compute_dtype)
 
 
-def auto_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size=0,
+def auto_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, *, chunk_size=0,
                            logit_cache_mb=0.0, row_update=None, compute_dtype=None):
     """The triton backend when ``triton_usable``, the torch path otherwise (per call)."""
     if row_update is None and triton_usable(features, weight, compute_dtype):
         from dsoft_dist.kernels import triton_local_shard_stats
         return triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize,
                                         compute_dtype=compute_dtype)
-    return torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, chunk_size,
-                                   logit_cache_mb, row_update=row_update)
+    return torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize,
+                                   chunk_size=chunk_size, logit_cache_mb=logit_cache_mb, row_update=row_update)
 
 
 def _triton(*args, row_update=None, **kwargs):
@@ -72,8 +66,13 @@ def _triton(*args, row_update=None, **kwargs):
     return triton_local_shard_stats(*args, **kwargs)
 
 
+def _cpu_c(*args, **kwargs):
+    from dsoft_dist.head.cpu_c import cpu_c_local_shard_stats
+    return cpu_c_local_shard_stats(*args, **kwargs)
+
+
 _BACKENDS: dict[str, Callable] = {"auto": auto_local_shard_stats, "torch": torch_local_shard_stats,
-                                  "cpu-c": cpu_c_local_shard_stats, "triton": _triton}
+                                  "cpu-c": _cpu_c, "triton": _triton}
 
 
 def register_local_backend(name: str, fn: Callable, takes_row_updates: bool = False) -> None:

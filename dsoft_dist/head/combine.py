@@ -29,7 +29,7 @@ from dsoft_dist.losses import functional as LF
 from dsoft_dist.parallel import all_reduce, reduce_replicated
 
 
-def combine_stats(lse, target, hardest, owned, valid, head, log_correction=None, group=None, counter=None):
+def combine_stats(lse, target, hardest, *, owned, valid, head, log_correction=None, group=None, counter=None):
     """Returns (loss scalar, terms {name: (B,)}, hardest (B,)) from this shard's stats, each (B,).
 
     ``head`` supplies loss, scale, end_point, inter_weight and the margins m1, m2, m3.

@@ -173,17 +173,19 @@ class ShardedClassifier(nn.Module):
         owned = valid & (local >= 0) & (local < self.num_local_classes)
         target_local = torch.where(owned, local, torch.full_like(local, -1))  # (B,)
         lse, target, hardest = self._local_stats_for(feats, rows, target_local, valid)
-        loss, terms, hardest = combine_stats(lse, target, hardest, owned, valid, self,
-                                             self._log_correction(rows, labels.device), self.group, self.comm)
+        loss, terms, hardest = combine_stats(lse, target, hardest, owned=owned, valid=valid, head=self,
+                                             log_correction=self._log_correction(rows, labels.device),
+                                             group=self.group, counter=self.comm)
         self.last_num_negatives = self.num_local_classes if rows is None else rows.numel()
         self.last_stats = diagnostics_from(terms, hardest, valid, self.scale)
         return loss
 
     def _local_stats_for(self, feats, rows, target_local, valid):
         """This shard's (lse, target, max) (B,) each, from the selected backend (logged once)."""
-        local_args = (feats, self.weight, rows, target_local, valid, self.scale, self.normalize, self.chunk_size,
-                      self.logit_cache_mb)
-        dtype_kw = {"compute_dtype": self.compute_dtype} if self.compute_dtype is not None else {}
+        local_args = (feats, self.weight, rows, target_local, valid, self.scale, self.normalize)
+        kwargs = {"chunk_size": self.chunk_size, "logit_cache_mb": self.logit_cache_mb}
+        if self.compute_dtype is not None:
+            kwargs["compute_dtype"] = self.compute_dtype
         if not self._path_logged and self.training:
             (log.info if self.rank == 0 else log.debug)(  # one line for the run, not one per rank
                 "head class shard %d/%d: %s", self.rank, self.world_size,
@@ -192,8 +194,8 @@ class ShardedClassifier(nn.Module):
         fn = local_stats_fn(self.backend)
         if self._row_update is not None and torch.is_grad_enabled() and self.weight.requires_grad and \
                 takes_row_updates(self.backend, feats, self.weight, self.compute_dtype):
-            return fn(*local_args, row_update=self._row_update)
-        return fn(*local_args, **dtype_kw)
+            return fn(*local_args, row_update=self._row_update, **kwargs)
+        return fn(*local_args, **kwargs)
 
     def fuse_optimizer(self, optimizer) -> None:
         """Applies ``optimizer``'s step to the shard inside backward (None: back to ``weight.grad``).
