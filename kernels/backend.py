@@ -4,7 +4,7 @@
     triton_local_shard_stats(...)         # the kernels, or a clear error when they cannot run
 
 This module never imports Triton at import time, so ``import dsoft_dist.kernels`` works
-without it; the kernels are imported on the first fused call.
+without it; the kernels are imported on the first triton call.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def interpreter_requested() -> bool:
 
 def _require_triton() -> None:
     if not triton_available():
-        raise RuntimeError("the fused head path (fused='triton') needs Triton: pip install 'dsoft_dist[kernels]' "
-                           "(or triton>=3.0), or use fused='torch'")
+        raise RuntimeError("the head's triton backend needs Triton: pip install 'dsoft_dist[kernels]' "
+                           "(or triton>=3.0), or use backend='torch'")
 
 
 def triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, *, chunk_size=0,

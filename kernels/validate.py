@@ -10,7 +10,7 @@ import math
 import torch
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FIX = "or use fused='torch' (the reference path takes any dtype and device)"
+_FIX = "or use backend='torch' (the reference path takes any dtype and device)"
 
 
 def _need(ok: bool, message: str) -> None:
@@ -24,11 +24,11 @@ def check_shard_inputs(features, weight, rows, target_local, valid, scale, inter
     _need(weight.dim() == 2 and weight.shape[1] == features.shape[1],
           f"weight must be (C_local, D={features.shape[1]}), got shape {tuple(weight.shape)}")
     for name, t in (("features", features), ("weight", weight)):
-        _need(t.dtype in FUSED_DTYPES, f"{name} dtype {t.dtype} is not supported by the fused kernels; "
+        _need(t.dtype in FUSED_DTYPES, f"{name} dtype {t.dtype} is not supported by the triton kernels; "
               f"use float32, float16 or bfloat16 {_FIX}")
     device = features.device
     _need(device.type == "cuda" or (device.type == "cpu" and interpreted),
-          f"the fused kernels got tensors on {device}: they run on CUDA, or on CPU only in Triton's interpreter "
+          f"the triton kernels got tensors on {device}: they run on CUDA, or on CPU only in Triton's interpreter "
           f"(set TRITON_INTERPRET=1 before the kernels are first imported) {_FIX}")
     batch = features.shape[0]
     named = [("weight", weight), ("target_local", target_local), ("valid", valid)]

@@ -150,17 +150,17 @@ def _reshard(rank, world_size, outdir, save):
     return out
 
 
-def _fused_optimizer_runs(rank, world_size):
-    """3 steps per (optimizer, negatives), with the head optimizer fused into backward and without."""
+def _in_backward_runs(rank, world_size):
+    """3 steps per (optimizer, negatives), with the head optimizer stepping in backward and after it."""
     out = {}
     for name, cfg in FUSED_OPT.items():
         for neg in ("all", "batch", "random"):
-            for fused in (False, True):  # unit-norm-sized rows and a moderate lr: 3 steps stay well conditioned
+            for in_backward in (False, True):  # unit-norm-sized rows and a moderate lr: 3 steps stay well conditioned
                 head = ShardedClassifier(C, D, loss="d_softmax" if name == "sgd" else "arcface", negatives=neg,
                                          sample_rate=RATE, seed=SEED, chunk_size=4, init_std=0.3)
-                opt = build_head_optimizer(head, dataclasses.replace(cfg, head_step_in_backward=fused))
+                opt = build_head_optimizer(head, dataclasses.replace(cfg, head_step_in_backward=in_backward))
                 losses = torch.stack([_reshard_step(head, opt, step, rank, world_size) for step in range(3)])
-                out[(name, neg, fused)] = {"loss": losses, "weight": head.weight.detach().clone(),
+                out[(name, neg, in_backward)] = {"loss": losses, "weight": head.weight.detach().clone(),
                                            "state": {k: v.clone() for k, v in opt.state[head.weight].items()}}
     return out
 
@@ -174,8 +174,8 @@ def _worker(outdir, tasks):
             out["parity"] = [_run_case(case, rank, world_size) for case in CASES]
         if "comm" in tasks:
             out["comm"] = _comm_bytes(rank, world_size)
-        if "fused_optimizer" in tasks:
-            out["fused_optimizer"] = _fused_optimizer_runs(rank, world_size)
+        if "in_backward" in tasks:
+            out["in_backward"] = _in_backward_runs(rank, world_size)
         if "bad_inputs" in tasks:
             out["bad_inputs"] = _bad_inputs(rank, world_size)
         if "reshard_save" in tasks or "reshard_load" in tasks:
@@ -193,7 +193,7 @@ def run_group(world_size: int, tmp_root) -> list[dict]:
     if world_size not in _RESULTS:
         tasks = ["comm"]
         if world_size in WORLD_SIZES:
-            tasks += ["parity"] + (["fused_optimizer"] if world_size < 4 else [])
+            tasks += ["parity"] + (["in_backward"] if world_size < 4 else [])
         if world_size == 2:
             tasks += ["bad_inputs", "reshard_save"]
         if world_size in (1, 3):
@@ -353,22 +353,22 @@ def test_checkpoint_from_two_ranks_resumes_on_other_world_sizes(world_size, name
 
 
 @pytest.mark.parametrize("world_size", (1, 2, 3))
-def test_optimizer_fused_into_backward_matches_step_after_backward(world_size, tmp_root):
-    """Per rank: fused == backward + step (losses, shard weights, optimizer state) for every negatives mode;
+def test_step_in_backward_matches_step_after_backward(world_size, tmp_root):
+    """Per rank: step in backward == backward + step (losses, shard weights, optimizer state) for every negatives mode;
     and for the world-size independent modes (all, batch) the concatenated shards equal the one-process run."""
     results = run_group(world_size, tmp_root)
-    single = run_group(1, tmp_root)[0]["fused_optimizer"]
+    single = run_group(1, tmp_root)[0]["in_backward"]
     for name in FUSED_OPT:
         for neg in ("all", "batch", "random"):
             what = f"P={world_size} {name}/{neg}"
             for rank, res in enumerate(results):
-                ref, got = res["fused_optimizer"][(name, neg, False)], res["fused_optimizer"][(name, neg, True)]
+                ref, got = res["in_backward"][(name, neg, False)], res["in_backward"][(name, neg, True)]
                 _close(got["loss"], ref["loss"], f"{what} rank {rank} losses", rtol=1e-5, atol=1e-6)
                 _close(got["weight"], ref["weight"], f"{what} rank {rank} weights", rtol=1e-5, atol=1e-6)
                 for key, value in ref["state"].items():
                     _close(got["state"][key].double(), value.double(), f"{what} rank {rank} state {key}", rtol=1e-5,
                            atol=1e-6)
             if neg != "random":  # random negatives depend on the sharding; all and batch do not
-                weight = torch.cat([res["fused_optimizer"][(name, neg, True)]["weight"] for res in results])
+                weight = torch.cat([res["in_backward"][(name, neg, True)]["weight"] for res in results])
                 _close(weight, single[(name, neg, False)]["weight"], f"{what} vs one process", rtol=1e-5,
                        atol=FP32_PATHS_ATOL)

@@ -92,14 +92,14 @@ def test_the_local_statistics_are_fp32_for_16_bit_features(dtype):
 def test_bf16_weights_train_with_the_optimizer_inside_backward(optimizer):
     """The row updates run on bf16 rows; the step equals the separate optimizer step on the same gradient."""
     results = []
-    for fused in (False, True):
+    for in_backward in (False, True):
         emb, weight, labels = _data(16, 50, 8, torch.bfloat16, torch.bfloat16, seed=3)
         head = ShardedClassifier(50, 8, negatives="random", sample_rate=0.3, seed=5, chunk_size=8,
                                  dtype=torch.bfloat16)
         with torch.no_grad():
             head.weight.copy_(weight)
         opt = build_head_optimizer(head, OptimizerConfig(name=optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                                                         head_step_in_backward=fused))
+                                                         head_step_in_backward=in_backward))
         head(emb.requires_grad_(True), labels).backward()
         opt.step()
         results.append(head.weight.detach().clone())

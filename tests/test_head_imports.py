@@ -29,7 +29,7 @@ sys.meta_path.insert(0, _Refuse())
 
 def _run(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    env.pop("DSOFT_FUSED", None)
+    env.pop("DSOFT_HEAD_BACKEND", None)
     return subprocess.run([sys.executable, "-c", _BLOCK + code], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -56,7 +56,7 @@ def test_selecting_a_kernel_backend_is_what_imports_the_kernels():
     out = _run("""
 import torch
 from dsoft_dist.head import ShardedClassifier
-head = ShardedClassifier(500, 16, fused="cpu-c")
+head = ShardedClassifier(500, 16, backend="cpu-c")
 head(torch.randn(8, 16, requires_grad=True), torch.randint(0, 500, (8,))).backward()
 """)
     assert out.returncode != 0 and "dsoft_dist.kernels is made unimportable by the test" in out.stderr

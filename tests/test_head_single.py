@@ -149,7 +149,7 @@ def test_bad_labels_raise_clear_errors(labels, match):
     (dict(negatives="hard"), "negatives='hard' is invalid"),
     (dict(sample_rate=0.0), "sample_rate=0.0 is invalid"),
     (dict(chunk_size=-1), "chunk_size=-1 is invalid"),
-    (dict(fused="cuda-magic"), "fused='cuda-magic' is not available"),
+    (dict(backend="cuda-magic"), "backend='cuda-magic' is not available"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -132,12 +132,12 @@ def test_epilogues_refuse_tensors_they_would_misread(epi):
         epi.sgd_tail(torch.zeros(3, 4), torch.zeros(4, 4), torch.zeros(3), 0.1)
 
 
-def _step(monkeypatch, enabled, negatives, fused_opt, seed=0):
+def _step(monkeypatch, enabled, negatives, in_backward, seed=0):
     """One float32 D-Softmax head step with the epilogues on or off: loss, embedding grad, weight (grad)."""
     head = ShardedClassifier(3000, 24, negatives=negatives, sample_rate=0.4, chunk_size=256, seed=seed, init_std=0.3,
-                             fused="cpu-c" if enabled else "torch")
+                             backend="cpu-c" if enabled else "torch")
     opt = build_head_optimizer(head, OptimizerConfig(name="sgd", lr=0.5, momentum=0.9, weight_decay=0.01,
-                                                     head_step_in_backward=fused_opt))
+                                                     head_step_in_backward=in_backward))
     gen = torch.Generator().manual_seed(seed)
     emb = torch.randn(40, 24, generator=gen).requires_grad_(True)
     labels = torch.randint(0, 3000, (40,), generator=gen)
@@ -155,11 +155,11 @@ def _step(monkeypatch, enabled, negatives, fused_opt, seed=0):
     return out, head.weight.detach().clone(), opt.state[head.weight]["momentum_buffer"].clone()
 
 
-@pytest.mark.parametrize("negatives,fused_opt", [("all", True), ("all", False), ("random", True), ("random", False)])
-def test_head_steps_agree_with_and_without_the_epilogues(monkeypatch, epi, negatives, fused_opt):
+@pytest.mark.parametrize("negatives,in_backward", [("all", True), ("all", False), ("random", True), ("random", False)])
+def test_head_steps_agree_with_and_without_the_epilogues(monkeypatch, epi, negatives, in_backward):
     """Two SGD steps: losses, embedding and weight gradients, weights and momentum match the torch ops."""
-    with_c, w_c, buf_c = _step(monkeypatch, True, negatives, fused_opt)
-    without, w_t, buf_t = _step(monkeypatch, False, negatives, fused_opt)
+    with_c, w_c, buf_c = _step(monkeypatch, True, negatives, in_backward)
+    without, w_t, buf_t = _step(monkeypatch, False, negatives, in_backward)
     for (loss_c, ge_c, gw_c), (loss_t, ge_t, gw_t) in zip(with_c, without):
         torch.testing.assert_close(loss_c, loss_t, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ge_c, ge_t, rtol=1e-5, atol=1e-5 * float(ge_t.abs().max()))
@@ -186,7 +186,7 @@ def test_build_is_cached_and_a_broken_compiler_falls_back(monkeypatch, tmp_path,
     with caplog.at_level(logging.WARNING):
         assert cpu_kernels.cpu_epilogues() is None
     assert "could not build the CPU epilogues" in caplog.text
-    head = ShardedClassifier(500, 8, chunk_size=64, fused="cpu-c")  # the torch ops take over
+    head = ShardedClassifier(500, 8, chunk_size=64, backend="cpu-c")  # the torch ops take over
     head(torch.randn(6, 8), torch.randint(0, 500, (6,))).backward()
     assert head.weight.grad is not None
 

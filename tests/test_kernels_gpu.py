@@ -107,8 +107,8 @@ def test_head_on_cuda_fused_equals_torch(monkeypatch, loss, negatives):
     emb = torch.randn(256, 128, device="cuda")
     labels = torch.randint(0, 10_000, (256,), device="cuda")
     out = []
-    for fused in ("triton", "torch"):
-        head = ShardedClassifier(10_000, 128, loss=loss, negatives=negatives, sample_rate=0.1, fused=fused,
+    for backend in ("triton", "torch"):
+        head = ShardedClassifier(10_000, 128, loss=loss, negatives=negatives, sample_rate=0.1, backend=backend,
                                  device="cuda")
         e = emb.clone().requires_grad_(True)
         value = head(e, labels)
@@ -129,7 +129,7 @@ def test_auto_picks_the_kernels_for_16_bit_operands_and_torch_for_plain_fp32():
     assert torch.equal(auto_local_shard_stats(feats, weight, *args)[0], torch_lse)
 
 
-def test_head_compute_dtype_bf16_takes_the_fused_path_on_fp32_inputs(caplog):
+def test_head_compute_dtype_bf16_takes_the_triton_backend_on_fp32_inputs(caplog):
     """head.compute_dtype=bf16 (what the GPU configs set): fp32 weights and embeddings still run the kernels."""
     from dsoft_dist.head.backend import describe_local_path
 
@@ -138,22 +138,22 @@ def test_head_compute_dtype_bf16_takes_the_fused_path_on_fp32_inputs(caplog):
     head = ShardedClassifier(3000, 128, compute_dtype=torch.bfloat16, device="cuda")
     assert head.backend == "auto"
     assert describe_local_path(head.backend, emb, head.weight, torch.bfloat16).startswith("triton kernels")
-    ref = ShardedClassifier(3000, 128, fused="torch", device="cuda")
+    ref = ShardedClassifier(3000, 128, backend="torch", device="cuda")
     with caplog.at_level("INFO", logger="dsoft_dist"):
         got = head(emb, labels)
-    assert "fused Triton kernels (bfloat16" in caplog.text
+    assert "triton kernels (bfloat16" in caplog.text
     _close("bf16 head loss", got.detach(), ref(emb, labels).detach(), 3e-2)
 
 
-@pytest.mark.parametrize("fused,dtype,negatives", [("torch", torch.float32, "all"), ("torch", torch.float32, "random"),
+@pytest.mark.parametrize("backend,dtype,negatives", [("torch", torch.float32, "all"), ("torch", torch.float32, "random"),
                                                    ("auto", torch.bfloat16, "all")])
-def test_a_steady_head_step_does_not_synchronize(fused, dtype, negatives):
+def test_a_steady_head_step_does_not_synchronize(backend, dtype, negatives):
     """torch.cuda.set_sync_debug_mode("error") raises on any host sync in the second step (the CPU twin:
     tests/test_head_host_sync.py). The Triton path's sampled modes sync once (unique of rows + targets)."""
     from dsoft_dist.config.schema import OptimizerConfig
     from dsoft_dist.head import build_head_optimizer
 
-    head = ShardedClassifier(5000, 128, negatives=negatives, sample_rate=0.1, fused=fused, device="cuda",
+    head = ShardedClassifier(5000, 128, negatives=negatives, sample_rate=0.1, backend=backend, device="cuda",
                              dtype=dtype, logit_cache_mb=4.0)
     build_head_optimizer(head, OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, head_step_in_backward=True))
     gen = torch.Generator(device="cuda").manual_seed(0)

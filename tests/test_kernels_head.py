@@ -1,4 +1,4 @@
-"""ShardedClassifier with fused='triton' equals fused='torch' (single process, world size 1), and backend plumbing.
+"""ShardedClassifier with backend='triton' equals backend='torch' (single process, world size 1), and backend plumbing.
 
 Without a GPU the kernels run in Triton's CPU interpreter (set below, before Triton loads):
 
@@ -35,9 +35,9 @@ def _data(step):
 
 @pytest.mark.parametrize("negatives", ["all", "random"])
 @pytest.mark.parametrize("loss", ["d_softmax", "arcface", "cosface", "softmax"])
-def test_fused_head_equals_torch_head_over_steps(loss, negatives):
+def test_triton_head_equals_torch_head_over_steps(loss, negatives):
     """Loss, embedding gradient and weight gradient agree over 2 training steps (same sampled rows)."""
-    heads = [ShardedClassifier(C, D, loss=loss, negatives=negatives, sample_rate=0.2, seed=3, fused=name,
+    heads = [ShardedClassifier(C, D, loss=loss, negatives=negatives, sample_rate=0.2, seed=3, backend=name,
                                device=DEVICE) for name in ("triton", "torch")]
     assert heads[0].backend == "triton"
     for step in range(2):
@@ -58,14 +58,14 @@ def test_fused_head_equals_torch_head_over_steps(loss, negatives):
 
 
 def test_requested_backend_reads_the_env_var(monkeypatch):
-    monkeypatch.delenv("DSOFT_FUSED", raising=False)
+    monkeypatch.delenv("DSOFT_HEAD_BACKEND", raising=False)
     assert requested_backend("auto") == "auto"
-    monkeypatch.setenv("DSOFT_FUSED", "torch")
+    monkeypatch.setenv("DSOFT_HEAD_BACKEND", "torch")
     assert requested_backend("auto") == "torch"
-    monkeypatch.setenv("DSOFT_FUSED", " Triton ")
+    monkeypatch.setenv("DSOFT_HEAD_BACKEND", " Triton ")
     assert requested_backend("torch") == "triton"
-    monkeypatch.setenv("DSOFT_FUSED", "cuda")
-    with pytest.raises(ValueError, match="DSOFT_FUSED='cuda' is invalid; use one of auto, torch, cpu-c, triton"):
+    monkeypatch.setenv("DSOFT_HEAD_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="DSOFT_HEAD_BACKEND='cuda' is invalid; use one of auto, torch, cpu-c, triton"):
         requested_backend()
 
 
@@ -76,7 +76,7 @@ def test_auto_uses_the_torch_path_for_float64_and_the_kernels_reject_it():
     want = head_local.torch_local_shard_stats(feats, weight, *args)
     for got, ref in zip(auto_local_shard_stats(feats, weight, *args), want):
         assert torch.equal(got, ref)
-    with pytest.raises(ValueError, match="features dtype torch.float64 is not supported by the fused kernels"):
+    with pytest.raises(ValueError, match="features dtype torch.float64 is not supported by the triton kernels"):
         triton_local_shard_stats(feats, weight, *args)
 
 
@@ -109,7 +109,7 @@ def test_bad_config_raises_clear_errors():
 
 
 def test_package_imports_and_falls_back_without_triton():
-    """With `import triton` failing, dsoft_dist.kernels imports, auto runs the torch path, fused raises clearly."""
+    """With `import triton` failing, dsoft_dist.kernels imports, auto runs the torch path, triton raises clearly."""
     code = "\n".join([
         "import sys; sys.modules['triton'] = None",  # makes `import triton` raise ImportError
         "import torch, dsoft_dist.kernels as k",
@@ -123,7 +123,7 @@ def test_package_imports_and_falls_back_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "ERR the fused head path (fused='triton') needs Triton" in out.stdout
+    assert "ERR the head's triton backend needs Triton" in out.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the example is the CPU (interpreter) one")

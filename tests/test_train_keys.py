@@ -5,7 +5,7 @@ twice, with the key at a base value and at a changed value, and compares a finge
 what ran: the loss and lr of every step, the final weights, the verification metrics, the
 files written, the progress bar and wandb state, the report's title, or the error the run
 raised. A key is covered when the fingerprints differ. Keys that only choose how the same
-numbers are computed (data.num_workers, head.chunk_size, head.logit_cache_mb, head.fused, head.compute_dtype,
+numbers are computed (data.num_workers, head.chunk_size, head.logit_cache_mb, head.backend, head.compute_dtype,
 eval.batch_size; optimizer.head_mode and optimizer.head_step_in_backward when every row is touched: with the
 logit cache, the step inside backward and the separate step give the same bits) are seen in the component that
 received them (the loader's workers, the head's chunk size, logit cache, backend and GEMM dtype, the head
@@ -69,7 +69,7 @@ CASES = {
     "head.chunk_size": ({}, 4),
     "head.logit_cache_mb": ({}, 0.0),
     "head.seed": ({}, 3),
-    "head.fused": ({}, "torch"),
+    "head.backend": ({}, "torch"),
     "head.compute_dtype": ({}, "bf16"),
     "data.source": ("shards", "synthetic"),
     "data.shards": ("shards", "{dir}/missing-{{000000..000001}}.tar"),

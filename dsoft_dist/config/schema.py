@@ -75,8 +75,8 @@ class HeadConfig:
     # a sampled step of up to this size recomputes nothing, a larger one recomputes the rest; 0 = recompute all
     logit_cache_mb: float = 64.0
     seed: int = 0
-    fused: str = "auto"  # auto | torch | cpu-c | triton (dsoft_dist.head.backend)
-    # GEMM operands of the fused Triton path (its statistics stay fp32); the torch path computes in fp32
+    backend: str = "auto"  # auto | torch | cpu-c | triton (dsoft_dist.head.backend)
+    # GEMM operands of the triton backend (its statistics stay fp32); the torch path computes in fp32
     compute_dtype: str = "fp32"  # fp32 | bf16 | fp16
 
     def __post_init__(self):
@@ -98,7 +98,7 @@ class HeadConfig:
                    f"head.loss={self.loss} takes no margin; remove it or use loss=margin/arcface/cosface/sphereface")
         _check(self.chunk_size >= 0, "head.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
         _check(self.logit_cache_mb >= 0, "head.logit_cache_mb", self.logit_cache_mb, "must be >= 0 (0 = recompute)")
-        _choice("head.fused", self.fused, ("auto", "torch", "cpu-c", "triton"))
+        _choice("head.backend", self.backend, ("auto", "torch", "cpu-c", "triton"))
 
     def margins(self) -> tuple[float, float, float]:
         """(m1, m2, m3): the loss preset's margins with any explicitly given value replacing it."""

@@ -11,7 +11,7 @@ Every backend has the signature of ``torch_local_shard_stats`` (features, weight
 target_local, valid, scale, normalize, *, chunk_size, logit_cache_mb, row_update,
 compute_dtype) -> (lse, target, max), each (B,): the per-row statistics forward and a
 recompute backward. ``dsoft_dist.kernels`` is imported only when triton or cpu-c is selected,
-or when auto meets CUDA inputs: the head never needs it on CPU. The ``DSOFT_FUSED``
+or when auto meets CUDA inputs: the head never needs it on CPU. The ``DSOFT_HEAD_BACKEND``
 environment variable overrides the head's choice.
 """
 from __future__ import annotations
@@ -24,12 +24,12 @@ import torch
 from dsoft_dist.head.local import torch_local_shard_stats
 
 BACKEND_NAMES = ("auto", "torch", "cpu-c", "triton")
-ENV_VAR = "DSOFT_FUSED"
+ENV_VAR = "DSOFT_HEAD_BACKEND"
 _ROW_UPDATES = {"torch", "cpu-c"}  # backends that take row updates (the step in backward, chunk by chunk)
 
 
 def requested_backend(default: str = "auto") -> str:
-    """The backend to use: ``DSOFT_FUSED`` (auto | torch | cpu-c | triton) if set, else ``default``.
+    """The backend to use: ``DSOFT_HEAD_BACKEND`` (auto | torch | cpu-c | triton) if set, else ``default``.
 
     Raises ValueError naming the variable, the value and the choices when the env var is invalid.
     """
@@ -38,7 +38,7 @@ def requested_backend(default: str = "auto") -> str:
         return default
     if value not in BACKEND_NAMES:
         raise ValueError(f"{ENV_VAR}={value!r} is invalid; use one of {', '.join(BACKEND_NAMES)} "
-                         f"(or unset it to use the head's fused= setting)")
+                         f"(or unset it to use the head's backend= setting)")
     return value
 
 
@@ -84,11 +84,11 @@ def register_local_backend(name: str, fn: Callable, takes_row_updates: bool = Fa
 
 
 def get_local_backend(name: str) -> str:
-    """The name of the selected backend (``DSOFT_FUSED`` overrides ``name``); raises ValueError if unknown."""
+    """The name of the selected backend (``DSOFT_HEAD_BACKEND`` overrides ``name``); raises ValueError if unknown."""
     name = requested_backend(name)
     if name not in _BACKENDS:
-        raise ValueError(f"fused={name!r} is not available; registered backends: {', '.join(sorted(_BACKENDS))} "
-                         f"(use fused='auto' or 'torch')")
+        raise ValueError(f"backend={name!r} is not available; registered backends: "
+                         f"{', '.join(sorted(_BACKENDS))} (use backend='auto' or 'torch')")
     return name
 
 

@@ -1,6 +1,6 @@
 """The cpu-c backend: the torch path with its elementwise passes compiled from C (opt in, CPU float32).
 
-    head = ShardedClassifier(..., fused="cpu-c")      # or HeadConfig.fused: cpu-c, DSOFT_FUSED=cpu-c
+    head = ShardedClassifier(..., backend="cpu-c")    # or head.backend: cpu-c, DSOFT_HEAD_BACKEND=cpu-c
 
 On CPU a chunk's passes between its GEMMs (scale by 1/|w|, shift, mask the target, max,
 exp, sum; in backward the block, the target coefficient and the radial sum) each re-read a

@@ -116,7 +116,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
 
         ``grad`` (n, D) belongs to the rows ``rows`` (n,) (unique local ids), or to the slice
         [start, start + n) when rows is None. This is how the head applies the optimizer
-        inside backward (``ShardedClassifier.fuse_optimizer``); the rows and their state change
+        inside backward (``ShardedClassifier.step_in_backward``); the rows and their state change
         exactly as a ``step()`` with a gradient on those rows would change them. ``mask`` (n,)
         bool (with a row list): only the rows where it is True step; the others, which may
         repeat, are written back unchanged (fixed-size row lists need no host sync).
@@ -285,8 +285,8 @@ def _epilogues_for(w, buf, coef, values, epilogues):
     return epilogues
 
 
-class FusedRowUpdate:
-    """What the head calls to step ``param``'s rows inside backward (``ShardedClassifier.fuse_optimizer``).
+class InBackwardStep:
+    """What the head calls to step ``param``'s rows inside backward (``ShardedClassifier.step_in_backward``).
 
     ``update(grad, rows=None, start=0, mask=None)`` takes a chunk's gradient, ``update.product(lhs, rhs,
     row_coef, values, rows=None, start=0, out=None)`` the product form of it (see
@@ -344,9 +344,9 @@ class RowSparseAdamW(_RowSparseOptimizer):
 def build_head_optimizer(head, cfg) -> _RowSparseOptimizer:
     """The head's optimizer from an OptimizerConfig (name sgd | adamw, head_mode sparse | dense).
 
-    With ``cfg.head_step_in_backward`` true the optimizer is also fused into the head's backward
-    (``head.fuse_optimizer``): ``optimizer.step()`` then has nothing to do for the head. Unset
-    (None) is not fused here; the trainer resolves it (``dsoft_dist.train.build``).
+    With ``cfg.head_step_in_backward`` true the optimizer also steps in the head's backward
+    (``head.step_in_backward``): ``optimizer.step()`` then has nothing to do for the head. Unset
+    (None) is not set here; the trainer resolves it (``dsoft_dist.train.build``).
     """
     shard = dict(mode=cfg.head_mode, num_classes=head.num_classes, class_start=head.class_start)
     if cfg.name == "sgd":
@@ -358,5 +358,5 @@ def build_head_optimizer(head, cfg) -> _RowSparseOptimizer:
     else:
         raise ValueError(f"optimizer.name={cfg.name!r} is invalid; use sgd or adamw")
     if cfg.head_step_in_backward:
-        head.fuse_optimizer(opt)
+        head.step_in_backward(opt)
     return opt

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
 from dsoft_dist.head.backend import describe_local_path, get_local_backend, local_stats_fn, takes_row_updates
-from dsoft_dist.head.optim import FusedRowUpdate
+from dsoft_dist.head.optim import InBackwardStep
 from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
 from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
@@ -69,15 +69,15 @@ class ShardedClassifier(nn.Module):
     C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
     seed (negatives: seeded by (seed, step, rank); init: by (seed, row block)); group (the
     head's process group, default WORLD); chunk_size (classes per chunk, 0 = automatic);
-    fused (the backend of the local statistics, dsoft_dist.head.backend: auto | torch |
-    cpu-c | triton | a registered name); validate (first | always | never:
+    backend (of the local statistics, dsoft_dist.head.backend: auto | torch | cpu-c |
+    triton | a registered name); validate (first | always | never:
     check shapes and labels across ranks on the first forward, on every forward, or not at all;
     a check is one small all-gather and a host read, so ``first`` keeps the steady step free
     of host syncs; True / False mean always / never; the ``DSOFT_VALIDATE`` environment
     variable overrides it); logit_cache_mb (keep up
     to this many MiB of the forward's exp'd logit chunks so backward skips recomputing them;
     0 = always recompute, the memory-lean default); compute_dtype (None or torch.bfloat16 /
-    float16 / float32: the GEMM operands of the fused Triton path, which ``fused="auto"`` then
+    float16 / float32: the GEMM operands of the triton backend, which ``backend="auto"`` then
     takes on CUDA even for fp32 inputs; statistics stay fp32; the torch path ignores it). The
     path taken is logged at the first training forward.
 
@@ -87,7 +87,7 @@ class ShardedClassifier(nn.Module):
     (no averaging over ranks happens here). A DDP backbone averages gradients over its P
     ranks, so multiply the loss by P (or scale the backbone gradients) to train with the
     global-mean gradient. The weight gradient is dense for negatives="all" and a sparse COO
-    tensor over the touched rows otherwise (use dsoft_dist.head.optim); ``fuse_optimizer``
+    tensor over the touched rows otherwise (use dsoft_dist.head.optim); ``step_in_backward``
     applies the head optimizer inside backward instead (no weight gradient). Every rank must call
     forward and backward the same number of times (they are collective). Local batch sizes
     must be equal on all ranks.
@@ -95,7 +95,7 @@ class ShardedClassifier(nn.Module):
 
     def __init__(self, num_classes, embedding_size, loss="d_softmax", negatives="all", sample_rate=1.0,
                  scale=64.0, end_point=0.9, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
-                 m3=None, seed=0, group=None, chunk_size=0, fused="auto", validate="first", init_std=0.01,
+                 m3=None, seed=0, group=None, chunk_size=0, backend="auto", validate="first", init_std=0.01,
                  device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None):
         super().__init__()
         _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size)
@@ -108,19 +108,19 @@ class ShardedClassifier(nn.Module):
         self.scale = 1.0 if loss == "softmax" else float(scale)
         self.end_point, self.inter_weight, self.inter_correction = end_point, inter_weight, inter_correction
         self.m1, self.m2, self.m3 = resolve_margins(loss, m1, m2, m3)
-        self.seed, self.chunk_size, self.fused = seed, chunk_size, fused
+        self.seed, self.chunk_size = seed, chunk_size
         self.validate = _validate_mode(validate)
         self._validated = False  # a forward has passed the input check
         if logit_cache_mb < 0:
             raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")
         self.logit_cache_mb = float(logit_cache_mb)
-        self.backend = get_local_backend(fused)  # auto | torch | cpu-c | triton | a registered name
+        self.backend = get_local_backend(backend)  # auto | torch | cpu-c | triton | a registered name
         if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"compute_dtype={compute_dtype} is invalid: use None, torch.float32, torch.bfloat16 "
                              "or torch.float16")
         self.compute_dtype = compute_dtype
         self._path_logged = False
-        self._row_update = self._grad_hook = None  # set by fuse_optimizer
+        self._row_update = self._grad_hook = None  # set by step_in_backward
         self.weight = nn.Parameter(init_shard_weight(num_classes, embedding_size, self.class_start,
                                                      self.num_local_classes, seed, init_std, dtype, device))
         self.step = 0  # steps taken in training mode; seeds the random negatives
@@ -142,7 +142,7 @@ class ShardedClassifier(nn.Module):
         return cls(num_classes, embedding_size, loss=c.loss, negatives=c.negatives, sample_rate=c.sample_rate,
                    scale=c.scale, end_point=c.end_point, inter_weight=c.inter_weight,
                    inter_correction=c.inter_correction, seed=c.seed, group=group, chunk_size=c.chunk_size,
-                   fused=c.fused, m1=m1, m2=m2, m3=m3, compute_dtype=_DTYPES[c.compute_dtype],
+                   backend=c.backend, m1=m1, m2=m2, m3=m3, compute_dtype=_DTYPES[c.compute_dtype],
                    logit_cache_mb=c.logit_cache_mb, **kwargs)
 
     def extra_repr(self) -> str:
@@ -197,7 +197,7 @@ class ShardedClassifier(nn.Module):
             return fn(*local_args, row_update=self._row_update, **kwargs)
         return fn(*local_args, **kwargs)
 
-    def fuse_optimizer(self, optimizer) -> None:
+    def step_in_backward(self, optimizer) -> None:
         """Applies ``optimizer``'s step to the shard inside backward (None: back to ``weight.grad``).
 
         ``optimizer`` is the head's row-sparse optimizer (``build_head_optimizer``, head_mode
@@ -217,17 +217,17 @@ class ShardedClassifier(nn.Module):
         if optimizer is None:
             return
         if getattr(optimizer, "mode", None) != "sparse" or not hasattr(optimizer, "update_rows"):
-            raise ValueError(f"fuse_optimizer needs a row-sparse head optimizer with head_mode='sparse' "
+            raise ValueError(f"step_in_backward needs a row-sparse head optimizer with head_mode='sparse' "
                              f"(dsoft_dist.head.build_head_optimizer), got {type(optimizer).__name__} "
                              f"with mode={getattr(optimizer, 'mode', None)!r}")
         if not any(p is self.weight for g in optimizer.param_groups for p in g["params"]):
-            raise ValueError("fuse_optimizer: the optimizer does not hold this head's weight; build it with "
+            raise ValueError("step_in_backward: the optimizer does not hold this head's weight; build it with "
                              "build_head_optimizer(head, cfg)")
         epilogues = None
         if self.backend == "cpu-c":  # the SGD tail runs in the same compiled code as the chunks' passes
             from dsoft_dist.kernels.cpu import cpu_epilogues
             epilogues = cpu_epilogues()
-        self._row_update = FusedRowUpdate(optimizer, self.weight, epilogues)
+        self._row_update = InBackwardStep(optimizer, self.weight, epilogues)
         # the hook lives in the weight's C++ hook table, which Python's garbage collector cannot
         # traverse: a strong reference there would keep the optimizer (and through it the weight and
         # its momentum) alive forever after the head and the optimizer are dropped

@@ -17,7 +17,7 @@ from dsoft_dist.head.optim import product_gradient
 
 class WeightGrad:
     """Collects the weight gradient: dense (C_local, D), values over the touched rows only, or
-    row updates handed to ``row_update`` (an optimizer fused into backward: no gradient is kept).
+    row updates handed to ``row_update`` (the step in backward: no gradient is kept).
 
     Each row's gradient is complete when its chunk is done: the chunk's GEMM includes the
     targets inside it, and owned targets outside every chunk get their own rows. With a row
@@ -49,7 +49,7 @@ class WeightGrad:
         """The chunk's rows get the gradient lhs (k, B) @ rhs (B, D) + row_coef (k,)[:, None] * values (k, D)
         (row_coef None: the product alone); ``values`` are the rows' current values.
 
-        A fused optimizer that takes the product form (``row_update.product``) applies it
+        A step in backward that takes the product form (``row_update.product``) applies it
         itself; otherwise the gradient is formed in the chunk's output and committed.
         """
         product = getattr(self.row_update, "product", None)

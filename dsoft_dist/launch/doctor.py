@@ -151,8 +151,8 @@ def check_versions() -> Check:
     found = (f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
              f"NCCL {_nccl_version()}, triton {triton_version}, dsoft_dist {dsoft_dist.__version__}")
     if triton_version == "not installed" and torch.cuda.is_available():
-        return Check(WARN, "versions", found, "pip install triton (the fused head kernels need it on GPUs; "
-                     "head.fused=torch runs without it, slower)")
+        return Check(WARN, "versions", found, "pip install triton (the head's triton backend needs it on GPUs; "
+                     "head.backend=torch runs without it, slower)")
     return Check(OK, "versions", found)
 
 

@@ -77,7 +77,7 @@ class DDPEngine:
                 group["lr"] = lr
 
     def step(self, head) -> bool:
-        """Unscale, one overflow decision, clip, both steps (head skipped when fused into backward)."""
+        """Unscale, one overflow decision, clip, both steps (the head skipped when it steps in backward)."""
         params = list(self.module.parameters())
         head_params = [head.weight]
         self.scaler.unscale_(params)

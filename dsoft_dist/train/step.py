@@ -8,7 +8,7 @@ Per micro-batch (DESIGN.md §5, conventions in ``dsoft_dist.train.grads``):
 
     emb = engine.forward(x)                            # (B_local, D), autocast
     e = emb.detach().float().requires_grad_()          # the head runs in fp32, outside the engine
-    (head(e, y) / k).backward()                        # head forward + backward (+ its fused step)
+    (head(e, y) / k).backward()                        # head forward + backward (+ its step in backward)
     engine.backward(emb, e.grad * factor)              # backbone backward, the only scaled part
 
 The head's backward runs on its own, so the step's time splits into data wait, backbone

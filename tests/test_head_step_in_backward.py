@@ -1,7 +1,7 @@
-"""The head optimizer fused into backward (ShardedClassifier.fuse_optimizer) and the chunked backward's
+"""The head optimizer's step in backward (ShardedClassifier.step_in_backward) and the chunked backward's
 target and sign handling, in one plain process. The multi-process runs are in tests/test_head_dist.py.
 
-    python -m pytest tests/test_head_fused_optim.py
+    python -m pytest tests/test_head_step_in_backward.py
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ def _batches(seed=0):
     return out
 
 
-def _train(loss, neg, opt_name, chunk, fused, backend="auto", dtype=torch.float32):
+def _train(loss, neg, opt_name, chunk, in_backward, backend="auto", dtype=torch.float32):
     """STEPS steps; returns per step (loss, embedding grad, touched-row mask, weight) and the optimizer state."""
     head = ShardedClassifier(C, D, loss=loss, negatives=neg, sample_rate=0.3, chunk_size=chunk, seed=4,
-                             init_std=0.5, fused=backend).to(dtype)
+                             init_std=0.5, backend=backend).to(dtype)
     cfg = OPTIMIZERS[opt_name]
-    opt = build_head_optimizer(head, OptimizerConfig(**{**cfg.__dict__, "head_step_in_backward": fused}))
+    opt = build_head_optimizer(head, OptimizerConfig(**{**cfg.__dict__, "head_step_in_backward": in_backward}))
     steps = []
     for emb, labels in _batches():
         before = head.weight.detach().clone()
@@ -46,7 +46,7 @@ def _train(loss, neg, opt_name, chunk, fused, backend="auto", dtype=torch.float3
         loss_value.backward()
         grad = head.weight.grad
         touched = None
-        if grad is not None:  # unfused: the rows present in the gradient are the touched ones
+        if grad is not None:  # stepped after backward: the rows present in the gradient are the touched ones
             dense = grad.to_dense() if grad.is_sparse else grad
             touched = (grad.coalesce().indices()[0] if grad.is_sparse else torch.arange(C))
             assert dense.shape == (C, D)
@@ -70,19 +70,19 @@ register_local_backend("plain_for_tests", _plain_backend)
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("neg", MODES)
 @pytest.mark.parametrize("loss", ("d_softmax", "arcface", "softmax"))
-def test_fused_step_equals_backward_then_step(loss, neg, opt_name):
-    """Loss, embedding gradients, weights and optimizer state after 3 steps match the unfused run,
+def test_step_in_backward_equals_backward_then_step(loss, neg, opt_name):
+    """Loss, embedding gradients, weights and optimizer state after 3 steps match the run stepped after backward,
     rows outside the touched set stay bit-identical, and no weight gradient is kept: on the torch
     chunked path (updates per chunk, chunked and not) and on a backend that returns a weight
     gradient (the update runs from the post-accumulate-grad hook).
 
-    In float64: the fused SGD adds the same terms in another order (the chunk GEMM runs into
+    In float64: the SGD in backward adds the same terms in another order (the chunk GEMM runs into
     the momentum), and after 3 steps at lr 0.3 both float32 runs sit ~1e-5 from the float64
     answer, so only float64 separates a wrong update from rounding."""
     tol = dict(rtol=1e-10, atol=1e-12)
     for chunk, backend in ((0, "auto"), (4, "auto"), (4, "plain_for_tests")):
-        ref_steps, ref_state = _train(loss, neg, opt_name, chunk, fused=False, dtype=torch.float64)
-        got_steps, got_state = _train(loss, neg, opt_name, chunk, fused=True, backend=backend, dtype=torch.float64)
+        ref_steps, ref_state = _train(loss, neg, opt_name, chunk, in_backward=False, dtype=torch.float64)
+        got_steps, got_state = _train(loss, neg, opt_name, chunk, in_backward=True, backend=backend, dtype=torch.float64)
         for ref, got in zip(ref_steps, got_steps):
             assert got["grad_is_none"] and not ref["grad_is_none"]
             torch.testing.assert_close(got["loss"], ref["loss"], **tol)
@@ -96,11 +96,11 @@ def test_fused_step_equals_backward_then_step(loss, neg, opt_name):
 
 
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_fused_step_in_float32_stays_within_rounding(opt_name):
-    """The production dtype: one fused step equals backward + step to float32 rounding."""
+def test_step_in_backward_in_float32_stays_within_rounding(opt_name):
+    """The production dtype: one step in backward equals backward + step to float32 rounding."""
     for chunk in (0, 4):
-        ref_steps, _ = _train("arcface", "all", opt_name, chunk, fused=False)
-        got_steps, _ = _train("arcface", "all", opt_name, chunk, fused=True)
+        ref_steps, _ = _train("arcface", "all", opt_name, chunk, in_backward=False)
+        got_steps, _ = _train("arcface", "all", opt_name, chunk, in_backward=True)
         torch.testing.assert_close(got_steps[0]["weight"], ref_steps[0]["weight"], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got_steps[0]["grad_emb"], ref_steps[0]["grad_emb"], rtol=1e-5, atol=1e-6)
 
@@ -170,7 +170,7 @@ def test_a_row_below_eps_gets_the_gradient_of_f_normalize(sampled):
     torch.testing.assert_close(grad_w, w2.grad, rtol=1e-7, atol=1e-6 * float(w2.grad.abs().max()))
 
 
-def test_fused_head_refuses_a_second_backward():
+def test_a_head_stepping_in_backward_refuses_a_second_backward():
     """The rows change during the first backward, so retain_graph + a second backward must fail loudly."""
     head = ShardedClassifier(C, D, chunk_size=4)
     build_head_optimizer(head, OptimizerConfig(head_step_in_backward=True))
@@ -181,32 +181,32 @@ def test_fused_head_refuses_a_second_backward():
         loss.backward()
 
 
-def test_fuse_optimizer_errors_name_the_fix():
+def test_step_in_backward_errors_name_the_fix():
     head = ShardedClassifier(C, D)
     dense = build_head_optimizer(head, OptimizerConfig(head_mode="dense"))
     with pytest.raises(ValueError, match="head_mode='sparse'"):
-        head.fuse_optimizer(dense)
+        head.step_in_backward(dense)
     other = build_head_optimizer(ShardedClassifier(C, D), OptimizerConfig())
     with pytest.raises(ValueError, match="does not hold this head's weight"):
-        head.fuse_optimizer(other)
+        head.step_in_backward(other)
     with pytest.raises(ValueError, match="update_rows needs mode='sparse'"):
         dense.update_rows(head.weight, torch.zeros(2, D), start=0)
 
 
-def test_fuse_optimizer_none_returns_to_weight_gradients():
+def test_step_in_backward_none_returns_to_weight_gradients():
     head = ShardedClassifier(C, D)
     opt = build_head_optimizer(head, OptimizerConfig(head_step_in_backward=True))
     emb, labels = _batches()[0]
     head(emb, labels).backward()
     assert head.weight.grad is None
-    head.fuse_optimizer(None)
+    head.step_in_backward(None)
     head(emb, labels).backward()
     assert head.weight.grad is not None and head.weight.grad.shape == (C, D)
     opt.step()
 
 
 @pytest.mark.parametrize("negatives", ["all", "random"])
-def test_a_dropped_head_and_its_fused_optimizer_are_freed(negatives):
+def test_a_dropped_head_and_its_optimizer_are_freed(negatives):
     """The optimizer's hook sits in the weight's C++ hook table, which the garbage collector cannot see
     into: it must not keep the optimizer, the weight and its momentum alive after both are dropped
     (a sweep building heads one after another in one process grew by each head's state)."""
@@ -231,11 +231,11 @@ def test_config_head_step_in_backward_needs_sparse_mode(tmp_path):
 
 
 @pytest.mark.parametrize("neg", ("all", "random"))
-def test_fused_step_with_the_triton_kernels(neg):
-    """fused='triton' (Triton's interpreter on CPU) + fuse_optimizer equals the torch path's backward + step."""
+def test_step_in_backward_with_the_triton_backend(neg):
+    """backend='triton' (Triton's interpreter on CPU) + step_in_backward equals the torch path's backward + step."""
     pytest.importorskip("triton")
-    ref_steps, _ = _train("arcface", neg, "sgd", 0, fused=False)
-    got_steps, _ = _train("arcface", neg, "sgd", 0, fused=True, backend="triton")
+    ref_steps, _ = _train("arcface", neg, "sgd", 0, in_backward=False)
+    got_steps, _ = _train("arcface", neg, "sgd", 0, in_backward=True, backend="triton")
     for ref, got in zip(ref_steps, got_steps):
         assert got["grad_is_none"]
         torch.testing.assert_close(got["weight"], ref["weight"], rtol=1e-4, atol=1e-5)
