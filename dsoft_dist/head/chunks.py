@@ -2,8 +2,8 @@
 
 The local statistics (``dsoft_dist.head.local``) walk the shard's columns (all its rows, or
 the sampled ``rows``) in chunks of ``chunk`` rows, so no (B, C_local) logit matrix exists.
-This file holds what the forward and backward loops share: ``ChunkPlan`` (the columns'
-rows and their chunks), ``Workspace`` (buffers reused by every chunk), ``TargetSlots`` (where each
+This file holds what the forward and backward loops share: ``ChunkPlan`` (the columns and
+their chunks), ``Workspace`` (buffers reused by every chunk), ``TargetSlots`` (where each
 batch row's target sits in a chunk) and the row-normalization helpers.
 """
 from __future__ import annotations
@@ -31,27 +31,37 @@ def auto_chunk_size(batch_size: int, chunk_size: int = 0, device: torch.device |
 
 @dataclass
 class ChunkPlan:
-    """The columns' raw rows ``cols`` (n_cols, D) (the shard's weight, or its sampled rows gathered), walked
-    in chunks of ``chunk`` rows computed in ``dtype``."""
+    """The shard's columns: ``weight`` (C_local, D) raw rows, ``rows`` (K,) sorted local ids or None (all
+    rows), ``chunk`` rows per chunk, computed in ``dtype``."""
 
-    cols: torch.Tensor
+    weight: torch.Tensor
+    rows: torch.Tensor | None
     chunk: int
     dtype: torch.dtype
 
     def __post_init__(self):
-        self.n_cols = self.cols.shape[0]
+        self.n_cols = self.weight.shape[0] if self.rows is None else self.rows.numel()
         self.n_chunks = -(-self.n_cols // self.chunk)
         self.width = min(self.chunk, max(self.n_cols, 1))  # the widest chunk
-        self._views = self.cols.split(self.chunk)  # views made in one call
+        # slices of the weight are views made in one call; sampled rows are gathered per chunk
+        self._views = self.weight.split(self.chunk) if self.rows is None and self.weight.dtype == self.dtype else None
 
     def bounds(self, j: int) -> tuple[int, int]:
         """(first column, number of columns) of chunk j."""
         c0 = j * self.chunk
         return c0, min(self.chunk, self.n_cols - c0)
 
-    def source(self, j: int) -> torch.Tensor:
-        """Chunk j's raw rows (k, D) in ``dtype`` (a view, or a cast of a 16-bit weight's chunk)."""
-        return self._views[j].to(self.dtype)
+    def source(self, j: int, ws: "Workspace") -> torch.Tensor:
+        """Chunk j's raw rows (k, D) in ``dtype``: a view of the weight when possible, else gathered."""
+        if self._views is not None:
+            return self._views[j]
+        c0, k = self.bounds(j)
+        if self.rows is None:
+            return self.weight[c0:c0 + k].to(self.dtype)
+        out = ws.rows_view(k)
+        if out is None or self.weight.dtype != self.dtype:
+            return self.weight.index_select(0, self.rows[c0:c0 + k]).to(self.dtype)
+        return torch.index_select(self.weight, 0, self.rows[c0:c0 + k], out=out)
 
 
 class Workspace:
@@ -66,7 +76,10 @@ class Workspace:
         chunk, dtype = plan.width, plan.dtype
         self.logits = torch.empty((chunk + 1) * batch, dtype=dtype, device=device)  # viewed (k + 1, B)
         self.block = torch.empty((chunk + 1) * batch, dtype=dtype, device=device) if block_buffer else None
-        # the chunk's gradient has a buffer unless it is written into the gradient itself
+        # gathered (sampled) rows are copied into a buffer (k, D); a slice of all rows is a view of the
+        # weight. The chunk's gradient has a buffer unless it is written into the gradient itself.
+        gathered = plan.rows is not None
+        self.rows = torch.empty(chunk * dim, dtype=dtype, device=device) if gathered else None
         self.grad = torch.empty(chunk * dim, dtype=dtype, device=device) if grad_buffer else None
         self.batch, self.dim = batch, dim
         self._views = {}
@@ -83,6 +96,9 @@ class Workspace:
         if view is None:
             view = self._views[(name, k)] = buf[:(k + 1) * self.batch].view(k + 1, self.batch)
         return view
+
+    def rows_view(self, k):
+        return None if self.rows is None else self.rows[:k * self.dim].view(k, self.dim)
 
     def grad_view(self, k):
         return self.grad[:k * self.dim].view(k, self.dim)

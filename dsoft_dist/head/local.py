@@ -107,8 +107,7 @@ class LocalShardStats(torch.autograd.Function):
     def forward(ctx, features, weight, rows, target_local, valid, scale, normalize, chunk, n_cached, row_update,
                 passes=None):
         passes = passes if passes is not None else TorchPasses()
-        cols = _columns(weight, rows, features.dtype)  # (n_cols, D) raw rows: gathered once, kept for backward
-        plan = ChunkPlan(cols, chunk, features.dtype)
+        plan = ChunkPlan(weight, rows, chunk, features.dtype)
         tpos = target_positions(rows, target_local)  # (B,)
         lse, run_max, norms, ctx.cache = _forward_chunks(features * (scale * passes.unit), plan=plan, tpos=tpos,
                                                          normalize=normalize, n_cached=n_cached, passes=passes)
@@ -116,7 +115,7 @@ class LocalShardStats(torch.autograd.Function):
         lse, run_max = torch.where(valid, lse, neg_inf), torch.where(valid, run_max, neg_inf)
         w_t, _, owned = target_rows(weight, target_local, normalize, features.dtype)
         target = torch.where(owned, (features * w_t).sum(dim=1), torch.zeros_like(lse))  # (B,)
-        ctx.save_for_backward(features, weight, cols, rows, target_local, tpos, lse, norms)
+        ctx.save_for_backward(features, weight, rows, target_local, tpos, lse, norms)
         ctx.scale, ctx.normalize, ctx.chunk, ctx.n_cached = scale, normalize, chunk, len(ctx.cache)
         ctx.row_update, ctx.passes = row_update, passes
         ctx.mark_non_differentiable(run_max)
@@ -124,12 +123,12 @@ class LocalShardStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lse, g_target, _g_max):
-        features, weight, cols, rows, target_local, tpos, lse, norms = ctx.saved_tensors
+        features, weight, rows, target_local, tpos, lse, norms = ctx.saved_tensors
         if ctx.n_cached and ctx.cache is None:
             raise RuntimeError("backward ran twice through the head with logit_cache_mb > 0 (the cache is consumed "
                                "by the first backward); use logit_cache_mb=0 with retain_graph=True")
         grad_w = WeightGrad(weight, rows, target_local, tpos, features.dtype, ctx.row_update)
-        plan = ChunkPlan(cols, ctx.chunk, features.dtype)
+        plan = ChunkPlan(weight, rows, ctx.chunk, features.dtype)
         grad_f = _backward_chunks(features, plan=plan, tpos=tpos, g_lse=g_lse, g_target=g_target, lse=lse,
                                   norms=norms, grad_w=grad_w, ctx=ctx)
         outside = None
@@ -140,15 +139,6 @@ class LocalShardStats(torch.autograd.Function):
         need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.cache = None
         return (grad_f if need_f else None), (grad_w.finish(outside) if need_w else None), *([None] * 9)
-
-
-def _columns(weight, rows, dtype):
-    """The columns' raw rows (n_cols, D): the weight itself for all rows (a 16-bit weight is cast chunk by
-    chunk), else the sampled rows gathered once in ``dtype``, which forward and backward both read (the
-    O(K D) the sparse gradient takes anyway) instead of gathering every chunk twice."""
-    if rows is None:
-        return weight
-    return weight.index_select(0, rows).to(dtype)
 
 
 def _forward_chunks(f_scaled, *, plan, tpos, normalize, n_cached, passes):
@@ -167,7 +157,7 @@ def _forward_chunks(f_scaled, *, plan, tpos, normalize, n_cached, passes):
     passes.start(f_scaled, plan.n_cols)
     for j in range(plan.n_chunks):
         _, k = plan.bounds(j)
-        src = plan.source(j)  # (k, D) raw rows
+        src = plan.source(j, ws)  # (k, D) raw rows
         padded = ws.logits_view(k) if j >= n_cached else f_scaled.new_empty(k + 1, batch)  # (k + 1, B)
         logits = torch.mm(src, f_t, out=padded[:k])  # (k, B)
         inv = inv_norms_into(src, norm_chunks[j], inv_buf[:k]) if normalize else None  # (k, 1)
@@ -221,7 +211,7 @@ def _backward_chunks(features, *, plan, tpos, g_lse, g_target, lse, norms, grad_
     grad_f = torch.zeros_like(features)  # (B, D): sum_k |G_ik| w_hat_k, signed and scaled at the end
     for j in range(plan.n_chunks):
         c0, k = plan.bounds(j)
-        src = plan.source(j)  # (k, D) raw rows
+        src = plan.source(j, bc.ws)  # (k, D) raw rows
         inv = inv_cols[j] if inv_cols is not None else None  # (k, 1)
         if j < ctx.n_cached:
             _cached_chunk_grads(j, src, inv, inv_sq, bc=bc, ctx=ctx, grad_f=grad_f, grad_w=grad_w, c0=c0)
