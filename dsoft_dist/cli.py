@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "dsoft_dist.data.cli",
     "dsoft_dist.eval.cli",
     "dsoft_dist.bench.cli",
+    "dsoft_dist.plan.cli",
 )
 USER_ERROR_EXIT, INTERRUPTED_EXIT = 2, 130
 TRACEBACK_VARIABLE = "DSOFT_TRACEBACK"

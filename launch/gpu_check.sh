@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# GPU validation of the fused head kernels and the trainer: GPU tests + kernel benchmark + a short
-# `dsoft train` on one GPU (nccl, bf16, the head's fused path), report in OUT_DIR.
+# GPU validation of the head's triton backend and the trainer: GPU tests + kernel benchmark + a short
+# `dsoft train` on one GPU (nccl, bf16, the head's triton backend), report in OUT_DIR.
 #
 #   launch/gpu_check.sh OUT_DIR     # from anywhere; one CUDA GPU; < 9 minutes (stage limits sum to 540 s)
 #
 # Writes OUT_DIR/report.md (GPU, date, versions, test results, every figure, targets met or not),
 # OUT_DIR/kernels.json (the benchmark), head.log (the whole head step on the torch chunked path, fp32),
 # nvidia-smi.txt, versions.txt, pytest-*.log/xml, compile-check.log, train.log + train/ (the run's outputs),
-# speedup.log + speedup/ (`dsoft bench speedup` at C = 1M and 4M).
+# speedup.log + speedup/ (`dsoft bench speedup` at C = 1M and 4M), plan-profile.json (the GPU's profile for
+# `dsoft plan --profile`, measured at docs/scale.md's sizes) + plan.log.
 # Every stage has a `timeout` so the whole check ends in under ~9 minutes; a stage that fails or
 # times out is recorded in the report and the next stage still runs. Sizes are fixed below.
 # Python: $PYTHON if set, else `python3`. If that cannot import dsoft_dist.kernels + triton + pytest,
@@ -62,7 +63,7 @@ PYEOF
 cat "$OUT/versions.txt" >&2
 
 # 1. GPU-marked tests (compiled kernels: bf16/fp16/fp32, large shapes, tile configs, memory, head)
-stage pytest-gpu 170 "$PY" -m pytest -m gpu tests/test_kernels_shard_stats.py tests/test_kernels_head.py \
+stage pytest-gpu 150 "$PY" -m pytest -m gpu tests/test_kernels_shard_stats.py tests/test_kernels_head.py \
     tests/test_kernels_bench.py tests/test_kernels_gpu.py -q -rA -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml"
 # 2. the benchmark at the issue's sizes, tiles picked by a fixed 4-config sweep at the first size
 stage bench 150 "$PY" -m dsoft_dist.bench.kernels --classes 100000 1000000 --batch 512 4096 --dim 512 \
@@ -75,11 +76,11 @@ stage pytest-compiled 50 "$PY" -m pytest tests/test_kernels_shard_stats.py -k "f
     -q -rA -p no:cacheprovider --junitxml "$OUT/pytest-compiled.xml"
 
 # 5. the whole head step (forward + backward + row-sparse SGD) on the torch chunked path, fp32, at the
-#    head issue's sizes, with the weight gradient + step and with the optimizer fused into backward
+#    head issue's sizes, with the weight gradient + step and with the step in backward
 stage head 55 bash -c "\"$PY\" -m dsoft_dist.bench.head --device cuda --classes 1000000 --dim 512 --batch 512 \
     --sample-rates 1 0.125 0.015625 --repeats 5 --warmup 2 && \"$PY\" -m dsoft_dist.bench.head --device cuda \
     --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625 --repeats 5 --warmup 2 \
-    --optimizer-in-backward"
+    --step-in-backward"
 
 # 6. the trainer on one GPU: nccl, bf16 autocast, head.compute_dtype=bf16 (train.log says which head path
 #    ran and the samples/s; train/report.md the verification before and after)
@@ -91,6 +92,13 @@ stage train 40 "$PY" -m dsoft_dist.train --config configs/demo.yaml --nproc 1 --
 #    speedup.md, .csv, .json and .png); softmax_naive is skipped where its replicated weight cannot fit
 stage speedup 45 "$PY" -m dsoft_dist.cli bench speedup --device cuda --classes 1000000,4000000 --dim 512 \
     --batch 512 --rates 1/8,1/64 --repeats 3 --no-progress --out "$OUT/speedup"
+
+# 8. the GPU's profile for `dsoft plan` (GEMM GFLOP/s at the head's shapes, exp2 passes, copy bandwidth, a
+#    256-row head step) at docs/scale.md's sizes; plan.log has the plans with predicted times (communication
+#    needs --intra-gbps / --inter-gbps: a GPU profile has no GPU-to-GPU figure, so the gloo part is skipped)
+stage plan 20 "$PY" -m dsoft_dist.cli plan --classes 1000000,10000000,100000000 --gpus 8,64,512 --dim 512 \
+    --batch-per-gpu 128 --dtype bf16 --sample-rate 1,1/64 --device cuda --no-collective \
+    --measure-profile "$OUT/plan-profile.json"
 
 "$PY" -m dsoft_dist.bench.kernels_report "$OUT" > "$OUT/report.md" 2> "$OUT/report.log" \
     || echo "report generation failed (see report.log)" >> "$STATUS"

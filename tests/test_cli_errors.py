@@ -45,6 +45,7 @@ ROWS = {
     "bench stream": (["bench", "stream", "--identities", "4", "--workers", "0", "--keep", f"{FILE}/shards"],
                      f"{FILE}/shards"),
     "bench train": (["bench", "train", "--classes", "-9"], "num_classes=-9"),
+    "plan": (["plan", "--classes", "1000000", "--gpus", "8", "--sample-rate", "3/2"], "--sample-rate '3/2'"),
 }
 DEMO_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 # more bad inputs for subcommands that read several kinds of file

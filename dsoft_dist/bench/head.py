@@ -21,12 +21,15 @@ For each sample rate r it times ``loss = head(emb, labels); loss.backward(); opt
   RSS before the step; on CUDA max_memory_allocated minus memory_allocated before.
 - bytes/step = payload bytes of the head's collectives (0 for one rank).
 - "step s" is the median, "best s" the fastest repeat (the CPU may be shared); speedup uses medians.
-- --optimizer-in-backward fuses the head optimizer into backward (ShardedClassifier.fuse_optimizer):
+- --step-in-backward applies the head optimizer in backward (ShardedClassifier.step_in_backward):
   rows are updated chunk by chunk and no (C_local, D) weight gradient is allocated.
-- "cpu_epilogues" in the header: on when the CPU path ran its compiled C epilogues
-  (dsoft_dist.kernels.cpu; off without a C compiler or with DSOFT_CPU_KERNELS=0).
+- --backend auto | torch | cpu-c | triton: the head's backend; "backend" in the header names the
+  one that ran, for cpu-c whether its passes were compiled (no C compiler or DSOFT_CPU_KERNELS=0:
+  the torch passes).
 - --logit-cache-mb N keeps up to N MiB of the forward's exp'd logits so backward skips the
   recompute of those chunks (B * C_local * 4 bytes caches everything: 2 GiB at B=512, C=1M).
+- --json FILE also writes the rows with exact bytes (state, transient, bytes/step and per named
+  collective) and seconds; ``dsoft plan``'s validation (tests/test_plan.py) reads it.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from dsoft_dist.config.schema import OptimizerConfig
-from dsoft_dist.head import ShardedClassifier, auto_chunk_size, build_head_optimizer
+from dsoft_dist.head import BACKEND_NAMES, ShardedClassifier, auto_chunk_size, build_head_optimizer
 from dsoft_dist.train.distributed import distributed, spawn_local
 _MIB = 1 << 20
 
@@ -84,8 +87,8 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _matmul_rate(batch, dim, k, device, class_major, repeats=5) -> float:
-    """GFLOP/s of the step's three GEMM shapes on one chunk of k rows, plain torch.mm.
+def matmul_rate(batch, dim, k, device, class_major, repeats=5) -> float:
+    """GFLOP/s of the step's three GEMM shapes on one chunk of k rows, plain torch.mm: 6 B k D / median time.
 
     class_major: (k,D)x(D,B), (B,k)x(k,D) from a (k,B) block, (k,B)x(B,D); else their
     transposes (B,D)x(D,k), (B,k)x(k,D), (k,B)x(B,D) from a (B,k) block.
@@ -105,14 +108,14 @@ def _matmul_rate(batch, dim, k, device, class_major, repeats=5) -> float:
     return 6 * batch * k * dim / statistics.median(times[1:]) / 1e9
 
 
-def _reference_rate(batch, dim, k, chunk, device) -> float:
+def reference_rate(batch, dim, k, chunk, device) -> float:
     """The plain-matmul reference: the fastest of the step's GEMM shapes at the chunk's width and as one
     wide GEMM (<= 32768 rows), each in both layouts of the logit block.
 
     Taking the best keeps a small chunk size or one layout from lowering the bar.
     """
     widths = {chunk, min(max(k, 1), 32768)}
-    return max(_matmul_rate(batch, dim, width, device, class_major) for width in widths
+    return max(matmul_rate(batch, dim, width, device, class_major) for width in widths
                for class_major in (False, True))
 
 
@@ -132,7 +135,7 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
         return min(max(h.last_num_negatives, 1), auto_chunk_size(b_global, args.chunk_size, device))
 
     gen = torch.Generator().manual_seed(rank)
-    times, peaks, refs, nbytes = [], [], [], 0
+    times, peaks, refs, nbytes, by_name = [], [], [], 0, {}
     for i in range(args.warmup + args.repeats):
         emb = torch.randn(args.batch, args.dim, generator=gen).to(device).requires_grad_(True)
         labels = torch.randint(0, args.classes, (args.batch,), generator=gen).to(device)
@@ -149,8 +152,9 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
             times.append(elapsed)
             peaks.append(mem.peak)
             nbytes = head.comm.bytes
+            by_name = dict(getattr(head.comm, "by_name", {}))  # bytes per named collective (the last repeat)
             # the reference right after each repeat: the pair sees the same load on a shared machine
-            refs.append(_reference_rate(b_global, args.dim, head.last_num_negatives, chunk_for(head), device))
+            refs.append(reference_rate(b_global, args.dim, head.last_num_negatives, chunk_for(head), device))
     step = statistics.median(times)
     if world_size > 1:  # the step is as slow as the slowest rank
         t = torch.tensor([step], dtype=torch.float64, device=device)
@@ -168,23 +172,23 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
     return {"rate": rate, "negatives": head.negatives, "k": k, "step": step, "times": times, "best": min(times),
             "model": model_flop / step / 1e9, "exec": executed / step / 1e9, "matmul": statistics.median(refs),
             "eff": statistics.median(effs), "effs": effs, "state": state_bytes(head.weight, opt),
-            "transient": max(peaks), "bytes": nbytes}
+            "transient": max(peaks), "bytes": nbytes, "bytes_by_name": by_name}
 
 
-def _cpu_epilogues_state(args) -> str:
-    """on | off: whether the head's CPU path ran its compiled epilogues (dsoft_dist.kernels.cpu)."""
-    if torch.device(args.device).type != "cpu":
-        return "n/a"
+def _backend_state(head) -> str:
+    """The head's backend (after DSOFT_HEAD_BACKEND); for cpu-c whether its passes were compiled."""
+    if head.backend != "cpu-c":
+        return head.backend
     from dsoft_dist.kernels.cpu import cpu_epilogues
-    return "on" if cpu_epilogues() is not None else "off"
+    return "cpu-c (compiled)" if cpu_epilogues() is not None else "cpu-c (no compiler: torch passes)"
 
 
-def _format(rows, args, world_size) -> str:
+def _format(rows, args, world_size, backend) -> str:
     base = rows[0]["step"]
     lines = [f"head step: C={args.classes} D={args.dim} B={args.batch * world_size} (global) loss={args.loss} "
              f"optimizer={args.optimizer}/{args.head_mode} world_size={world_size} threads={torch.get_num_threads()} "
              f"repeats={args.repeats} logit_cache_mb={args.logit_cache_mb:g} "
-             f"optimizer_in_backward={args.optimizer_in_backward} cpu_epilogues={_cpu_epilogues_state(args)}",
+             f"step_in_backward={args.step_in_backward} backend={backend}",
              f"{'r':>9} {'negatives':>9} {'K/rank':>8} {'step s':>8} {'best s':>7} {'speedup':>8} {'model GF/s':>10} "
              f"{'exec GF/s':>9} {'matmul GF/s':>11} {'eff %':>6} {'state MiB':>9} {'trans MiB':>9} {'bytes/step':>10}"]
     for r in rows:
@@ -203,13 +207,25 @@ def run(args, rank=0, world_size=1, group=None) -> str | None:
     """Benchmarks every sample rate on this rank; returns the table on rank 0."""
     device = torch.device(args.device)
     head = ShardedClassifier(args.classes, args.dim, loss=args.loss, negatives="all", chunk_size=args.chunk_size,
-                             group=group, device=device, validate=not args.no_validate,
-                             logit_cache_mb=args.logit_cache_mb)
+                             group=group, device=device, validate="never" if args.no_validate else "first",
+                             logit_cache_mb=args.logit_cache_mb, backend=args.backend)
     opt = build_head_optimizer(head, OptimizerConfig(name=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
                                                      head_mode=args.head_mode,
-                                                     head_step_in_backward=args.optimizer_in_backward))
+                                                     head_step_in_backward=args.step_in_backward))
     rows = [_time_rate(head, opt, rate, args, device, rank, world_size) for rate in args.sample_rates]
-    return _format(rows, args, world_size) if rank == 0 else None
+    if rank == 0 and args.json:
+        write_json(args.json, rows, args, world_size, _backend_state(head))
+    return _format(rows, args, world_size, _backend_state(head)) if rank == 0 else None
+
+
+def write_json(path, rows, args, world_size, backend) -> None:
+    """The rows with exact figures (bytes, seconds) and the arguments, for plots and ``dsoft plan``'s check."""
+    import json
+
+    with open(path, "w") as fh:
+        json.dump({"args": vars(args), "world_size": world_size, "threads": torch.get_num_threads(),
+                   "backend": backend, "rows": rows}, fh, indent=1)
+        fh.write("\n")
 
 
 def _spawned(args, out_path):
@@ -238,13 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=0)
     p.add_argument("--logit-cache-mb", type=float, default=0.0,
                    help="keep this many MiB of exp'd logit chunks for backward instead of recomputing (0 = off)")
-    p.add_argument("--optimizer-in-backward", action="store_true",
-                   help="apply the head optimizer inside backward, chunk by chunk (no weight gradient is kept)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="the head's backend (docs/head.md)")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="the step in backward: the head optimizer applied chunk by chunk (no weight gradient is kept)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = cores / world size)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-validate", action="store_true", help="skip the per-step input check (one host sync)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows with exact bytes and seconds")
+    p.add_argument("--no-validate", action="store_true", help="skip the first step's input check too (the head checks only its first forward)")
     return p
 
 

@@ -2,7 +2,8 @@
 
     python -m dsoft_dist.bench.kernels_report OUT_DIR > OUT_DIR/report.md
 
-Reads versions.txt, nvidia-smi.txt, stages.txt, pytest-*.xml (JUnit), kernels.json and head.log, and
+Reads versions.txt, nvidia-smi.txt, stages.txt, pytest-*.xml (JUnit), kernels.json, head.log and
+plan.log (``dsoft plan`` with the profile it measured, plan-profile.json), and
 states each target of the kernels issue as met / not met with the measured figure:
 fused full-head step >= 1.3x faster than the torch chunked path, >= 60% of the measured bf16
 matmul rate for the GEMM part, and transient memory far below one (B, K) logit matrix.
@@ -91,6 +92,8 @@ def report(out_dir: str) -> str:
         + json.dumps(result.get("matmul", {}), indent=1) + "\n```",
         "## Whole head step, torch chunked path, fp32 (dsoft_dist.bench.head)\n```\n"
         + _read(os.path.join(out_dir, "head.log")) + "\n```",
+        "## dsoft plan with this GPU's profile (plan-profile.json; docs/scale.md)\n```\n"
+        + _read(os.path.join(out_dir, "plan.log")) + "\n```",
         "## nvidia-smi\n```\n" + _read(os.path.join(out_dir, "nvidia-smi.txt")) + "\n```",
     ]) + "\n"
 

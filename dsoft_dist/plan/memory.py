@@ -1,0 +1,170 @@
+"""Memory per rank: the head step's transient workspace (torch chunked path) and the backbone's state.
+
+    transient_bytes(inp)   # {'phases': {phase: bytes}, 'peak', 'peak_phase', 'chunk'}
+    backbone_bytes(inp)    # params + grads (+ DDP's bucket copy) + optimizer state, from the registry
+
+The transient is the most memory one head step (forward + backward + optimizer step) holds
+beyond the persistent state, taken phase by phase from what ``dsoft_dist/head/local.py``,
+``sharded.py`` and ``optim.py`` allocate, and checked against ``dsoft bench head``
+(tests/test_plan.py, docs/scale.md). Per-row vectors of B elements (labels, masks, shifts)
+and other O(B) / O(K) scalars per row are left out (< 1% at the sizes planned).
+"""
+from __future__ import annotations
+
+from dsoft_dist.head import auto_chunk_size
+from dsoft_dist.plan.estimate import DTYPE_BYTES, PlanInputs, rows_per_step, shard_rows
+
+F32 = 4
+_ADAMW_ROW_BYTES = 16  # AdamW's per-row float64 temporaries (step counts, bias corrections)
+
+
+def chunk_width(inp: PlanInputs) -> int:
+    """w = min(chunk, n_cols): the head's chunk (``auto_chunk_size``: B w ~ 1M logits on CPU, 16M on CUDA,
+    >= 256 rows) capped by the columns it walks (K sampled rows, or C_local)."""
+    n_cols = rows_per_step(inp) if inp.sampled else shard_rows(inp)
+    return min(auto_chunk_size(inp.global_batch, inp.chunk_size, inp.device), max(n_cols, 1))
+
+
+def weight_grad_bytes(inp: PlanInputs) -> int:
+    """G, the fp32 weight gradient of one backward: dense C_local D 4 for negatives=all; with a row list the
+    values (K + B) D 4 (the K rows, then one slot per batch row for owned targets outside them); none with
+    the optimizer inside backward."""
+    if inp.step_in_backward:
+        return 0
+    rows = rows_per_step(inp) + inp.global_batch if inp.sampled else shard_rows(inp)
+    return rows * inp.dim * F32
+
+
+def _saved(inp: PlanInputs) -> tuple[int, int]:
+    """(bytes kept from forward into backward, bytes alive only during forward).
+
+    Kept: the gathered embeddings in fp32 (the caller's tensor at P = 1 in fp32: 0), their normalized
+    copy B D 4, the row norms n_cols 4, the selected rows' ids K 8 and the gathered labels 8 B (each
+    chunk's sampled rows are gathered into a w D 4 buffer, in forward and again in backward). With bf16/fp16 embeddings the
+    gathered tensor (B D e, P > 1) lives until forward returns, its fp32 copy is kept.
+    """
+    b, d, e, p = inp.global_batch, inp.dim, DTYPE_BYTES[inp.dtype], inp.gpus
+    gathered = b * d * e if p > 1 else 0
+    fp32_copy = gathered if e == F32 else b * d * F32
+    n_cols = rows_per_step(inp) if inp.sampled else shard_rows(inp)
+    kept = fp32_copy + b * d * F32 + n_cols * F32 + (8 * rows_per_step(inp) if inp.sampled else 0)
+    kept += 8 * b if p > 1 else 0
+    return kept, (gathered if e != F32 else 0)
+
+
+def _backward_workspace(inp: PlanInputs, w: int) -> int:
+    """The backward chunk loop's buffers: logits (w + 1) B 4; the block (w + 1) B 4 unless the CPU epilogues
+    (the cpu-c backend) write it over the logits; a chunk gradient w D 4 (no dense gradient); 1 / |w_k| and
+    1 / |w_k|^2 over the columns, 2 n_cols 4; a 16-bit weight's chunk cast to fp32, w D 4 (all rows); the
+    fused optimizer's per-chunk temporaries."""
+    b, d, wb = inp.global_batch, inp.dim, DTYPE_BYTES[inp.weight_dtype]
+    n_cols = rows_per_step(inp) if inp.sampled else shard_rows(inp)
+    block = (w + 1) * b * F32
+    total = block + (0 if inp.backend == "cpu-c" else block) + 2 * n_cols * F32 + _chunk_cast(inp, w) + _rows_buffer(inp, w)
+    # the chunk gradient buffer exists without a dense gradient; it is written only when a fused AdamW forms
+    # the gradient in it (on CPU a buffer never written is never resident)
+    written = inp.step_in_backward and inp.optimizer == "adamw"
+    if (inp.sampled or inp.step_in_backward) and (written or inp.device != "cpu"):
+        total += w * d * F32
+    if inp.step_in_backward:  # SGD: the momentum rows of a row list; AdamW: w, m1, m2 and the denominator
+        if inp.optimizer == "adamw":
+            total += (4 if inp.sampled else 1) * w * d * wb
+        elif inp.momentum > 0 and inp.sampled:
+            total += w * d * wb
+    return total
+
+
+def _chunk_cast(inp: PlanInputs, w: int) -> int:
+    """w D 4 when each chunk of a 16-bit weight is cast to fp32, else 0."""
+    return w * inp.dim * F32 if inp.weight_dtype != "fp32" else 0
+
+
+def _rows_buffer(inp: PlanInputs, w: int) -> int:
+    """w D 4: the buffer each chunk's sampled rows are gathered into (row lists of an fp32 weight; a 16-bit
+    weight's gathered rows are cast instead, ``_chunk_cast``)."""
+    return w * inp.dim * F32 if (inp.sampled and inp.weight_dtype == "fp32") else 0
+
+
+def _step_bytes(inp: PlanInputs) -> int:
+    """The optimizer step's temporaries on top of G (``dsoft_dist.head.optim``), n = K + B touched rows.
+
+    Row list: the uncoalesced gradient is coalesced (n D 4); sparse mode gathers w and the momentum
+    (SGD, 2 n D wb) or w, m1, m2 and the denominator (AdamW, 4 n D wb); dense mode densifies
+    (C_local D 4, and AdamW's denominator C_local D wb). Dense gradient: SGD works in place, AdamW
+    makes one denominator C_local D wb. AdamW also holds ~16 bytes per stepped row (float64 step
+    counts and bias corrections).
+    """
+    if inp.step_in_backward:
+        return 0
+    d, wb, c_local = inp.dim, DTYPE_BYTES[inp.weight_dtype], shard_rows(inp)
+    adamw = inp.optimizer == "adamw"
+    if not inp.sampled:
+        return c_local * (d * wb + _ADAMW_ROW_BYTES) if adamw else 0
+    n = rows_per_step(inp) + inp.global_batch
+    if inp.head_mode == "dense":
+        return n * d * F32 + c_local * d * F32 + (c_local * (d * wb + _ADAMW_ROW_BYTES) if adamw else 0)
+    momentum_rows = 1 if inp.momentum > 0 else 0
+    return n * d * F32 + ((4 if adamw else 1 + momentum_rows) * n * d * wb) + (n * _ADAMW_ROW_BYTES if adamw else 0)
+
+
+def transient_bytes(inp: PlanInputs) -> dict:
+    """Peak bytes one head step adds on a rank, as the maximum over its phases (B global batch, w chunk width):
+
+    gather:           2 B D e (the all_gather's parts and their concatenation; P > 1)
+    forward chunks:   kept + fwd + B D 4 (scaled features) + (w + 1) B 4 (logits) (+ w D 4: a 16-bit chunk cast)
+    forward targets:  kept + fwd + 3 B D 4 (scaled features, target rows, their product)
+    backward chunks:  kept + G + 3 B D 4 (scaled, signed features, grad_f) + the backward workspace
+    backward targets: kept + G + 4 B D 4 (grad_f, target rows, their gradient, the slot sums; row lists)
+    embedding grad:   G + B D 4 (normalize's saved input) + 3 B D 4 (its backward) + B D e (cast) + B_local D e
+    optimizer step:   G + the step's temporaries
+
+    kept / fwd: see ``_saved``; G: ``weight_grad_bytes``. The torch chunked path is modelled (CPU, and CUDA
+    without the fused Triton kernels), with a separate backward block unless the CPU epilogues (the cpu-c
+    backend) write it over the logits. On CUDA every allocation counts (the allocator's peak); on CPU the
+    resident memory does (what peak RSS sees): a buffer counts from its first write, so G's B target slots
+    are not counted in the chunk loop and an unused chunk gradient buffer is not counted at all.
+    """
+    b, d, e = inp.global_batch, inp.dim, DTYPE_BYTES[inp.dtype]
+    bd, w = b * d * F32, chunk_width(inp)
+    kept, fwd = _saved(inp)
+    g = weight_grad_bytes(inp)
+    # the values' B target slots are written after the chunk loop: not resident during it on CPU
+    g_chunks = g - bd if (g and inp.sampled and inp.device == "cpu") else g
+    multi = inp.gpus > 1
+    phases = {
+        "gather": 2 * b * d * e if multi else 0,
+        "forward chunks": kept + fwd + bd + (w + 1) * b * F32 + _chunk_cast(inp, w) + _rows_buffer(inp, w),
+        "forward targets": kept + fwd + 3 * bd,
+        "backward chunks": kept + g_chunks + 3 * bd + _backward_workspace(inp, w),
+        "embedding grad": g + 4 * bd + (b * d * e if e != F32 else 0) + (inp.batch_per_gpu * d * e if multi else 0),
+        "optimizer step": g + _step_bytes(inp),
+    }
+    if inp.sampled:
+        phases["backward targets"] = kept + g + 4 * bd
+    peak_phase = max(phases, key=phases.get)
+    return {"phases": phases, "peak": phases[peak_phase], "peak_phase": peak_phase, "chunk": w}
+
+
+def backbone_params(name: str, dim: int) -> tuple[int, int]:
+    """(parameters, buffer elements) of ``dsoft_dist.models.build_model(name, dim, 112)``, built on the meta
+    device (no memory, no weights)."""
+    import torch
+
+    from dsoft_dist.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(name, embedding_size=dim, input_size=112, in_features=dim)
+    return sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
+
+
+def backbone_bytes(inp: PlanInputs, params: int, buffers: int = 0) -> dict:
+    """The backbone's state per rank, bytes, for ``params`` parameters (fp32 master weights, also under bf16
+    autocast): params 4 N, grads 4 N, DDP's gradient buckets 4 N (P > 1; DDP's default copies the
+    gradients into buckets), optimizer state (SGD momentum 4 N, AdamW 8 N), buffers 4 M (BatchNorm
+    statistics). Activations are NOT included: they depend on the input size, the batch and
+    checkpointing; measure them with the trainer."""
+    n = 4 * params
+    optimizer = 2 * n if inp.optimizer == "adamw" else (n if inp.momentum > 0 else 0)
+    parts = {"params": n, "grads": n, "ddp_buckets": n if inp.gpus > 1 else 0, "optimizer": optimizer,
+             "buffers": 4 * buffers}
+    return {**parts, "total": sum(parts.values()), "parameters": params}
