@@ -7,7 +7,7 @@ that read values are patched, and a dispatch mode rejects the data-dependent ate
 The first step is taken normally (it checks the inputs across ranks and logs the path);
 the second runs forward and backward (and the optimizer, when it runs inside backward)
 under the guard. The GPU tests do the same with ``torch.cuda.set_sync_debug_mode("error")``
-(tests/test_kernels_head.py).
+(tests/test_kernels_gpu.py::test_a_steady_head_step_does_not_synchronize).
 """
 from __future__ import annotations
 
