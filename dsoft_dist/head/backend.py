@@ -2,7 +2,7 @@
 
     torch   the chunked torch path (dsoft_dist.head.local), the reference; takes row updates
     cpu-c   the torch path with its elementwise passes compiled from C (dsoft_dist.kernels.cpu):
-            float32 on CPU, opt in (1-5% of a CPU step; needs a C compiler); takes row updates
+            float32 on CPU, opt in (5-8% of a CPU step, measured; needs a C compiler); takes row updates
     triton  the Triton kernels (dsoft_dist.kernels): CUDA, or CPU under TRITON_INTERPRET=1
     auto    per call: triton for CUDA inputs with tensor-core operands when Triton imports,
             torch otherwise (the default)
@@ -28,18 +28,21 @@ ENV_VAR = "DSOFT_HEAD_BACKEND"
 _ROW_UPDATES = {"torch", "cpu-c"}  # backends that take row updates (the step in backward, chunk by chunk)
 
 
-def requested_backend(default: str = "auto") -> str:
-    """The backend to use: ``DSOFT_HEAD_BACKEND`` (auto | torch | cpu-c | triton) if set, else ``default``.
-
-    Raises ValueError naming the variable, the value and the choices when the env var is invalid.
-    """
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+def env_override(variable: str, choices, default, setting: str):
+    """``variable``'s value (stripped, lower case) if set, else ``default``: how the head's environment
+    variables override its settings. Raises ValueError naming the variable, the value and the choices."""
+    value = os.environ.get(variable, "").strip().lower()
     if not value:
         return default
-    if value not in BACKEND_NAMES:
-        raise ValueError(f"{ENV_VAR}={value!r} is invalid; use one of {', '.join(BACKEND_NAMES)} "
-                         f"(or unset it to use the head's backend= setting)")
+    if value not in choices:
+        raise ValueError(f"{variable}={value!r} is invalid; use one of {', '.join(choices)} "
+                         f"(or unset it to use the head's {setting}= setting)")
     return value
+
+
+def requested_backend(default: str = "auto") -> str:
+    """The backend to use: ``DSOFT_HEAD_BACKEND`` (auto | torch | cpu-c | triton) if set, else ``default``."""
+    return env_override(ENV_VAR, BACKEND_NAMES, default, "backend")
 
 
 def triton_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> bool:

@@ -18,7 +18,9 @@ after the first chunk, with one fixed shift per row instead of the running max:
 
 Without a C compiler (or with DSOFT_CPU_KERNELS=0), for unnormalized rows or other dtypes
 and devices, the backend runs the torch passes (``dsoft_dist.head.local.TorchPasses``).
-Measured on the 2-core CPU: 1-5% of the whole head step, so it is not the default.
+It is opt in: the head must not need a compiler. Side by side on the 2-core CPU it took 5-8%
+off the whole head step against the torch backend (docs/benchmarks/head-cpu-issue17.txt;
+1% in an earlier, noisier run).
 """
 from __future__ import annotations
 
@@ -38,21 +40,23 @@ def fixed_shift_ok(scale, n_cols, normalize):
     return normalize and scale * _LOG2E + math.log2(max(n_cols, 2)) <= _FIXED_SHIFT_LIMIT
 
 
-class CpuCPasses:
-    """The chunk passes in base 2 with the compiled epilogues ``epi`` (normalized rows, float32 on CPU)."""
+class CpuCPasses(TorchPasses):
+    """The chunk passes in base 2 with the compiled epilogues ``epi`` (normalized rows, float32 on CPU).
+
+    The first chunk (every chunk when the fixed shift's bound does not hold) takes the online
+    step of ``TorchPasses`` in base 2; after it run_max is relative to the fixed shift.
+    """
 
     unit = _LOG2E
     exp = staticmethod(torch.exp2)
+    exp_ = staticmethod(torch.Tensor.exp2_)
     needs_block_buffer = False  # the backward block is written over the logits
 
     def __init__(self, epi, scale):
         self.epi, self.scale = epi, scale
 
     def start(self, f_scaled, n_cols):
-        batch = f_scaled.shape[0]
-        self.run_max = f_scaled.new_full((batch,), float("-inf"))  # (B,) relative to the fixed shift once set
-        self.run_sum = f_scaled.new_zeros(batch)  # (B,)
-        self.shift = f_scaled.new_zeros(batch)  # (B,) the shift of run_sum (finite)
+        super().start(f_scaled, n_cols)
         self.neg_shift = None  # (1, B) -t once the fixed shift is set
         self.f_scaled, self.n_cols = f_scaled, n_cols
         self.fixed = fixed_shift_ok(self.scale, n_cols, True)
@@ -67,13 +71,7 @@ class CpuCPasses:
             torch.maximum(self.run_max, logits.amax(dim=0), out=self.run_max)
             self.run_sum.add_(logits.exp2_().sum(dim=0))
         else:  # online, in base 2
-            logits.mul_(inv)
-            padded.scatter_(0, slots.index(j, k), float("-inf"))
-            new_max = torch.maximum(self.run_max, logits.amax(dim=0))
-            new_shift = torch.nan_to_num(new_max, nan=0.0, posinf=0.0, neginf=0.0)
-            self.run_sum = self.run_sum * torch.exp2(self.run_max - new_shift) + \
-                logits.sub_(new_shift).exp2_().sum(dim=0)
-            self.run_max, self.shift = new_max, new_shift
+            super().forward_chunk(j, logits, inv, padded, slots, cached)
         used = self.shift
         if self.fixed and j == 0:  # t from the first chunk's max; run_sum and run_max move to it
             bound = torch.linalg.vector_norm(self.f_scaled, dim=1)  # (B,)

@@ -41,12 +41,14 @@ __all__ = ["LocalShardStats", "TorchPasses", "auto_chunk_size", "torch_local_sha
 class TorchPasses:
     """A chunk's passes as torch ops, in natural units: each chunk is shifted by the running max.
 
-    ``unit`` scales the logits the GEMMs produce (1 here: l itself) and ``exp`` undoes it;
-    the cpu-c backend's passes work in base 2 (``unit`` = log2 e, ``exp`` = exp2).
+    ``unit`` scales the logits the GEMMs produce (1 here: l itself) and ``exp`` / ``exp_`` undo
+    it; the cpu-c backend's passes (``dsoft_dist.head.cpu_c.CpuCPasses``) work in base 2
+    (``unit`` = log2 e, ``exp`` = exp2) and reuse this online step for their first chunk.
     """
 
     unit = 1.0
     exp = staticmethod(torch.exp)
+    exp_ = staticmethod(torch.Tensor.exp_)
     needs_block_buffer = True
 
     def start(self, f_scaled, n_cols):
@@ -65,7 +67,7 @@ class TorchPasses:
         padded.scatter_(0, slots.index(j, k), float("-inf"))  # the targets are not negatives
         new_max = torch.maximum(self.run_max, logits.amax(dim=0))  # (B,)
         new_shift = torch.nan_to_num(new_max, nan=0.0, posinf=0.0, neginf=0.0)  # -inf: no negative seen yet
-        self.run_sum = self.run_sum * torch.exp(self.run_max - new_shift) + logits.sub_(new_shift).exp_().sum(dim=0)
+        self.run_sum = self.run_sum * self.exp(self.run_max - new_shift) + self.exp_(logits.sub_(new_shift)).sum(dim=0)
         self.run_max, self.shift = new_max, new_shift
         return new_shift
 
@@ -171,7 +173,7 @@ def _forward_chunks(f_scaled, *, plan, tpos, normalize, n_cached, passes):
 class _BackwardContext:
     """What every chunk of one backward shares (B,) / (1, B): the shift, signs, target coefficients, buffers."""
 
-    def __init__(self, features, lse, g_lse, g_target, scale, unit):
+    def __init__(self, features, lse, g_lse, g_target, scale, unit, ws, slots):
         finite = torch.isfinite(lse)
         shift = torch.where(finite, lse, torch.full_like(lse, float("inf"))) - torch.log(g_lse.abs())  # (B,)
         self.shift_u = shift * unit  # in the passes' units, like the recomputed logits
@@ -180,7 +182,7 @@ class _BackwardContext:
         self.target_coef = g_target / (scale * self.sign)  # (B,)
         self.coef_row = self.target_coef[None, :]  # (1, B)
         self.f_signed = features * (scale * self.sign[:, None])  # (B, D)
-        self.ws = self.slots = None
+        self.ws, self.slots = ws, slots
 
 
 def _backward_chunks(features, *, plan, tpos, g_lse, g_target, lse, norms, grad_w, ctx):
@@ -196,10 +198,9 @@ def _backward_chunks(features, *, plan, tpos, g_lse, g_target, lse, norms, grad_
     subtracted per row (in product form: ``WeightGrad.commit_product``).
     """
     passes = ctx.passes
-    bc = _BackwardContext(features, lse, g_lse, g_target, ctx.scale, passes.unit)
-    bc.ws = Workspace(plan, features.shape[0], features.shape[1], features.device,
-                      grad_buffer=grad_w.dense is None, block_buffer=passes.needs_block_buffer)
-    bc.slots = TargetSlots(tpos, plan.chunk)
+    ws = Workspace(plan, features.shape[0], features.shape[1], features.device,
+                   grad_buffer=grad_w.dense is None, block_buffer=passes.needs_block_buffer)
+    bc = _BackwardContext(features, lse, g_lse, g_target, ctx.scale, passes.unit, ws, TargetSlots(tpos, plan.chunk))
     passes.begin_backward(bc, plan.width)
     inv_cols = inv_sq = None
     if ctx.normalize:

@@ -16,7 +16,6 @@ Without torch.distributed initialized the head runs as a single process (P = 1).
 from __future__ import annotations
 
 import math
-import os
 import weakref
 
 import torch
@@ -24,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
-from dsoft_dist.head.backend import describe_local_path, get_local_backend, local_stats_fn, takes_row_updates
+from dsoft_dist.head.backend import (describe_local_path, env_override, get_local_backend, local_stats_fn,
+                                     takes_row_updates)
 from dsoft_dist.head.optim import InBackwardStep
 from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
@@ -259,12 +259,8 @@ class ShardedClassifier(nn.Module):
 
 def _validate_mode(value) -> str:
     """first | always | never from the argument (True / False: always / never), or the DSOFT_VALIDATE override."""
-    value = {True: "always", False: "never"}.get(value, value) if isinstance(value, bool) else value
-    env = os.environ.get(VALIDATE_ENV, "").strip().lower()
-    if env:
-        if env not in VALIDATE:
-            raise ValueError(f"{VALIDATE_ENV}={env!r} is invalid; use one of {', '.join(VALIDATE)} (or unset it)")
-        value = env
+    value = ("always" if value else "never") if isinstance(value, bool) else value
+    value = env_override(VALIDATE_ENV, VALIDATE, value, "validate")
     if value not in VALIDATE:
         raise ValueError(f"validate={value!r} is invalid; use one of {', '.join(VALIDATE)} (first: check the "
                          "first forward's inputs across ranks)")

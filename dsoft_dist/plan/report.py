@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from dsoft_dist.bench.speedup import rate_text
 from dsoft_dist.plan.estimate import PlanInputs, collectives, head_flops, link_bytes, rows_per_step, shard_rows
 from dsoft_dist.plan.estimate import state_bytes
 from dsoft_dist.plan.memory import backbone_bytes, transient_bytes
@@ -52,13 +53,6 @@ def build_plan(inp: PlanInputs, backbone: tuple[int, int] | None = None, profile
             "time": time, "time_note": None if time else NO_PROFILE.format(device=inp.device), "warnings": warnings}
 
 
-def _rate(r: float) -> str:
-    from fractions import Fraction
-
-    frac = Fraction(r).limit_denominator(1 << 16)
-    return "1" if r == 1 else (f"1/{frac.denominator}" if frac.numerator == 1 else f"{r:.4g}")
-
-
 def _header(res: dict) -> str:
     i = res["inputs"]
     opt = f"{i['optimizer']} ({'momentum ' + format(i['momentum'], 'g') + ', ' if i['optimizer'] == 'sgd' else ''}" \
@@ -66,7 +60,7 @@ def _header(res: dict) -> str:
     return (f"C={i['classes']:,} classes on P={i['gpus']} ({i['nodes']} node{'s' if i['nodes'] > 1 else ''} x "
             f"{i['gpus'] // i['nodes']}), D={i['dim']}, B={i['batch_per_gpu']}/GPU (global {res['global_batch']:,}), "
             f"embeddings {i['dtype']}, weights {i['weight_dtype']}, {opt}, negatives {i['negatives']} "
-            f"r={_rate(i['sample_rate'])}, device {i['device']}")
+            f"r={rate_text(i['sample_rate'])}, device {i['device']}")
 
 
 def _memory_lines(res: dict) -> list[str]:
@@ -140,7 +134,7 @@ def format_table(results: list[dict]) -> str:
         i, m, t = r["inputs"], r["memory"], r["time"]
         step = "-" if t is None or t["total_s"] is None else f"{t['total_s'] * 1e3:.1f}"
         compute = "-" if t is None else f"{t['compute_s'] * 1e3:.1f}"
-        lines.append(f"{i['classes']:>11,} {i['gpus']:>5} {i['nodes']:>5} {_rate(i['sample_rate']):>6} "
+        lines.append(f"{i['classes']:>11,} {i['gpus']:>5} {i['nodes']:>5} {rate_text(i['sample_rate']):>6} "
                      f"{r['rows_per_step']:>9,} {m['head']['total'] / MIB:>10.0f} {m['transient']['peak'] / MIB:>10.0f} "
                      f"{(m['backbone']['total'] / MIB if m['backbone'] else 0):>9.0f} {m['total'] / GIB:>9.2f} "
                      f"{'yes' if m['fits'] else 'NO':>4} {r['links']['counted']:>11,} "
@@ -149,5 +143,5 @@ def format_table(results: list[dict]) -> str:
     notes += sorted({f"communication time not predicted: {r['time']['comm_timed_by']}" for r in results
                      if r["time"] is not None and r["time"]["comm_s"] is None})
     return "\n".join(lines + notes + [f"WARNING ({r['inputs']['classes']:,} classes, {r['inputs']['gpus']} GPUs, "
-                                      f"r={_rate(r['inputs']['sample_rate'])}): {w}"
+                                      f"r={rate_text(r['inputs']['sample_rate'])}): {w}"
                                       for r in results for w in r["warnings"]])
