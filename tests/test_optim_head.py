@@ -168,6 +168,33 @@ def test_uncoalesced_gradient_with_repeated_rows_equals_its_sum(cls, kwargs):
     assert torch.equal(a.detach()[[0, 1, 3, 4, 6]], initial[[0, 1, 3, 4, 6]])
 
 
+
+@pytest.mark.parametrize("cls, kwargs", [(RowSparseSGD, SGD_CONFIGS[0]), (RowSparseAdamW, ADAMW_CONFIGS[0])])
+@pytest.mark.parametrize("tail", ["new rows, zeros on the run's first row", "a nonzero value on a row of the run",
+                                  "only zeros on the run's first row"])
+def test_a_sorted_run_then_slots_steps_like_the_coalesced_gradient(cls, kwargs, tail):
+    """The head's gradient is a sorted run of distinct rows, then B slots (owned targets outside the run; unused
+    slots add zeros to the run's first row): stepped without coalescing the run, it equals the coalesced step."""
+    run = torch.tensor([1, 3, 4, 8])
+    slots = {"new rows, zeros on the run's first row": ([9, 1, 0, 1], [True, False, True, False]),
+             "a nonzero value on a row of the run": ([9, 4, 1, 1], [True, True, False, False]),
+             "only zeros on the run's first row": ([1, 1], [False, False])}[tail]
+    slot_rows, used = torch.tensor(slots[0]), torch.tensor(slots[1])
+    values = torch.cat([torch.randn(run.numel(), D), torch.randn(slot_rows.numel(), D) * used[:, None]])
+    grad = torch.sparse_coo_tensor(torch.cat([run, slot_rows])[None], values, (ROWS, D), check_invariants=True)
+    initial = torch.randn(ROWS, D)
+    a, b = torch.nn.Parameter(initial.clone()), torch.nn.Parameter(initial.clone())
+    opt_a, opt_b = cls([a], **kwargs), cls([b], **kwargs)
+    for _ in range(2):  # the second step also reads the state the first one wrote
+        a.grad, b.grad = grad, grad.coalesce()
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    for name in _state_names(opt_b):
+        torch.testing.assert_close(opt_a.state[a][name], opt_b.state[b][name], rtol=1e-6, atol=1e-7)
+    untouched = [r for r in range(ROWS) if r not in set(b.grad.indices()[0].tolist())]
+    assert torch.equal(a.detach()[untouched], initial[untouched])
+
 @pytest.mark.parametrize("cls, kwargs", [(RowSparseSGD, k) for k in SGD_CONFIGS] +
                          [(RowSparseAdamW, k) for k in ADAMW_CONFIGS])
 @pytest.mark.parametrize("with_coef", (True, False))

@@ -68,14 +68,14 @@ class Workspace:
     """Chunk buffers reused by every chunk of one call: large fresh allocations page-fault on CPU.
 
     Logit chunks are laid out class-major, (k, B): the GEMMs W_c F^T and G_c F run ~8% faster
-    on CPU than their batch-major transposes (measured at B = D = 512, k = 2048). The logit and
-    block buffers hold one spare row after the chunk's k rows (see ``TargetSlots``).
+    on CPU than their batch-major transposes (measured at B = D = 512, k = 2048). The logit buffer
+    holds one spare row after the chunk's k rows (see ``TargetSlots``); backward writes each chunk's
+    block over its logits, so one buffer of (k + 1, B) serves both loops.
     """
 
-    def __init__(self, plan: ChunkPlan, batch: int, dim: int, device, *, grad_buffer=False, block_buffer=False):
+    def __init__(self, plan: ChunkPlan, batch: int, dim: int, device, *, grad_buffer=False):
         chunk, dtype = plan.width, plan.dtype
         self.logits = torch.empty((chunk + 1) * batch, dtype=dtype, device=device)  # viewed (k + 1, B)
-        self.block = torch.empty((chunk + 1) * batch, dtype=dtype, device=device) if block_buffer else None
         # gathered (sampled) rows are copied into a buffer (k, D); a slice of all rows is a view of the
         # weight. The chunk's gradient has a buffer unless it is written into the gradient itself.
         gathered = plan.rows is not None
@@ -86,15 +86,9 @@ class Workspace:
 
     def logits_view(self, k):
         """(k + 1, B): the chunk's logits in the first k rows, then the spare row (views made once per k)."""
-        return self._view("logits", self.logits, k)
-
-    def block_view(self, k):
-        return self._view("block", self.block, k)
-
-    def _view(self, name, buf, k):
-        view = self._views.get((name, k))
+        view = self._views.get(k)
         if view is None:
-            view = self._views[(name, k)] = buf[:(k + 1) * self.batch].view(k + 1, self.batch)
+            view = self._views[k] = self.logits[:(k + 1) * self.batch].view(k + 1, self.batch)
         return view
 
     def rows_view(self, k):

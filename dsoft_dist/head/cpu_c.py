@@ -18,9 +18,9 @@ after the first chunk, with one fixed shift per row instead of the running max:
 
 Without a C compiler (or with DSOFT_CPU_KERNELS=0), for unnormalized rows or other dtypes
 and devices, the backend runs the torch passes (``dsoft_dist.head.local.TorchPasses``).
-It is opt in: the head must not need a compiler. Side by side on the 2-core CPU it took 5-8%
-off the whole head step against the torch backend (docs/benchmarks/head-cpu-issue17.txt;
-1% in an earlier, noisier run).
+It is opt in: the head must not need a compiler. Side by side on the 2-core CPU it takes 4-7%
+off the whole head step against the torch backend, almost all of it in the forward
+(docs/benchmarks/head-cpu-issue17.txt, section 3).
 """
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ class CpuCPasses(TorchPasses):
     unit = _LOG2E
     exp = staticmethod(torch.exp2)
     exp_ = staticmethod(torch.Tensor.exp2_)
-    needs_block_buffer = False  # the backward block is written over the logits
 
     def __init__(self, epi, scale):
         self.epi, self.scale = epi, scale

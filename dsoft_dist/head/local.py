@@ -49,7 +49,6 @@ class TorchPasses:
     unit = 1.0
     exp = staticmethod(torch.exp)
     exp_ = staticmethod(torch.Tensor.exp_)
-    needs_block_buffer = True
 
     def start(self, f_scaled, n_cols):
         """Before the first chunk: f_scaled (B, D) = features * scale * unit; n_cols columns in all."""
@@ -79,22 +78,17 @@ class TorchPasses:
         """Before backward's first chunk (``bc``: the ``_BackwardContext``; width: the widest chunk)."""
 
     def backward_block(self, j, logits, inv, inv_sq, bc):
-        """Chunk j's block (k, B) that multiplies the raw rows, |dL/dl| / |w_k| with the target coefficients,
-        and minus its radial coefficient (k,) (None without normalization), from the recomputed logits."""
+        """Chunk j's block (k, B), written over its recomputed logits (raw-row products): |dL/dl| / |w_k| with
+        the target coefficients (|dL/dl| without normalization), and minus its radial coefficient (k,), or
+        None when the caller takes the radial part from the rows' gradient (``_commit_rows``), as here."""
         k = logits.shape[0]
-        padded = bc.ws.block_view(k)
-        block = padded[:k]  # (k, B) |dL/dl| = exp(l - lse + log|g|)
         if inv is not None:
-            torch.addcmul(bc.neg_shift, logits, inv, out=block)  # l - shift in one pass
+            torch.addcmul(bc.neg_shift, logits, inv, out=logits)  # l - shift in one pass
         else:
-            torch.add(logits, bc.neg_shift, out=block)
-        block.exp_()
-        padded.scatter_(0, bc.slots.index(j, k), bc.coef_row)
-        if inv is None:
-            return block, None
-        block.mul_(inv)  # |dL/dl| / |w_k|: the block now multiplies raw rows
-        # sum_i sign_i |dL/dl_ik| l_ik = sum_i sign_i block_ik logits_ik (logits are raw-row products)
-        return block, torch.mv(logits.mul_(block), -bc.sign).mul_(inv_sq)
+            logits.add_(bc.neg_shift)
+        block = self.exp_(logits)  # |dL/dl| = exp(l - lse + log|g|)
+        bc.ws.logits_view(k).scatter_(0, bc.slots.index(j, k), bc.coef_row)
+        return (block.mul_(inv) if inv is not None else block), None  # with 1/|w_k| the block multiplies raw rows
 
 
 class LocalShardStats(torch.autograd.Function):
@@ -198,8 +192,7 @@ def _backward_chunks(features, *, plan, tpos, g_lse, g_target, lse, norms, grad_
     subtracted per row (in product form: ``WeightGrad.commit_product``).
     """
     passes = ctx.passes
-    ws = Workspace(plan, features.shape[0], features.shape[1], features.device,
-                   grad_buffer=grad_w.dense is None, block_buffer=passes.needs_block_buffer)
+    ws = Workspace(plan, features.shape[0], features.shape[1], features.device, grad_buffer=grad_w.dense is None)
     bc = _BackwardContext(features, lse, g_lse, g_target, ctx.scale, passes.unit, ws, TargetSlots(tpos, plan.chunk))
     passes.begin_backward(bc, plan.width)
     inv_cols = inv_sq = None
@@ -220,15 +213,15 @@ def _backward_chunks(features, *, plan, tpos, g_lse, g_target, lse, norms, grad_
         logits = torch.mm(src, f_t, out=bc.ws.logits_view(k)[:k])  # (k, B) raw-row products, targets unmasked
         block, minus_radial = passes.backward_block(j, logits, inv, inv_sq[j] if inv_sq is not None else None, bc)
         grad_f.addmm_(block.t(), src)
-        grad_w.commit_product(c0, block, bc.f_signed, minus_radial, src, bc.ws)
+        if inv is not None and minus_radial is None:
+            _commit_rows(c0, block, src, inv_sq[j], bc=bc, grad_w=grad_w)
+        else:
+            grad_w.commit_product(c0, block, bc.f_signed, minus_radial, src, bc.ws)
     return grad_f.mul_(bc.sign[:, None]).mul_(ctx.scale)
 
 
 def _cached_chunk_grads(j, src, inv, inv_sq, *, bc, ctx, grad_f, grad_w, c0):
-    """A cached chunk: exp(l - s_c) * exp(s_c - lse + log|g|) in place, then its gradients from the rows.
-
-    <w_hat_k, dL/dw_hat_k> comes from the rows and their gradient here (the logits are gone).
-    """
+    """A cached chunk: exp(l - s_c) * exp(s_c - lse + log|g|) in place, then its gradients from the rows."""
     padded, chunk_shift = ctx.cache[j]
     k = src.shape[0]
     block = padded[:k].mul_(ctx.passes.exp(chunk_shift - bc.shift_u))
@@ -239,8 +232,14 @@ def _cached_chunk_grads(j, src, inv, inv_sq, *, bc, ctx, grad_f, grad_w, c0):
         return
     block.mul_(inv)  # the block now multiplies raw rows
     grad_f.addmm_(block.t(), src)
-    g_w = torch.mm(block, bc.f_signed, out=grad_w.chunk_out(c0, k, bc.ws))  # (k, D)
-    radial = torch.linalg.vecdot(src, g_w, dim=1).mul_(inv_sq[j])  # (k,)
+    _commit_rows(c0, block, src, inv_sq[j], bc=bc, grad_w=grad_w)
+
+
+def _commit_rows(c0, block, src, inv_sq, *, bc, grad_w):
+    """Commits the gradient of the chunk's raw rows src (k, D) from its block (k, B), which multiplies raw rows:
+    g = block @ f_signed, less its radial part <w_k, g_k> w_k / |w_k|^2 (the normalization's backward)."""
+    g_w = torch.mm(block, bc.f_signed, out=grad_w.chunk_out(c0, block.shape[0], bc.ws))  # (k, D)
+    radial = torch.linalg.vecdot(src, g_w, dim=1).mul_(inv_sq)  # (k,)
     grad_w.commit_chunk(c0, g_w.addcmul_(src, radial[:, None], value=-1.0))
 
 
@@ -255,8 +254,9 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
     rows where ``mask`` is True, when given, the others repeat and stay unchanged) instead of a
     weight gradient: the step in backward (``ShardedClassifier.step_in_backward``).
     If it has a ``product(lhs, rhs, row_coef, values, rows=None, start=0, out=None)`` method
-    (``dsoft_dist.head.optim.InBackwardStep``), chunks hand their gradient over in product form,
-    lhs @ rhs + row_coef[:, None] * values, instead. ``compute_dtype`` is accepted for the
+    (``dsoft_dist.head.optim.InBackwardStep``), chunks whose passes give the radial coefficient
+    before the GEMM (the cpu-c backend's; unnormalized rows) hand their gradient over in product
+    form, lhs @ rhs + row_coef[:, None] * values, instead. ``compute_dtype`` is accepted for the
     shared signature and unused: this path computes in fp32 (float64 for float64 features),
     reading 16-bit weight rows chunk by chunk; gradients come back in the inputs' dtypes.
     ``passes``: the chunk passes (default ``TorchPasses()``; the cpu-c backend passes its own).

@@ -25,19 +25,33 @@ import torch
 _MODES = ("sparse", "dense")
 
 
-def _coalesced(grad: torch.Tensor) -> torch.Tensor:
-    """The gradient as a coalesced COO tensor; O(n) when its rows are already sorted and unique.
+def _row_groups(grad: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A sparse (rows, D) gradient as [(rows (n,), values (n, D))] groups in which every row appears once.
 
-    The head builds sorted unique rows, but autograd drops the coalesced flag on the way to
-    ``.grad``; re-sorting 10^5 rows every step would cost more than the row update itself.
+    The head's gradient is a sorted run of distinct rows (the columns), then one slot per
+    batch row for the owned targets outside them (``dsoft_dist.head.weight_grad``; unused
+    slots add zeros to the run's first row). Coalescing all of it would sort and copy every
+    value, 10^5 rows a step; here the run is used as it is and only the slots are coalesced.
+    A slot that adds a nonzero gradient to a row of the run falls back to ``coalesce``.
     """
-    if grad.is_coalesced() or grad._nnz() == 0:
-        return grad.coalesce()
-    rows = grad._indices()[0]
-    if grad._indices().shape[0] == 1 and bool((rows[1:] > rows[:-1]).all()):
-        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
-                                       check_invariants=False)
-    return grad.coalesce()
+    if grad._nnz() == 0 or grad.is_coalesced() or grad._indices().shape[0] != 1:
+        grad = grad.coalesce()
+        return [(grad.indices()[0], grad.values())]
+    idx, values = grad._indices()[0], grad._values()
+    breaks = torch.nonzero(idx[1:] <= idx[:-1])
+    n_run = int(breaks[0]) + 1 if breaks.numel() else idx.numel()
+    if n_run == idx.numel():
+        return [(idx, values)]
+    run = idx[:n_run]
+    tail = torch.sparse_coo_tensor(idx[None, n_run:], values[n_run:], grad.shape, check_invariants=False).coalesce()
+    t_rows, t_values = tail.indices()[0], tail.values()
+    shared = run[torch.searchsorted(run, t_rows).clamp_(max=n_run - 1)] == t_rows
+    if bool(shared.any()):
+        if bool(t_values[shared].any()):
+            grad = grad.coalesce()
+            return [(grad.indices()[0], grad.values())]
+        t_rows, t_values = t_rows[~shared], t_values[~shared]  # zeros added to rows of the run change nothing
+    return [(run, values[:n_run])] + ([(t_rows, t_values)] if t_rows.numel() else [])
 
 
 def product_gradient(lhs, rhs, row_coef=None, values=None, out=None):
@@ -75,16 +89,16 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         self.num_classes = num_classes if num_classes is not None else (params[0].shape[0] if params else 0)
 
     def _touched(self, p):
-        """(rows or None for all rows, gradient (n, D)) for param p, or None when p has no gradient."""
+        """[(rows or None for all rows, gradient (n, D))] for param p, each row in one entry; [] when p has no
+        gradient."""
         grad = p.grad
         if grad is None:
-            return None
+            return []
         if grad.is_sparse:
-            grad = _coalesced(grad)
             if self.mode == "dense":
-                return None, grad.to_dense()
-            return grad.indices()[0], grad.values()
-        return None, grad
+                return [(None, grad.to_dense())]
+            return _row_groups(grad)
+        return [(None, grad)]
 
     @staticmethod
     def _take(t, rows):
@@ -104,10 +118,9 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                touched = self._touched(p)
-                if touched is not None:
+                for rows, grad in self._touched(p):
                     self._ensure_state(p, group)
-                    self._update(p, self.state[p], touched[0], touched[1].to(p.dtype), group)
+                    self._update(p, self.state[p], rows, grad.to(p.dtype), group)
         return loss
 
     @torch.no_grad()
@@ -167,9 +180,8 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step_and_clear(self, p):
         """Steps ``p`` alone from its gradient and sets ``p.grad`` to None (a post-accumulate-grad hook)."""
-        touched = self._touched(p)
-        if touched is not None:
-            self.update_rows(p, touched[1], rows=touched[0])
+        for rows, grad in self._touched(p):
+            self.update_rows(p, grad, rows=rows)
         p.grad = None
 
     def _ensure_state(self, p, group):

@@ -118,7 +118,7 @@ def register(subparsers) -> None:
     p.add_argument("--head-mode", default="sparse", choices=HEAD_MODES)
     p.add_argument("--device", default="cuda", choices=DEVICES, help="what the ranks run on (chunk size, profile)")
     p.add_argument("--backend", default="torch", choices=("torch", "cpu-c"),
-                   help="the head's backend: torch or cpu-c (compiled CPU passes, --device cpu: no backward block buffer)")
+                   help="the head's backend: torch or cpu-c (compiled CPU passes, --device cpu; same memory, fewer passes)")
     p.add_argument("--chunk-size", type=int, default=0, help="the head's chunk_size (0 = automatic)")
     p.add_argument("--backbone", default=None, help="add a backbone's state, e.g. iresnet50 (activations excluded)")
     p.add_argument("--gpu-memory", type=float, default=80.0,

@@ -39,8 +39,8 @@ class PlanInputs:
     optimizer state), optimizer sgd (momentum > 0 keeps one buffer) | adamw, negatives all | random |
     partial | batch with sample_rate r, inter_correction, step_in_backward (the head's
     ``step_in_backward``: no weight gradient), head_mode sparse | dense, device cuda | cpu (sets the
-    automatic chunk size), backend torch | cpu-c (the head's backend; cpu-c: compiled CPU passes that write the
-    backward block over the logits; CPU only), chunk_size (0 = automatic),
+    automatic chunk size), backend torch | cpu-c (the head's backend; cpu-c: compiled CPU passes, CPU only; it
+    changes the predicted time, not the memory), chunk_size (0 = automatic),
     backbone (a ``dsoft_dist.models`` name or None), gpu_memory_gib (what one device holds).
     """
 

@@ -53,24 +53,26 @@ def _saved(inp: PlanInputs) -> tuple[int, int]:
 
 
 def _backward_workspace(inp: PlanInputs, w: int) -> int:
-    """The backward chunk loop's buffers: logits (w + 1) B 4; the block (w + 1) B 4 unless the CPU epilogues
-    (the cpu-c backend) write it over the logits; a chunk gradient w D 4 (no dense gradient); 1 / |w_k| and
-    1 / |w_k|^2 over the columns, 2 n_cols 4; a 16-bit weight's chunk cast to fp32, w D 4 (all rows); the
-    fused optimizer's per-chunk temporaries."""
+    """The backward chunk loop's buffers: logits (w + 1) B 4 (the block is written over them); a chunk
+    gradient w D 4 (no dense gradient); 1 / |w_k| and 1 / |w_k|^2 over the columns, 2 n_cols 4; a 16-bit
+    weight's chunk cast to fp32, w D 4 (all rows); with the torch passes, the radial sum's product w D 4
+    (``torch.linalg.vecdot`` of the chunk's gradient and rows); the step in backward's temporaries."""
     b, d, wb = inp.global_batch, inp.dim, DTYPE_BYTES[inp.weight_dtype]
     n_cols = rows_per_step(inp) if inp.sampled else shard_rows(inp)
-    block = (w + 1) * b * F32
-    total = block + (0 if inp.backend == "cpu-c" else block) + 2 * n_cols * F32 + _chunk_cast(inp, w) + _rows_buffer(inp, w)
-    # the chunk gradient buffer exists without a dense gradient; it is written only when a fused AdamW forms
-    # the gradient in it (on CPU a buffer never written is never resident)
-    written = inp.step_in_backward and inp.optimizer == "adamw"
+    total = (w + 1) * b * F32 + 2 * n_cols * F32 + _chunk_cast(inp, w) + _rows_buffer(inp, w)
+    torch_passes = inp.backend == "torch"  # they form each chunk's gradient; cpu-c hands over its product form
+    if torch_passes:
+        total += w * d * F32
+    # the chunk gradient buffer exists without a dense gradient; it is written when the step in backward takes
+    # a formed gradient (the torch passes, or AdamW) (on CPU a buffer never written is never resident)
+    written = inp.step_in_backward and (torch_passes or inp.optimizer == "adamw")
     if (inp.sampled or inp.step_in_backward) and (written or inp.device != "cpu"):
         total += w * d * F32
-    if inp.step_in_backward:  # SGD: the momentum rows of a row list; AdamW: w, m1, m2 and the denominator
-        if inp.optimizer == "adamw":
+    if inp.step_in_backward:  # a row list's gathered rows: AdamW w, m1, m2 and the denominator; SGD the
+        if inp.optimizer == "adamw":  # momentum rows, and w unless the product form reuses the caller's copy
             total += (4 if inp.sampled else 1) * w * d * wb
-        elif inp.momentum > 0 and inp.sampled:
-            total += w * d * wb
+        elif inp.sampled:
+            total += ((inp.momentum > 0) + torch_passes) * w * d * wb
     return total
 
 
@@ -86,11 +88,12 @@ def _rows_buffer(inp: PlanInputs, w: int) -> int:
 
 
 def _step_bytes(inp: PlanInputs) -> int:
-    """The optimizer step's temporaries on top of G (``dsoft_dist.head.optim``), n = K + B touched rows.
+    """The optimizer step's temporaries on top of G (``dsoft_dist.head.optim``), K sampled rows, B slots.
 
-    Row list: the uncoalesced gradient is coalesced (n D 4); sparse mode gathers w and the momentum
-    (SGD, 2 n D wb) or w, m1, m2 and the denominator (AdamW, 4 n D wb); dense mode densifies
-    (C_local D 4, and AdamW's denominator C_local D wb). Dense gradient: SGD works in place, AdamW
+    Row list: sparse mode coalesces the B outside-target slots apart from the sorted rows (B D 4), then
+    steps the K rows, gathering w and the momentum (SGD, 2 K D wb) or w, m1, m2 and the denominator
+    (AdamW, 4 K D wb), and then the few slot rows; dense mode densifies (C_local D 4, and AdamW's
+    denominator C_local D wb). Dense gradient: SGD works in place, AdamW
     makes one denominator C_local D wb. AdamW also holds ~16 bytes per stepped row (float64 step
     counts and bias corrections).
     """
@@ -100,11 +103,11 @@ def _step_bytes(inp: PlanInputs) -> int:
     adamw = inp.optimizer == "adamw"
     if not inp.sampled:
         return c_local * (d * wb + _ADAMW_ROW_BYTES) if adamw else 0
-    n = rows_per_step(inp) + inp.global_batch
     if inp.head_mode == "dense":
-        return n * d * F32 + c_local * d * F32 + (c_local * (d * wb + _ADAMW_ROW_BYTES) if adamw else 0)
-    momentum_rows = 1 if inp.momentum > 0 else 0
-    return n * d * F32 + ((4 if adamw else 1 + momentum_rows) * n * d * wb) + (n * _ADAMW_ROW_BYTES if adamw else 0)
+        return c_local * d * F32 + (c_local * (d * wb + _ADAMW_ROW_BYTES) if adamw else 0)
+    k, momentum_rows = rows_per_step(inp), 1 if inp.momentum > 0 else 0
+    slots = inp.global_batch * d * F32
+    return slots + ((4 if adamw else 1 + momentum_rows) * k * d * wb) + (k * _ADAMW_ROW_BYTES if adamw else 0)
 
 
 def transient_bytes(inp: PlanInputs) -> dict:
@@ -119,8 +122,7 @@ def transient_bytes(inp: PlanInputs) -> dict:
     optimizer step:   G + the step's temporaries
 
     kept / fwd: see ``_saved``; G: ``weight_grad_bytes``. The torch chunked path is modelled (CPU, and CUDA
-    without the fused Triton kernels), with a separate backward block unless the CPU epilogues (the cpu-c
-    backend) write it over the logits. On CUDA every allocation counts (the allocator's peak); on CPU the
+    without the fused Triton kernels; the cpu-c backend's buffers are the same). On CUDA every allocation counts (the allocator's peak); on CPU the
     resident memory does (what peak RSS sees): a buffer counts from its first write, so G's B target slots
     are not counted in the chunk loop and an unused chunk gradient buffer is not counted at all.
     """

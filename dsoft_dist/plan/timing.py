@@ -9,9 +9,9 @@
     t_gemm        = 8 B K D / R      R: the profile's GEMM GFLOP/s at the nearest measured (B, D, w) shape,
                                      the head's class-major layout (``dsoft_dist.bench.head.matmul_rate``)
     t_elementwise = n B K / E        E: elements/s of one fp32 exp2 pass over a (w, B) block; n = 2 passes
-                                     with the CPU epilogues (cpu-c: one fused pass each way), 10 with torch
-                                     ops (forward: scale-shift, mask, max, exp2, sum; backward: shift,
-                                     exp2, 1/|w|, the radial product and its sum)
+                                     with the CPU epilogues (cpu-c: one fused pass each way), 8 with torch
+                                     ops (forward: 1/|w|, max, shift, exp, sum; backward: scale-shift,
+                                     exp, 1/|w|; the radial sum is a pass over the chunk's (w, D) gradient)
     t_rows        = dense: c C_local D 4 / M     M: copy bandwidth; c = 6 streamed row passes (weight,
                                      momentum, gradient read + written), 10 for AdamW
                     row list: g (K + B) D 4 / G  G: the profile's random-row gather bandwidth from a table
@@ -34,7 +34,7 @@ import math
 from dsoft_dist.plan.estimate import PlanInputs, collectives, rows_per_step, shard_rows
 from dsoft_dist.plan.memory import chunk_width
 
-ELEMENTWISE_PASSES = {"cpu-c": 2, "torch": 10}  # the compiled passes / torch ops
+ELEMENTWISE_PASSES = {"cpu-c": 2, "torch": 8}  # over a (k, B) chunk: the compiled passes / torch ops (5 + 3)
 ROW_PASSES = {"sgd": 6, "adamw": 10}  # streamed passes over C_local D (dense gradient)
 ROW_GATHERS = {"sgd": 7, "adamw": 11}  # random-row gathers / scatters of K + B rows (row lists)
 
