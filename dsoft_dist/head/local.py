@@ -240,7 +240,7 @@ def _commit_rows(c0, block, src, inv_sq, *, bc, grad_w):
     g = block @ f_signed, less its radial part <w_k, g_k> w_k / |w_k|^2 (the normalization's backward)."""
     g_w = torch.mm(block, bc.f_signed, out=grad_w.chunk_out(c0, block.shape[0], bc.ws))  # (k, D)
     radial = torch.linalg.vecdot(src, g_w, dim=1).mul_(inv_sq)  # (k,)
-    grad_w.commit_chunk(c0, g_w.addcmul_(src, radial[:, None], value=-1.0))
+    grad_w.commit_chunk(c0, g_w.addcmul_(src, radial[:, None], value=-1.0), src)
 
 
 def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, *, chunk_size=0,
@@ -249,10 +249,11 @@ def torch_local_shard_stats(features, weight, rows, target_local, valid, scale, 
 
     logit_cache_mb > 0 keeps up to that many MiB of the forward's exp'd logit chunks for
     backward, which then skips their recompute (one GEMM of 2 B k D per cached chunk).
-    row_update(grad (n, D), rows=None | (n,) local ids, start=0, mask=None), when given, receives
-    each row's whole gradient in backward (rows [start, start + n) when rows is None; only the
-    rows where ``mask`` is True, when given, the others repeat and stay unchanged) instead of a
-    weight gradient: the step in backward (``ShardedClassifier.step_in_backward``).
+    row_update(grad (n, D), rows=None | (n,) local ids, start=0, mask=None, values=None), when
+    given, receives each row's whole gradient in backward (rows [start, start + n) when rows is
+    None; only the rows where ``mask`` is True, when given, the others repeat and stay unchanged;
+    ``values``, when given, is a gathered copy of those rows it may work in) instead of a weight
+    gradient: the step in backward (``ShardedClassifier.step_in_backward``).
     If it has a ``product(lhs, rhs, row_coef, values, rows=None, start=0, out=None)`` method
     (``dsoft_dist.head.optim.InBackwardStep``), chunks whose passes give the radial coefficient
     before the GEMM (the cpu-c backend's; unnormalized rows) hand their gradient over in product

@@ -124,7 +124,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def update_rows(self, p, grad, rows=None, start=0, mask=None):
+    def update_rows(self, p, grad, rows=None, start=0, mask=None, values=None):
         """One step for some rows of ``p``, given their whole gradient for this step.
 
         ``grad`` (n, D) belongs to the rows ``rows`` (n,) (unique local ids), or to the slice
@@ -132,11 +132,13 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         inside backward (``ShardedClassifier.step_in_backward``); the rows and their state change
         exactly as a ``step()`` with a gradient on those rows would change them. ``mask`` (n,)
         bool (with a row list): only the rows where it is True step; the others, which may
-        repeat, are written back unchanged (fixed-size row lists need no host sync).
+        repeat, are written back unchanged (fixed-size row lists need no host sync). ``values`` (n, D),
+        with a row list: a copy of p[rows] in p's dtype that the caller gives up (the head's gathered
+        chunk rows); the step works in it instead of gathering the rows again.
         """
         w, state, rows, group = self._rows_to_update(p, rows, start, grad.shape[0])
         before = None if mask is None else [t.index_select(0, rows) for t in (p, *state.values())]
-        self._update(w, state, rows, grad.to(p.dtype), group)
+        self._update(w, state, rows, grad.to(p.dtype), group, w=values if rows is not None else None)
         if before is not None:
             for t, old in zip((p, *state.values()), before):
                 keep = mask.view(-1, *([1] * (old.dim() - 1)))
@@ -187,7 +189,9 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     def _ensure_state(self, p, group):
         """Allocates state a group setting switched on after construction (SGD momentum)."""
 
-    def _update(self, p, state, rows, grad, group):
+    def _update(self, p, state, rows, grad, group, w=None):
+        """One step of the rows ``rows`` (None: all of ``p``, or the slice ``p`` is) from ``grad``; ``w``, when
+        given, is a copy of p[rows] the step may work in instead of gathering the rows itself."""
         raise NotImplementedError
 
     def _update_product(self, p, state, rows, lhs, rhs, row_coef, values, group, epilogues=None) -> bool:
@@ -230,10 +234,10 @@ class RowSparseSGD(_RowSparseOptimizer):
         if group["momentum"] > 0 and "momentum_buffer" not in self.state[p]:  # momentum switched on later
             self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
-    def _update(self, p, state, rows, grad, group):
+    def _update(self, p, state, rows, grad, group, w=None):
         """In place, no (n, D) temporaries: m b + (g + wd w) is computed as (m b + g) + wd w."""
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        w = self._take(p, rows)  # (n, D); the parameter itself when every row is touched
+        w = self._take(p, rows) if w is None else w  # (n, D); the parameter itself when every row is touched
         if momentum == 0:
             if wd != 0:
                 w.mul_(1 - lr * wd)  # w - lr (g + wd w)
@@ -300,7 +304,8 @@ def _epilogues_for(w, buf, coef, values, epilogues):
 class InBackwardStep:
     """What the head calls to step ``param``'s rows inside backward (``ShardedClassifier.step_in_backward``).
 
-    ``update(grad, rows=None, start=0, mask=None)`` takes a chunk's gradient, ``update.product(lhs, rhs,
+    ``update(grad, rows=None, start=0, mask=None, values=None)`` takes a chunk's gradient (and the rows'
+    gathered values, see ``update_rows``), ``update.product(lhs, rhs,
     row_coef, values, rows=None, start=0, out=None)`` the product form of it (see
     ``update_rows_product``).
     """
@@ -308,8 +313,8 @@ class InBackwardStep:
     def __init__(self, optimizer, param, epilogues=None):
         self.optimizer, self.param, self.epilogues = optimizer, param, epilogues
 
-    def __call__(self, grad, rows=None, start=0, mask=None):
-        self.optimizer.update_rows(self.param, grad, rows=rows, start=start, mask=mask)
+    def __call__(self, grad, rows=None, start=0, mask=None, values=None):
+        self.optimizer.update_rows(self.param, grad, rows=rows, start=start, mask=mask, values=values)
 
     def product(self, lhs, rhs, row_coef=None, values=None, rows=None, start=0, out=None):
         self.optimizer.update_rows_product(self.param, lhs, rhs, row_coef, values, rows=rows, start=start, out=out,
@@ -334,9 +339,9 @@ class RowSparseAdamW(_RowSparseOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, mode, num_classes, class_start)
 
-    def _update(self, p, state, rows, grad, group):
+    def _update(self, p, state, rows, grad, group, w=None):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        w = self._take(p, rows)  # (n, D)
+        w = self._take(p, rows) if w is None else w  # (n, D)
         m1, m2 = self._take(state["exp_avg"], rows), self._take(state["exp_avg_sq"], rows)
         t = self._take(state["step"], rows).add_(1)  # (n,) steps that touched each row
         if wd != 0:

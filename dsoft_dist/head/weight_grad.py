@@ -59,11 +59,18 @@ class WeightGrad:
             return
         self.commit_chunk(c0, product_gradient(lhs, rhs, row_coef, values, self.chunk_out(c0, lhs.shape[0], ws)))
 
-    def commit_chunk(self, c0, grad):
+    def commit_chunk(self, c0, grad, src=None):
         """The chunk's rows (distinct, not yet written) get their whole gradient ``grad`` (k, D), which was
-        computed in ``chunk_out`` (the dense gradient or the values: nothing left to do)."""
-        if self.row_update is not None:
-            self.row_update(grad, rows=None if self.rows is None else self.rows[c0:c0 + grad.shape[0]], start=c0)
+        computed in ``chunk_out`` (the dense gradient or the values: nothing left to do). ``src``: the chunk's
+        rows as the loop read them; a gathered copy in the weight's dtype is handed to the step in backward,
+        which works in it instead of gathering the rows again (the loop is done with it)."""
+        if self.row_update is None:
+            return
+        if self.rows is None:
+            self.row_update(grad, rows=None, start=c0)
+            return
+        values = src if src is not None and src.dtype == self.dtype else None
+        self.row_update(grad, rows=self.rows[c0:c0 + grad.shape[0]], start=c0, values=values)
 
     def add_outside_rows(self, outside: "OutsideTargets", grad):
         """Owned targets outside the columns: ``grad`` (B, D) holds each batch row's gradient for its target
