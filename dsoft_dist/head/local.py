@@ -189,7 +189,8 @@ def _backward_chunks(features, *, plan, tpos, g_lse, g_target, lse, norms, grad_
     gradient <f_i, w_hat_y> too. With normalized rows, l_ik = s <f_i, w_k> / |w_k|: the block is
     scaled by 1 / |w_k| and multiplies the raw rows, so no normalized copy of the rows is made;
     the radial part of the normalization's backward, <w_hat_k, dL/dw_hat_k> w_hat_k / |w_k|, is
-    subtracted per row (in product form: ``WeightGrad.commit_product``).
+    subtracted per row: from the chunk's row gradient (``_commit_rows``), or in product form
+    when the passes give its coefficient (``WeightGrad.commit_product``).
     """
     passes = ctx.passes
     ws = Workspace(plan, features.shape[0], features.shape[1], features.device, grad_buffer=grad_w.dense is None)
