@@ -2,7 +2,7 @@
 
     torch   the chunked torch path (dsoft_dist.head.local), the reference; takes row updates
     cpu-c   the torch path with its elementwise passes compiled from C (dsoft_dist.kernels.cpu):
-            float32 on CPU, opt in (5-8% of a CPU step, measured; needs a C compiler); takes row updates
+            float32 on CPU, opt in (4-7% of a CPU step, measured; needs a C compiler); takes row updates
     triton  the Triton kernels (dsoft_dist.kernels): CUDA, or CPU under TRITON_INTERPRET=1
     auto    per call: triton for CUDA inputs with tensor-core operands when Triton imports,
             torch otherwise (the default)

@@ -214,10 +214,7 @@ def _backward_chunks(features, *, plan, tpos, g_lse, g_target, lse, norms, grad_
         logits = torch.mm(src, f_t, out=bc.ws.logits_view(k)[:k])  # (k, B) raw-row products, targets unmasked
         block, minus_radial = passes.backward_block(j, logits, inv, inv_sq[j] if inv_sq is not None else None, bc)
         grad_f.addmm_(block.t(), src)
-        if inv is not None and minus_radial is None:
-            _commit_rows(c0, block, src, inv_sq[j], bc=bc, grad_w=grad_w)
-        else:
-            grad_w.commit_product(c0, block, bc.f_signed, minus_radial, src, bc.ws)
+        _commit_rows(c0, block, src, inv_sq[j] if inv_sq is not None else None, minus_radial, bc=bc, grad_w=grad_w)
     return grad_f.mul_(bc.sign[:, None]).mul_(ctx.scale)
 
 
@@ -227,18 +224,22 @@ def _cached_chunk_grads(j, src, inv, inv_sq, *, bc, ctx, grad_f, grad_w, c0):
     k = src.shape[0]
     block = padded[:k].mul_(ctx.passes.exp(chunk_shift - bc.shift_u))
     padded.scatter_(0, bc.slots.index(j, k), bc.coef_row)
-    if inv is None:
-        grad_f.addmm_(block.t(), src)
-        grad_w.commit_product(c0, block, bc.f_signed, None, src, bc.ws)
-        return
-    block.mul_(inv)  # the block now multiplies raw rows
+    if inv is not None:
+        block.mul_(inv)  # the block now multiplies raw rows
     grad_f.addmm_(block.t(), src)
-    _commit_rows(c0, block, src, inv_sq[j], bc=bc, grad_w=grad_w)
+    _commit_rows(c0, block, src, inv_sq[j] if inv is not None else None, None, bc=bc, grad_w=grad_w)
 
 
-def _commit_rows(c0, block, src, inv_sq, *, bc, grad_w):
-    """Commits the gradient of the chunk's raw rows src (k, D) from its block (k, B), which multiplies raw rows:
-    g = block @ f_signed, less its radial part <w_k, g_k> w_k / |w_k|^2 (the normalization's backward)."""
+def _commit_rows(c0, block, src, inv_sq, minus_radial, *, bc, grad_w):
+    """Commits the gradient of the chunk's raw rows src (k, D) from its block (k, B), which multiplies raw rows.
+
+    With normalized rows (``inv_sq``: 1 / |w_k|^2) and no radial coefficient from the passes, it is
+    g = block @ f_signed less its radial part <w_k, g_k> w_k / |w_k|^2 (the normalization's backward);
+    otherwise the product block @ f_signed + minus_radial w_k goes to ``WeightGrad.commit_product``.
+    """
+    if inv_sq is None or minus_radial is not None:
+        grad_w.commit_product(c0, block, bc.f_signed, minus_radial, src, bc.ws)
+        return
     g_w = torch.mm(block, bc.f_signed, out=grad_w.chunk_out(c0, block.shape[0], bc.ws))  # (k, D)
     radial = torch.linalg.vecdot(src, g_w, dim=1).mul_(inv_sq)  # (k,)
     grad_w.commit_chunk(c0, g_w.addcmul_(src, radial[:, None], value=-1.0), src)

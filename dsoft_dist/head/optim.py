@@ -35,8 +35,7 @@ def _row_groups(grad: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     A slot that adds a nonzero gradient to a row of the run falls back to ``coalesce``.
     """
     if grad._nnz() == 0 or grad.is_coalesced() or grad._indices().shape[0] != 1:
-        grad = grad.coalesce()
-        return [(grad.indices()[0], grad.values())]
+        return _one_group(grad)
     idx, values = grad._indices()[0], grad._values()
     breaks = torch.nonzero(idx[1:] <= idx[:-1])
     n_run = int(breaks[0]) + 1 if breaks.numel() else idx.numel()
@@ -48,10 +47,15 @@ def _row_groups(grad: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shared = run[torch.searchsorted(run, t_rows).clamp_(max=n_run - 1)] == t_rows
     if bool(shared.any()):
         if bool(t_values[shared].any()):
-            grad = grad.coalesce()
-            return [(grad.indices()[0], grad.values())]
+            return _one_group(grad)
         t_rows, t_values = t_rows[~shared], t_values[~shared]  # zeros added to rows of the run change nothing
     return [(run, values[:n_run])] + ([(t_rows, t_values)] if t_rows.numel() else [])
+
+
+def _one_group(grad: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole sparse gradient, coalesced, as one (rows, values) group."""
+    grad = grad.coalesce()
+    return [(grad.indices()[0], grad.values())]
 
 
 def product_gradient(lhs, rhs, row_coef=None, values=None, out=None):
