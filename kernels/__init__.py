@@ -11,11 +11,11 @@ kernels load on first use.
 - ``triton_local_shard_stats``: the Triton kernels (signature of
   ``dsoft_dist.head.local.torch_local_shard_stats``); CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1`` (Triton's interpreter, used by the tests). Raises otherwise.
-- ``fused_path_usable(features, weight)``: CUDA inputs with tensor-core operands (a 16-bit
+- ``triton_path_usable(features, weight)``: CUDA inputs with tensor-core operands (a 16-bit
   weight/features, or TF32 allowed) and Triton importable: the test ``auto`` applies.
 - ``dsoft_dist.kernels.cpu.cpu_epilogues()``: the cpu-c backend's compiled passes.
 """
-from dsoft_dist.kernels.backend import fused_path_usable, triton_available, triton_local_shard_stats
+from dsoft_dist.kernels.backend import triton_path_usable, triton_available, triton_local_shard_stats
 from dsoft_dist.kernels.config import KernelConfig
 
-__all__ = ["KernelConfig", "fused_path_usable", "triton_available", "triton_local_shard_stats"]
+__all__ = ["KernelConfig", "triton_path_usable", "triton_available", "triton_local_shard_stats"]

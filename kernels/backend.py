@@ -1,6 +1,6 @@
 """The triton backend of the head's local shard statistics (the head's registry, dsoft_dist.head.backend, loads it).
 
-    fused_path_usable(features, weight)   # CUDA tensors, tensor-core operands, Triton importable
+    triton_path_usable(features, weight)  # CUDA tensors, tensor-core operands, Triton importable
     triton_local_shard_stats(...)         # the kernels, or a clear error when they cannot run
 
 This module never imports Triton at import time, so ``import dsoft_dist.kernels`` works
@@ -12,11 +12,10 @@ import os
 
 import torch
 
+from dsoft_dist.kernels.validate import TRITON_DTYPES
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
-
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def triton_available() -> bool:
@@ -41,7 +40,7 @@ def _require_triton() -> None:
 
 def triton_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, *, chunk_size=0,
                              logit_cache_mb=0.0, config=None, compute_dtype=None):
-    """Fused backend, same contract as ``dsoft_dist.head.local.torch_local_shard_stats``.
+    """The triton backend, same contract as ``dsoft_dist.head.local.torch_local_shard_stats``.
 
     features (B, D), weight (C_local, D) raw rows, rows (K,) sorted unique int64 or None,
     target_local (B,) int64 (-1 = not owned), valid (B,) bool -> (lse, target, max), each (B,) fp32.
@@ -50,20 +49,20 @@ def triton_local_shard_stats(features, weight, rows, target_local, valid, scale,
     ``compute_dtype``: the GEMM operand dtype (default: the narrower of the two input dtypes).
     """
     _require_triton()
-    from dsoft_dist.kernels.shard_stats import fused_local_shard_stats
-    return fused_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize,
+    from dsoft_dist.kernels.shard_stats import validated_triton_stats
+    return validated_triton_stats(features, weight, rows, target_local, valid, scale, normalize,
                                    config=config, compute_dtype=compute_dtype)
 
 
-def fused_path_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> bool:
+def triton_path_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> bool:
     """True when ``auto`` should run the kernels: CUDA tensors, Triton, and tensor-core operands.
 
     Tensor-core operands = a 16-bit ``compute_dtype``, a 16-bit weight or features (the GEMMs
     run in the narrower dtype), or fp32 with ``torch.backends.cuda.matmul.allow_tf32``. Plain fp32 would run the kernels'
     GEMMs as IEEE fp32 FMA, likely slower than cuBLAS in the torch path, so auto keeps torch there.
     """
-    if not (features.is_cuda and weight.is_cuda and features.dtype in _FUSED_DTYPES
-            and weight.dtype in _FUSED_DTYPES):
+    if not (features.is_cuda and weight.is_cuda and features.dtype in TRITON_DTYPES
+            and weight.dtype in TRITON_DTYPES):
         return False
     narrow = compute_dtype in (torch.float16, torch.bfloat16)
     tensor_cores = narrow or min(features.element_size(), weight.element_size()) < 4 or \

@@ -1,4 +1,4 @@
-"""Compile the fused kernels for a GPU architecture WITHOUT a GPU and report their resources.
+"""Compile the triton backend's kernels for a GPU architecture WITHOUT a GPU and report their resources.
 
     python -m dsoft_dist.kernels.compile_check                 # sm_90 (H100/H200), D=512, bf16, default tiles
     python -m dsoft_dist.kernels.compile_check --arch 80 --sweep

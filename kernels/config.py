@@ -1,4 +1,4 @@
-"""Tile sizes and launch settings of the fused shard-statistics kernels.
+"""Tile sizes and launch settings of the triton backend's shard-statistics kernels.
 
 One ``KernelConfig`` drives all three kernels (no autotune: it needs 2+ configs, which the
 interpreter cannot run, and a sweep belongs in the benchmark, which measures it):

@@ -1,4 +1,4 @@
-"""Fused CPU epilogues for the torch chunked head path: ``cpu_epilogue.c``, compiled on first use.
+"""The cpu-c backend's compiled passes between the torch chunked path's GEMMs: ``cpu_epilogue.c``, built on first use.
 
     from dsoft_dist.kernels.cpu import cpu_epilogues
     epi = cpu_epilogues()          # None when disabled or no C compiler works here

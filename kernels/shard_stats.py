@@ -1,6 +1,6 @@
-"""Launchers and the autograd.Function of the fused local shard statistics.
+"""Launchers and the autograd.Function of the triton backend's local shard statistics.
 
-    lse, target, hardest = fused_local_shard_stats(features, weight, rows, target_local, valid, 64.0, True)
+    lse, target, hardest = validated_triton_stats(features, weight, rows, target_local, valid, 64.0, True)
 
 Same contract as ``dsoft_dist.head.local.torch_local_shard_stats`` (see its docstring):
 features (B, D), weight (C_local, D) raw rows, rows (K,) sorted unique int64 or None ->
@@ -170,8 +170,8 @@ def combine_partials(part_max, part_sum, part_target, valid):
     return lse, part_target.sum(dim=0), torch.where(valid, run_max, neg_inf)
 
 
-class FusedLocalShardStats(torch.autograd.Function):
-    """(features, weight, cols, neg, target_local, valid) -> (lse, target, max); fused recompute backward."""
+class TritonLocalShardStats(torch.autograd.Function):
+    """(features, weight, cols, neg, target_local, valid) -> (lse, target, max); recompute backward in the kernels."""
 
     @staticmethod
     def forward(ctx, features, weight, cols, neg, target_local, valid, scale, normalize, cfg, compute_dtype,
@@ -212,9 +212,9 @@ def _compute_dtype(features, weight, compute_dtype):
     return compute_dtype
 
 
-def fused_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, config=None,
+def validated_triton_stats(features, weight, rows, target_local, valid, scale, normalize, config=None,
                             compute_dtype=None):
-    """The fused backend (validated); see the module docstring and ``triton_local_shard_stats``."""
+    """The triton backend (inputs checked first); see the module docstring and ``triton_local_shard_stats``."""
     interpreted = kernels_interpreted()
     check_shard_inputs(features, weight, rows, target_local, valid, scale, interpreted)
     if config is not None and not isinstance(config, KernelConfig):
@@ -222,5 +222,5 @@ def fused_local_shard_stats(features, weight, rows, target_local, valid, scale, 
     cfg = config or default_config(features.shape[1], interpreted)
     cdtype = _compute_dtype(features, weight, compute_dtype)
     cols, neg = column_list(rows, target_local)
-    return FusedLocalShardStats.apply(features.contiguous(), weight, cols, neg, target_local.contiguous(),
+    return TritonLocalShardStats.apply(features.contiguous(), weight, cols, neg, target_local.contiguous(),
                                       valid.contiguous(), float(scale), bool(normalize), cfg, cdtype, interpreted)

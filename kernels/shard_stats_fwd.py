@@ -1,4 +1,4 @@
-"""Triton forward of the local shard statistics: cosine GEMM with the dissected-softmax epilogue fused.
+"""Triton forward of the local shard statistics: cosine GEMM and the dissected-softmax epilogue in one kernel.
 
 Per program: one tile of global-batch rows (block_m) against a split of the column list
 (the shard's rows, or the index-gathered touched rows), one (block_m, block_n) logit tile

@@ -1,4 +1,4 @@
-"""Input checks of the fused shard-statistics backend: every error says what, the value, and the fix.
+"""Input checks of the triton backend: every error says what, the value, and the fix.
 
 Checks are O(1) metadata reads (shapes, dtypes, devices, strides): no host sync, so nothing
 here reads tensor values (the head validates labels once per step, ``dsoft_dist.head.validate``).
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FIX = "or use backend='torch' (the reference path takes any dtype and device)"
 
 
@@ -24,7 +24,7 @@ def check_shard_inputs(features, weight, rows, target_local, valid, scale, inter
     _need(weight.dim() == 2 and weight.shape[1] == features.shape[1],
           f"weight must be (C_local, D={features.shape[1]}), got shape {tuple(weight.shape)}")
     for name, t in (("features", features), ("weight", weight)):
-        _need(t.dtype in FUSED_DTYPES, f"{name} dtype {t.dtype} is not supported by the triton kernels; "
+        _need(t.dtype in TRITON_DTYPES, f"{name} dtype {t.dtype} is not supported by the triton kernels; "
               f"use float32, float16 or bfloat16 {_FIX}")
     device = features.device
     _need(device.type == "cuda" or (device.type == "cpu" and interpreted),

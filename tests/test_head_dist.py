@@ -36,7 +36,7 @@ CASES = ([(loss, neg, chunk, False) for loss in LOSSES for neg in MODES for chun
          + [("d_softmax", neg, 4, True) for neg in ("batch", "random", "partial")])
 RESHARD = {"sgd": OptimizerConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.01),
            "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
-FUSED_OPT = {"sgd": OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+IN_BACKWARD_OPT = {"sgd": OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
              "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
 RESHARD_BATCH = 12  # divisible by 1, 2 and 3
 WORLD_SIZES = (1, 2, 3, 4)
@@ -153,7 +153,7 @@ def _reshard(rank, world_size, outdir, save):
 def _in_backward_runs(rank, world_size):
     """3 steps per (optimizer, negatives), with the head optimizer stepping in backward and after it."""
     out = {}
-    for name, cfg in FUSED_OPT.items():
+    for name, cfg in IN_BACKWARD_OPT.items():
         for neg in ("all", "batch", "random"):
             for in_backward in (False, True):  # unit-norm-sized rows and a moderate lr: 3 steps stay well conditioned
                 head = ShardedClassifier(C, D, loss="d_softmax" if name == "sgd" else "arcface", negatives=neg,
@@ -358,7 +358,7 @@ def test_step_in_backward_matches_step_after_backward(world_size, tmp_root):
     and for the world-size independent modes (all, batch) the concatenated shards equal the one-process run."""
     results = run_group(world_size, tmp_root)
     single = run_group(1, tmp_root)[0]["in_backward"]
-    for name in FUSED_OPT:
+    for name in IN_BACKWARD_OPT:
         for neg in ("all", "batch", "random"):
             what = f"P={world_size} {name}/{neg}"
             for rank, res in enumerate(results):

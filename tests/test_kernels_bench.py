@@ -32,12 +32,12 @@ def test_smoke_writes_every_case_and_the_sweep(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     methods = {(c["method"], c["rate"]) for c in result["cases"]}
-    assert methods == {(m, r) for m in ("fused", "torch", "naive") for r in (1.0, 0.25)}
+    assert methods == {(m, r) for m in ("triton", "torch", "naive") for r in (1.0, 0.25)}
     for case in result["cases"]:
         assert case["seconds"] > 0 and case["model_eff"] > 0 and case["k"] == (300 if case["rate"] == 1.0 else 75)
     assert len(result["sweep"]) == 4 and all("seconds" in row for row in result["sweep"])
     assert result["config"] is not None and result["torch"] == torch.__version__
-    assert "speedup fused vs torch, full B=48 C_local=300" in proc.stdout
+    assert "speedup triton vs torch, full B=48 C_local=300" in proc.stdout
     report = subprocess.run([sys.executable, "-m", "dsoft_dist.bench.kernels_report", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr

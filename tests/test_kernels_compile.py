@@ -1,4 +1,4 @@
-"""The fused kernels compile for real GPUs on a machine without one (Triton's bundled ptxas).
+"""The triton backend's kernels compile for real GPUs on a machine without one (Triton's bundled ptxas).
 
 Proves what the interpreter cannot: the GPU code generates for sm_90 (H100/H200) and sm_80
 (A100), uses tensor-core MMA, fits in shared memory, and (default tiles) barely spills:

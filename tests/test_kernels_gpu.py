@@ -1,4 +1,4 @@
-"""Compiled fused kernels on a CUDA GPU: bf16/fp16/fp32 at larger shapes, the benchmark's tile configs, memory.
+"""The triton backend's kernels compiled on a CUDA GPU: bf16/fp16/fp32 at larger shapes, tile configs, memory.
 
 Skipped without CUDA (the interpreter tests in test_kernels_shard_stats.py cover the math on CPU).
 Run by ``launch/gpu_check.sh``:
@@ -86,7 +86,7 @@ def test_every_benchmark_config_compiles_and_matches(index):
         _close(name, a, b, 3e-2)
 
 
-def test_fused_step_holds_no_logit_matrix():
+def test_triton_step_holds_no_logit_matrix():
     """Transient memory of a full-head step is far below one (B, C) bf16 logit matrix."""
     batch, classes, dim = 4096, 100_000, 512
     feats, weight, rows, target, valid = _case(batch, classes, dim, torch.bfloat16, 1.0)
@@ -103,7 +103,7 @@ def test_fused_step_holds_no_logit_matrix():
 
 @pytest.mark.parametrize("negatives", ["all", "random"])
 @pytest.mark.parametrize("loss", ["d_softmax", "arcface"])
-def test_head_on_cuda_fused_equals_torch(monkeypatch, loss, negatives):
+def test_head_on_cuda_triton_equals_torch(monkeypatch, loss, negatives):
     emb = torch.randn(256, 128, device="cuda")
     labels = torch.randint(0, 10_000, (256,), device="cuda")
     out = []

@@ -1,4 +1,4 @@
-"""Fused shard-statistics kernels vs the torch chunked backend and a dense float64 reference.
+"""The triton backend's shard-statistics kernels vs the torch chunked backend and a dense float64 reference.
 
 Runs the Triton kernels in Triton's CPU interpreter when there is no GPU (set below, before
 Triton is imported), so CI proves the kernels' math on CPU:

@@ -26,7 +26,7 @@ BENCHMARKS = {
     "dissection": "the paper's dissection figure: 3-D embeddings of 5 vs 10 identities, softmax vs D-Softmax",
     "data": "data pipeline samples/s against a bare decode loop",
     "stream": "shards of many identities: write, start-up, samples/s vs bare tar reads, memory per worker",
-    "kernels": "fused Triton head vs torch chunked vs naive on CUDA (time, peak memory, bf16 matmul fraction)",
+    "kernels": "triton backend vs torch chunked vs naive on CUDA (time, peak memory, bf16 matmul fraction)",
 }
 
 

@@ -1,4 +1,4 @@
-"""Benchmark the head's local step: fused Triton kernels vs the torch chunked path vs naive full logits.
+"""Benchmark the head's local step: the triton backend vs the torch chunked path vs naive full logits.
 
     python -m dsoft_dist.bench.kernels --out runs/kernels.json               # CUDA: the issue's sizes
     python -m dsoft_dist.bench.kernels --classes 100000 --batch 512 --sweep  # pick tiles, then time
@@ -7,14 +7,14 @@
 One "step" = the local shard statistics (lse, z_y) of the global batch against C_local rows
 (all rows = "full", or a random r = 1/64 of them = "sampled"), the D-Softmax loss on top,
 and backward to the embeddings and the weight, all in --dtype (bf16 by default):
-- fused  = dsoft_dist.kernels.triton_local_shard_stats (no logits in memory)
+- triton = dsoft_dist.kernels.triton_local_shard_stats (no logits in memory)
 - torch  = dsoft_dist.head.local.torch_local_shard_stats (chunks of B x chunk logits)
 - naive  = the full (B, K) logit matrix with autograd, only where it fits (--naive-max-gib)
 Time = median of --repeats CUDA-event timings after --warmup; "peak MiB" = the step's
 max_memory_allocated minus the memory allocated before it (inputs excluded), reset per case.
 "matmul" = plain torch.mm on the step's three GEMM shapes ((B,D)x(D,k), (B,k)x(k,D), (k,B)x(B,D),
 k = min(K, 65536)) in --dtype, measured in the same run. "model eff" = 6 B K D / time / matmul
-rate; "gemm eff" = the GEMM FLOPs the method executes (fused: (6 + 4 n_d) B K D with n_d the
+rate; "gemm eff" = the GEMM FLOPs the method executes (triton: (6 + 4 n_d) B K D with n_d the
 backward D slices, each recomputing the logits; torch: 8 B K D; naive: 6 B K D) / time / matmul rate.
 Without CUDA the script refuses, except --smoke (tiny shapes in the interpreter, for tests).
 """
@@ -86,7 +86,7 @@ def make_inputs(batch, classes, dim, rate, dtype, device, seed=0):
 
 
 def naive_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, *_):
-    """The whole (B, K) logit matrix with autograd: what the fused path avoids."""
+    """The whole (B, K) logit matrix with autograd: what the triton backend avoids."""
     w = weight if rows is None else weight[rows]
     w_hat = torch.nn.functional.normalize(w, dim=1) if normalize else w
     cos = features @ w_hat.t()  # (B, K)
@@ -127,12 +127,12 @@ def matmul_rate(batch, k, dim, dtype, clock, repeats):
     return 6.0 * batch * k * dim / seconds
 
 
-def _fused_backend(config):
+def _triton_backend(config):
     from dsoft_dist.kernels import triton_local_shard_stats
 
-    def fused(*args):
+    def triton(*args):
         return triton_local_shard_stats(*args[:7], config=config)
-    return fused
+    return triton
 
 
 def _fits_naive(batch, k, args, device):
@@ -148,7 +148,7 @@ def run_case(method, batch, classes, rate, args, clock, rate_ref, config):
     from dsoft_dist.kernels.config import default_config, next_pow2
     inputs = make_inputs(batch, classes, args.dim, rate, _DTYPES[args.dtype], clock.device)
     k = classes if inputs[2] is None else inputs[2].numel()
-    backend = {"fused": lambda: _fused_backend(config), "torch": lambda: torch_local_shard_stats,
+    backend = {"triton": lambda: _triton_backend(config), "torch": lambda: torch_local_shard_stats,
                "naive": lambda: naive_local_shard_stats}[method]()
     row = dict(method=method, batch=batch, classes=classes, rate=rate, k=k, dim=args.dim, dtype=args.dtype)
     if method == "naive" and not _fits_naive(batch, k, args, clock.device):
@@ -156,7 +156,7 @@ def run_case(method, batch, classes, rate, args, clock, rate_ref, config):
     seconds, times, peak = clock.time(make_step(backend, inputs), args.warmup, args.repeats)
     cfg = config or default_config(args.dim, clock.device.type != "cuda")
     n_d = -(-args.dim // (cfg.block_d or next_pow2(args.dim)))  # backward recomputes the logits per D slice
-    executed = {"fused": 6 + 4 * n_d, "torch": 8, "naive": 6}[method] * batch * k * args.dim
+    executed = {"triton": 6 + 4 * n_d, "torch": 8, "naive": 6}[method] * batch * k * args.dim
     model = 6.0 * batch * k * args.dim
     return {**row, "seconds": seconds, "times": times, "peak_mib": peak, "model_tflops": model / seconds / 1e12,
             "model_eff": model / seconds / rate_ref, "gemm_eff": executed / seconds / rate_ref,
@@ -164,16 +164,16 @@ def run_case(method, batch, classes, rate, args, clock, rate_ref, config):
 
 
 def sweep(args, clock, rate_ref):
-    """Times the fused full head with each SWEEP_CONFIGS config at the first size; returns (best config, rows)."""
+    """Times the triton backend's full head with each SWEEP_CONFIGS config at the first size; (best config, rows)."""
     from dsoft_dist.kernels import KernelConfig
     from dsoft_dist.kernels.config import SWEEP_CONFIGS
     rows, best = [], None
     for i, params in enumerate(SWEEP_CONFIGS):
         cfg = KernelConfig(**params)
         try:
-            row = run_case("fused", args.batch[0], args.classes[0], 1.0, args, clock, rate_ref, cfg)
+            row = run_case("triton", args.batch[0], args.classes[0], 1.0, args, clock, rate_ref, cfg)
         except Exception as exc:  # a config that does not compile on this GPU is reported, not fatal
-            row = dict(method="fused", error=f"{type(exc).__name__}: {exc}"[:300])
+            row = dict(method="triton", error=f"{type(exc).__name__}: {exc}"[:300])
         rows.append({**row, "config": params, "config_index": i})
         if "seconds" in row and (best is None or row["seconds"] < best[1]):
             best = (cfg, row["seconds"])
@@ -182,7 +182,7 @@ def sweep(args, clock, rate_ref):
 
 
 def format_table(result) -> str:
-    """The cases as a fixed-width table, with the fused/torch speedup per size."""
+    """The cases as a fixed-width table, with the triton/torch speedup per size."""
     head = f"{'method':<6} {'head':<7} {'B':>5} {'C_local':>8} {'K':>8} {'step s':>9} {'peak MiB':>9} " \
            f"{'TFLOP/s':>8} {'model eff':>9} {'gemm eff':>8}"
     lines = [f"device: {result['device']}  dtype: {result['dtype']}  D={result['dim']}", head]
@@ -199,8 +199,8 @@ def format_table(result) -> str:
                      f"{r['seconds']:>9.4f} {peak:>9} {r['model_tflops']:>8.2f} {r['model_eff']:>9.1%} "
                      f"{r['gemm_eff']:>8.1%}")
     for (kind, b, c), t in by_key.items():
-        if "fused" in t and "torch" in t:
-            lines.append(f"speedup fused vs torch, {kind} B={b} C_local={c}: {t['torch'] / t['fused']:.2f}x")
+        if "triton" in t and "torch" in t:
+            lines.append(f"speedup triton vs torch, {kind} B={b} C_local={c}: {t['torch'] / t['triton']:.2f}x")
     return "\n".join(lines)
 
 
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     p.add_argument("--sample-rate", type=float, default=1 / 64, help="rate of the sampled head")
-    p.add_argument("--methods", nargs="+", default=["fused", "torch", "naive"], choices=("fused", "torch", "naive"))
+    p.add_argument("--methods", nargs="+", default=["triton", "torch", "naive"], choices=("triton", "torch", "naive"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--naive-max-gib", type=float, default=24.0, help="largest full-logit footprint to try")

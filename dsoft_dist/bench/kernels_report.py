@@ -5,7 +5,7 @@
 Reads versions.txt, nvidia-smi.txt, stages.txt, pytest-*.xml (JUnit), kernels.json, head.log and
 plan.log (``dsoft plan`` with the profile it measured, plan-profile.json), and
 states each target of the kernels issue as met / not met with the measured figure:
-fused full-head step >= 1.3x faster than the torch chunked path, >= 60% of the measured bf16
+triton full-head step >= 1.3x faster than the torch chunked path, >= 60% of the measured bf16
 matmul rate for the GEMM part, and transient memory far below one (B, K) logit matrix.
 """
 from __future__ import annotations
@@ -47,21 +47,21 @@ def targets(result: dict) -> list[str]:
         if r.get("rate", 0) >= 1.0 and "seconds" in r:
             by.setdefault((r["batch"], r["classes"]), {})[r["method"]] = r
     for (batch, classes), m in sorted(by.items()):
-        if "fused" not in m:
-            lines.append(f"- B={batch} C_local={classes}: no fused figure")
+        if "triton" not in m:
+            lines.append(f"- B={batch} C_local={classes}: no triton figure")
             continue
-        fused = m["fused"]
+        row = m["triton"]
         logit_mib = batch * classes * 2 / 2**20
         parts = [f"B={batch} C_local={classes}:"]
         if "torch" in m:
-            sp = m["torch"]["seconds"] / fused["seconds"]
+            sp = m["torch"]["seconds"] / row["seconds"]
             parts.append(f"speedup vs torch {sp:.2f}x ({'met' if sp >= SPEEDUP_TARGET else 'NOT met'}, "
                          f"target {SPEEDUP_TARGET}x);")
-        eff = fused["gemm_eff"]
+        eff = row["gemm_eff"]
         parts.append(f"GEMM part {eff:.0%} of torch.mm bf16 rate ({'met' if eff >= GEMM_EFF_TARGET else 'NOT met'}, "
-                     f"target {GEMM_EFF_TARGET:.0%}; model-FLOP eff {fused['model_eff']:.0%});")
-        if fused.get("peak_mib") is not None:
-            parts.append(f"transient {fused['peak_mib']:.0f} MiB vs one bf16 logit matrix {logit_mib:.0f} MiB")
+                     f"target {GEMM_EFF_TARGET:.0%}; model-FLOP eff {row['model_eff']:.0%});")
+        if row.get("peak_mib") is not None:
+            parts.append(f"transient {row['peak_mib']:.0f} MiB vs one bf16 logit matrix {logit_mib:.0f} MiB")
         lines.append("- " + " ".join(parts))
     return lines or ["- no benchmark results"]
 
@@ -77,7 +77,7 @@ def report(out_dir: str) -> str:
                       + (f"{r['seconds']:.4f} s" if "seconds" in r else f"error {r.get('error')}")
                       for r in result.get("sweep", [])) or "- (none)"
     return "\n\n".join([
-        "# GPU check: fused head kernels",
+        "# GPU check: the triton backend's head kernels",
         "## Machine and versions\n```\n" + _read(os.path.join(out_dir, "versions.txt")) + "\n```",
         "## Stages (rc 0 = ok, 124/137 = timed out)\n```\n" + _read(os.path.join(out_dir, "stages.txt")) + "\n```",
         "## GPU tests\n" + junit_summary(os.path.join(out_dir, "pytest-gpu.xml")),

@@ -49,8 +49,8 @@ def triton_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtype=No
     """auto's test: CUDA inputs with tensor-core operands and Triton importable (kernels imported only then)."""
     if not (features.is_cuda and weight.is_cuda):
         return False
-    from dsoft_dist.kernels import fused_path_usable
-    return fused_path_usable(features, weight, compute_dtype)
+    from dsoft_dist.kernels import triton_path_usable
+    return triton_path_usable(features, weight, compute_dtype)
 
 
 def auto_local_shard_stats(features, weight, rows, target_local, valid, scale, normalize, *, chunk_size=0,

@@ -122,8 +122,9 @@ def transient_bytes(inp: PlanInputs) -> dict:
     optimizer step:   G + the step's temporaries
 
     kept / fwd: see ``_saved``; G: ``weight_grad_bytes``. The torch chunked path is modelled (CPU, and CUDA
-    without the fused Triton kernels; the cpu-c backend's buffers are the same). On CUDA every allocation counts (the allocator's peak); on CPU the
-    resident memory does (what peak RSS sees): a buffer counts from its first write, so G's B target slots
+    without the triton backend's kernels; the cpu-c backend's buffers are the same). On CUDA every allocation
+    counts (the allocator's peak); on CPU the resident memory does (what peak RSS sees): a buffer counts from
+    its first write, so G's B target slots
     are not counted in the chunk loop and an unused chunk gradient buffer is not counted at all.
     """
     b, d, e = inp.global_batch, inp.dim, DTYPE_BYTES[inp.dtype]

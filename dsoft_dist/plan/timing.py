@@ -9,7 +9,7 @@
     t_gemm        = 8 B K D / R      R: the profile's GEMM GFLOP/s at the nearest measured (B, D, w) shape,
                                      the head's class-major layout (``dsoft_dist.bench.head.matmul_rate``)
     t_elementwise = n B K / E        E: elements/s of one fp32 exp2 pass over a (w, B) block; n = 2 passes
-                                     with the CPU epilogues (cpu-c: one fused pass each way), 8 with torch
+                                     with the CPU epilogues (cpu-c: one compiled pass each way), 8 with torch
                                      ops (forward: 1/|w|, max, shift, exp, sum; backward: scale-shift,
                                      exp, 1/|w|; the radial sum is a pass over the chunk's (w, D) gradient)
     t_rows        = dense: c C_local D 4 / M     M: copy bandwidth; c = 6 streamed row passes (weight,
