@@ -15,7 +15,7 @@ kernels load on first use.
   weight/features, or TF32 allowed) and Triton importable: the test ``auto`` applies.
 - ``dsoft_dist.kernels.cpu.cpu_epilogues()``: the cpu-c backend's compiled passes.
 """
-from dsoft_dist.kernels.backend import triton_path_usable, triton_available, triton_local_shard_stats
+from dsoft_dist.kernels.backend import triton_available, triton_local_shard_stats, triton_path_usable
 from dsoft_dist.kernels.config import KernelConfig
 
-__all__ = ["KernelConfig", "triton_path_usable", "triton_available", "triton_local_shard_stats"]
+__all__ = ["KernelConfig", "triton_available", "triton_local_shard_stats", "triton_path_usable"]

@@ -51,7 +51,7 @@ def triton_local_shard_stats(features, weight, rows, target_local, valid, scale,
     _require_triton()
     from dsoft_dist.kernels.shard_stats import validated_triton_stats
     return validated_triton_stats(features, weight, rows, target_local, valid, scale, normalize,
-                                   config=config, compute_dtype=compute_dtype)
+                                  config=config, compute_dtype=compute_dtype)
 
 
 def triton_path_usable(features: torch.Tensor, weight: torch.Tensor, compute_dtype=None) -> bool:

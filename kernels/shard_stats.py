@@ -213,7 +213,7 @@ def _compute_dtype(features, weight, compute_dtype):
 
 
 def validated_triton_stats(features, weight, rows, target_local, valid, scale, normalize, config=None,
-                            compute_dtype=None):
+                           compute_dtype=None):
     """The triton backend (inputs checked first); see the module docstring and ``triton_local_shard_stats``."""
     interpreted = kernels_interpreted()
     check_shard_inputs(features, weight, rows, target_local, valid, scale, interpreted)

@@ -130,9 +130,9 @@ def matmul_rate(batch, k, dim, dtype, clock, repeats):
 def _triton_backend(config):
     from dsoft_dist.kernels import triton_local_shard_stats
 
-    def triton(*args):
+    def run(*args):
         return triton_local_shard_stats(*args[:7], config=config)
-    return triton
+    return run
 
 
 def _fits_naive(batch, k, args, device):
