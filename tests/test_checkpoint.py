@@ -19,7 +19,7 @@ from dsoft_dist.config import config_from_dict
 from dsoft_dist.train.checkpoint import CheckpointError, Checkpointer, load_weights_only, verify
 from dsoft_dist.train.distributed import distributed, spawn_local
 from tests.test_data_fixtures import write_shards
-from tests.test_train_dist import assert_same_params, run, tiny
+from tests.test_train_dist import assert_same_params, run, run_jobs, tiny
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -30,29 +30,30 @@ def ckpt_cfg(out, **sections) -> dict:
     return tiny(out, **{**base, **sections})
 
 
-def _interrupted(cfg_dict: dict, steps: int, scale: float | None = None) -> None:
-    """Every rank: trains ``steps`` steps, writes a checkpoint and stops without finishing."""
+def _interrupted_at_scale(cfg_dict: dict, steps: int, scale: float) -> None:
+    """Every rank: the fp16 loss scale set to ``scale`` (7 good steps), then ``steps`` steps, a checkpoint, a stop."""
     from dsoft_dist.train.trainer import Trainer
 
     with distributed("gloo") as env:
         t = Trainer(config_from_dict(cfg_dict), env)
-        if scale is not None:
-            t.engine.scaler.scale, t.engine.scaler.good_steps = scale, 7
+        t.engine.scaler.scale, t.engine.scaler.good_steps = scale, 7
         t.run_steps(steps - t.step)
         t.checkpointer.save(t)
         t.close()
 
 
-def interrupt(cfg_dict: dict, steps: int, nproc: int | None = None, scale: float | None = None) -> None:
+def interrupt(cfg_dict: dict, steps: int, nproc: int | None = None) -> None:
+    """Trains ``steps`` steps, writes a checkpoint and stops (run_jobs' stop_after), on ``nproc`` ranks."""
     cfg = json.loads(json.dumps(cfg_dict))
     cfg["parallel"]["nproc"] = nproc or cfg["parallel"]["nproc"]
-    spawn_local(_interrupted, cfg["parallel"]["nproc"], (cfg, steps, scale))
+    run_jobs([(cfg, steps)])
 
 
 def test_resume_on_the_same_world_size_is_exact(tmp_path):
-    whole = run(ckpt_cfg(tmp_path / "whole"))
     cfg = ckpt_cfg(tmp_path / "resumed")
-    interrupt(cfg, 5)  # stops after step 5 (the checkpoint at step 5 is the interruption's)
+    # stops after step 5 (the checkpoint at step 5 is the interruption's); the whole run follows in the same
+    # process, so the resume, in a fresh one, finds nothing of the interrupted run but what it wrote
+    _, whole = run_jobs([(cfg, 5), (ckpt_cfg(tmp_path / "whole"), None)])
     resumed = run(cfg)
     assert resumed["loss"] == whole["loss"]  # all 8 steps: 1-5 before, 6-8 after the resume, bit-identical
     assert_same_params(resumed, whole, atol=0.0, rtol=0.0)
@@ -94,8 +95,8 @@ def before_resume(tmp_path_factory):
     def get(source: str):
         if source not in made:
             root = tmp_path_factory.mktemp(source)
-            whole = run(_source_cfg(root, source, root / "whole"))
-            interrupt(_source_cfg(root, source, root / "interrupted"), 4)
+            _, whole = run_jobs([(_source_cfg(root, source, root / "interrupted"), 4),
+                                 (_source_cfg(root, source, root / "whole"), None)])
             made[source] = root, whole
         return made[source]
     return get
@@ -171,13 +172,13 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_nothing_runs(tmp_
         load_weights_only(str(folder / "trainer.pt"))
     cfg["checkpoint"]["resume"] = str(folder)
     with pytest.raises(Exception, match="could not be loaded as plain tensors"):
-        spawn_local(_interrupted, 2, (cfg, 4, None))
+        interrupt(cfg, 4)
     assert not marker.exists()
 
 
 def test_fp16_loss_scale_and_growth_tracker_survive_resume(tmp_path):
     cfg = ckpt_cfg(tmp_path / "run", parallel__precision="fp16", model__dropout=0.0)
-    interrupt(cfg, 2, scale=2.0 ** 11)
+    spawn_local(_interrupted_at_scale, 2, (cfg, 2, 2.0 ** 11))
     state = load_weights_only(str(tmp_path / "run" / "checkpoints" / "step-00000002" / "engine" / "ddp.pt"))
     assert state["scaler"]["scale"] == 2.0 ** 11 and state["scaler"]["good_steps"] == 9  # 7 + 2 finite steps
     with distributed("gloo") as env:
@@ -237,9 +238,9 @@ def test_ckpt_inspect_and_export(tmp_path, capsys):
 
 
 def test_background_saves_write_the_same_checkpoints_and_resume_exactly(tmp_path):
-    sync = run(ckpt_cfg(tmp_path / "sync"))
     cfg = ckpt_cfg(tmp_path / "async", checkpoint__async_save=True)
-    interrupt(cfg, 5)  # background saves at 2 and 4, then at 5; close() waits for the last
+    # background saves at 2 and 4, then at 5; close() waits for the last
+    _, sync = run_jobs([(cfg, 5), (ckpt_cfg(tmp_path / "sync"), None)])
     root = tmp_path / "async" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000005"]
     with distributed("gloo"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dsoft_dist.observability.procs import children, cmdline
 from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE
 from tests.test_train_dist import assert_same_params, run, tiny
 
@@ -27,29 +28,15 @@ def long_cfg(out) -> dict:
                 logging__log_every=1, model__dropout=0.1, data__samples_per_class=40)
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
 def _workers(pid: int) -> list[int]:
     """The training ranks below ``pid`` (torchrun's workers, or spawn_local's children), at any depth:
     launch/multinode.sh is a shell whose child is torchrun, whose children are the workers."""
-    found, todo = [], _children(pid)
+    found, todo = [], children(pid)
     while todo:
         child = todo.pop()
-        cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        cmd = cmdline(child).replace(b"\0", b" ")
         if b"torch.distributed.run" in cmd:
-            todo += _children(child)
+            todo += children(child)
         elif b"dsoft_dist.train" in cmd or b"multiprocessing.spawn" in cmd:
             found.append(child)
     return sorted(found)

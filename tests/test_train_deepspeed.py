@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dsoft_dist.train.distributed import spawn_local
-from tests.test_train_dist import assert_same_params, inject_nonfinite, run, tiny
+from tests.test_train_dist import assert_same_params, inject_nonfinite, run, run_each, run_jobs, tiny
 
 pytest.importorskip("deepspeed")  # the test extra installs it; a machine without it runs the DDP tests
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -28,24 +28,16 @@ def extension_cache(tmp_path_factory):
     yield
 
 
-def _comm_buffers() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_")} \
-        if os.path.isdir("/dev/shm") else set()
-
-
-@pytest.fixture(autouse=True)
-def no_comm_buffer_left():
-    """DeepSpeed's CPU all-reduce never unlinks its ~69 MB /dev/shm segments; the engine does, so a run
-    leaves none behind (before that fix every test here left two, in RAM, until reboot)."""
-    before = _comm_buffers()
-    yield
-    assert _comm_buffers() <= before, f"left in /dev/shm: {sorted(_comm_buffers() - before)}"
+# DeepSpeed's CPU all-reduce never unlinks its ~69 MB /dev/shm segments; the engine does, so a run leaves
+# none behind (before that fix every test here left two, in RAM, until reboot): tests/conftest.py's leak
+# check fails any test that leaves a /dev/shm segment.
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_ddp_and_deepspeed_zero_agree_after_three_steps(tmp_path, stage):
-    ddp = run(tiny(tmp_path / "ddp", optimizer__grad_clip=1.0))
-    ds = run(tiny(tmp_path / "ds", parallel__engine="deepspeed", parallel__zero_stage=stage, optimizer__grad_clip=1.0))
+    ddp, ds = run_each(tiny(tmp_path / "ddp", optimizer__grad_clip=1.0),
+                       tiny(tmp_path / "ds", parallel__engine="deepspeed", parallel__zero_stage=stage,
+                            optimizer__grad_clip=1.0))
     assert (ddp["report"]["engine"], ds["report"]["engine"]) == ("ddp", f"deepspeed ZeRO-{stage}")
     assert ds["loss"] == pytest.approx(ddp["loss"], rel=1e-5)
     assert_same_params(ds, ddp, atol=1e-5)
@@ -55,9 +47,9 @@ def test_ddp_and_deepspeed_zero_agree_after_three_steps(tmp_path, stage):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_accumulation_equals_one_larger_batch(tmp_path, stage):
     ds = {"parallel__engine": "deepspeed", "parallel__zero_stage": stage}
-    accum = run(tiny(tmp_path / "acc", data__batch_size=8, optimizer__grad_accum_steps=2, **ds), without_batchnorm=True)
-    big = run(tiny(tmp_path / "big", data__batch_size=16, **ds), without_batchnorm=True)
-    ddp = run(tiny(tmp_path / "ddp", data__batch_size=8, optimizer__grad_accum_steps=2), without_batchnorm=True)
+    ddp, accum, big = run_each(tiny(tmp_path / "ddp", data__batch_size=8, optimizer__grad_accum_steps=2),
+                               tiny(tmp_path / "acc", data__batch_size=8, optimizer__grad_accum_steps=2, **ds),
+                               tiny(tmp_path / "big", data__batch_size=16, **ds), without_batchnorm=True)
     assert accum["loss"] == pytest.approx(big["loss"], rel=1e-5)
     assert_same_params(accum, big, atol=2e-6)
     assert_same_params(accum, ddp, atol=2e-6)  # and both engines accumulate the same way
@@ -81,12 +73,11 @@ def test_deepspeed_skipped_step_skips_the_head_step(tmp_path):
 
 
 def test_deepspeed_resume_on_the_same_world_size_is_exact(tmp_path):
-    from tests.test_checkpoint import ckpt_cfg, interrupt, plant_payload
+    from tests.test_checkpoint import ckpt_cfg, plant_payload
 
     ds = {"parallel__engine": "deepspeed", "parallel__zero_stage": 2, "model__dropout": 0.0}
-    whole = run(ckpt_cfg(tmp_path / "whole", **ds))
     cfg = ckpt_cfg(tmp_path / "resumed", **ds)
-    interrupt(cfg, 5)
+    _, whole = run_jobs([(cfg, 5), (ckpt_cfg(tmp_path / "whole", **ds), None)])
     resumed = run(cfg)
     assert resumed["loss"] == whole["loss"]
     assert_same_params(resumed, whole, atol=0.0, rtol=0.0)

@@ -57,25 +57,31 @@ def _strip_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _train(cfg_dict: dict, without_batchnorm: bool = False) -> None:
-    """Every rank: one whole run through the Trainer."""
+def _train_jobs(jobs: list[tuple[dict, int | None]], without_batchnorm: bool = False) -> None:
+    """Every rank: each (config, stop_after) in turn, in one process group. stop_after None trains the whole
+    run; k trains to step k, writes a checkpoint and stops without finishing (what a crash right after a
+    checkpoint leaves)."""
     from dsoft_dist.train import trainer
 
     if without_batchnorm:
         build = trainer.build_backbone
         trainer.build_backbone = lambda cfg: _strip_batchnorm(build(cfg))
-    cfg = config_from_dict(cfg_dict)
-    with distributed(cfg.parallel.backend) as env:
-        t = trainer.Trainer(cfg, env)
-        try:
-            t.train()
-        finally:
-            t.close()
+    cfgs = [config_from_dict(cfg_dict) for cfg_dict, _ in jobs]
+    with distributed(cfgs[0].parallel.backend) as env:
+        for cfg, (_, stop_after) in zip(cfgs, jobs):
+            t = trainer.Trainer(cfg, env)
+            try:
+                if stop_after is None:
+                    t.train()
+                else:
+                    t.run_steps(stop_after - t.step)
+                    t.checkpointer.save(t)
+            finally:
+                t.close()
 
 
-def run(cfg_dict: dict, without_batchnorm: bool = False) -> dict:
-    """Spawns parallel.nproc ranks; returns the run's losses, backbone state and full head weight."""
-    spawn_local(_train, cfg_dict["parallel"]["nproc"], (cfg_dict, without_batchnorm))
+def results(cfg_dict: dict) -> dict:
+    """What a finished run wrote: its losses and metric rows, backbone state, full head weight and report."""
     out = cfg_dict["logging"]["output_dir"]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     head = ShardedClassifier(cfg_dict["data"]["num_classes"], cfg_dict["model"]["embedding_size"])
@@ -83,6 +89,28 @@ def run(cfg_dict: dict, without_batchnorm: bool = False) -> dict:
     return {"loss": [r["loss"] for r in rows if "loss" in r], "rows": rows,
             "backbone": read_backbone_file(os.path.join(out, "backbone.pt"))["state_dict"],
             "head": head.weight.detach().clone(), "report": json.load(open(os.path.join(out, "report.json")))}
+
+
+def run_jobs(jobs: list[tuple[dict, int | None]], without_batchnorm: bool = False) -> list[dict | None]:
+    """Spawns parallel.nproc ranks once (every job's) for all the jobs (``_train_jobs``): a spawn costs
+    seconds, a tiny run a fraction of one. Returns each whole run's results, None for an interrupted one.
+    The runs of one process see each other's leftovers (RNG, caches), so a run that depends on anything
+    but its config differs from its twin in a fresh process: tests/test_checkpoint.py's resumes are
+    spawned on their own after their interruption shared a process with another run."""
+    nprocs = {cfg_dict["parallel"]["nproc"] for cfg_dict, _ in jobs}
+    assert len(nprocs) == 1, f"one spawn, one world size: got {sorted(nprocs)}"
+    spawn_local(_train_jobs, nprocs.pop(), (jobs, without_batchnorm))
+    return [results(cfg_dict) if stop_after is None else None for cfg_dict, stop_after in jobs]
+
+
+def run_each(*cfg_dicts: dict, without_batchnorm: bool = False) -> list[dict]:
+    """Whole runs of the configs in one spawn (``run_jobs``), their results in order."""
+    return run_jobs([(cfg_dict, None) for cfg_dict in cfg_dicts], without_batchnorm)
+
+
+def run(cfg_dict: dict, without_batchnorm: bool = False) -> dict:
+    """Spawns parallel.nproc ranks; returns the run's losses, backbone state and full head weight."""
+    return run_each(cfg_dict, without_batchnorm=without_batchnorm)[0]
 
 
 def assert_same_params(a: dict, b: dict, atol: float, rtol: float = 1e-4) -> None:
@@ -94,11 +122,13 @@ def assert_same_params(a: dict, b: dict, atol: float, rtol: float = 1e-4) -> Non
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_same_seed_same_loss_sequence(tmp_path, nproc):
-    first = run(tiny(tmp_path / "a", parallel__nproc=nproc, schedule__steps=4))
-    second = run(tiny(tmp_path / "b", parallel__nproc=nproc, schedule__steps=4))
+    # one process group: the second run starts where the first left the RNG and caches, so it matches only
+    # if a run depends on its config alone (two fresh processes would share even an unseeded RNG state)
+    first, second, other = run_each(tiny(tmp_path / "a", parallel__nproc=nproc, schedule__steps=4),
+                                    tiny(tmp_path / "b", parallel__nproc=nproc, schedule__steps=4),
+                                    tiny(tmp_path / "c", parallel__nproc=nproc, schedule__steps=4, data__seed=1))
     assert len(first["loss"]) == 4 and first["loss"] == second["loss"]  # bit-identical
     assert_same_params(first, second, atol=0.0, rtol=0.0)
-    other = run(tiny(tmp_path / "c", parallel__nproc=nproc, schedule__steps=4, data__seed=1))
     assert other["loss"] != first["loss"]  # the comparison can fail
 
 
@@ -108,9 +138,9 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(tmp_path, 
     # equals the larger batch's only in expectation
     # and a schedule that moves every step: the lr must move per optimizer step, not per micro-batch
     k, sched = 2, {"schedule__decay": "cosine", "schedule__warmup_steps": 1, "schedule__steps": 4}
-    accum = run(tiny(tmp_path / "acc", data__batch_size=8, optimizer__grad_accum_steps=k, head__loss=loss, **sched),
-                without_batchnorm=True)
-    big = run(tiny(tmp_path / "big", data__batch_size=8 * k, head__loss=loss, **sched), without_batchnorm=True)
+    accum, big = run_each(
+        tiny(tmp_path / "acc", data__batch_size=8, optimizer__grad_accum_steps=k, head__loss=loss, **sched),
+        tiny(tmp_path / "big", data__batch_size=8 * k, head__loss=loss, **sched), without_batchnorm=True)
     assert [r["lr"] for r in accum["rows"] if "lr" in r] == [r["lr"] for r in big["rows"] if "lr" in r]
     assert accum["report"]["head_step_in_backward"] is False and big["report"]["head_step_in_backward"] is True
     assert accum["loss"] == pytest.approx(big["loss"], rel=1e-5)
@@ -119,8 +149,8 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(tmp_path, 
 
 
 def test_bf16_autocast_trains(tmp_path):
-    res = run(tiny(tmp_path / "bf16", parallel__precision="bf16", schedule__steps=30, logging__log_every=10))
-    fp32 = run(tiny(tmp_path / "fp32", schedule__steps=30, logging__log_every=10))
+    res, fp32 = run_each(tiny(tmp_path / "bf16", parallel__precision="bf16", schedule__steps=30, logging__log_every=10),
+                         tiny(tmp_path / "fp32", schedule__steps=30, logging__log_every=10))
     assert res["loss"][-1] < res["loss"][0] - 1.0
     assert res["loss"][-1] == pytest.approx(fp32["loss"][-1], rel=0.05)  # bf16 follows the fp32 run
     assert res["loss"] != fp32["loss"]  # ... but it did run in bf16

@@ -42,6 +42,7 @@ from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data.decode import FAST_JPEG, decode_image
 from dsoft_dist.data.manifest import MANIFEST_NAME, load_manifest
 from dsoft_dist.data.tarstream import iter_members
+from dsoft_dist.observability.procs import children, cmdline
 
 
 def write(out: str, identities: int, args) -> dict:
@@ -109,25 +110,11 @@ def _memory(pid: int) -> dict:
     return {"peak_rss_mb": peak / 1024, "private_mb": private / 1024}
 
 
-def _cmdline(pid: int) -> bytes:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read()
-
-
-def _children(parent: int) -> list[int]:
+def _loader_workers(parent: int) -> list[int]:
     """The DataLoader workers of ``parent``: its live children forked without exec (same command line), so
     helpers it started with exec (multiprocessing's resource tracker) are not counted."""
-    found, own = [], _cmdline(parent)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-                if int(ppid) == parent and state != "Z" and _cmdline(int(entry)) == own:  # a zombie has no memory
-                    found.append(int(entry))
-            except OSError:  # the process ended meanwhile
-                continue
-    return found
+    own = cmdline(parent)
+    return [pid for pid in children(parent) if cmdline(pid) == own]
 
 
 def measure_loader(spec: dict) -> dict:
@@ -148,7 +135,7 @@ def measure_loader(spec: dict) -> dict:
         else:
             n += len(x)
         if step % every == 0 or step == steps - 2:  # each worker's latest reading while it lives (a peak)
-            for pid in _children(os.getpid()):
+            for pid in _loader_workers(os.getpid()):
                 try:
                     workers[pid] = _memory(pid)
                 except (OSError, AttributeError):  # it ended between the listing and the read

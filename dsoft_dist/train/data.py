@@ -68,6 +68,13 @@ class TrainData:
             fh.writelines(f"{step} {epoch} {' '.join(keys)}\n" for epoch, keys in self._keys)
         self._keys.clear()
 
+    def close(self) -> None:
+        """Ends the epoch in progress: its DataLoader workers exit now, not when the iterator is collected
+        (an interrupted epoch's workers otherwise outlive the run, and at interpreter exit torch waits
+        up to 5 s for each before it kills it)."""
+        self._it.close()
+        self._it = self._batches()
+
     @property
     def bad_total(self) -> int:
         """Bad samples this rank skipped so far, over every epoch."""

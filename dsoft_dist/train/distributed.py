@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import multiprocessing
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -188,9 +189,13 @@ def release_collected() -> None:
     gc.collect()
 
 
-def _child(local_rank: int, nproc: int, port: int, fn: Callable, args: tuple) -> None:
+def _child(local_rank: int, nproc: int, port: int, start_method: str, fn: Callable, args: tuple) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a spawned child inherits "spawn" as its default start method; a torchrun worker has the platform's
+    # default (fork on Linux). Restore the parent's, so DataLoader workers start as under torchrun (each
+    # spawned worker would re-import torch and the pipeline: seconds per worker per epoch).
+    multiprocessing.set_start_method(start_method, force=True)
     fn(*args)
     release_collected()
 
@@ -209,4 +214,6 @@ def spawn_local(fn: Callable, nproc: int, args: tuple = ()) -> None:
                            "run the worker directly, the launcher already started the ranks")
     import torch.multiprocessing as mp
 
-    mp.start_processes(_child, args=(nproc, free_port(), fn, args), nprocs=nproc, start_method="spawn", join=True)
+    parent_method = multiprocessing.get_start_method()
+    mp.start_processes(_child, args=(nproc, free_port(), parent_method, fn, args), nprocs=nproc, start_method="spawn",
+                       join=True)

@@ -214,8 +214,10 @@ class Trainer:
         return summary
 
     def close(self, restore_signals: bool = True) -> None:
-        """Waits for a background checkpoint save, closes the metrics, restores the signal handlers."""
+        """Waits for a background checkpoint save, ends the data loader's workers, closes the metrics,
+        restores the signal handlers."""
         self.checkpointer.wait()
+        self.data.close()
         self.metrics.close()
         if restore_signals:
             self.preemption.restore()
