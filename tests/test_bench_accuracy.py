@@ -69,6 +69,7 @@ def test_plan_maps_every_method_to_its_head_and_reuses_the_full_loss_at_rate_one
     assert accuracy.head_of("sampled_softmax") == ("softmax", "random")
 
 
+@pytest.mark.slow(reason="the whole toy sweep through dsoft train in subprocesses (~20 s)")
 def test_toy_sweep_trains_through_dsoft_train_verifies_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "sweep")
     argv = ["--out", out, "--parts", "vectors", "--methods", "d_softmax,d_softmax_k", "--rates", "1,1/8",
@@ -118,7 +119,7 @@ def test_toy_sweep_trains_through_dsoft_train_verifies_and_resumes(tmp_path, cap
         accuracy.main([*argv, "--vector-steps", "13"])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="trains the image part of the sweep end to end")
 def test_toy_image_sweep_verifies_flip_summed_embeddings(tmp_path):
     out = str(tmp_path / "images")
     assert accuracy.main(["--out", out, "--parts", "images", "--methods", "cosface", "--seeds", "0", *TOY]) == 0

@@ -42,6 +42,7 @@ def test_held_out_samples_are_the_training_identities_at_indices_training_never_
     assert np.array_equal(vectors[4], src.sample(1, dissection.SAMPLES_PER_CLASS + 1))
 
 
+@pytest.mark.slow(reason="trains both losses end to end and draws the figure (~17 s)")
 def test_toy_dissection_trains_both_losses_and_writes_table_records_and_figure(tmp_path, capsys):
     out = str(tmp_path / "dis")
     assert dissection.main(["--out", out, "--classes", "3,4", "--seeds", "0", "--steps", "15",

@@ -86,6 +86,7 @@ def test_end_to_end_adds_the_backbone_and_the_head_share(tmp_path):
     assert "head share" in (out / "speedup.md").read_text()
 
 
+@pytest.mark.slow(reason="torchrun's agent and 2 workers; the 2-rank command is the default tier's case")
 @pytest.mark.dist
 def test_speedup_under_torchrun_uses_its_ranks(tmp_path):
     """Under a launcher (torchrun, the Slurm script) the command takes the launcher's ranks; rank 0 writes."""

@@ -21,7 +21,9 @@ from dsoft_dist.train.distributed import distributed, spawn_local
 from tests.test_data_fixtures import write_shards
 from tests.test_train_dist import assert_same_params, run, run_jobs, tiny
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = pytest.mark.dist
+# every case spawns real gloo ranks (seconds each); the default tier keeps the exact resume on the same world size
+SLOW = pytest.mark.slow(reason="spawns gloo ranks; test_resume_on_the_same_world_size_is_exact is the default tier's case")
 
 
 def ckpt_cfg(out, **sections) -> dict:
@@ -102,6 +104,7 @@ def before_resume(tmp_path_factory):
     return get
 
 
+@SLOW
 @pytest.mark.parametrize("nproc,source", [(1, "synthetic"), (3, "synthetic"), (3, "shards"), (1, "shards")])
 def test_resume_on_another_world_size_trains_on_each_sample_of_the_epoch_once(tmp_path, before_resume, nproc,
                                                                               source):
@@ -126,6 +129,7 @@ def test_resume_on_another_world_size_trains_on_each_sample_of_the_epoch_once(tm
     assert sorted(keys) == sorted(sum(_epoch_keys(root / "whole").values(), []))
 
 
+@SLOW
 def test_torn_checkpoint_is_never_loaded_and_auto_takes_the_previous(tmp_path, caplog):
     cfg = ckpt_cfg(tmp_path / "run")
     interrupt(cfg, 6)
@@ -162,6 +166,7 @@ def plant_payload(folder, name: str, marker) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+@SLOW
 def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_nothing_runs(tmp_path):
     cfg = ckpt_cfg(tmp_path / "run")
     interrupt(cfg, 2)
@@ -176,6 +181,7 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_nothing_runs(tmp_
     assert not marker.exists()
 
 
+@SLOW
 def test_fp16_loss_scale_and_growth_tracker_survive_resume(tmp_path):
     cfg = ckpt_cfg(tmp_path / "run", parallel__precision="fp16", model__dropout=0.0)
     spawn_local(_interrupted_at_scale, 2, (cfg, 2, 2.0 ** 11))
@@ -203,6 +209,7 @@ def _always_nonfinite(cfg_dict: dict) -> None:
             t.close()
 
 
+@SLOW
 def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path):
     cfg = ckpt_cfg(tmp_path / "run", optimizer__max_skipped_in_a_row=3, schedule__steps=20)
     with pytest.raises(Exception, match=r"3 optimizer steps in a row had non-finite gradients \(steps 3-5\).*"
@@ -213,6 +220,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_p
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
 
 
+@SLOW
 def test_ckpt_inspect_and_export(tmp_path, capsys):
     from dsoft_dist.cli import main
     from dsoft_dist.models import load_backbone
@@ -237,6 +245,7 @@ def test_ckpt_inspect_and_export(tmp_path, capsys):
     assert "FAILS" in capsys.readouterr().out
 
 
+@SLOW
 def test_background_saves_write_the_same_checkpoints_and_resume_exactly(tmp_path):
     cfg = ckpt_cfg(tmp_path / "async", checkpoint__async_save=True)
     # background saves at 2 and 4, then at 5; close() waits for the last

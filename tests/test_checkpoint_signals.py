@@ -18,7 +18,10 @@ from dsoft_dist.observability.procs import children, cmdline
 from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE
 from tests.test_train_dist import assert_same_params, run, tiny
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = pytest.mark.dist
+# each case runs the 2-rank uninterrupted run and then launchers, agents and restarts in real processes
+SLOW = pytest.mark.slow(reason="another launcher path of the restart (~15 s of real processes); the torchrun kill "
+                        "is the default tier's case")
 STEPS = 300
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
@@ -103,6 +106,7 @@ def test_killed_worker_under_torchrun_restarts_and_ends_like_the_uninterrupted_r
     assert killed_at >= 100
 
 
+@SLOW
 def test_killed_worker_on_one_of_two_elastic_nodes_restarts_both_and_ends_like_the_uninterrupted_run(tmp_path, whole):
     """Two launch/multinode.sh agents (two nodes on one machine, one worker each) meet in an elastic c10d
     rendezvous (NNODES=1:2); the second node's worker is SIGKILLed. Both agents start a new round, the
@@ -125,6 +129,7 @@ def test_killed_worker_on_one_of_two_elastic_nodes_restarts_both_and_ends_like_t
     assert_same_params(got, whole, atol=0.0, rtol=0.0)
 
 
+@SLOW
 def test_sigterm_writes_a_checkpoint_within_a_step_exits_75_and_resumes_to_the_same_weights(tmp_path, whole):
     cfg = long_cfg(tmp_path / "term")
     (tmp_path / "term.yaml").write_text(yaml.safe_dump(cfg))

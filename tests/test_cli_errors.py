@@ -118,13 +118,13 @@ def test_representative_subcommand_fails_on_one_line(workspace):
     check_one_line_error(*ROWS[FAST_ROW], workspace)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a console-script subprocess (~2 s) per row; FAST_ROW is the default tier's")
 @pytest.mark.parametrize("path", sorted(set(ROWS) - {FAST_ROW}))
 def test_bad_input_is_one_line_without_traceback(path, workspace):
     check_one_line_error(*ROWS[path], workspace)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a console-script subprocess (~2 s) per row")
 @pytest.mark.parametrize("argv,token", EXTRA_ROWS, ids=[" ".join(a[:2]) for a, _ in EXTRA_ROWS])
 def test_more_bad_files_are_one_line(argv, token, workspace):
     check_one_line_error(argv, token, workspace)

@@ -69,7 +69,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="trains a CNN until it verifies unseen identities (~30 s)")
 def test_tiny_cnn_verifies_unseen_synthetic_identities(one_thread):
     torch.manual_seed(0)
     a, b, same = _eval_pairs()

@@ -143,7 +143,7 @@ def test_npy_and_raw_members_decode_alike():
         assert got.dtype == np.float32 and np.array_equal(got, vec) and label == 4
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="trains through dsoft train in a subprocess")
 def test_dsoft_train_learns_from_vector_shards(tmp_path):
     out = tmp_path / "run"
     assert main(["data", "synth", str(tmp_path / "v"), "--vectors", "--identities", "200", "--samples-per-identity",

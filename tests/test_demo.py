@@ -20,7 +20,7 @@ def test_demo_rejects_bad_override(capsys):
     assert "head.sample_rate=0.0 is invalid" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the demo's 2 ranks on images for 60 steps, with verification (~12 s)")
 @pytest.mark.dist
 def test_demo_two_ranks_learns_unseen_identities(tmp_path, capfd):
     """The end-to-end run: 2 gloo ranks, tiny IResNet on synthetic images, verification on unseen identities."""

@@ -28,7 +28,15 @@ from dsoft_dist.losses.negatives import class_mask, select_shard_classes
 from dsoft_dist.parallel import shard_range, shard_ranges
 from dsoft_dist.train.distributed import distributed, spawn_local
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = pytest.mark.dist
+# one spawned group per world size (4-13 s each); the default tier runs the P = 2 group's cases
+OTHER_P = pytest.mark.slow(reason="one more spawned gloo group per world size; P = 2 is the default tier's")
+
+
+def sizes(*world_sizes: int) -> list:
+    """The world sizes as parameters, every one but P = 2 marked slow."""
+    return [p if p == 2 else pytest.param(p, marks=OTHER_P) for p in world_sizes]
+
 
 C, D, B_LOCAL, RATE, SEED, STEP = 37, 8, 5, 0.3, 3, 2
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax")
@@ -246,7 +254,7 @@ def _close(a, b, what, rtol=1e-4, atol=1e-5):
     assert torch.allclose(a, b, rtol=rtol, atol=atol), f"{what}: max abs diff {(a - b).abs().max():.3e}"
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("world_size", sizes(*WORLD_SIZES))
 def test_loss_and_gradients_match_single_process_reference(world_size, tmp_root):
     results = run_group(world_size, tmp_root)
     for i, case in enumerate(CASES):
@@ -263,7 +271,7 @@ def test_loss_and_gradients_match_single_process_reference(world_size, tmp_root)
         assert ref_w.abs().sum() > 0 and ref_emb.abs().sum() > 0
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("world_size", sizes(*WORLD_SIZES))
 def test_chunked_and_unchunked_paths_agree(world_size, tmp_root):
     results = run_group(world_size, tmp_root)
     index = {case: i for i, case in enumerate(CASES)}
@@ -278,7 +286,7 @@ def test_chunked_and_unchunked_paths_agree(world_size, tmp_root):
                        rtol=1e-5, atol=FP32_PATHS_ATOL)
 
 
-@pytest.mark.parametrize("world_size", (2, 3))
+@pytest.mark.parametrize("world_size", sizes(2, 3))
 def test_diagnostics_are_global_and_equal_on_every_rank(world_size, tmp_root):
     results = run_group(world_size, tmp_root)
     for i, case in enumerate(CASES):
@@ -312,7 +320,7 @@ def payload(world_size: int, sampled: bool, first: bool) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("world_size", COMM_WORLD_SIZES)
+@pytest.mark.parametrize("world_size", sizes(*COMM_WORLD_SIZES))
 def test_each_collective_moves_the_payload_formula_whatever_the_world_size(world_size, tmp_root):
     """Per rank and step the statistics cost two all-reduces of 16 B bytes in all: nothing grows with P."""
     results = run_group(world_size, tmp_root)
@@ -338,7 +346,7 @@ def test_bad_inputs_fail_on_every_rank_naming_rank_and_value(tmp_root):
         assert tiny is not None and "world size 2 is larger than num_classes=1" in tiny, tiny
 
 
-@pytest.mark.parametrize("world_size", (1, 3))
+@pytest.mark.parametrize("world_size", sizes(1, 3))
 @pytest.mark.parametrize("name", tuple(RESHARD))
 def test_checkpoint_from_two_ranks_resumes_on_other_world_sizes(world_size, name, tmp_root):
     never_stopped = run_group(2, tmp_root)
@@ -352,7 +360,7 @@ def test_checkpoint_from_two_ranks_resumes_on_other_world_sizes(world_size, name
     assert starts == [shard_range(C, world_size, p)[0] for p in range(world_size)]
 
 
-@pytest.mark.parametrize("world_size", (1, 2, 3))
+@pytest.mark.parametrize("world_size", sizes(1, 2, 3))
 def test_step_in_backward_matches_step_after_backward(world_size, tmp_root):
     """Per rank: step in backward == backward + step (losses, shard weights, optimizer state) for every negatives mode;
     and for the world-size independent modes (all, batch) the concatenated shards equal the one-process run."""

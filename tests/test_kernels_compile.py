@@ -35,9 +35,14 @@ def _compile(arch, dtype, gather, normalize=True):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+_MORE_TILES = pytest.mark.slow(reason="a Triton compile to PTX and SASS per case (~4-9 s); the default tier keeps the "
+                                      "Hopper bf16 gather case")
+
+
 @pytest.mark.parametrize("arch, dtype, gather, normalize", [
-    (90, "bf16", True, True), (90, "bf16", False, True), (90, "fp16", True, False), (90, "fp32", False, True),
-    (80, "bf16", True, True),
+    (90, "bf16", True, True), pytest.param(90, "bf16", False, True, marks=_MORE_TILES),
+    pytest.param(90, "fp16", True, False, marks=_MORE_TILES), pytest.param(90, "fp32", False, True, marks=_MORE_TILES),
+    pytest.param(80, "bf16", True, True, marks=_MORE_TILES),
 ])
 def test_default_tiles_compile_for_the_gpu(arch, dtype, gather, normalize):
     result = _compile(arch, dtype, gather, normalize)

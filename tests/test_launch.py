@@ -20,7 +20,7 @@ from tests.test_train_dist import assert_same_params, run, tiny
 SCRIPTS = sorted(str(p) for p in [*LAUNCH.glob("*.sh"), *LAUNCH.glob("slurm/*")])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="two torchrun agents meet in a c10d rendezvous and train")
 @pytest.mark.dist
 def test_two_nodes_on_loopback_train_like_one_node(tmp_path):
     one_node = run(tiny(tmp_path / "one", schedule__steps=12, logging__log_every=1))

@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="runs the whole GPU check script on the CPU (~20 s)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine run the script itself (it takes minutes)")
 def test_gpu_check_script_writes_a_report_without_a_gpu(tmp_path):
     out = tmp_path / "gpu"

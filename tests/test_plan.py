@@ -172,7 +172,7 @@ def test_cpu_profile_is_measured_written_and_used(tmp_path, capsys):
     assert all(t["total_s"] > 0 and t["comm_s"] == 0.0 for t in times)  # one rank: no communication
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="spawns 2 gloo processes to measure the collectives")
 @pytest.mark.dist
 def test_cpu_profile_measures_gloo_between_two_processes(tmp_path, capsys):
     path = tmp_path / "cpu.json"
@@ -222,12 +222,12 @@ def test_plan_matches_bench_head_on_one_rank(tmp_path):
     _check_against_bench(1, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="dsoft bench head at C = 200,000 in a subprocess (~5 s)")
 def test_plan_matches_bench_head_with_more_rows_than_a_chunk(tmp_path):
     _check_against_bench(1, tmp_path, chunk_size=512)  # K = 3125 sampled rows in 7 chunks
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="dsoft bench head at C = 200,000 on P gloo processes (~9-25 s)")
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_plan_matches_bench_head_on_gloo_ranks(world_size, tmp_path):

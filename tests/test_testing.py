@@ -51,7 +51,7 @@ def _pytest(tmp_path: Path, *args: str, more: str = "") -> tuple[dict[str, str],
     outcomes = {}
     for status, name in re.findall(r"^(PASSED|FAILED|ERROR) test_inner\.py::(\w+)", proc.stdout, re.M):
         outcomes[name] = outcomes.get(name, "") + status.lower()  # "passederror": passed, then failed teardown
-    return outcomes, proc.stdout
+    return outcomes, proc.stdout + proc.stderr
 
 
 def test_default_tier_timeout_and_leak_checks(tmp_path):

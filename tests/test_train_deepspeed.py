@@ -17,7 +17,8 @@ from dsoft_dist.train.distributed import spawn_local
 from tests.test_train_dist import assert_same_params, inject_nonfinite, run, run_each, run_jobs, tiny
 
 pytest.importorskip("deepspeed")  # the test extra installs it; a machine without it runs the DDP tests
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.dist, pytest.mark.slow(reason="DeepSpeed in spawned gloo ranks: its import and engine "
+                                                         "start-up take seconds, its C++ comm op a first build")]
 
 
 @pytest.fixture(scope="module", autouse=True)

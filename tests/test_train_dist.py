@@ -22,7 +22,9 @@ from dsoft_dist.head import ShardedClassifier, load_head_checkpoint
 from dsoft_dist.models.checkpoint import read_backbone_file
 from dsoft_dist.train.distributed import distributed, spawn_local
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = pytest.mark.dist
+SLOW = pytest.mark.slow(reason="spawns gloo ranks or torchrun (seconds each); "
+                        "test_same_seed_same_loss_sequence[2] is the default tier's trainer case")
 
 TINY = {
     "name": "tiny", "seed": 0,
@@ -120,7 +122,7 @@ def assert_same_params(a: dict, b: dict, atol: float, rtol: float = 1e-4) -> Non
     torch.testing.assert_close(a["head"], b["head"], atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=SLOW), 2])
 def test_same_seed_same_loss_sequence(tmp_path, nproc):
     # one process group: the second run starts where the first left the RNG and caches, so it matches only
     # if a run depends on its config alone (two fresh processes would share even an unseeded RNG state)
@@ -132,6 +134,7 @@ def test_same_seed_same_loss_sequence(tmp_path, nproc):
     assert other["loss"] != first["loss"]  # the comparison can fail
 
 
+@SLOW
 @pytest.mark.parametrize("loss", ["d_softmax", "arcface"])
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(tmp_path, loss):
     # exact negatives only: a sampled negative set (batch, random) is drawn per micro-batch, so it
@@ -148,6 +151,7 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(tmp_path, 
     assert accum["backbone"]["net.0.weight"].ne(0).any()
 
 
+@SLOW
 def test_bf16_autocast_trains(tmp_path):
     res, fp32 = run_each(tiny(tmp_path / "bf16", parallel__precision="bf16", schedule__steps=30, logging__log_every=10),
                          tiny(tmp_path / "fp32", schedule__steps=30, logging__log_every=10))
@@ -185,6 +189,7 @@ def inject_nonfinite(cfg_dict: dict, out_dir: str) -> None:
         t.close()
 
 
+@SLOW
 def test_fp16_overflow_skips_backbone_and_head_step_together(tmp_path):
     cfg = tiny(tmp_path / "fp16", parallel__precision="fp16")
     spawn_local(inject_nonfinite, 2, (cfg, str(tmp_path)))
@@ -217,6 +222,7 @@ def _torchrun(args, tmp_path):
                           timeout=600, env=env)
 
 
+@SLOW
 def test_torchrun_and_python_m_run_the_same_trainer(tmp_path):
     """The entry point under torchrun (2 ranks) and as python -m on one process gives the same first loss
     as the ranks dsoft train spawns itself."""
@@ -236,6 +242,7 @@ def test_torchrun_and_python_m_run_the_same_trainer(tmp_path):
     assert json.loads(open(tmp_path / "one" / "report.json").read())["world_size"] == 1
 
 
+@SLOW
 def test_torchrun_reports_the_failing_ranks_traceback(tmp_path):
     cfg = tiny(tmp_path / "fails", eval__bins=[str(tmp_path / "missing.bin")], eval__at_start=True)
     proc = _torchrun(["--config", _yaml(tmp_path, cfg)], tmp_path)
@@ -255,6 +262,7 @@ def _stuck_rank(timeout_s: float) -> None:
             torch.distributed.all_reduce(torch.ones(1))  # too late
 
 
+@SLOW
 def test_a_collective_timeout_names_what_to_check():
     """parallel.timeout_s reaches the process group: a stuck rank fails the other after it, with a message
     naming MASTER_ADDR, NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME and the setting."""

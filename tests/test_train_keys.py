@@ -1,7 +1,9 @@
 """Every config key is read: changing any field of the schema changes what a run does.
 
 For each dotted key of ``Config`` the test runs a tiny real run (one gloo rank, 2 steps)
-twice, with the key at a base value and at a changed value, and compares a fingerprint of
+with the key at a changed value and compares it with the base run of its context (run once per
+context, for every key that shares it: a fingerprint does not depend on the run's folder, which
+test_the_fingerprint_does_not_depend_on_the_folder checks) by a fingerprint of
 what ran: the loss and lr of every step, the final weights, the verification metrics, the
 files written, the progress bar and wandb state, the report's title, or the error the run
 raised. A key is covered when the fingerprints differ. Keys that only choose how the same
@@ -21,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import shutil
 import sys
 
 import pytest
@@ -31,7 +32,7 @@ from dsoft_dist.config import config_from_dict
 from dsoft_dist.config.schema import Config
 from tests.test_data_fixtures import write_shards
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="two short trainings per schema key (~100 keys)")
 
 VECTORS = {
     "name": "keys", "seed": 0,
@@ -243,15 +244,34 @@ def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
         return {"error": f"{type(err).__name__}: {err}"}
 
 
+@pytest.fixture(scope="module")
+def base_run(assets, tmp_path_factory):
+    """The base run's fingerprint, once per context (many keys share one): fingerprint(context)."""
+    made: dict[str, dict] = {}
+
+    def get(context, monkeypatch) -> dict:
+        if repr(context) not in made:
+            root = tmp_path_factory.mktemp("base")
+            made[repr(context)] = fingerprint(build_case(context, None, None, assets, root / "run"), root, monkeypatch)
+        return made[repr(context)]
+    return get
+
+
+def test_the_fingerprint_does_not_depend_on_the_folder(assets, tmp_path, monkeypatch):
+    """What makes base_run's sharing sound: a run's fingerprint is the same from any folder."""
+    for context in ({}, "images+bins"):
+        first = fingerprint(build_case(context, None, None, assets, tmp_path / "a" / "run"), tmp_path / "a", monkeypatch)
+        second = fingerprint(build_case(context, None, None, assets, tmp_path / "b" / "run"), tmp_path / "b",
+                             monkeypatch)
+        assert "error" not in first and first == second, context
+
+
 @pytest.mark.parametrize("dotted", sorted(CASES))
-def test_changing_the_key_changes_what_runs(dotted, assets, tmp_path, monkeypatch):
+def test_changing_the_key_changes_what_runs(dotted, assets, base_run, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # logging.wandb must decide here
     context, value = CASES[dotted]
-    base_cfg = build_case(context, None, None, assets, tmp_path / "run")
-    changed_cfg = build_case(context, dotted, value, assets, tmp_path / "run")
-    base = fingerprint(base_cfg, tmp_path, monkeypatch)
+    base = base_run(context, monkeypatch)
     assert "error" not in base, base  # the base run of every context works
-    shutil.rmtree(tmp_path / "run")  # the changed run starts clean (checkpoint.resume=auto finds nothing)
-    changed = fingerprint(changed_cfg, tmp_path, monkeypatch)
+    changed = fingerprint(build_case(context, dotted, value, assets, tmp_path / "run"), tmp_path, monkeypatch)
     assert changed != base, f"{dotted}={value!r} changed nothing that ran"
     torch.set_num_threads(min(2, os.cpu_count() or 1))

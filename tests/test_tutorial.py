@@ -81,6 +81,7 @@ def test_no_dsoft_command_outside_the_bash_blocks():
             f"'{mention}' is mentioned but not run by the tutorial's bash blocks"
 
 
+@pytest.mark.slow(reason="the whole tutorial as one script: convert, 2-rank training, eval, export (~30 s)")
 def test_tutorial_runs_end_to_end_at_toy_size(tmp_path):
     blocks = bash_blocks()
     assert len(blocks) >= 7
