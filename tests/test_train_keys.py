@@ -207,41 +207,45 @@ def build_case(context, dotted, value, root, run_dir) -> dict:
     return cfg
 
 
-def fingerprint(cfg_dict: dict, root, monkeypatch) -> dict:
+def fingerprint(cfg_dict: dict, root) -> dict:
     """What one in-process run did (or the error it raised)."""
     from dsoft_dist.train import validate
     from dsoft_dist.train.distributed import distributed
     from dsoft_dist.train.trainer import Trainer
 
     calls = []
-    real_extract = validate.extract_embeddings
-    monkeypatch.setattr(validate, "extract_embeddings",
-                        lambda *a, **kw: calls.append(kw["batch_size"]) or real_extract(*a, **kw))
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    try:
-        cfg = config_from_dict(cfg_dict)
-        with distributed(cfg.parallel.backend) as env:
-            t = Trainer(cfg, env)
-            wandb_run = t.metrics.sink._wandb
-            fp = {"bar": t.metrics.bar.disable, "wandb": wandb_run.project if wandb_run is not None else None,
-                  "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size, "cache_mb": t.head.logit_cache_mb,
-                  "head_optimizer": (t.head_optimizer.mode, t.head_config.head_step_in_backward),
-                  "backend": t.head.backend, "compute_dtype": str(t.head.compute_dtype),
-                  "signals": sorted(s.name for s in t.preemption._previous)}
-            checkpointer = t.checkpointer
-            summary = t.train()
-            t.close()
-        params = [p.detach().double().sum().item() for p in t.engine.module.parameters()]
-        files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
-                       if "wandb" not in d or f.endswith(".wandb"))
-        fp.update(loss=[r["loss"] for r in summary["log"]], lr=[r["lr"] for r in summary["log"]],
-                  params=params, head=t.head.weight.detach().double().sum().item(), evals=summary["evals"],
-                  title=summary["report"].splitlines()[0], files=[f for f in files if "-run-" not in f],
-                  wandb_files=any(".wandb" in f for f in files), eval_batches=calls,
-                  background_saves=checkpointer.background_saves)
-        return fp
-    except (ValueError, RuntimeError, OSError) as err:
-        return {"error": f"{type(err).__name__}: {err}"}
+    # undone after this run: a second run's patch would otherwise wrap this one, and its calls would land in
+    # this run's list too (a base run shared by many keys kept growing)
+    with pytest.MonkeyPatch.context() as patch:
+        real_extract = validate.extract_embeddings
+        patch.setattr(validate, "extract_embeddings",
+                      lambda *a, **kw: calls.append(kw["batch_size"]) or real_extract(*a, **kw))
+        patch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+        try:
+            cfg = config_from_dict(cfg_dict)
+            with distributed(cfg.parallel.backend) as env:
+                t = Trainer(cfg, env)
+                wandb_run = t.metrics.sink._wandb
+                fp = {"bar": t.metrics.bar.disable, "wandb": wandb_run.project if wandb_run is not None else None,
+                      "workers": t.data.loader.num_workers, "chunk": t.head.chunk_size,
+                      "cache_mb": t.head.logit_cache_mb,
+                      "head_optimizer": (t.head_optimizer.mode, t.head_config.head_step_in_backward),
+                      "backend": t.head.backend, "compute_dtype": str(t.head.compute_dtype),
+                      "signals": sorted(s.name for s in t.preemption._previous)}
+                checkpointer = t.checkpointer
+                summary = t.train()
+                t.close()
+            params = [p.detach().double().sum().item() for p in t.engine.module.parameters()]
+            files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                           if "wandb" not in d or f.endswith(".wandb"))
+            fp.update(loss=[r["loss"] for r in summary["log"]], lr=[r["lr"] for r in summary["log"]],
+                      params=params, head=t.head.weight.detach().double().sum().item(), evals=summary["evals"],
+                      title=summary["report"].splitlines()[0], files=[f for f in files if "-run-" not in f],
+                      wandb_files=any(".wandb" in f for f in files), eval_batches=calls,
+                      background_saves=checkpointer.background_saves)
+            return fp
+        except (ValueError, RuntimeError, OSError) as err:
+            return {"error": f"{type(err).__name__}: {err}"}
 
 
 @pytest.fixture(scope="module")
@@ -249,20 +253,20 @@ def base_run(assets, tmp_path_factory):
     """The base run's fingerprint, once per context (many keys share one): fingerprint(context)."""
     made: dict[str, dict] = {}
 
-    def get(context, monkeypatch) -> dict:
+    def get(context) -> dict:
         if repr(context) not in made:
             root = tmp_path_factory.mktemp("base")
-            made[repr(context)] = fingerprint(build_case(context, None, None, assets, root / "run"), root, monkeypatch)
+            made[repr(context)] = fingerprint(build_case(context, None, None, assets, root / "run"), root)
         return made[repr(context)]
     return get
 
 
-def test_the_fingerprint_does_not_depend_on_the_folder(assets, tmp_path, monkeypatch):
+def test_the_fingerprint_does_not_depend_on_the_folder(assets, tmp_path):
     """What makes base_run's sharing sound: a run's fingerprint is the same from any folder."""
-    for context in ({}, "images+bins"):
-        first = fingerprint(build_case(context, None, None, assets, tmp_path / "a" / "run"), tmp_path / "a", monkeypatch)
-        second = fingerprint(build_case(context, None, None, assets, tmp_path / "b" / "run"), tmp_path / "b",
-                             monkeypatch)
+    for i, context in enumerate(({}, "images+bins")):
+        a, b = tmp_path / f"{i}a", tmp_path / f"{i}b"
+        first = fingerprint(build_case(context, None, None, assets, a / "run"), a)
+        second = fingerprint(build_case(context, None, None, assets, b / "run"), b)
         assert "error" not in first and first == second, context
 
 
@@ -270,8 +274,8 @@ def test_the_fingerprint_does_not_depend_on_the_folder(assets, tmp_path, monkeyp
 def test_changing_the_key_changes_what_runs(dotted, assets, base_run, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # logging.wandb must decide here
     context, value = CASES[dotted]
-    base = base_run(context, monkeypatch)
+    base = base_run(context)
     assert "error" not in base, base  # the base run of every context works
-    changed = fingerprint(build_case(context, dotted, value, assets, tmp_path / "run"), tmp_path, monkeypatch)
+    changed = fingerprint(build_case(context, dotted, value, assets, tmp_path / "run"), tmp_path)
     assert changed != base, f"{dotted}={value!r} changed nothing that ran"
     torch.set_num_threads(min(2, os.cpu_count() or 1))
