@@ -2,8 +2,10 @@
 
 The table below has one row per subcommand the parser has (found by walking argparse's
 subparser actions, so a new subcommand without a row fails `test_table_covers_every_subcommand`).
-Each row runs the real console script in a subprocess (~2-4 s each), so the rows are marked
-slow; one representative row, the coverage check and the unit tests of the handler stay fast.
+Each row runs ``dsoft_dist.cli.main`` in this process, its output read at the file descriptors (so
+the spawned ranks' and the loggers' lines count too); a console-script subprocess costs ~2 s of
+start-up per row. The representative row also runs the real console script in a subprocess, and
+``test_dsoft_traceback_shows_the_traceback`` checks the script's own exit path.
 """
 import argparse
 import os
@@ -59,7 +61,7 @@ EXTRA_ROWS = [
     (["export", "--checkpoint", FILE, "{tmp}/b.onnx"], FILE),  # not a torch file
     (["ckpt", "inspect", "{tmp}/ckpt-bad-manifest"], "{tmp}/ckpt-bad-manifest/manifest.json"),  # not JSON
 ]
-FAST_ROW = "eval"  # the representative row that runs without -m slow
+FAST_ROW = "eval"  # the representative row, also run through the console script
 
 
 def subcommands(parser: argparse.ArgumentParser, prefix: tuple = ()) -> list[str]:
@@ -95,16 +97,31 @@ def run_dsoft(argv: list[str], tmp_path, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, "WANDB_MODE": "disabled", "DSOFT_TRACEBACK": "", **env})
 
 
-def check_one_line_error(argv: list[str], token: str, tmp_path) -> None:
-    proc = run_dsoft(argv, tmp_path)
+def run_in_process(argv: list[str], tmp_path, capfd, monkeypatch) -> tuple[int, str, str]:
+    """``dsoft ARGV`` through ``main`` in this process, as the console script runs it (cwd, environment);
+    returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("DSOFT_TRACEBACK", "")
+    capfd.readouterr()
+    try:
+        code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def check_one_line_error(code: int, stdout: str, stderr: str, token: str, tmp_path) -> None:
+    """A non-zero exit and the bad value named on one ``dsoft <subcommand>: ...`` line, no traceback."""
     token = token.replace("{tmp}", str(tmp_path))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out
+    out = stdout + stderr
+    assert code != 0, out
     assert "Traceback" not in out, out
-    named = [line for line in proc.stderr.splitlines() if token in line]
-    assert len(named) == 1, f"{token!r} should be named on one stderr line:\n{proc.stderr}"
+    named = [line for line in stderr.splitlines() if token in line]
+    assert len(named) == 1, f"{token!r} should be named on one stderr line:\n{stderr}"
     assert named[0].startswith("dsoft "), named[0]  # "dsoft <subcommand>: ...", not a log record or a raw repr
-    assert len([line for line in proc.stderr.splitlines() if line.strip()]) <= 2, proc.stderr
+    assert len([line for line in stderr.splitlines() if line.strip()]) <= 2, stderr
 
 
 def test_table_covers_every_subcommand():
@@ -115,19 +132,20 @@ def test_table_covers_every_subcommand():
 
 
 def test_representative_subcommand_fails_on_one_line(workspace):
-    check_one_line_error(*ROWS[FAST_ROW], workspace)
+    argv, token = ROWS[FAST_ROW]
+    proc = run_dsoft(argv, workspace)  # the real console script
+    check_one_line_error(proc.returncode, proc.stdout, proc.stderr, token, workspace)
 
 
-@pytest.mark.slow(reason="a console-script subprocess (~2 s) per row; FAST_ROW is the default tier's")
-@pytest.mark.parametrize("path", sorted(set(ROWS) - {FAST_ROW}))
-def test_bad_input_is_one_line_without_traceback(path, workspace):
-    check_one_line_error(*ROWS[path], workspace)
+@pytest.mark.parametrize("path", sorted(ROWS))
+def test_bad_input_is_one_line_without_traceback(path, workspace, capfd, monkeypatch):
+    argv, token = ROWS[path]
+    check_one_line_error(*run_in_process(argv, workspace, capfd, monkeypatch), token, workspace)
 
 
-@pytest.mark.slow(reason="a console-script subprocess (~2 s) per row")
 @pytest.mark.parametrize("argv,token", EXTRA_ROWS, ids=[" ".join(a[:2]) for a, _ in EXTRA_ROWS])
-def test_more_bad_files_are_one_line(argv, token, workspace):
-    check_one_line_error(argv, token, workspace)
+def test_more_bad_files_are_one_line(argv, token, workspace, capfd, monkeypatch):
+    check_one_line_error(*run_in_process(argv, workspace, capfd, monkeypatch), token, workspace)
 
 
 def test_dsoft_traceback_shows_the_traceback(workspace, monkeypatch):
