@@ -22,8 +22,8 @@ from tests.test_data_fixtures import write_shards
 from tests.test_train_dist import assert_same_params, run, run_jobs, tiny
 
 pytestmark = pytest.mark.dist
-# every case spawns real gloo ranks (seconds each); the default tier keeps the exact resume on the same world size
-SLOW = pytest.mark.slow(reason="spawns gloo ranks; test_resume_on_the_same_world_size_is_exact is the default tier's case")
+SLOW = pytest.mark.slow(reason="spawns gloo ranks; test_resume_on_the_same_world_size_is_exact is the default "
+                                "tier's case")
 
 
 def ckpt_cfg(out, **sections) -> dict:

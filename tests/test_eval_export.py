@@ -62,7 +62,8 @@ def assert_parity(path, model, shape, batches=(1, 7)):
         assert np.abs(got - expected).max() < 1e-4
 
 
-_FULL_SIZE = pytest.mark.slow(reason="ONNX export of a full-size backbone (~4-16 s); the tiny ones are the default tier's")
+_FULL_SIZE = pytest.mark.slow(reason="ONNX export of a full-size backbone (~4-16 s); the tiny ones are the "
+                                     "default tier's")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_FULL_SIZE) if n in SLOW else n for n in MODELS])

@@ -8,7 +8,8 @@ from dsoft_dist.cli import main
 from dsoft_dist.data import EVAL_IDENTITY_OFFSET, SyntheticIdentities
 from dsoft_dist.data.convert import encode_image
 
-pytestmark = [pytest.mark.slow(reason="converts a folder and trains 2 ranks on it through dsoft train"), pytest.mark.dist]
+pytestmark = [pytest.mark.slow(reason="converts a folder and trains 2 ranks on it through dsoft train"),
+              pytest.mark.dist]
 
 
 def _image_folder(root, identities: int, per_identity: int, offset: int, size: int = 32):
