@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         table = list(files.values())
     else:
         table = rows
-    table.sort(key=lambda r: -r["seconds"])
+    table = sorted(table, key=lambda r: -r["seconds"])
     print(f"{'seconds':>9}  {'tier':<8} {'file':<40} test")
     for row in table[:args.top or None]:
         mark = "" if row["outcome"] in ("passed", "skipped") or args.by_file else f"  [{row['outcome']}]"
