@@ -1,6 +1,7 @@
 """Shared test setup: deterministic CPU threads, the Triton interpreter without CUDA, a free-port fixture,
 the two tiers (docs/testing.md) and the leak check: a test that leaves a process or a /dev/shm segment
 behind fails by name (the leftovers are killed / removed so that the next test starts clean)."""
+import gc
 import os
 import signal
 import time
@@ -83,11 +84,14 @@ def no_leftovers(request):
     """Fails the test that leaves a process or a /dev/shm segment behind, after a grace period."""
     procs, shm = set(descendants(os.getpid())), _shm()
     yield
-    deadline = time.monotonic() + LEAK_GRACE_S
+    deadline, collected = time.monotonic() + LEAK_GRACE_S, False
     while True:
         left_procs, left_shm = _leftover_processes(procs), _shm() - shm
         if not (left_procs or left_shm) or time.monotonic() > deadline:
             break
+        if not collected:  # an unreachable DataLoader iterator in a reference cycle ends its workers when collected
+            gc.collect()
+            collected = True
         time.sleep(0.05)
     named = [f"pid {pid}: " + cmdline(pid).replace(b"\0", b" ").decode(errors="replace")[:200] for pid in left_procs]
     for pid in left_procs:

@@ -122,6 +122,39 @@ def assert_same_params(a: dict, b: dict, atol: float, rtol: float = 1e-4) -> Non
     torch.testing.assert_close(a["head"], b["head"], atol=atol, rtol=rtol)
 
 
+def _start_method(out_file: str) -> None:
+    import multiprocessing
+
+    with open(out_file, "w") as fh:
+        fh.write(multiprocessing.get_start_method())
+
+
+def test_spawned_ranks_start_processes_as_their_parent_does(tmp_path):
+    """A rank spawn_local started forks its DataLoader workers as a torchrun worker does (the parent's method),
+    instead of the "spawn" a spawned child inherits (each worker would re-import torch, every epoch)."""
+    import multiprocessing
+
+    spawn_local(_start_method, 1, (str(tmp_path / "method"),))
+    assert (tmp_path / "method").read_text() == multiprocessing.get_start_method() != "spawn"
+
+
+def test_close_ends_the_data_workers_of_an_unfinished_epoch(tmp_path):
+    """Trainer.close ends the loader's workers (a run stopped mid-epoch otherwise keeps them until the iterator
+    is collected, and at exit torch waits up to 5 s for each)."""
+    from dsoft_dist.observability.procs import children
+    from dsoft_dist.train.trainer import Trainer
+
+    cfg = config_from_dict(tiny(tmp_path / "run", parallel__nproc=1, data__num_workers=2))
+    before = set(children(os.getpid()))  # helpers of earlier tests (multiprocessing's resource tracker)
+    with distributed("gloo") as env:
+        t = Trainer(cfg, env)
+        t.run_steps(2)  # of an epoch of 40 classes x 8 / 8 = 40 steps
+        workers = set(children(os.getpid())) - before
+        assert len(workers) == 2, workers
+        t.close()
+        assert not workers & set(children(os.getpid()))
+
+
 @pytest.mark.parametrize("nproc", [pytest.param(1, marks=SLOW), 2])
 def test_same_seed_same_loss_sequence(tmp_path, nproc):
     # one process group: the second run starts where the first left the RNG and caches, so it matches only
