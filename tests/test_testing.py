@@ -24,7 +24,7 @@ def test_clean():
 def test_leaves_a_process():
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
-def test_leaves_shm(tmp_path):
+def test_leaves_shm():
     open("/dev/shm/dsoft-test-leak-{pid}", "w").close()
 
 @pytest.mark.timeout(2)

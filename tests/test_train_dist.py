@@ -158,7 +158,7 @@ def test_close_ends_the_data_workers_of_an_unfinished_epoch(tmp_path):
 @pytest.mark.parametrize("nproc", [pytest.param(1, marks=SLOW), 2])
 def test_same_seed_same_loss_sequence(tmp_path, nproc):
     # one process group: the second run starts where the first left the RNG and caches, so it matches only
-    # if a run depends on its config alone (two fresh processes would share even an unseeded RNG state)
+    # if a run depends on its config alone
     first, second, other = run_each(tiny(tmp_path / "a", parallel__nproc=nproc, schedule__steps=4),
                                     tiny(tmp_path / "b", parallel__nproc=nproc, schedule__steps=4),
                                     tiny(tmp_path / "c", parallel__nproc=nproc, schedule__steps=4, data__seed=1))
