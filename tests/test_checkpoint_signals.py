@@ -16,6 +16,7 @@ import yaml
 
 from dsoft_dist.observability.procs import children, cmdline
 from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE
+from tests.terminal import DSOFT
 from tests.test_train_dist import assert_same_params, run, tiny
 
 pytestmark = pytest.mark.dist
@@ -150,3 +151,102 @@ def test_sigterm_writes_a_checkpoint_within_a_step_exits_75_and_resumes_to_the_s
     got = _final(tmp_path / "term", cfg)
     assert got["loss"] == whole["loss"]
     assert_same_params(got, whole, atol=0.0, rtol=0.0)
+
+
+# ------------------------------------------------------------------ stopping `dsoft train` from a terminal
+
+def _in_own_group(cmd, tmp_path):
+    """``cmd`` as the leader of a new process group, as a shell starts a job: a terminal's Ctrl-C and
+    ``kill -- -PGID`` reach the leader and every rank together."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _stopped(tmp_path, name: str, nproc: int, send) -> tuple[int, str, int, int]:
+    """Starts `dsoft train --nproc N` on the long run, calls send(proc) once step 20 is logged; returns
+    (exit code, stderr, the step seen before the signal, the step of the latest checkpoint)."""
+    cfg = long_cfg(tmp_path / name)
+    cfg["checkpoint"] = {"every_steps": 0, "every_minutes": 0}  # only the signal's checkpoint
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _in_own_group([DSOFT, "train", "--config", str(tmp_path / f"{name}.yaml"), "--nproc", str(nproc)],
+                         tmp_path)
+    seen = _wait_for_step(tmp_path / name, 20, proc)
+    send(proc)
+    _, stderr = proc.communicate(timeout=120)
+    latest = tmp_path / name / "checkpoints" / "latest"
+    step = int(latest.read_text().strip().split("-")[1]) if latest.exists() else -1
+    return proc.returncode, stderr, seen, step
+
+
+def test_sigterm_to_the_process_group_of_local_ranks_checkpoints_and_exits_75(tmp_path):
+    rc, stderr, seen, step = _stopped(tmp_path, "group", 2, lambda p: os.killpg(p.pid, signal.SIGTERM))
+    assert rc == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert seen <= step < STEPS, (seen, step)
+    assert f"after step {step}: checkpoint" in stderr and "Traceback" not in stderr, stderr[-3000:]
+
+
+@SLOW
+def test_ctrl_c_on_local_ranks_checkpoints_and_exits_75(tmp_path):
+    rc, stderr, seen, step = _stopped(tmp_path, "ctrl_c", 2, lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert rc == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert seen <= step < STEPS and "Ctrl-C" in stderr and "Traceback" not in stderr, stderr[-3000:]
+
+
+@SLOW
+def test_sigint_to_the_parent_of_local_ranks_alone_checkpoints_and_exits_75(tmp_path):
+    rc, stderr, seen, step = _stopped(tmp_path, "parent", 2, lambda p: os.kill(p.pid, signal.SIGINT))
+    assert rc == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert seen <= step < STEPS and "asking the 2 local ranks" in stderr and "Traceback" not in stderr, stderr
+
+
+@SLOW
+def test_ctrl_c_on_a_single_process_run_checkpoints_and_exits_75(tmp_path):
+    rc, stderr, seen, step = _stopped(tmp_path, "single", 1, lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert rc == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert seen <= step < STEPS and "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_a_second_ctrl_c_stops_the_run_at_once():
+    from dsoft_dist.train.preempt import Preemption
+
+    preemption = Preemption(["SIGTERM"])
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # handled before os.kill returns (the main thread signals itself)
+        except KeyboardInterrupt:
+            pytest.fail("the first Ctrl-C stopped the run at once, without its checkpoint")
+        assert preemption.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        preemption.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def ignore_sigterm_and_wait(ready_dir: str) -> None:
+    """A rank that will not stop on SIGTERM (as one stuck in a step); it says when it is up."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready_dir, os.environ["RANK"]).touch()
+    time.sleep(300)
+
+
+def test_a_second_signal_to_the_parent_of_local_ranks_kills_them_at_once(tmp_path):
+    code = ("import sys; from dsoft_dist.train.distributed import spawn_local; "
+            "from tests.test_checkpoint_signals import ignore_sigterm_and_wait as f; "
+            f"spawn_local(f, 2, ({str(tmp_path)!r},))")
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(list(tmp_path.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = [pid for pid in children(proc.pid) if b"spawn_main" in cmdline(pid)]
+    assert len(ranks) == 2
+    os.kill(proc.pid, signal.SIGINT)  # passed on as SIGTERM, which these ranks ignore
+    time.sleep(0.5)
+    assert proc.poll() is None
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert time.time() - t0 < 5 and "KeyboardInterrupt" in stderr, stderr[-2000:]
+    assert not [pid for pid in ranks if os.path.exists(f"/proc/{pid}")]

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from dsoft_dist.cli import build_parser, main, run_command
+from dsoft_dist.cli import USER_ERROR_EXIT, build_parser, main, run_command
 
 MISSING = "{tmp}/missing"  # never created
 FILE = "{tmp}/a-file"  # a regular file holding invalid YAML: outputs "beneath" it cannot be created
@@ -113,10 +113,11 @@ def run_in_process(argv: list[str], tmp_path, capfd, monkeypatch) -> tuple[int, 
 
 
 def check_one_line_error(code: int, stdout: str, stderr: str, token: str, tmp_path) -> None:
-    """A non-zero exit and the bad value named on one ``dsoft <subcommand>: ...`` line, no traceback."""
+    """Exit 2 (USER_ERROR_EXIT, config errors included) and the bad value named on one ``dsoft <subcommand>: ...``
+    line, no traceback."""
     token = token.replace("{tmp}", str(tmp_path))
     out = stdout + stderr
-    assert code != 0, out
+    assert code == USER_ERROR_EXIT, out
     assert "Traceback" not in out, out
     named = [line for line in stderr.splitlines() if token in line]
     assert len(named) == 1, f"{token!r} should be named on one stderr line:\n{stderr}"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsoft_dist.cli import main
+from dsoft_dist.cli import USER_ERROR_EXIT, main
 from dsoft_dist.config import ConfigError, config_from_dict, dump_config, load_config
 from dsoft_dist.losses import MARGIN_PRESETS
 
@@ -88,9 +88,42 @@ def test_cli_config_check_and_show(tmp_path, capsys):
     assert main(["config", "show", good, "--set", "head.scale=16"]) == 0
     assert "scale: 16.0" in capsys.readouterr().out
     for data, key in ([{"head": {"bogus": 1}}, "head.bogus"], [{"head": {"scale": -3}}, "head.scale"],
-                      [{"head": {"sample_rate": 0}}, "head.sample_rate"], [{"head": {"sample_rate": 2}}, "head.sample_rate"]):
-        assert main(["config", "check", _write(tmp_path, data)]) == 1
+                      [{"head": {"sample_rate": 0}}, "head.sample_rate"],
+                      [{"head": {"sample_rate": 2}}, "head.sample_rate"]):
+        assert main(["config", "check", _write(tmp_path, data)]) == USER_ERROR_EXIT  # 2, as every user error
         assert key in capsys.readouterr().err
+
+
+def test_sample_rate_takes_a_fraction_as_dsoft_plan_does(tmp_path):
+    from dsoft_dist.plan.cli import sample_rates
+
+    from_yaml = load_config(_write(tmp_path, {"head": {"sample_rate": "1/64"}}))
+    from_set = load_config(ROOT / "configs" / "demo.yaml", ["head.sample_rate=1/64"])
+    assert from_yaml.head.sample_rate == from_set.head.sample_rate == 0.015625
+    assert load_config(overrides=["head.sample_rate=0.25"]).head.sample_rate == 0.25  # decimals still work
+    assert sample_rates("1/64,0.25") == [0.015625, 0.25]  # dsoft plan --sample-rate: the same parser
+    with pytest.raises(ConfigError, match=r"head.sample_rate='1/0' is invalid: give a number or a fraction a/b"):
+        load_config(overrides=["head.sample_rate=1/0"])
+    with pytest.raises(ConfigError, match=r"head.sample_rate=2.0 is invalid: must be in \(0, 1\]"):
+        load_config(overrides=["head.sample_rate=4/2"])
+    with pytest.raises(ConfigError, match="head.scale='1/2' is invalid: expected float"):  # only the rate takes a/b
+        load_config(overrides=["head.scale=1/2"])
+
+
+def test_warmup_longer_than_the_run_says_what_to_set():
+    with pytest.raises(ConfigError, match=r"schedule.warmup_steps=20 is invalid: .* set it to at most 10, e.g. "
+                                          r"--set schedule.warmup_steps=1 "):
+        load_config(ROOT / "configs" / "demo.yaml", ["schedule.steps=10"])
+
+
+def test_config_show_demo_prints_the_embedded_config_anywhere(tmp_path, monkeypatch, capsys):
+    from dsoft_dist.demo import DEMO_CONFIG
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: no configs/ here
+    assert main(["config", "show", "demo", "--set", "head.scale=16"]) == 0
+    shown = config_from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert shown == config_from_dict({**DEMO_CONFIG, "head": {**DEMO_CONFIG["head"], "scale": 16.0}})
+    assert main(["config", "check", "demo"]) == 0 and capsys.readouterr().out == "demo: OK\n"
 
 
 def test_console_script_help_lists_real_subcommands():

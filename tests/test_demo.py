@@ -1,10 +1,11 @@
 """`dsoft demo`: the embedded default equals configs/demo.yaml, and a short real run learns."""
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
-from dsoft_dist.cli import main
+from dsoft_dist.cli import USER_ERROR_EXIT, main
 from dsoft_dist.config import config_from_dict, load_config
 from dsoft_dist.demo import DEMO_CONFIG
 
@@ -16,8 +17,45 @@ def test_embedded_default_is_configs_demo_yaml():
 
 
 def test_demo_rejects_bad_override(capsys):
-    assert main(["demo", "--set", "head.sample_rate=0"]) == 1
+    assert main(["demo", "--set", "head.sample_rate=0"]) == USER_ERROR_EXIT  # 2, as every user error
     assert "head.sample_rate=0.0 is invalid" in capsys.readouterr().err
+
+
+class Records(logging.Handler):
+    """Keeps the messages the project's loggers emit (their handler writes to the stderr of import time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_demo_shrunk_below_its_warmup_scales_the_warmup(capsys):
+    records = Records()
+    logging.getLogger("dsoft_dist").addHandler(records)
+    try:
+        # the config validates with 10 steps: what stops this demo is the backend, checked after the config
+        assert main(["demo", "--set", "schedule.steps=10", "--set", "parallel.backend=nccl"]) == USER_ERROR_EXIT
+        assert "parallel.backend='nccl' is invalid for dsoft demo" in capsys.readouterr().err
+        from dsoft_dist.demo import demo_config
+
+        assert demo_config(["schedule.steps=10"])["schedule"]["warmup_steps"] == 1  # steps // 10
+        assert demo_config(["schedule.steps=50"])["schedule"]["warmup_steps"] == 20  # the demo's, when it fits
+    finally:
+        logging.getLogger("dsoft_dist").removeHandler(records)
+    assert sum("warmup scaled to 1" in m for m in records.messages) == 2
+    # an explicit warmup is the user's: it stands, and the error says what to set
+    assert main(["demo", "--set", "schedule.steps=10", "--set", "schedule.warmup_steps=20"]) == USER_ERROR_EXIT
+    assert "set it to at most 10, e.g. --set schedule.warmup_steps=1" in capsys.readouterr().err
+
+
+def test_demo_help_describes_the_demo(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    description = " ".join(capsys.readouterr().out.split("options:")[0].split())  # argparse wraps lines
+    assert "synthetic identities" in description and "dsoft config show demo" in description
 
 
 @pytest.mark.slow(reason="the demo's 2 ranks on images for 60 steps, with verification (~12 s)")

@@ -22,7 +22,8 @@ def no_launcher_env(monkeypatch):
 
 def run(capsys, tmp_path, *extra, ckpt=None):
     """``dsoft doctor`` with the checkpoint folder under tmp_path and a free port unless given: (rc, stdout)."""
-    argv = ["doctor", "--set", f"checkpoint.dir={ckpt or tmp_path / 'ckpt'}"]
+    argv = ["doctor", "--set", f"checkpoint.dir={ckpt or tmp_path / 'ckpt'}", "--set",
+            f"logging.output_dir={tmp_path / 'run'}"]
     if "--master-port" not in extra:
         argv += ["--master-port", str(free_port())]
     rc = main(argv + list(extra))
@@ -40,8 +41,8 @@ def test_clean_run_passes_and_leaves_a_marker(capsys, tmp_path):
     rc, out = run(capsys, tmp_path)
     assert rc == 0, out
     assert "FAIL" not in out
-    for name in ("versions", "gpus", "network", "rendezvous", "hostname", "port", "ckpt-folder", "ckpt-shared",
-                 "disk"):
+    for name in ("versions", "gpus", "network", "rendezvous", "hostname", "port", "data", "run-folder",
+                 "ckpt-folder", "ckpt-shared", "disk"):
         line(out, name)
     markers = [p.name for p in (tmp_path / "ckpt").iterdir()]
     assert markers == [doctor.MARKER_PREFIX + doctor._safe_host(socket.gethostname())]
@@ -119,3 +120,48 @@ def test_too_little_free_space_fails(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "disk_usage", lambda path: usage(2 ** 50, 0, 2 ** 49))
     rc, out = run(capsys, tmp_path, "--set", "data.num_classes=1000000", "--set", "model.embedding_size=512")
     assert line(out, "disk").startswith("ok"), out
+
+
+def test_a_missing_manifest_fails_the_data_check(capsys, tmp_path):
+    rc, out = run(capsys, tmp_path, "--set", "data.source=webdataset", "--set", "data.manifest=nope/manifest.json",
+                  "--set", "eval.synthetic_identities=0")
+    assert rc == 1, out
+    assert line(out, "data").startswith("FAIL") and "nope/manifest.json" in line(out, "data"), out
+
+
+def test_shards_the_manifest_lists_must_exist(capsys, tmp_path):
+    from dsoft_dist.data.convert import synth_to_shards
+
+    synth_to_shards(str(tmp_path / "shards"), num_identities=4, samples_per_identity=3, image_size=16, per_shard=6,
+                    progress=False)
+    manifest = tmp_path / "shards" / "manifest.json"
+    rc, out = run(capsys, tmp_path, "--set", "data.source=webdataset", "--set", f"data.manifest={manifest}",
+                  "--set", "data.num_classes=4", "--set", "data.image_size=16", "--set", "eval.synthetic_identities=0")
+    assert line(out, "data").startswith("ok") and "2 shards, 12 samples, 4 classes" in line(out, "data"), out
+    (tmp_path / "shards" / "train-000001.tar").unlink()
+    rc, out = run(capsys, tmp_path, "--set", "data.source=webdataset", "--set", f"data.manifest={manifest}",
+                  "--set", "data.num_classes=4", "--set", "data.image_size=16", "--set", "eval.synthetic_identities=0")
+    assert rc == 1 and line(out, "data").startswith("FAIL") and "1 of 2 shard files" in line(out, "data"), out
+
+
+def test_a_folder_holding_another_run_fails_the_run_folder_check(capsys, tmp_path):
+    from dsoft_dist.config import config_from_dict
+    from dsoft_dist.demo import DEMO_CONFIG
+    from dsoft_dist.train.runfolder import write_run_record
+
+    cfg = config_from_dict({**DEMO_CONFIG, "logging": {"output_dir": str(tmp_path / "run")},
+                            "checkpoint": {"resume": "auto"}})
+    write_run_record(cfg)
+    keep = ("--resume", "auto")
+    rc, out = run(capsys, tmp_path, *keep)
+    assert line(out, "run-folder").startswith("ok") and "continues the run" in line(out, "run-folder"), out
+    rc, out = run(capsys, tmp_path, "--overwrite")
+    assert "the run it holds is deleted first" in line(out, "run-folder"), out
+    rc, out = run(capsys, tmp_path, *keep, "--set", "head.loss=arcface")
+    assert rc == 1 and line(out, "run-folder").startswith("FAIL"), out
+    assert "head.loss: 'd_softmax' -> 'arcface'" in line(out, "run-folder"), out
+
+
+def test_a_manifest_without_the_webdataset_source_is_refused(capsys, tmp_path):
+    rc = main(["doctor", "--set", "data.manifest=nope/manifest.json"])
+    assert rc == 2 and "set data.source=webdataset" in capsys.readouterr().err

@@ -1,7 +1,12 @@
 """`dsoft eval` end to end: a tiny checkpoint, a .bin set and an image pair list -> table, JSON, Markdown, PNG."""
+import fcntl
 import io
 import json
 import os
+import pty
+import struct
+import sys
+import termios
 
 import numpy as np
 import pytest
@@ -100,8 +105,8 @@ def test_evaluate_all_from_config_and_flat_metrics(workspace):
     cfg = EvalConfig(bins=[str(root / "tiny.bin")], pairs=[str(root / "pairs.txt")], folds=3, fars=[0.1],
                      batch_size=32, flip=False)
     metrics = flat_metrics(evaluate_all(model, cfg))
-    assert set(metrics) == {"tiny/accuracy", "tiny/accuracy_std", "tiny/threshold", "tiny/val", "pairs/tar@1e-01",
-                            "pairs/auc", "pairs/eer"}
+    assert set(metrics) == {"tiny/accuracy", "tiny/accuracy_std", "tiny/threshold", "tiny/val_at_far",
+                            "pairs/tar@1e-01", "pairs/auc", "pairs/eer"}
     assert all(isinstance(v, float) for v in metrics.values())
     assert main(["eval", "--checkpoint", ckpt, "--bin", str(root / "tiny.bin"), "--folds", "1"]) == 2
 
@@ -220,3 +225,32 @@ def test_eval_identify_errors(tmp_path, workspace, capsys):
     assert "'ids'" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", ckpt, "--identify", str(tmp_path / "probes"), str(tmp_path / "gallery"),
                  "--rank-k", "0"]) == 2
+
+
+def _eval_stderr_on_a_terminal(argv, monkeypatch) -> str:
+    """What ``dsoft eval ARGV`` draws on stderr when stderr is a real (pseudo-)terminal, 100 columns wide."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a width, as a terminal has
+    chunks = []
+    with os.fdopen(slave, "w") as tty, monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", tty)
+        assert main(argv) == 0
+        tty.flush()
+        os.set_blocking(master, False)
+        try:
+            while chunk := os.read(master, 1 << 16):
+                chunks.append(chunk)
+        except BlockingIOError:  # drained
+            pass
+    os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_eval_progress_bar_on_a_terminal_only(workspace, monkeypatch, capfd):
+    root, ckpt = workspace
+    argv = ["eval", "--checkpoint", ckpt, "--bin", str(root / "tiny.bin"), "--folds", "2", "--batch-size", "40"]
+    assert "/120 [" in _eval_stderr_on_a_terminal(argv, monkeypatch)  # the default: a bar over the 120 images
+    assert "/120 [" not in _eval_stderr_on_a_terminal(argv + ["--no-progress"], monkeypatch)
+    capfd.readouterr()
+    assert main(argv + ["--progress"]) == 0  # still accepted; stderr is redirected here, so no bar
+    assert "/120 [" not in capfd.readouterr().err

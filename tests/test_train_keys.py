@@ -117,6 +117,7 @@ CASES = {
     "logging.wandb_project": ({"logging.wandb": "offline"}, "another-project"),
     "logging.progress": ({}, False),
     "logging.sample_keys": ({}, True),
+    "logging.tensorboard": ({}, True),
     "eval.bins": ("images", ["{dir}/set.bin"]),
     "eval.pairs": ("images", ["{dir}/pairs.txt"]),
     "eval.every_steps": ("images+bins", 1),
@@ -129,6 +130,7 @@ CASES = {
     "eval.synthetic_pairs": ("images+synthetic", 20),
     "checkpoint.dir": ({}, "{dir}/ckpts"),
     "checkpoint.every_steps": ({}, 1),
+    "checkpoint.every_minutes": ({}, 0.000001),
     "checkpoint.keep_last": ({"checkpoint.every_steps": 1}, 1),
     "checkpoint.keep_best": ("images+bins", "set/accuracy"),
     "checkpoint.resume": ({}, "{dir}/no-such-checkpoint"),
@@ -142,6 +144,8 @@ ELSEWHERE = {
     "parallel.engine": "tests/test_train_deepspeed.py::test_ddp_and_deepspeed_zero_agree_after_three_steps",
     "parallel.zero_stage": "tests/test_train_deepspeed.py::test_ddp_and_deepspeed_zero_agree_after_three_steps",
     "parallel.timeout_s": "tests/test_train_dist.py::test_a_collective_timeout_names_what_to_check",
+    "logging.overwrite": "tests/test_run_folder.py::test_overwrite_replaces_the_old_run_and_leaves_none_of_its_"
+                         "checkpoints (it acts on a folder holding an earlier run)",
 }
 
 

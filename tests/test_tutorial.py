@@ -182,6 +182,46 @@ def test_tutorial_runs_end_to_end_at_toy_size(tmp_path):
 
     # 7. the side-by-side table: one row per run, with the numbers of its files
     for run, (report, results) in reports.items():
-        row = next(x for x in proc.stdout.splitlines() if x.startswith(run + " "))
-        assert f"{report['final']['val/accuracy']:.4f}" in row and f"{results['bins'][0]['accuracy']:.4f}" in row
-        assert f"{results['pairs'][0]['auc']:.4f}" in row
+        row = next(x for x in proc.stdout.splitlines() if x.startswith(run + " ")).split()
+        done = report["throughput"]
+        assert done["samples"] == int(TOY["STEPS"]) * int(TOY["BATCH"]) * int(TOY["NPROC"])
+        pairs = results["pairs"][0]
+        assert row[3:] == [f"{done['samples_per_s']:.0f}", f"{report['log'][-1]['loss']:.4f}",
+                           f"{results['bins'][0]['accuracy']:.4f}", f"{pairs['tar_at_far']['1e-03']['tar']:.4f}",
+                           f"{pairs['auc']:.4f}"]
+
+
+def step_7_script() -> str:
+    """The Python of step 7's heredoc (the comparison table)."""
+    block = TUTORIAL[TUTORIAL.index("## 7."):]
+    return re.search(r"python - <<'EOF'\n(.*?)^EOF$", block, re.S | re.M).group(1)
+
+
+def test_step_7_table_columns_are_distinct_measurements(tmp_path):
+    """Each column of the comparison table comes from its own source: the throughput over the whole run (not the
+    last log row's), the last loss, the evaluation's accuracy once (the trainer's final verification of val.bin is
+    the same number), TAR@1e-3 and AUC. Run on report.json files write_report writes."""
+    from dsoft_dist.config import config_from_dict, config_to_dict
+    from dsoft_dist.train.report import write_report
+
+    for run, loss, negatives in (("dsoftmax_k", "d_softmax", "random"), ("arcface", "arcface", "all")):
+        cfg = config_from_dict({"head": {"loss": loss, "negatives": negatives},
+                                "data": {"batch_size": 16, "num_classes": 40}})
+        rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 0.1, "samples_per_s": 999.0} for s in (1, 10, 20)]
+        out = tmp_path / "runs" / run
+        (out / "eval").mkdir(parents=True)
+        write_report(str(out), {"config": config_to_dict(cfg), "world_size": 2, "backend": "gloo", "engine": "ddp",
+                                "train_seconds": 4.0, "head_step_in_backward": True, "log": rows,
+                                "evals": [{"step": 20, "val/accuracy": 0.8125}], "final": {"val/accuracy": 0.8125}})
+        (out / "eval" / "results.json").write_text(json.dumps(
+            {"bins": [{"name": "val", "accuracy": 0.8125}],
+             "pairs": [{"name": "val_pairs", "tar_at_far": {"1e-03": {"tar": 0.25}}, "auc": 0.875}]}))
+    proc = subprocess.run([sys.executable, "-c", step_7_script()], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header, *lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and len(set(header.split())) == len(header.split()), header  # no column twice
+    for line in lines:
+        # 20 steps x 16 samples x 2 ranks / 4.0 s = 160 samples/s over the run (999 is the last row's only);
+        # the accuracy once
+        assert line.split()[3:] == ["160", "3.0000", "0.8125", "0.2500", "0.8750"], (header, line)

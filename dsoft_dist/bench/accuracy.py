@@ -52,6 +52,7 @@ import numpy as np
 import yaml
 
 from dsoft_dist.bench import int_list
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.bench.speedup import SAMPLED, machine, parse_rates, rate_text
 from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET, SyntheticIdentities, SyntheticVectors, vector_difficulty
 from dsoft_dist.eval.extract import extract_embeddings
@@ -80,13 +81,14 @@ def part_config(part: str, args) -> dict:
     if part == "vectors":
         model = {"name": "mlp", "embedding_size": 128, "in_features": 128}
         data = {"synthetic_mode": "vectors", "vector_dim": 128, "difficulty": "hard",
-                "num_classes": args.vector_classes, "samples_per_class": 8, "batch_size": GLOBAL_BATCH[part] // args.nproc}
+                "num_classes": args.vector_classes, "samples_per_class": 8,
+                "batch_size": GLOBAL_BATCH[part] // args.nproc}
         steps = args.vector_steps
     else:
         model = {"name": "iresnet_tiny", "embedding_size": 128, "input_size": 32}
         data = {"synthetic_mode": "images", "image_size": 32, "difficulty": "medium",
-                "num_classes": args.image_classes, "samples_per_class": 16, "batch_size": GLOBAL_BATCH[part] // args.nproc,
-                "num_workers": 1}
+                "num_classes": args.image_classes, "samples_per_class": 16,
+                "batch_size": GLOBAL_BATCH[part] // args.nproc, "num_workers": 1}
         steps = args.image_steps
     return {
         "model": model,
@@ -394,18 +396,19 @@ def write_outputs(result: dict, out: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsoft bench accuracy", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("accuracy", __doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/accuracy", help="sweep folder (resumable; default runs/accuracy)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of vectors, images")
     p.add_argument("--methods", default="", help=f"comma-separated subset of {', '.join(METHODS)} "
                    "(default: every method for vectors, the six full losses for images)")
     p.add_argument("--rates", default="1,1/8,1/64", help="sample rates of the sampled methods (default 1,1/8,1/64)")
     p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
-    p.add_argument("--vector-classes", type=int, default=20_000)
-    p.add_argument("--vector-steps", type=int, default=300)
-    p.add_argument("--image-classes", type=int, default=500)
-    p.add_argument("--image-steps", type=int, default=300)
+    p.add_argument("--vector-classes", type=int, default=20_000,
+                   help="vectors part: training identities, 8 samples each (default 20,000)")
+    p.add_argument("--vector-steps", type=int, default=300, help="vectors part: training steps per run (default 300)")
+    p.add_argument("--image-classes", type=int, default=500,
+                   help="images part: training identities, 16 samples each (default 500)")
+    p.add_argument("--image-steps", type=int, default=300, help="images part: training steps per run (default 300)")
     p.add_argument("--eval-identities", type=int, default=1000, help="unseen identities verified (default 1000)")
     p.add_argument("--eval-samples", type=int, default=4, help="samples of each unseen identity (default 4)")
     p.add_argument("--nproc", type=int, default=1, help="local ranks of each dsoft train run (default 1)")

@@ -10,7 +10,8 @@
     dsoft bench kernels                   # CUDA only; launch/gpu_check.sh OUT runs it with the GPU tests
     dsoft bench head --help
 
-Same as ``python -m dsoft_dist.bench.NAME ARGS...``.
+Same as ``python -m dsoft_dist.bench.NAME ARGS...``; each benchmark's parser comes from ``bench_parser``,
+so its help says ``dsoft bench NAME``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ BENCHMARKS = {
     "stream": "shards of many identities: write, start-up, samples/s vs bare tar reads, memory per worker",
     "kernels": "triton backend vs torch chunked vs naive on CUDA (time, peak memory, bf16 matmul fraction)",
 }
+
+
+def bench_parser(name: str, description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """The parser of benchmark NAME: usage ``dsoft bench NAME``, ``description`` without reStructuredText
+    double backticks (module docs are its usual source); ``kwargs`` go to ArgumentParser."""
+    from dsoft_dist.cli import plain_help  # noqa: PLC0415 (dsoft_dist.cli imports this module)
+
+    return argparse.ArgumentParser(prog=f"dsoft bench {name}", description=plain_help(description), **kwargs)
 
 
 def _run(args) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dsoft_dist.bench import int_list
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data.convert import synth_to_shards
 from dsoft_dist.data.decode import FAST_JPEG, decode_image
@@ -83,7 +84,7 @@ def _worker_counts(args) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("data", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     p.add_argument("--batch-size", type=int, default=64)

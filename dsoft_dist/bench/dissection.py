@@ -33,6 +33,7 @@ import sys
 import numpy as np
 
 from dsoft_dist.bench import int_list
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.bench.accuracy import train
 from dsoft_dist.bench.speedup import machine
 from dsoft_dist.data.synthetic import SyntheticVectors, vector_difficulty
@@ -161,7 +162,7 @@ def plot(records: list[dict], path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsoft bench dissection", description=__doc__.split("\n\n")[0],
+    p = bench_parser("dissection", __doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/dissection", help="output folder (default runs/dissection)")
     p.add_argument("--classes", default="5,10", help="identity counts (default 5,10)")

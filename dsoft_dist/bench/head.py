@@ -1,7 +1,7 @@
 """Benchmark one full head step (forward + backward + optimizer) of ShardedClassifier vs sample rate.
 
-    python -m dsoft_dist.bench.head --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625
-    python -m dsoft_dist.bench.head --classes 100000 --world-size 2 --repeats 3
+    dsoft bench head --classes 1000000 --dim 512 --batch 512 --sample-rates 1 0.125 0.015625
+    dsoft bench head --classes 100000 --world-size 2 --repeats 3      # = python -m dsoft_dist.bench.head ...
 
 For each sample rate r it times ``loss = head(emb, labels); loss.backward(); opt.step(); opt.zero_grad()``
 (median over --repeats after --warmup) on rank 0 and prints one table:
@@ -42,6 +42,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import BACKEND_NAMES, ShardedClassifier, auto_chunk_size, build_head_optimizer
 from dsoft_dist.train.distributed import distributed, spawn_local
@@ -198,8 +199,8 @@ def _format(rows, args, world_size, backend) -> str:
                      f"{r['state'] / _MIB:>9.0f} {r['transient'] / _MIB:>9.0f} {r['bytes']:>10}")
     lines.append("step times (s): " + "; ".join(f"r={r['rate']:g}: " + ", ".join(f"{t:.3f}" for t in r["times"])
                                                 for r in rows))
-    lines.append("eff per repeat (%): " + "; ".join(f"r={r['rate']:g}: " + ", ".join(f"{100 * e:.1f}" for e in r["effs"])
-                                                    for r in rows))
+    lines.append("eff per repeat (%): " + "; ".join(
+        f"r={r['rate']:g}: " + ", ".join(f"{100 * e:.1f}" for e in r["effs"]) for r in rows))
     return "\n".join(lines)
 
 
@@ -240,29 +241,32 @@ def _spawned(args, out_path):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dsoft_dist.bench.head", description=__doc__.split("\n")[0])
-    p.add_argument("--classes", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=512)
+    p = bench_parser("head", __doc__.split("\n")[0])
+    p.add_argument("--classes", type=int, default=100_000, help="C: classes of the whole head (default 100000)")
+    p.add_argument("--dim", type=int, default=512, help="D: embedding size (default 512)")
     p.add_argument("--batch", type=int, default=512, help="local batch per rank")
-    p.add_argument("--loss", default="d_softmax")
+    p.add_argument("--loss", default="d_softmax", help="head.loss (default d_softmax; any of dsoft_dist.config LOSSES)")
     p.add_argument("--negatives", default="random", choices=("random", "batch", "partial"),
                    help="negatives for r < 1 (r = 1 always runs 'all')")
-    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.125, 0.015625])
+    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.125, 0.015625], metavar="R",
+                   help="sample rates r in (0, 1], one table row each (default 1 0.125 0.015625)")
     p.add_argument("--world-size", type=int, default=1, help="gloo ranks spawned on this machine")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    p.add_argument("--head-mode", default="sparse", choices=("sparse", "dense"))
-    p.add_argument("--chunk-size", type=int, default=0)
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="the head's optimizer")
+    p.add_argument("--head-mode", default="sparse", choices=("sparse", "dense"),
+                   help="optimizer.head_mode: update only the rows a step touched (sparse) or the whole weight")
+    p.add_argument("--chunk-size", type=int, default=0, help="head.chunk_size: classes per chunk (0 = automatic)")
     p.add_argument("--logit-cache-mb", type=float, default=0.0,
                    help="keep this many MiB of exp'd logit chunks for backward instead of recomputing (0 = off)")
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="the head's backend (docs/head.md)")
     p.add_argument("--step-in-backward", action="store_true",
                    help="the step in backward: the head optimizer applied chunk by chunk (no weight gradient is kept)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per rate; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = cores / world size)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the rows with exact bytes and seconds")
-    p.add_argument("--no-validate", action="store_true", help="skip the first step's input check too (the head checks only its first forward)")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the first step's input check too (the head checks only its first forward)")
     return p
 
 

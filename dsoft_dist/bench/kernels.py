@@ -1,8 +1,8 @@
 """Benchmark the head's local step: the triton backend vs the torch chunked path vs naive full logits.
 
-    python -m dsoft_dist.bench.kernels --out runs/kernels.json               # CUDA: the issue's sizes
-    python -m dsoft_dist.bench.kernels --classes 100000 --batch 512 --sweep  # pick tiles, then time
-    python -m dsoft_dist.bench.kernels --smoke --out /tmp/k.json             # CPU: tiny, Triton interpreter
+    dsoft bench kernels --out runs/kernels.json               # CUDA: the issue's sizes
+    dsoft bench kernels --classes 100000 --batch 512 --sweep  # pick tiles, then time
+    dsoft bench kernels --smoke --out /tmp/k.json             # CPU: tiny, Triton interpreter
 
 One "step" = the local shard statistics (lse, z_y) of the global batch against C_local rows
 (all rows = "full", or a random r = 1/64 of them = "sampled"), the D-Softmax loss on top,
@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
@@ -243,15 +244,17 @@ def run(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dsoft_dist.bench.kernels", description=__doc__.split("\n")[0])
+    p = bench_parser("kernels", __doc__.split("\n")[0])
     p.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000], help="C_local values")
     p.add_argument("--batch", type=int, nargs="+", default=[512, 4096], help="global batch values")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    p.add_argument("--dim", type=int, default=512, help="embedding dim D (default 512)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES),
+                   help="dtype of embeddings, weights and the step (default bf16)")
     p.add_argument("--sample-rate", type=float, default=1 / 64, help="rate of the sampled head")
-    p.add_argument("--methods", nargs="+", default=["triton", "torch", "naive"], choices=("triton", "torch", "naive"))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=["triton", "torch", "naive"], choices=("triton", "torch", "naive"),
+                   help="the methods to time (default all three)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per case; the median is shown (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case before them (default 2)")
     p.add_argument("--naive-max-gib", type=float, default=24.0, help="largest full-logit footprint to try")
     p.add_argument("--sweep", action="store_true", help="time the fixed tile configs first and use the best")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter (tests)")

@@ -49,8 +49,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsoft_dist.bench import int_list
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.bench.head import PeakMemory, state_bytes, sync_device
-from dsoft_dist.config.schema import HeadConfig, OptimizerConfig
+from dsoft_dist.config.schema import HeadConfig, OptimizerConfig, parse_fraction
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer
 from dsoft_dist.train.distributed import distributed, spawn_local, under_launcher
 
@@ -63,10 +64,11 @@ _MIB = 1 << 20
 
 
 def parse_rates(text: str, option: str = "--rates") -> list[float]:
-    """'1,1/8,1/64' -> [1.0, 0.125, 0.015625]; ValueError naming the value unless each is in (0, 1]."""
+    """'1,1/8,1/64' -> [1.0, 0.125, 0.015625], each parsed as head.sample_rate is (parse_fraction);
+    ValueError naming the option and the value unless each is in (0, 1]."""
     try:
-        rates = [float(Fraction(v.strip())) for v in text.split(",") if v.strip()]
-    except (ValueError, ZeroDivisionError):
+        rates = [parse_fraction(v, option) for v in text.split(",") if v.strip()]
+    except ValueError:  # parse_fraction's ConfigError: one message for the whole list, with an example
         rates = []
     if not rates or not all(0 < r <= 1 for r in rates):
         raise ValueError(f"{option} {text!r} is invalid: give comma-separated rates in (0, 1], e.g. 1,1/8,1/64")
@@ -326,8 +328,9 @@ def plot(records: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for ax, (classes, ranks) in zip(axes[0], groups):
         for method in METHODS:
-            rows = sorted((r for r in records if r["method"] == method and (r["classes"], r["ranks"]) == (classes, ranks)
-                           and r.get("speedup_vs_d_softmax")), key=lambda r: r["rate"])
+            rows = sorted((r for r in records if r["method"] == method
+                           and (r["classes"], r["ranks"]) == (classes, ranks) and r.get("speedup_vs_d_softmax")),
+                          key=lambda r: r["rate"])
             if rows:
                 ax.plot([r["rate"] for r in rows], [r["speedup_vs_d_softmax"] for r in rows],
                         marker="o", label=method)
@@ -363,18 +366,18 @@ def write_outputs(result: dict, args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsoft bench speedup", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("speedup", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", default="", help="comma-separated C (default: 100000,1000000 on CPU, "
                    "1000000,10000000 on CUDA)")
-    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--dim", type=int, default=512, help="embedding dim D (default 512)")
     p.add_argument("--batch", type=int, default=512, help="global batch, split over the ranks")
     p.add_argument("--rates", default=DEFAULT_RATES, help="sample rates of the sampled methods (fractions allowed)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--nproc", type=int, default=1, help="ranks started here (under torchrun: its ranks)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed steps per method and rate; step_ms is their median (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = torch's default)")
     p.add_argument("--end-to-end", action="store_true", help="also time the backbone's forward + backward")
     p.add_argument("--backbone", default="iresnet_tiny", help="--end-to-end backbone (a dsoft_dist.models name)")

@@ -38,6 +38,7 @@ import time
 import torch
 
 from dsoft_dist.bench import int_list
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data.decode import FAST_JPEG, decode_image
 from dsoft_dist.data.manifest import MANIFEST_NAME, load_manifest
@@ -182,7 +183,8 @@ def format_report(results: dict, args) -> str:
             else f"{args.dim}-d {args.dtype} vectors")
     lines = [f"dsoft bench stream: {kind}, {args.samples_per_identity} samples per identity, batch {args.batch_size}, "
              f"shuffle buffer {args.shuffle_buffer}, {args.per_shard} samples per shard; "
-             f"{platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, Python {platform.python_version()}"]
+             f"{platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, "
+             f"Python {platform.python_version()}"]
     for identities, r in results.items():
         lines += ["", f"== {identities:,} identities: {r['samples']:,} samples, {r['shards']} shards, "
                   f"{r['bytes'] / 2**20:,.0f} MiB ({r['bytes'] / r['samples']:.0f} B/sample); " + (
@@ -205,17 +207,18 @@ def format_report(results: dict, args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsoft bench stream", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("stream", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--identities", default="100000,1000000", help="comma-separated identity counts")
-    p.add_argument("--samples-per-identity", type=int, default=2)
+    p.add_argument("--samples-per-identity", type=int, default=2, help="samples written per identity (default 2)")
     p.add_argument("--images", action="store_true", help="image shards instead of vector shards")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32, help="--images: side in pixels (default 32)")
     p.add_argument("--dim", type=int, default=128, help="vector size")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="vectors: stored dtype (default float16)")
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--shuffle-buffer", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=512, help="the loader's data.batch_size (default 512)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000,
+                   help="the loader's data.shuffle_buffer, samples (default 1000)")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     p.add_argument("--write-workers", type=int, default=2, help="converter processes")
     p.add_argument("--keep", metavar="DIR", help="write the shards here and keep them (default: a temporary folder)")

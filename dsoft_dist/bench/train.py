@@ -1,7 +1,7 @@
 """Benchmark the whole training step of the trainer, per sample rate, against a bare loop in the same run.
 
-    python -m dsoft_dist.bench.train                         # C=1,000,000, D=512, global batch 512, 2 ranks
-    python -m dsoft_dist.bench.train --classes 100000 --sample-rates 1 0.125 --repeats 2
+    dsoft bench train                         # C=1,000,000, D=512, global batch 512, 2 ranks
+    dsoft bench train --classes 100000 --sample-rates 1 0.125 --repeats 2
 
 With --checkpoints N it also times N whole checkpoint saves (``Checkpointer.save``: every
 rank writes its head piece, rank 0 the backbone and trainer state, all hash in parallel) and
@@ -31,6 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.config import config_from_dict
 from dsoft_dist.train.distributed import distributed, spawn_local
 
@@ -168,7 +169,8 @@ def format_table(results: list[dict], args) -> str:
             during = statistics.median(s["during"] for s in r["saves"])
             kind = "in the background" if args.async_checkpoints else "synchronous"
             lines.append(f"r={r['rate']:g} checkpoint ({kind}, {r['checkpoint_mib']:.0f} MiB): training blocked "
-                         f"{block:.2f} s = {block / step:.1f} steps; steps beside it {during:.3f} s/step (vs {step:.3f}); "
+                         f"{block:.2f} s = {block / step:.1f} steps; "
+                         f"steps beside it {during:.3f} s/step (vs {step:.3f}); "
                          f"save done after {total:.2f} s; every 1000 steps the blocked time adds "
                          f"{100 * block / (1000 * step):.2f}% to the run")
     lines.append("per repeat (s/step): " + "; ".join(
@@ -178,17 +180,18 @@ def format_table(results: list[dict], args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dsoft_dist.bench.train", description=__doc__.split("\n")[0])
-    p.add_argument("--classes", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=512)
+    p = bench_parser("train", __doc__.split("\n")[0])
+    p.add_argument("--classes", type=int, default=1_000_000, help="identities C of the head (default 1,000,000)")
+    p.add_argument("--dim", type=int, default=512, help="embedding dim D (default 512)")
     p.add_argument("--in-features", type=int, default=512, help="synthetic vector size (the MLP's input)")
     p.add_argument("--batch", type=int, default=512, help="global batch (split over the ranks)")
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.015625])
+    p.add_argument("--world-size", type=int, default=2, help="gloo ranks on this machine (default 2)")
+    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.015625],
+                   help="sample rates r to time, one run each; 1 = negatives all (default 1 0.015625)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per repeat for r < 1")
     p.add_argument("--steps-full", type=int, default=1, help="timed steps per repeat for r = 1")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each loop before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per loop; the table shows medians (default 3)")
     p.add_argument("--log-every", type=int, default=1, help="the trainer's logging.log_every (1 = a row every step)")
     p.add_argument("--checkpoints", type=int, default=0,
                    help="also time this many whole checkpoint saves per rate (checkpoint folder in a temp dir)")

@@ -5,7 +5,8 @@
 
 Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the
 dotted key, the value and the fix. Values in overrides are parsed as YAML scalars
-(``head.scale=32`` is an int, ``eval.bins=[a.bin,b.bin]`` a list).
+(``head.scale=32`` is an int, ``eval.bins=[a.bin,b.bin]`` a list); ``head.sample_rate`` also takes a
+fraction a/b (``head.sample_rate=1/64``), in YAML as in overrides.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from dsoft_dist.config.schema import Config, ConfigError
+from dsoft_dist.config.schema import Config, ConfigError, parse_fraction
 
 
 def _type_name(tp) -> str:
@@ -55,7 +56,8 @@ def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}={data!r} is invalid: expected a mapping of keys to values")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -66,6 +68,8 @@ def _build(cls, data: dict, prefix: str):
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{dotted}.")
+        elif isinstance(value, str) and fields[key].metadata.get("fraction"):
+            kwargs[key] = parse_fraction(value, dotted)  # head.sample_rate: 1/64 as dsoft plan takes it
         else:
             kwargs[key] = _coerce(dotted, value, tp)
     return cls(**kwargs)
@@ -98,7 +102,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist: pass a path to a YAML file, e.g. configs/demo.yaml")
+            raise ConfigError(f"config file {str(path)!r} does not exist: pass a path to a YAML file, "
+                              "e.g. configs/demo.yaml")
         with open(path, encoding="utf-8") as handle:
             try:
                 data = yaml.safe_load(handle) or {}

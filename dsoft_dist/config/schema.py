@@ -7,6 +7,7 @@ loader in ``dsoft_dist.config.loader``, which builds these from YAML dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Optional
 
 from dsoft_dist.losses.modules import resolve_margins
@@ -31,6 +32,16 @@ def _choice(key: str, value, choices) -> None:
 
 def _positive(key: str, value) -> None:
     _check(value > 0, key, value, "must be > 0")
+
+
+def parse_fraction(text: str, key: str) -> float:
+    """'1/64' -> 0.015625, '0.25' -> 0.25: a number or a fraction a/b (``dsoft plan --sample-rate`` and
+    ``head.sample_rate`` in YAML or --set); ConfigError (a ValueError) naming ``key`` for anything else."""
+    try:
+        return float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{key}={text!r} is invalid: give a number or a fraction a/b, e.g. 1/64 or "
+                          "0.015625") from None
 
 
 @dataclass(kw_only=True)
@@ -62,7 +73,7 @@ class HeadConfig:
 
     loss: str = "d_softmax"
     negatives: str = "all"
-    sample_rate: float = 1.0
+    sample_rate: float = field(default=1.0, metadata={"fraction": True})  # YAML and --set also take "1/64"
     inter_correction: bool = False
     scale: float = 64.0
     end_point: float = 0.9
@@ -130,6 +141,9 @@ class DataConfig:
 
     def __post_init__(self):
         _choice("data.source", self.source, ("synthetic", "webdataset"))
+        for key in ("manifest", "shards"):  # else the run would train on synthetic data without a word
+            _check(self.source == "webdataset" or not getattr(self, key), f"data.{key}", getattr(self, key),
+                   "it is read only with data.source=webdataset: set data.source=webdataset too (or leave it empty)")
         _choice("data.difficulty", self.difficulty, ("easy", "medium", "hard"))
         _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = from the data)")
         _positive("data.vector_dim", self.vector_dim)
@@ -209,7 +223,8 @@ class ScheduleConfig:
     def __post_init__(self):
         _positive("schedule.steps", self.steps)
         _check(0 <= self.warmup_steps <= self.steps, "schedule.warmup_steps", self.warmup_steps,
-               f"must be in [0, schedule.steps={self.steps}]")
+               f"must be in [0, schedule.steps={self.steps}]: set it to at most {self.steps}, e.g. "
+               f"--set schedule.warmup_steps={self.steps // 10} (a tenth of the steps), or raise schedule.steps")
         _choice("schedule.decay", self.decay, ("cosine", "poly", "constant"))
         _positive("schedule.poly_power", self.poly_power)
         _check(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
@@ -243,9 +258,11 @@ class LoggingConfig:
     """Where metrics go: JSONL always, wandb offline/online/disabled, progress bars."""
 
     output_dir: str = "runs/default"
+    overwrite: bool = False  # delete the run already in output_dir (its outputs and checkpoints) and start afresh
     log_every: int = 10
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "dsoft-dist"
+    tensorboard: bool = False  # also write <output_dir>/tensorboard/ event files (pip install tensorboard)
     progress: bool = True
     sample_keys: bool = False  # each rank appends every batch's sample keys to <output_dir>/samples/rank-N.txt
 
@@ -286,7 +303,8 @@ class CheckpointConfig:
     """Run checkpoints (dsoft_dist.train.checkpoint): when to write them, how many to keep, how to start."""
 
     dir: str = ""  # "" = <logging.output_dir>/checkpoints; one folder all ranks share
-    every_steps: int = 0  # 0 = only at the end of training (and on preemption)
+    every_steps: int = 0  # 0 = no step interval (checkpoint.every_minutes still saves)
+    every_minutes: float = 30.0  # also save when this long has passed since the last save; 0 = off
     keep_last: int = 3
     keep_best: str = ""  # a verification metric to keep the best checkpoint by (higher is better), e.g. lfw/accuracy
     resume: str = "auto"  # auto (the newest checkpoint that verifies, if any) | never | a checkpoint folder
@@ -297,10 +315,13 @@ class CheckpointConfig:
 
     def __post_init__(self):
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0 (0 = at the end only)")
+        _check(self.every_minutes >= 0, "checkpoint.every_minutes", self.every_minutes, "must be >= 0 (0 = off)")
         _positive("checkpoint.keep_last", self.keep_last)
         _check(bool(self.resume), "checkpoint.resume", self.resume, "use auto, never or a checkpoint folder")
         _check(self.keep_best == "" or "/" in self.keep_best, "checkpoint.keep_best", self.keep_best,
                "name a verification metric as <set>/<metric>, e.g. lfw/accuracy (or leave it empty)")
+        _check(not self.keep_best.endswith("/val"), "checkpoint.keep_best", self.keep_best,  # the old spelling
+               f"<set>/val is now <set>/val_at_far: use {self.keep_best}_at_far")
 
 
 @dataclass(kw_only=True)
@@ -341,5 +362,5 @@ class Config:
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig", "LoggingConfig",
     "ModelConfig", "OptimizerConfig", "ParallelConfig", "ScheduleConfig",
-    "LOSSES", "NEGATIVES", "MODELS",
+    "LOSSES", "NEGATIVES", "MODELS", "parse_fraction",
 ]

@@ -7,7 +7,10 @@
     dsoft data from-folder /data/faces OUT --workers 4
     dsoft data make-bin OUT.bin --synthetic 300 --pairs 3000 --image-size 112
     dsoft data make-bin OUT_pairs.txt --folder /data/val --pairs 100000
-    dsoft data verify OUT            # shard sizes + sha256 against the manifest
+    dsoft data verify OUT            # shards (size, sha256, samples, labels) + classes.tsv against the manifest
+
+A converter rerun into the same OUT resumes only the conversion recorded there (same source
+listing, options and converter version); another is refused unless --overwrite replaces it.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-shard", type=int, default=1000, help="samples per tar shard (default 1000)")
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
     p.add_argument("--bad-data", choices=("skip", "fail"), default="skip", help="skip+count or stop at bad items")
-    p.add_argument("--overwrite", action="store_true", help="rewrite finished shards instead of resuming")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="remove the conversion already in OUT and redo all "
+                   "(without it a rerun resumes only the same source and options, and refuses another)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (bars are drawn on a terminal only)")
 
 
 def _dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -43,9 +47,9 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("synth", help="write synthetic identities (images or feature vectors) to WebDataset shards")
     p.add_argument("out")
-    p.add_argument("--identities", type=int, required=True)
-    p.add_argument("--samples-per-identity", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--identities", type=int, required=True, help="number of identities (classes) to write")
+    p.add_argument("--samples-per-identity", type=int, default=20, help="samples written per identity (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the identities and of the sample order (default 0)")
     p.add_argument("--eval", action="store_true", help="use the unseen evaluation identity range")
     p.add_argument("--image-size", type=int, help="images: side in pixels (default 112)")
     p.add_argument("--difficulty", choices=("easy", "medium", "hard"), help="images: nuisance preset (default medium)")
@@ -63,7 +67,7 @@ def register(subparsers) -> None:
     p.add_argument("out")
     p.add_argument("--num-classes", type=int, default=0, help="C (default: max label + 1)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the row order (default: seeded shuffle)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle (default 0)")
     _dtype_arg(p)
     _shard_args(p)
     p.set_defaults(func=_from_npy)
@@ -74,7 +78,7 @@ def register(subparsers) -> None:
         p.add_argument("src")
         p.add_argument("out")
         p.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: seeded shuffle)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default 0)")
         p.add_argument("--check-decode", action="store_true", help="fully decode every image while converting")
         _shard_args(p)
         p.set_defaults(func=_from_rec if name == "from-rec" else _from_folder)
@@ -85,16 +89,19 @@ def register(subparsers) -> None:
     src.add_argument("--folder", help="ROOT/<identity>/<image>")
     src.add_argument("--shards", help="shard folder (with manifest), pattern or list file")
     src.add_argument("--synthetic", type=int, metavar="N", help="N unseen synthetic identities")
-    p.add_argument("--pairs", type=int, default=6000)
+    p.add_argument("--pairs", type=int, default=6000, help="pairs to write, half same-identity (default 6000)")
     p.add_argument("--per-identity", type=int, default=10, help="images per identity (synthetic/shards)")
     p.add_argument("--image-size", type=int, default=112, help="synthetic image size")
-    p.add_argument("--difficulty", choices=("easy", "medium", "hard"), default="medium")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", choices=("easy", "medium", "hard"), default="medium",
+                   help="synthetic: nuisance preset (default medium)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair (and synthetic image) draw (default 0)")
     p.set_defaults(func=_make_bin)
 
-    p = sub.add_parser("verify", help="check shards against their manifest (sizes, sha256)")
+    p = sub.add_parser("verify", help="check shards against their manifest (sizes, sha256, sample counts, labels, "
+                       "classes.tsv, conversion fingerprints)")
     p.add_argument("manifest", help="manifest.json or its folder")
-    p.add_argument("--no-checksums", action="store_true")
+    p.add_argument("--no-checksums", action="store_true", help="check sizes only: read no shard (no sha256, "
+                   "sample count or label check)")
     p.set_defaults(func=_verify)
 
 
@@ -112,14 +119,16 @@ def _synth(args) -> int:
         from dsoft_dist.data.vectors import synth_vectors_to_shards
 
         _refuse(args, ("image_size", "difficulty", "format"), "apply to images only: drop them, or drop --vectors")
-        synth_vectors_to_shards(args.out, args.identities, args.samples_per_identity, dim=128 if args.dim is None else args.dim,
+        synth_vectors_to_shards(args.out, args.identities, args.samples_per_identity,
+                                dim=128 if args.dim is None else args.dim,
                                 dtype=args.dtype or "float16", seed=args.seed, identity_offset=offset,
                                 **_shard_kw(args))
         return 0
     from dsoft_dist.data.convert import synth_to_shards
 
     _refuse(args, ("dim", "dtype"), "apply to --vectors only: add --vectors, or drop them")
-    synth_to_shards(args.out, args.identities, args.samples_per_identity, image_size=112 if args.image_size is None else args.image_size,
+    synth_to_shards(args.out, args.identities, args.samples_per_identity,
+                    image_size=112 if args.image_size is None else args.image_size,
                     seed=args.seed, identity_offset=offset, difficulty=args.difficulty or "medium",
                     fmt=args.format or "jpg", **_shard_kw(args))
     return 0
@@ -167,10 +176,10 @@ def _make_bin(args) -> int:
 
 
 def _verify(args) -> int:
-    from dsoft_dist.data.manifest import load_manifest, verify_shards
+    from dsoft_dist.data.manifest import load_manifest, verify_folder, verify_shards
 
     manifest = load_manifest(args.manifest)
-    problems = verify_shards(manifest, checksums=not args.no_checksums)
+    problems = verify_folder(manifest) + verify_shards(manifest, checksums=not args.no_checksums)
     for problem in problems:
         log.error("%s", problem)
     log.info("%s: %d shards, %d samples, %d classes: %s", manifest.root, len(manifest.shards), manifest.num_samples,

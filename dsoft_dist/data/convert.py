@@ -1,10 +1,16 @@
 """Converters to WebDataset shards + manifest: InsightFace RecordIO, image folders, synthetic.
 
 Every converter cuts its items into shards of ``per_shard`` samples, writes the shards
-with a pool of ``workers`` processes (a tqdm bar counts samples) and finishes with
-``manifest.json``. Each shard is written to a temporary name, renamed when complete and
+with a pool of ``workers`` processes (a bar counts samples, on a terminal only) and finishes
+with ``manifest.json``. Each shard is written to a temporary name, renamed when complete and
 described by a sidecar ``.parts/<shard>.json``, so an interrupted conversion restarts
-where it stopped (finished shards are kept; ``overwrite=True`` redoes everything).
+where it stopped. Before the first shard the conversion's fingerprint (its spec: converter
+version, source and its listing digest, the options that change shard bytes; see
+``dsoft_dist.data.manifest``) is recorded in ``.parts/conversion.json``. A rerun resumes only
+the recorded conversion; an output folder holding another conversion (another source,
+listing or option, or shards of an older dsoft that recorded none) is refused with one line
+naming what differs. ``overwrite=True`` removes the earlier conversion's files (manifest,
+shards, sidecars, ``classes.tsv``) and redoes everything, so a folder never mixes two.
 
 Samples are ``{key}.jpg|png|webp`` (the source bytes, unchanged) + ``{key}.cls``.
 
@@ -14,28 +20,31 @@ Samples are ``{key}.jpg|png|webp`` (the source bytes, unchanged) + ``{key}.cls``
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing as mp
 import os
+import re
 from functools import partial
 from typing import Iterator
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from dsoft_dist.data.decode import decode_image, image_format
-from dsoft_dist.data.manifest import Manifest, ShardInfo, sha256_file, write_manifest
+from dsoft_dist.data.manifest import (CLASSES_NAME, CONVERTER_VERSION, MANIFEST_NAME, PARTS, Manifest, ShardInfo,
+                                      fingerprint, read_conversion, sha256_file, spec_differences, write_conversion,
+                                      write_manifest)
 from dsoft_dist.data.recordio import RecordIOError, RecordReader, scalar_label, unpack
 from dsoft_dist.data.rng import FeistelPermutation
 from dsoft_dist.data.shards import BadData
 from dsoft_dist.data.synthetic import SyntheticIdentities
 from dsoft_dist.observability import get_logger
+from dsoft_dist.observability.progress import progress_bar
 
 log = get_logger(__name__)
-_PARTS = ".parts"
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
@@ -66,7 +75,7 @@ def image_samples(make_sample, check_decode: bool, items, bad: BadData) -> Itera
         yield {"__key__": key, ext: data, "cls": int(label), "__size__": size}
 
 
-def _write_shard(out_dir: str, shard_id: int, items, policy: str, prefix: str, make_samples) -> dict:
+def _write_shard(out_dir: str, shard_id: int, items, policy: str, prefix: str, make_samples, digest: str) -> dict:
     """Writes one shard from the sample dicts make_samples(items, bad) yields; returns its sidecar."""
     name = f"{prefix}-{shard_id:06d}.tar"
     path, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
@@ -83,63 +92,143 @@ def _write_shard(out_dir: str, shard_id: int, items, policy: str, prefix: str, m
             count += 1
     os.replace(tmp, path)
     part = {"name": name, "samples": count, "bytes": os.path.getsize(path), "sha256": sha256_file(path),
-            "bad": bad.total(), "sizes": sorted(sizes)}
-    with open(os.path.join(out_dir, _PARTS, name + ".json"), "w", encoding="utf-8") as f:
+            "bad": bad.total(), "sizes": sorted(sizes), "fingerprint": digest}
+    side = os.path.join(out_dir, PARTS, name + ".json")
+    with open(side + ".tmp", "w", encoding="utf-8") as f:
         json.dump(part, f)
+    os.replace(side + ".tmp", side)
     return part
 
 
-def _done(out_dir: str, shard_id: int, prefix: str) -> dict | None:
+def _done(out_dir: str, shard_id: int, prefix: str, digest: str) -> dict | None:
+    """The sidecar of a finished shard of this conversion (fingerprint ``digest``), else None (rewrite it)."""
     name = f"{prefix}-{shard_id:06d}.tar"
-    side = os.path.join(out_dir, _PARTS, name + ".json")
-    if os.path.exists(side) and os.path.exists(os.path.join(out_dir, name)):
+    side = os.path.join(out_dir, PARTS, name + ".json")
+    if not os.path.exists(os.path.join(out_dir, name)):
+        return None
+    try:
         with open(side, encoding="utf-8") as f:
-            return json.load(f)
-    return None
+            part = json.load(f)
+    except (OSError, ValueError):  # no sidecar, or one cut by a crash: the shard is rewritten
+        return None
+    return part if isinstance(part, dict) and part.get("fingerprint") == digest else None
+
+
+def _outputs(out_dir: str, prefix: str) -> list[str]:
+    """Names (relative to out_dir) of a conversion's files there: manifest, class table, shards, sidecars."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = {n for n in os.listdir(out_dir)
+             if n in (MANIFEST_NAME, CLASSES_NAME) or re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?", n)}
+    parts = os.path.join(out_dir, PARTS)
+    sides = sorted(n for n in (os.listdir(parts) if os.path.isdir(parts) else [])
+                   if os.path.isfile(os.path.join(parts, n)))
+    names |= {os.path.join(PARTS, n) for n in sides}
+    shards = [n[:-len(".json")] for n in sides if n.endswith(".tar.json")]
+    try:  # shards the earlier manifest names (plain file names only: nothing outside out_dir is touched)
+        with open(os.path.join(out_dir, MANIFEST_NAME), encoding="utf-8") as f:
+            shards += [s["name"] for s in json.load(f)["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    names |= {n for n in shards if isinstance(n, str) and n == os.path.basename(n)
+              and os.path.isfile(os.path.join(out_dir, n))}
+    # the manifest goes first: an interrupted clean-up never leaves a manifest naming removed shards
+    return sorted(names, key=lambda n: (n != MANIFEST_NAME, n.startswith(PARTS), n))
+
+
+def _claim(out_dir: str, spec: dict, overwrite: bool, prefix: str) -> str:
+    """Makes out_dir hold this conversion (spec); returns its fingerprint (see module doc).
+
+    Resumes the recorded conversion when its spec is this one; refuses (ValueError) another one,
+    or shards without a record; overwrite=True removes the earlier conversion's files first.
+    """
+    record, digest = read_conversion(out_dir), fingerprint(spec)
+    if record is not None and record["fingerprint"] == digest and not overwrite:
+        return digest  # the same conversion: resume it
+    earlier = _outputs(out_dir, prefix)
+    if not overwrite and record is not None:
+        raise ValueError(f"{out_dir!r} holds another conversion (differs in {spec_differences(record['spec'], spec)})"
+                         ": rerun with --overwrite to replace it, or write to another folder")
+    # a lone class table or temporary files are no conversion: a fresh start replaces them
+    if not overwrite and (found := [n for n in earlier if n != CLASSES_NAME and not n.endswith(".tmp")]):
+        raise ValueError(f"{out_dir!r} holds a conversion that recorded no fingerprint ({len(found)} files such as "
+                         f"{found[0]!r}: an older dsoft wrote it, or it was copied without {PARTS}/): rerun with "
+                         "--overwrite to redo it, or write to another folder")
+    for name in earlier:
+        os.remove(os.path.join(out_dir, name))
+    if earlier and overwrite:
+        log.info("--overwrite: removed %d files of the earlier conversion in %s", len(earlier), out_dir)
+    return write_conversion(out_dir, spec)
 
 
 def run_shards(out_dir: str, items, make_samples, num_classes: int, source: dict, per_shard: int = 1000,
                workers: int = 1, policy: str = "skip", overwrite: bool = False, prefix: str = "train",
-               progress: bool = True, kind: dict | None = None) -> Manifest:
+               progress: bool = True, kind: dict | None = None, side_files: dict | None = None) -> Manifest:
     """Writes items to shards in parallel (restartable) and then the manifest (see module doc).
 
     items: a sequence (a ``range`` keeps a million positions O(1)); each shard gets ``per_shard`` of them.
     make_samples(items, bad) -> iterator of sample dicts for the tar (``image_samples`` for images) must
     be picklable (a module-level function or functools.partial of one).
+    source: what is converted, with everything else that decides the shard bytes (a listing digest, the
+    shuffle seed, decode checks); it is part of the fingerprint and saved in the manifest.
     kind: the manifest's sample fields for non-image shards (``sample_kind``, ``vector_dim``, ``vector_dtype``).
+    side_files: {name: text} written into out_dir once the conversion is claimed (``classes.tsv``).
     """
     if per_shard < 1 or workers < 1:
         raise ValueError(f"per_shard={per_shard}, workers={workers}: both must be >= 1")
     if not len(items):
         raise ValueError(f"nothing to write to {out_dir!r}: the source holds no samples")
-    os.makedirs(os.path.join(out_dir, _PARTS), exist_ok=True)
+    spec = {"converter_version": CONVERTER_VERSION, "source": source, "num_classes": int(num_classes),
+            "samples": len(items), "per_shard": per_shard, "bad_data": policy, "prefix": prefix, "kind": kind or {}}
+    digest = _claim(out_dir, spec, overwrite, prefix)
+    for name, text in (side_files or {}).items():
+        with open(os.path.join(out_dir, name + ".tmp"), "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     jobs = [(i, items[s:s + per_shard]) for i, s in enumerate(range(0, len(items), per_shard))]
-    parts = {} if overwrite else {i: p for i, _ in jobs if (p := _done(out_dir, i, prefix))}
+    parts = {i: p for i, _ in jobs if (p := _done(out_dir, i, prefix, digest))}
     todo = [(i, chunk) for i, chunk in jobs if i not in parts]
-    if parts:
-        log.info("resuming: %d of %d shards already written in %s", len(parts), len(jobs), out_dir)
-    write = partial(_job, out_dir, policy, prefix, make_samples)
-    unit = "vec" if kind else "img"
-    bar = tqdm(total=sum(len(c) for _, c in todo), unit=unit, disable=not progress, desc=f"writing {out_dir}")
-    with (mp.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else _Serial()) as pool:
-        for shard_id, part in pool.imap_unordered(write, todo):
-            parts[shard_id] = part
-            bar.update(len(jobs[shard_id][1]))
-    bar.close()
+    if not todo:
+        log.info("nothing to write: %s already holds all %d shards of this conversion", out_dir, len(jobs))
+    elif parts:
+        log.info("resuming: %d of %d shards of this conversion already written in %s", len(parts), len(jobs),
+                 out_dir)
+    else:
+        log.info("writing %d samples in %d shards to %s", len(items), len(jobs), out_dir)
+    _write_all(out_dir, jobs, todo, parts, partial(_job, out_dir, policy, prefix, make_samples, digest),
+               workers, progress and bool(todo), "vec" if kind else "img")
     ordered = [parts[i] for i, _ in jobs]
     sizes = {tuple(s) for p in ordered for s in p["sizes"]}
     manifest = Manifest(num_classes=num_classes, source=source, bad_samples=sum(p["bad"] for p in ordered),
                         shards=[ShardInfo(p["name"], p["samples"], p["bytes"], p["sha256"]) for p in ordered],
-                        image_size=list(sizes.pop()) if len(sizes) == 1 else [0, 0], root=out_dir, **(kind or {}))
+                        image_size=list(sizes.pop()) if len(sizes) == 1 else [0, 0], fingerprint=digest,
+                        root=out_dir, **(kind or {}))
     write_manifest(manifest, out_dir)
     log.info("wrote %d samples of %d classes in %d shards to %s (%d bad items skipped)", manifest.num_samples,
              num_classes, len(ordered), out_dir, manifest.bad_samples)
     return manifest
 
 
-def _job(out_dir, policy, prefix, make_samples, job):
+def _write_all(out_dir: str, jobs, todo, parts: dict, write, workers: int, progress: bool, unit: str) -> None:
+    """Runs the shard jobs ``todo`` (in a pool of ``workers``), filling ``parts``; a bar on a terminal only.
+
+    Redirected (no bar) a line is logged each tenth of 20 or more shards, so a long conversion's log shows
+    progress (a short one has its start and end lines).
+    """
+    step, done = (len(todo) // 10 if len(todo) >= 20 else 0), 0
+    with progress_bar(total=sum(len(c) for _, c in todo), desc="writing shards", unit=unit,
+                      enabled=bool(progress)) as bar:
+        with (mp.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else _Serial()) as pool:
+            for shard_id, part in pool.imap_unordered(write, todo):
+                parts[shard_id], done = part, done + 1
+                bar.update(len(jobs[shard_id][1]))
+                if bar.disable and progress and step and done % step == 0:
+                    log.info("written %d of %d shards to %s", done, len(todo), out_dir)
+
+
+def _job(out_dir, policy, prefix, make_samples, digest, job):
     shard_id, chunk = job
-    return shard_id, _write_shard(out_dir, shard_id, chunk, policy, prefix, make_samples)
+    return shard_id, _write_shard(out_dir, shard_id, chunk, policy, prefix, make_samples, digest)
 
 
 class _Serial:
@@ -181,9 +270,12 @@ def from_rec(rec_path: str, out_dir: str, shuffle: bool = True, seed: int = 0, c
                 except RecordIOError as exc:
                     log.warning("scanning labels: %s", exc)
             num_classes = max(labels) + 1 if labels else 0
+        # the listing: the .idx (every record's offset) and the .rec's size stand for the records' bytes
+        listing = hashlib.sha256(f"{sha256_file(reader.idx_path)} {os.path.getsize(rec_path)}".encode()).hexdigest()
     if shuffle:  # records are grouped by identity; mix them so every shard holds many
         keys = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
-    source = {"kind": "recordio", "path": os.path.abspath(rec_path), "records": len(keys), "shuffle_seed": seed}
+    source = {"kind": "recordio", "path": os.path.abspath(rec_path), "records": len(keys), "listing": listing,
+              "shuffle_seed": seed if shuffle else None, "check_decode": check_decode}
     samples = partial(image_samples, partial(_rec_sample, os.path.abspath(rec_path)), check_decode)
     return run_shards(out_dir, keys, samples, num_classes, source, **kw)
 
@@ -208,6 +300,19 @@ def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, items
 
 
+def folder_listing(root: str, items: list[tuple[str, int]]) -> str:
+    """sha256 hex over the sorted scan: each image's path under root, size in bytes and label.
+
+    An added, removed, renamed or resized image or identity folder changes it (file names and sizes,
+    not contents, so a listing of a million files costs only their stat calls).
+    """
+    h = hashlib.sha256()
+    for path, label in items:
+        line = f"{os.path.relpath(path, root)}\t{os.path.getsize(path)}\t{label}\n"
+        h.update(line.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
 def _file_sample(item):
     number, path, label = item
     with open(path, "rb") as f:
@@ -219,13 +324,14 @@ def from_folder(root: str, out_dir: str, shuffle: bool = True, seed: int = 0, ch
                 **kw) -> Manifest:
     """ROOT/<identity>/<image> -> shards; writes classes.tsv (label TAB folder name)."""
     classes, items = scan_folder(root)
+    source = {"kind": "folder", "path": os.path.abspath(root), "images": len(items),
+              "listing": folder_listing(root, items), "shuffle_seed": seed if shuffle else None,
+              "check_decode": check_decode}
     order = np.random.default_rng(seed).permutation(len(items)) if shuffle else range(len(items))
     items = [(int(i), *items[i]) for i in order]  # (number in the sorted scan, path, label)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "classes.tsv"), "w", encoding="utf-8") as f:
-        f.writelines(f"{i}\t{name}\n" for i, name in enumerate(classes))
-    source = {"kind": "folder", "path": os.path.abspath(root), "images": len(items), "shuffle_seed": seed}
-    return run_shards(out_dir, items, partial(image_samples, _file_sample, check_decode), len(classes), source, **kw)
+    table = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
+    return run_shards(out_dir, items, partial(image_samples, _file_sample, check_decode), len(classes), source,
+                      side_files={CLASSES_NAME: table}, **kw)
 
 
 # ---- synthetic identities -------------------------------------------------------------

@@ -7,11 +7,20 @@ with the image size when all agree) or a fixed-size feature vector (``"vectors"`
 counts to give every rank the same number of samples (and so the same number of
 steps); the trainer reads ``num_classes`` from it and refuses a config that disagrees.
 
-    python -c "from dsoft_dist.data.manifest import load_manifest; print(load_manifest('out/manifest.json').num_samples)"
+A conversion is identified by its *fingerprint*: the sha256 of its spec (the converter
+version, the source and its listing digest, the options that change shard bytes). The
+converter records it in ``.parts/conversion.json`` before the first shard, in every shard's
+sidecar and in the manifest; a rerun resumes only an identical spec (``dsoft_dist.data.convert``).
+``verify_shards`` and ``verify_folder`` (``dsoft data verify``) find damaged shards and mixed
+conversions: labels outside ``[0, num_classes)``, a ``classes.tsv`` of another class count,
+shards or records of another fingerprint.
+
+    python -c "from dsoft_dist.data.manifest import load_manifest as m; print(m('out/manifest.json').num_samples)"
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -19,6 +28,10 @@ from dataclasses import asdict, dataclass, field
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsoft-wds"
 VERSION = 1
+CONVERTER_VERSION = 1  # bump when the same source and options give other shard bytes
+PARTS = ".parts"  # sidecars of finished shards + the conversion record
+CONVERSION_NAME = "conversion.json"
+CLASSES_NAME = "classes.tsv"
 SAMPLE_KINDS = ("images", "vectors")
 
 
@@ -52,6 +65,7 @@ class Manifest:
     sample_kind: str = "images"
     vector_dim: int = 0
     vector_dtype: str = ""
+    fingerprint: str = ""
     root: str = ""
 
     def __post_init__(self):
@@ -121,7 +135,8 @@ def load_manifest(path: str) -> Manifest:
         return Manifest(num_classes=int(d["num_classes"]), shards=shards, image_size=list(d.get("image_size", [0, 0])),
                         source=d.get("source", {}), bad_samples=int(d.get("bad_samples", 0)),
                         sample_kind=d.get("sample_kind", "images"), vector_dim=int(d.get("vector_dim", 0)),
-                        vector_dtype=d.get("vector_dtype", ""), root=os.path.dirname(os.path.abspath(path)))
+                        vector_dtype=d.get("vector_dtype", ""), fingerprint=d.get("fingerprint", ""),
+                        root=os.path.dirname(os.path.abspath(path)))
     except ManifestError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSONDecodeError is a ValueError
@@ -135,14 +150,151 @@ def check_num_classes(manifest: Manifest, num_classes: int) -> None:
                             f"({manifest.num_classes} classes): set data.num_classes={manifest.num_classes}")
 
 
+def fingerprint(spec: dict) -> str:
+    """sha256 hex of a conversion spec (its canonical JSON): equal specs give equal shard bytes."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_conversion(folder: str) -> dict | None:
+    """The conversion record of ``folder`` ({"fingerprint", "spec"}), None when there is none.
+
+    An unreadable record reads as {"fingerprint": "", "spec": {}}: it matches no conversion.
+    """
+    path = os.path.join(folder, PARTS, CONVERSION_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        return {"fingerprint": str(record["fingerprint"]), "spec": dict(record["spec"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"fingerprint": "", "spec": {}}
+
+
+def write_conversion(folder: str, spec: dict) -> str:
+    """Records ``spec`` as the conversion of ``folder`` (atomically); returns its fingerprint."""
+    os.makedirs(os.path.join(folder, PARTS), exist_ok=True)
+    path = os.path.join(folder, PARTS, CONVERSION_NAME)
+    digest = fingerprint(spec)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"fingerprint": digest, "spec": spec}, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return digest
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def spec_differences(old: dict, new: dict, limit: int = 4) -> str:
+    """What differs between two conversion specs, e.g. "source.listing, per_shard 1000 -> 500"."""
+    a, b = _flat(old), _flat(new)
+    diffs = []
+    for key in sorted(set(a) | set(b), key=lambda k: (not k.startswith("source."), k)):  # the source first
+        if a.get(key) != b.get(key):
+            short = all(len(repr(v)) <= 40 for v in (a.get(key), b.get(key)))  # digests: the name only
+            diffs.append(f"{key} {a.get(key)!r} -> {b.get(key)!r}" if short else key)
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more if diffs else "an unreadable conversion record"
+
+
+class _Hashing(io.RawIOBase):
+    """A raw reader that hashes every block it reads; wrapped in a large buffer it hashes at file speed."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        self.sha.update(memoryview(buffer)[:n])
+        return n
+
+
+def _scan(path: str, num_classes: int) -> tuple[str, int | None, str]:
+    """One pass over a shard: (sha256 hex, samples (None: not a readable tar), "" or what is wrong)."""
+    from dsoft_dist.data.tarstream import iter_members  # a leaf module; imported here to keep start-up light
+
+    keys, outside, first, broken = 0, 0, "", ""
+    with open(path, "rb", buffering=0) as f:
+        raw, last = _Hashing(f), None
+        stream = io.BufferedReader(raw, 1 << 20)
+        try:
+            for name, data in iter_members(stream):
+                dot = name.find(".", name.rfind("/") + 1)  # webdataset: the key ends at the basename's first dot
+                key, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+                keys, last = keys + (key != last), key
+                if ext == "cls":
+                    label = int(data.strip()) if data.strip().isdigit() else -1
+                    if not 0 <= label < num_classes:
+                        outside += 1
+                        first = first or f"{key!r}: {data[:20].decode('ascii', 'replace').strip()!r}"
+        except ValueError as exc:  # TarFormatError: still hash the rest, the checksum says more
+            broken = f"not a readable tar ({exc})"
+        while stream.read(1 << 20):  # the end-of-archive padding counts in the checksum
+            pass
+    if outside:
+        broken = f"{outside} labels outside [0, num_classes={num_classes}) (first {first}): the shard belongs to " \
+                 "another conversion (rerun the converter with --overwrite)"
+    return raw.sha.hexdigest(), None if broken.startswith("not a") else keys, broken
+
+
 def verify_shards(manifest: Manifest, checksums: bool = True) -> list[str]:
-    """Returns a list of problems (missing shard, size or checksum mismatch); empty = OK."""
+    """Returns a list of problems (missing shard, size, checksum, sample count or label mismatch); empty = OK.
+
+    checksums=False checks the sizes only (reads no shard). With checksums every shard is read once:
+    its sha256, its sample count and every label (``KEY.cls`` in [0, num_classes)).
+    """
     problems = []
     for info, path in zip(manifest.shards, manifest.shard_paths()):
         if not os.path.exists(path):
             problems.append(f"{info.name}: missing")
         elif info.bytes and os.path.getsize(path) != info.bytes:
             problems.append(f"{info.name}: {os.path.getsize(path)} bytes, manifest says {info.bytes}")
-        elif checksums and info.sha256 and sha256_file(path) != info.sha256:
-            problems.append(f"{info.name}: sha256 mismatch (file changed or truncated)")
+        elif checksums:
+            sha, samples, broken = _scan(path, manifest.num_classes)
+            if info.sha256 and sha != info.sha256:
+                problems.append(f"{info.name}: sha256 mismatch (file changed or truncated)")
+            if samples is not None and samples != info.samples:
+                problems.append(f"{info.name}: {samples} samples, manifest says {info.samples}")
+            if broken:
+                problems.append(f"{info.name}: {broken}")
+    return problems
+
+
+def verify_folder(manifest: Manifest) -> list[str]:
+    """Problems of the files beside the shards: a class table or conversion records of another conversion."""
+    problems = []
+    classes = os.path.join(manifest.root, CLASSES_NAME)
+    if os.path.isfile(classes):
+        with open(classes, encoding="utf-8") as f:
+            rows = [line.split("\t", 1)[0] for line in f.read().splitlines() if line]
+        if rows != [str(i) for i in range(len(rows))] or len(rows) != manifest.num_classes:
+            problems.append(f"{CLASSES_NAME}: {len(rows)} rows (labels {', '.join(rows[:3])}...), the manifest says "
+                            f"{manifest.num_classes} classes: names and shards come from different conversions "
+                            "(rerun the converter with --overwrite)")
+    if not manifest.fingerprint:
+        return problems  # a manifest of an older converter: nothing recorded to compare
+    record = read_conversion(manifest.root)
+    if record is not None and record["fingerprint"] != manifest.fingerprint:
+        problems.append(f"{PARTS}/{CONVERSION_NAME}: records another conversion than the manifest (an unfinished "
+                        "conversion of another source?): rerun the converter with --overwrite")
+    for info in manifest.shards:
+        side = os.path.join(manifest.root, PARTS, info.name + ".json")
+        try:
+            with open(side, encoding="utf-8") as f:
+                recorded = json.load(f).get("fingerprint", "")
+        except (OSError, ValueError, AttributeError):
+            continue  # sidecars are a converter's scratch notes: only a readable one can disagree
+        if recorded != manifest.fingerprint:
+            problems.append(f"{info.name}: written by another conversion than the manifest's "
+                            f"({PARTS}/{info.name}.json): rerun the converter with --overwrite")
     return problems

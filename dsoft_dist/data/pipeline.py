@@ -204,11 +204,7 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
                                               slot(p), chunk=chunk, difficulty=difficulty, augment=_augment(cfg),
                                               **extra)
         return TrainLoader(make, steps, num_samples=total, **common)
-    urls, counts, vector_dim = resolve_shards(cfg)
-    check_local_shards(urls, f"data.shards={cfg.shards!r}" if cfg.shards else f"data.manifest={cfg.manifest!r}")
-    if counts is None and explicit <= 0:
-        raise ValueError(f"data.shards={cfg.shards!r} without a manifest needs data.steps_per_epoch > 0: set "
-                         "data.manifest to the converter's manifest.json (or give the steps explicitly)")
+    urls, counts, vector_dim = check_shards(cfg)
     if counts is None and done is not None:
         raise ValueError(f"data.shards={cfg.shards!r} has no manifest, so its samples have no ids and a done mask "
                          "cannot apply: set data.manifest")
@@ -219,6 +215,18 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
                                  shuffle_buffer_size=cfg.shuffle_buffer, augment=_augment(cfg), policy=cfg.bad_data,
                                  vector_dim=vector_dim, **extra)
     return TrainLoader(make, steps, num_samples=total, normalize=not vector_dim, **common)
+
+
+def check_shards(cfg) -> tuple[list[str], list[int] | None, int]:
+    """``resolve_shards``, then the checks a run needs before it starts: every local shard exists, and shards
+    without a manifest come with data.steps_per_epoch. Cheap (no shard is read): ``dsoft train`` and
+    ``dsoft doctor`` call it before any rank starts."""
+    urls, counts, vector_dim = resolve_shards(cfg)
+    check_local_shards(urls, f"data.shards={cfg.shards!r}" if cfg.shards else f"data.manifest={cfg.manifest!r}")
+    if counts is None and getattr(cfg, "steps_per_epoch", 0) <= 0:
+        raise ValueError(f"data.shards={cfg.shards!r} without a manifest needs data.steps_per_epoch > 0: set "
+                         "data.manifest to the converter's manifest.json (or give the steps explicitly)")
+    return urls, counts, vector_dim
 
 
 def resolve_shards(cfg) -> tuple[list[str], list[int] | None, int]:

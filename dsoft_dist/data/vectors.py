@@ -8,7 +8,8 @@ instead of images. A vector sample is two tar members sharing a key:
   ``KEY.npy`` (a NumPy array file, self-describing) is read as well, for shards made elsewhere;
 - ``KEY.cls``: the integer class as ASCII text, as for images.
 
-Writers (restartable and parallel like every converter, ``dsoft_dist.data.convert.run_shards``):
+Writers (restartable and parallel like every converter, ``dsoft_dist.data.convert.run_shards``; a rerun
+resumes only the same source and options, see there):
 
     dsoft data synth OUT --vectors --identities 1000000 --samples-per-identity 2 --dim 128
     dsoft data from-npy features.npy labels.npy OUT          # (N, D) features, (N,) int labels
@@ -31,7 +32,7 @@ import numpy as np
 
 from dsoft_dist.data.convert import run_shards
 from dsoft_dist.data.decode import RAW_VECTOR_DTYPES
-from dsoft_dist.data.manifest import Manifest
+from dsoft_dist.data.manifest import Manifest, sha256_file
 from dsoft_dist.data.rng import FeistelPermutation
 from dsoft_dist.data.shards import BadData
 from dsoft_dist.data.synthetic import SyntheticVectors
@@ -128,8 +129,12 @@ def from_npy(features_path: str, labels_path: str, out_dir: str, dtype: str = "f
         raise ValueError(f"labels {labels_path!r} span [{low}, {high}], outside [0, num_classes={num_classes}): "
                          "relabel them to 0..C-1 or raise --num-classes")
     kind = vector_kind(features.shape[1], dtype)
+    # the features' size and modification time (hashing them could take minutes), the labels' bytes
+    stat = os.stat(features_path)
     source = {"kind": "npy", "features": os.path.abspath(features_path), "labels": os.path.abspath(labels_path),
-              "rows": len(labels), "shuffle_seed": seed if shuffle else None}
+              "rows": len(labels), "features_dtype": str(features.dtype), "features_bytes": stat.st_size,
+              "features_mtime_ns": stat.st_mtime_ns, "labels_sha256": sha256_file(labels_path),
+              "shuffle_seed": seed if shuffle else None}
     block = partial(_npy_block, os.path.abspath(features_path), os.path.abspath(labels_path),
                     seed if shuffle else None)
     return run_shards(out_dir, range(len(labels)), partial(_vector_samples, block, dtype), num_classes, source,

@@ -1,6 +1,7 @@
 """``dsoft eval`` (verification, TAR@FAR, rank-k identification) and ``dsoft export`` (ONNX / TorchScript).
 
     dsoft eval --checkpoint ckpt/backbone.pt --bin lfw.bin cfp_fp.bin --pairs pairs.txt --report out/
+    dsoft eval --checkpoint runs/demo --bin val.bin                    # a run folder: its backbone.pt
     dsoft eval --checkpoint ckpt/backbone.pt --identify probes/ gallery/ --distractors megaface/ --rank-k 1 5 10
     dsoft eval --identify probes.npz gallery.npz --distractors distractors.npy     # precomputed: no checkpoint
     dsoft export --checkpoint ckpt/backbone.pt --format onnx out/backbone.onnx
@@ -10,14 +11,23 @@ folder name), shard sets, or ``.npz`` files of ``embeddings`` (N, D) + ``ids`` (
 ``--distractors``: any images under a folder, a shard set, or ``.npz``/``.npy`` embeddings
 (see dsoft_dist.eval.idsets). Prints rank-k rates beside the verification tables and adds them
 to the ``--report``. Bad input ends in one ``dsoft eval: error: ...`` line and exit 2.
+
+``--checkpoint``: a backbone file (a run's backbone.pt, or ``dsoft ckpt export``'s) or a run folder
+(``logging.output_dir``), whose backbone.pt is used. Progress bars are drawn on a terminal only
+(``--no-progress`` switches them off; redirected output never has them).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
+BACKBONE_FILE = "backbone.pt"  # what a finished run writes into its output folder
+CHECKPOINT_HELP = ("a run folder (logging.output_dir of dsoft train: its backbone.pt is used) or a backbone file "
+                   "(a run's backbone.pt, or the one dsoft ckpt export writes)")
 
 
 def register(subparsers) -> None:
@@ -25,33 +35,37 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="verification (.bin, 10-fold), TAR@FAR (pair lists) and rank-k "
                               "identification for a checkpoint",
                               description="Evaluate a backbone checkpoint; prints a table, optionally writes a report.")
-    p.add_argument("--checkpoint", help="backbone checkpoint written by save_backbone (needed unless only .npz inputs)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP + "; needed unless every input is .npz embeddings")
     p.add_argument("--bin", nargs="+", default=[], metavar="BIN", help="InsightFace .bin verification sets")
     p.add_argument("--pairs", nargs="+", default=[], metavar="LIST",
                    help="pair lists: text 'path1 path2 label' or .npz (scores/emb1+emb2 + issame)")
     p.add_argument("--identify", nargs=2, metavar=("PROBES", "GALLERY"),
                    help="rank-k identification: image folders ROOT/<identity>/<image>, shard sets, or .npz "
                         "(embeddings + ids); probe and gallery identities are matched by name")
-    p.add_argument("--distractors", metavar="DISTRACTORS", help="distractors for --identify: images at any depth under DIR, "
-                   "a shard set, or .npz/.npy embeddings")
+    p.add_argument("--distractors", metavar="DISTRACTORS",
+                   help="distractors for --identify: images at any depth under DIR, a shard set, or .npz/.npy "
+                        "embeddings")
     p.add_argument("--rank-k", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="ranks to report")
     p.add_argument("--backend", choices=("auto", "torch", "faiss"), default="auto",
                    help="distractor search for --identify: faiss when installed (auto), or chunked torch")
     p.add_argument("--report", metavar="DIR", help="write results.json, results.md and roc.png here")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images embedded per forward pass (default 256)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="disable flip augmentation")
-    p.add_argument("--folds", type=int, default=10)
+    p.add_argument("--folds", type=int, default=10,
+                   help="folds of the k-fold verification protocol on .bin sets (default 10, the LFW protocol)")
     p.add_argument("--far", type=float, default=1e-3, help="FAR for VAL@FAR on .bin sets")
-    p.add_argument("--fars", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    p.add_argument("--fars", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], metavar="FAR",
+                   help="false accept rates at which TAR is reported for pair lists (default 1e-6 ... 1e-1)")
     p.add_argument("--interpolation", choices=("linear", "none"), default="linear", help="TAR@FAR rule")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bars (default: on a terminal; never in redirected output)")
     p.set_defaults(func=run_eval)
 
     e = subparsers.add_parser("export", help="export a backbone checkpoint to ONNX or TorchScript",
                               description="Export with a dynamic batch dimension and check parity against PyTorch.")
     e.add_argument("out", help="output file (.onnx or .pt)")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     e.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
                    help="onnx (torch.export-based exporter, the default) or torchscript (torch.jit, which "
                         "PyTorch 2.13 deprecates)")
@@ -59,6 +73,30 @@ def register(subparsers) -> None:
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's, 20 in torch 2.13)")
     e.add_argument("--no-check", dest="check", action="store_false", help="skip the parity check")
     e.set_defaults(func=run_export)
+
+
+def backbone_file(path: str) -> str:
+    """The backbone file ``--checkpoint PATH`` names: PATH itself, or PATH/backbone.pt for a run folder.
+
+    A missing path raises FileNotFoundError; a training checkpoint (a step folder or checkpoints/ root,
+    not loadable on its own) or a folder without backbone.pt raises ValueError saying what to pass.
+    """
+    if os.path.isfile(path):
+        return path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint {path!r} does not exist: pass {CHECKPOINT_HELP}")
+    if any(os.path.isfile(os.path.join(path, name)) for name in ("manifest.json", "latest")):
+        raise ValueError(f"--checkpoint {path!r} is a training checkpoint, not a backbone: export it with "
+                         f"dsoft ckpt export {path} OUT, then pass OUT/{BACKBONE_FILE}")
+    backbone = os.path.join(path, BACKBONE_FILE)
+    if os.path.isfile(backbone):
+        log.info("--checkpoint %s is a run folder: using %s", path, backbone)
+        return backbone
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ValueError(f"--checkpoint {path!r} is a run folder without {BACKBONE_FILE} (a run writes it when it "
+                         f"finishes): finish the run, or export a checkpoint with dsoft ckpt export "
+                         f"{os.path.join(path, 'checkpoints')} OUT and pass OUT/{BACKBONE_FILE}")
+    raise ValueError(f"--checkpoint {path!r} is a folder without {BACKBONE_FILE}: pass {CHECKPOINT_HELP}")
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -95,7 +133,7 @@ def _load_model(args: argparse.Namespace):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.checkpoint:
         return None
-    model, cfg = load_backbone(args.checkpoint, map_location=args.device)
+    model, cfg = load_backbone(backbone_file(args.checkpoint), map_location=args.device)
     log.info("loaded %s (%s)", args.checkpoint, cfg)
     return model
 
@@ -123,10 +161,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from dsoft_dist.eval.report import format_tables, write_report  # noqa: PLC0415
 
     results = _evaluate(args)
-    print(format_tables(results))
+    sys.stdout.write(format_tables(results) + "\n")  # the command's result (logs go to stderr)
     if args.report:
         paths = write_report(results, args.report)
-        print("report: " + ", ".join(paths[k] for k in sorted(paths)))
+        sys.stdout.write("report: " + ", ".join(paths[k] for k in sorted(paths)) + "\n")
     return 0
 
 
@@ -135,9 +173,9 @@ def run_export(args: argparse.Namespace) -> int:
     from dsoft_dist.eval.export import export_model  # noqa: PLC0415
     from dsoft_dist.models import load_backbone  # noqa: PLC0415
 
-    model, _ = load_backbone(args.checkpoint)  # bad input raises: dsoft's main prints one line and exits 2
+    model, _ = load_backbone(backbone_file(args.checkpoint))  # bad input raises: one line, exit 2
     res = export_model(model, args.out, fmt=args.format, check=args.check, atol=args.atol, opset=args.opset)
     diff = ("not checked" if res["max_abs_diff"] is None
             else f"max|diff| {res['max_abs_diff']:.3g} ({res['checked_with']})")
-    print(f"exported {res['path']} ({res['format']}, dynamic batch): parity {diff}")
+    sys.stdout.write(f"exported {res['path']} ({res['format']}, dynamic batch): parity {diff}\n")
     return 0

@@ -15,9 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dsoft_dist.eval.binfile import decode_image
+from dsoft_dist.observability.progress import progress_bar
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -56,7 +56,8 @@ def extract_embeddings(model: nn.Module, images, batch_size: int = 256, flip: bo
     images: a sequence of encoded images (bytes, e.g. from load_bin), a uint8 (N, H, W, 3) array
     (resized to the model's input_size when needed), a float (N, 3, H, W) tensor/array already
     normalized to [-1, 1], or (N, in_features) float vectors for ``mlp``. device: defaults to the
-    model's device. out: optional preallocated (N, D) float32 array or memmap to fill.
+    model's device. out: optional preallocated (N, D) float32 array or memmap to fill. progress: a bar
+    on stderr when it is a terminal (never in redirected output; observability.progress).
     The model's train/eval mode is restored.
     """
     if batch_size < 1:
@@ -64,7 +65,7 @@ def extract_embeddings(model: nn.Module, images, batch_size: int = 256, flip: bo
     n = len(images)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     size, was_training = _input_size(model), model.training
-    bar = tqdm(total=n, desc=desc, disable=not progress, unit="img", leave=False)
+    bar = progress_bar(total=n, desc=desc, unit="img", enabled=progress, leave=False)  # drawn on a terminal only
     model.eval()
     try:
         for start in range(0, n, batch_size):

@@ -94,11 +94,14 @@ def evaluate_all(model: nn.Module | None, eval_cfg, device=None, far: float = 1e
 
 
 def flat_metrics(results: dict) -> dict[str, float]:
-    """{"lfw/accuracy", "lfw/accuracy_std", "lfw/val", "<list>/tar@1e-04", "<list>/auc", "<list>/eer"} for logs."""
+    """{"lfw/accuracy", "lfw/accuracy_std", "lfw/threshold", "lfw/val_at_far", "<list>/tar@1e-04", "<list>/auc",
+    "<list>/eer"} for logs. ``val_at_far`` is a .bin set's VAL at the FAR it was run at (1e-3 in training),
+    spelled out so that a set named "val" logs ``val/val_at_far``, not ``val/val``."""
     out = {}
     for r in results.get("bins", []):
-        for key in ("accuracy", "accuracy_std", "threshold", "val"):
+        for key in ("accuracy", "accuracy_std", "threshold"):
             out[f"{r['name']}/{key}"] = float(r[key])
+        out[f"{r['name']}/val_at_far"] = float(r["val"])
     for r in results.get("pairs", []):
         for key, row in r["tar_at_far"].items():
             out[f"{r['name']}/tar@{key}"] = float(row["tar"])

@@ -8,9 +8,11 @@ Checks, one line each (``ok`` | ``warn`` | ``FAIL``, the check, what was found, 
 versions (python, torch, CUDA, NCCL, Triton, dsoft_dist), GPUs against ``parallel.backend``, network
 interfaces against NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, the rendezvous address (MASTER_ADDR: it
 resolves, and is not a loopback address when several nodes are expected), the rendezvous port
-(MASTER_PORT is free on node rank 0), the checkpoint folder (created, writable, seen by every node)
-and the free disk for the checkpoints kept. Exit code 1 when a check failed, else 0. Nothing is
-trained and no process group is started.
+(MASTER_PORT is free on node rank 0), the training data (the manifest loads and agrees with the
+config, every local shard exists), the run folder (a new run, the run it holds continued, or a
+start that would mix two runs), the checkpoint folder (created, writable, seen by every node) and
+the free disk for the checkpoints kept. Exit code 1 when a check failed, 2 for a config that does
+not load, else 0. Nothing is trained and no process group is started.
 
 The folder check leaves a small marker file ``.dsoft-doctor-<hostname>`` (a few hundred bytes) in
 the checkpoint folder: the run on the next node lists the markers to tell whether the folder is
@@ -439,6 +441,40 @@ def check_disk(cfg, root: str) -> Check:
 # ---------------------------------------------------------------- the command
 
 
+def check_data(data) -> Check:
+    """The training data as the run will find it: the manifest loads and agrees with the config, and every
+    local shard it lists exists (sizes and checksums: ``dsoft data verify``)."""
+    from dsoft_dist.data.pipeline import check_shards
+
+    if data.source != "webdataset":
+        return Check(OK, "data", f"synthetic {data.synthetic_mode}: {data.num_classes} classes x "
+                                 f"{data.samples_per_class} samples, generated on the fly")
+    try:
+        urls, counts, _ = check_shards(data)
+    except (OSError, ValueError) as err:
+        return Check(FAIL, "data", str(err), fix="see the message; `dsoft data verify DIR` checks a shard folder")
+    samples = f", {sum(counts):,} samples" if counts is not None else " (no manifest: counts unknown)"
+    return Check(OK, "data", f"{len(urls)} shards{samples}, {data.num_classes} classes")
+
+
+def check_run_folder(cfg) -> Check:
+    """Whether logging.output_dir may take this run (``dsoft_dist.train.runfolder``): new, resumed or refused."""
+    from dsoft_dist.train.runfolder import check_run_folder as problem_of, recorded_identity
+
+    try:
+        problem = problem_of(cfg)
+    except (OSError, ValueError) as err:
+        problem = str(err)
+    if problem is not None:
+        return Check(FAIL, "run-folder", problem, fix="see the message")
+    held = recorded_identity(cfg) is not None
+    if held and cfg.logging.overwrite:
+        what = "a new run; the run it holds is deleted first (logging.overwrite)"
+    else:
+        what = "continues the run it holds" if held and cfg.checkpoint.resume == "auto" else "a new run"
+    return Check(OK, "run-folder", f"{cfg.logging.output_dir}: {what}")
+
+
 def run_checks(cfg, site: Site) -> list[Check]:
     """Every check, in order; none raises for a problem it finds (that is a FAIL result)."""
     backend = backend_of(cfg.parallel.backend)
@@ -446,6 +482,7 @@ def run_checks(cfg, site: Site) -> list[Check]:
     checks = [check_versions(), check_gpus(cfg.parallel.backend)]
     checks += check_network(interfaces(), backend, site.nnodes)
     checks += [check_master_addr(site), check_hostname(site), check_port(site)]
+    checks += [check_data(cfg.data), check_run_folder(cfg)]
     checks += check_checkpoint_folder(root, site)
     checks.append(check_disk(cfg, root))
     return checks
@@ -474,7 +511,7 @@ def _load(args):
 
 
 def _main(args) -> int:
-    from dsoft_dist.cli import report_user_error
+    from dsoft_dist.cli import USER_ERROR_EXIT, report_user_error
     from dsoft_dist.config.schema import ConfigError
 
     try:
@@ -482,7 +519,7 @@ def _main(args) -> int:
         site = resolve_site(args)
     except (ConfigError, ValueError) as err:
         report_user_error("dsoft doctor", err)  # one line; DSOFT_TRACEBACK=1 re-raises
-        return 1
+        return USER_ERROR_EXIT
     checks = run_checks(cfg, site)
     sys.stdout.write("\n".join(c.line() for c in checks) + "\n" + summary(checks) + "\n")
     return 1 if any(c.status == FAIL for c in checks) else 0

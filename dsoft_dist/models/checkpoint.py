@@ -55,6 +55,7 @@ def save_backbone(path: str, model: nn.Module, model_cfg_dict, extra: dict | Non
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; the file is shared like every other output
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -67,18 +68,27 @@ def save_backbone(path: str, model: nn.Module, model_cfg_dict, extra: dict | Non
     log.debug("saved backbone %s to %s", payload["model"]["name"], path)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def read_backbone_file(path: str, map_location="cpu") -> dict:
     """Loads and validates the checkpoint dict with ``torch.load(weights_only=True)``."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist: pass the path written by save_backbone")
+        what = "is a folder, not a backbone file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"backbone file {path!r} {what}: pass the backbone.pt that dsoft train writes "
+                                "into its logging.output_dir")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code/objects
         raise ValueError(f"checkpoint {path!r} could not be loaded safely ({type(exc).__name__}: {exc}); "
-                         "only files written by save_backbone (plain tensors and config) are accepted") from exc
+                         "only backbone files of plain tensors and config are accepted: write it with dsoft train "
+                         "or dsoft ckpt export") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a dsoft backbone checkpoint (format != {FORMAT!r}): "
-                         "write it with dsoft_dist.models.save_backbone")
+                         "write it with dsoft train or dsoft ckpt export")
     if payload.get("version") != VERSION:
         raise ValueError(f"checkpoint {path!r} has version {payload.get('version')!r}; this code reads {VERSION}")
     return payload

@@ -23,11 +23,10 @@ from dsoft_dist.plan.estimate import DEVICES, DTYPE_BYTES, HEAD_MODES, NEGATIVES
 def _plans(args) -> list[PlanInputs]:
     """Every (classes, gpus, rate) combination as PlanInputs (ValueError naming the option on bad input)."""
     from dsoft_dist.bench import int_list
-    from dsoft_dist.bench.speedup import parse_rates
 
     classes = int_list(args.classes, "--classes", 1)
     gpus = int_list(args.gpus, "--gpus", 1)
-    rates = parse_rates(args.sample_rate, "--sample-rate")
+    rates = sample_rates(args.sample_rate)
     if args.gpus_per_node < 1:
         raise ValueError(f"--gpus-per-node {args.gpus_per_node} is invalid: give a whole number >= 1, e.g. 8")
     plans = []
@@ -41,8 +40,22 @@ def _plans(args) -> list[PlanInputs]:
                     weight_dtype=args.weight_dtype, optimizer=args.optimizer, momentum=args.momentum,
                     negatives=negatives, sample_rate=r, inter_correction=args.inter_correction,
                     step_in_backward=args.step_in_backward, head_mode=args.head_mode, device=args.device,
-                    backend=args.backend, chunk_size=args.chunk_size, backbone=args.backbone, gpu_memory_gib=args.gpu_memory))
+                    backend=args.backend, chunk_size=args.chunk_size, backbone=args.backbone,
+                    gpu_memory_gib=args.gpu_memory))
     return plans
+
+
+def sample_rates(text: str) -> list[float]:
+    """'1,1/64' -> [1.0, 0.015625]: each parsed as head.sample_rate is in YAML and --set (parse_fraction)."""
+    from dsoft_dist.config.schema import parse_fraction
+
+    try:
+        rates = [parse_fraction(v, "--sample-rate") for v in text.split(",") if v.strip()]
+    except ValueError:
+        rates = []
+    if not rates or not all(0 < r <= 1 for r in rates):
+        raise ValueError(f"--sample-rate {text!r} is invalid: give comma-separated rates in (0, 1], e.g. 1,1/8,1/64")
+    return rates
 
 
 def _profile(args, plans):
@@ -103,22 +116,27 @@ def register(subparsers) -> None:
     p.add_argument("--classes", required=True, help="identities C (comma-separated for several; 1e6 allowed)")
     p.add_argument("--gpus", required=True, help="ranks P of the head's process group (comma-separated for several)")
     p.add_argument("--nodes", type=int, default=None, help="nodes K (default: ceil(P / --gpus-per-node))")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node, for the default --nodes (default 8)")
     p.add_argument("--dim", type=int, default=512, help="embedding dim D")
     p.add_argument("--batch-per-gpu", type=int, default=128, help="local batch per rank")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="embeddings (what is gathered)")
     p.add_argument("--weight-dtype", default="fp32", choices=sorted(DTYPE_BYTES), help="class rows + their state")
-    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="the head's optimizer, which sets its state per class row: sgd (a momentum buffer "
+                   "when --momentum > 0) or adamw (two moments) (default sgd)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0: no momentum buffer)")
     p.add_argument("--negatives", default="random", choices=[n for n in NEGATIVES if n != "all"],
                    help="negatives for r < 1 (r = 1 is planned as negatives=all)")
     p.add_argument("--sample-rate", default="1/64", help="r, fractions allowed, comma-separated for several: 1,1/64")
-    p.add_argument("--inter-correction", action="store_true", help="the head's inter_correction (one 8-byte all-reduce)")
+    p.add_argument("--inter-correction", action="store_true",
+                   help="the head's inter_correction (one 8-byte all-reduce)")
     p.add_argument("--step-in-backward", action="store_true", help="the step in backward (no weight gradient)")
-    p.add_argument("--head-mode", default="sparse", choices=HEAD_MODES)
+    p.add_argument("--head-mode", default="sparse", choices=HEAD_MODES,
+                   help="optimizer.head_mode: row-sparse step, or dense (a full weight gradient) (default sparse)")
     p.add_argument("--device", default="cuda", choices=DEVICES, help="what the ranks run on (chunk size, profile)")
     p.add_argument("--backend", default="torch", choices=("torch", "cpu-c"),
-                   help="the head's backend: torch or cpu-c (compiled CPU passes, --device cpu; same memory, fewer passes)")
+                   help="the head's backend: torch or cpu-c (compiled CPU passes, --device cpu; same memory, "
+                   "fewer passes)")
     p.add_argument("--chunk-size", type=int, default=0, help="the head's chunk_size (0 = automatic)")
     p.add_argument("--backbone", default=None, help="add a backbone's state, e.g. iresnet50 (activations excluded)")
     p.add_argument("--gpu-memory", type=float, default=80.0,

@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import threading
+import time
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ log = get_logger(__name__)
 
 FORMAT = "dsoft_dist.run_checkpoint/1"
 MANIFEST = "manifest.json"
-_PREFIX = "step-"
+RUN_CHECKPOINTS = "checkpoints"  # the checkpoint root inside a run folder (checkpoint.dir's default)
+STEP_PREFIX = "step-"
 
 
 class CheckpointError(RuntimeError):
@@ -54,7 +56,7 @@ class CheckpointError(RuntimeError):
 
 
 def step_folder(step: int) -> str:
-    return f"{_PREFIX}{step:08d}"
+    return f"{STEP_PREFIX}{step:08d}"
 
 
 def _multi() -> bool:
@@ -66,7 +68,7 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def _broadcast(obj):
+def broadcast_object(obj):
     """rank 0's ``obj`` on every rank (small Python values only)."""
     if not _multi():
         return obj
@@ -204,12 +206,13 @@ class Checkpointer:
     def __init__(self, cfg, env):
         c = cfg.checkpoint
         self.cfg, self.env = cfg, env
-        self.root = c.dir or os.path.join(cfg.logging.output_dir, "checkpoints")
+        self.root = c.dir or os.path.join(cfg.logging.output_dir, RUN_CHECKPOINTS)
         self.every, self.keep_last, self.metric = c.every_steps, c.keep_last, c.keep_best
         self.best: float | None = None
         self.best_folder: str | None = None
         self.async_save = c.async_save
         self.saved_step: int | None = None  # the step of the newest save started (or resumed from)
+        self.saved_at = time.monotonic()  # when that save started (the run's start before one): every_minutes
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.background_saves = 0
@@ -221,11 +224,7 @@ class Checkpointer:
 
     def folders(self) -> list[str]:
         """Complete-looking step folders, newest first (``.tmp`` folders are never candidates)."""
-        if not os.path.isdir(self.root):
-            return []
-        names = [n for n in os.listdir(self.root) if n.startswith(_PREFIX) and not n.endswith(".tmp")
-                 and os.path.isdir(os.path.join(self.root, n))]
-        return sorted(names, reverse=True)
+        return step_folders(self.root)[::-1]
 
     def save(self, trainer, best_metric: float | None = None) -> str:
         """Writes step-N.tmp on every rank, hashes it, renames it to step-N and moves ``latest``.
@@ -253,7 +252,7 @@ class Checkpointer:
                     "rng": rng_state()}
         if snapshot["engine"] is None:  # DeepSpeed writes its own form, collectively, now
             trainer.engine.save_state(os.path.join(tmp, "engine"))
-        self.saved_step = trainer.step
+        self.saved_step, self.saved_at = trainer.step, time.monotonic()
         if background:
             self.background_saves += 1
             self._thread = threading.Thread(target=self._write_guarded, args=(snapshot, tmp, final, name),
@@ -292,7 +291,7 @@ class Checkpointer:
         _barrier(self.group)  # every rank's files are in
         files = _gather_dicts(_hash_share(tmp, _files(tmp), self.group), self.group)
         if self.env.is_main:
-            step = int(name[len(_PREFIX):])
+            step = int(name[len(STEP_PREFIX):])
             manifest = {"format": FORMAT, "step": step, "world_size": self.env.world_size, "version": __version__,
                         "files": files}
             write_text_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
@@ -325,7 +324,7 @@ class Checkpointer:
         if self.env.is_main:
             latest, folders = self._pointer("latest"), self.folders()
             candidates = ([latest] if latest in folders else []) + [f for f in folders if f != latest]
-        for name in _broadcast(candidates):
+        for name in broadcast_object(candidates):
             problem = verify(os.path.join(self.root, name))
             if problem is None:
                 return os.path.join(self.root, name)
@@ -336,8 +335,8 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         """The step of ``latest`` (rank 0 reads, every rank gets it), None without one."""
         name = self._pointer("latest") if self.env.is_main else None
-        name = _broadcast(name)
-        return int(name[len(_PREFIX):]) if name else None
+        name = broadcast_object(name)
+        return int(name[len(STEP_PREFIX):]) if name else None
 
     def improves(self, metrics: dict) -> float | None:
         """The new best value of checkpoint.keep_best when ``metrics`` (rank 0's) improve on it, else None
@@ -348,14 +347,28 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint.keep_best={self.metric!r} is not a verification metric of this "
                                       f"run; it logs: {', '.join(sorted(metrics)) or 'none'}")
             value = metrics[self.metric] if _improves_on(metrics[self.metric], self.best) else None
-        return _broadcast(value) if self.metric else None
+        return broadcast_object(value) if self.metric else None
 
-    def init_weights(self, trainer, path: str) -> None:
-        """checkpoint.init_from: the backbone's weights, and the head's when the class count matches (a
-        different count keeps the fresh head, and says so). Optimizers, step and data start fresh."""
+    def init_weights(self, trainer, given: str) -> None:
+        """checkpoint.init_from (``init_source``): the backbone's weights, and from a checkpoint the head's when
+        the class count matches (a different count keeps the fresh head, and says so). Optimizers, step and
+        data start fresh."""
+        kind, path = init_source(given)
+        if kind == "backbone":
+            from dsoft_dist.models import read_backbone_file
+
+            state = read_backbone_file(path)["state_dict"]
+            try:
+                trainer.engine.module.load_state_dict(state)
+            except RuntimeError as err:
+                raise CheckpointError(f"checkpoint.init_from={given!r}: its weights do not fit model "
+                                      f"{self.cfg.model.name} of this config ({err})") from err
+            if self.env.is_main:
+                log.info("initialized from %s: backbone weights; the head is new", path)
+            return
         problem = verify(path)
         if problem is not None:
-            raise CheckpointError(f"checkpoint.init_from={path!r} cannot be used: {problem}")
+            raise CheckpointError(f"checkpoint.init_from={given!r} cannot be used: {problem}")
         trainer.engine.module.load_state_dict(load_weights_only(os.path.join(path, "backbone.pt")))
         with open(os.path.join(path, "head", "meta.json"), encoding="utf-8") as fh:
             saved_classes = json.load(fh)["num_classes"]
@@ -392,6 +405,49 @@ class Checkpointer:
             log.info("resumed from %s: step %d (written by %d ranks, now %d)%s", path, trainer.step,
                      state["world_size"], self.env.world_size,
                      "" if same_world else "; RNG states re-seeded from (seed, step, rank)")
+
+
+def step_folders(root: str) -> list[str]:
+    """The complete-looking step folders under a checkpoint root, oldest first (``.tmp`` ones are unfinished)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root) if n.startswith(STEP_PREFIX) and not n.endswith(".tmp")
+                  and os.path.isdir(os.path.join(root, n)))
+
+
+def checkpoint_root_of(path: str) -> str | None:
+    """PATH when it is a checkpoint root (it holds ``latest`` or step folders), PATH/checkpoints when PATH
+    is a run folder (logging.output_dir, whose default checkpoint.dir that is), else None."""
+    if os.path.isfile(os.path.join(path, "latest")) or step_folders(path):
+        return path
+    run = os.path.join(path, RUN_CHECKPOINTS)
+    return run if os.path.isdir(run) and not os.path.isfile(os.path.join(path, MANIFEST)) else None
+
+
+def newest_checkpoint(root: str) -> str | None:
+    """The folder a checkpoint root's ``latest`` names, else its highest step; None when it has none."""
+    names = step_folders(root)
+    newest = read_pointer(root) or (names[-1] if names else None)
+    return os.path.join(root, newest) if newest else None
+
+
+def init_source(path: str) -> tuple[str, str]:
+    """What checkpoint.init_from names: ("backbone", file) for a backbone.pt; ("checkpoint", folder) for a
+    checkpoint folder, or the newest of a checkpoint root's or a run folder's (``<run>/checkpoints``)."""
+    if os.path.isfile(path):
+        return "backbone", path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint.init_from={path!r} does not exist: pass a checkpoint folder "
+                                "(<output_dir>/checkpoints/step-N), a run's output_dir or its backbone.pt")
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return "checkpoint", path
+    root = checkpoint_root_of(path)
+    newest = newest_checkpoint(root) if root else None
+    if newest is None:
+        raise CheckpointError(f"checkpoint.init_from={path!r} holds no checkpoint (no manifest.json, no step-N "
+                              "folders, no checkpoints/): pass a checkpoint folder, a run's output_dir or a "
+                              "backbone.pt")
+    return "checkpoint", newest
 
 
 def _improves_on(value: float, best: float | None) -> bool:

@@ -2,9 +2,12 @@
 
     dsoft ckpt inspect runs/demo/checkpoints/step-00000300     # step, writer's world size, sizes, manifest check
     dsoft ckpt inspect runs/demo/checkpoints                    # the folder ``latest`` names
+    dsoft ckpt inspect runs/demo                                # a run folder: lists its checkpoints and
+                                                                # inspects the newest (``latest``)
     dsoft ckpt export runs/demo/checkpoints/step-00000300 out/  # out/backbone.pt (dsoft eval / dsoft export)
                                                                 # + out/head.pt: the merged (C, D) classifier
-Single process; reads with weights-only loading.
+Single process; reads with weights-only loading. Exit codes: 0; 1 when inspect finds a file that does not
+match the manifest; 2 when PATH is not a readable checkpoint (one ``dsoft ckpt ...: error:`` line).
 """
 from __future__ import annotations
 
@@ -19,12 +22,30 @@ from dsoft_dist.observability import get_logger
 log = get_logger(__name__)
 
 
-def resolve(path: str) -> str:
-    """A step folder, or a checkpoint root whose ``latest`` names one."""
-    from dsoft_dist.train.checkpoint import read_pointer
+def resolve(path: str) -> tuple[str, str | None]:
+    """(step folder, note): PATH as a step folder, a checkpoint root whose ``latest`` names one, or a run folder
+    whose checkpoints/ holds one (the newest: ``latest``, else the highest step); the note, for a run folder,
+    names its checkpoints and the newest.
 
-    latest = read_pointer(path)
-    return os.path.join(path, latest) if latest else path
+    Raises FileNotFoundError for a missing PATH, ValueError for a run folder without checkpoints.
+    """
+    from dsoft_dist.train.checkpoint import RUN_CHECKPOINTS, checkpoint_root_of, newest_checkpoint, step_folders
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: pass a run folder, its checkpoints/ folder or a step "
+                                "folder in it, e.g. runs/demo/checkpoints/step-00000300")
+    root = checkpoint_root_of(path)
+    if root is None:
+        return path, None
+    newest = newest_checkpoint(root)
+    if root != os.path.join(path, RUN_CHECKPOINTS):
+        return newest or path, None
+    if newest is None:
+        raise ValueError(f"{path} is a run folder with no checkpoint in {root} (none was saved yet): pass a "
+                         "run folder that holds one, or a step folder")
+    note = f"run folder {path}: checkpoints {', '.join(step_folders(root))} in {root}; newest " \
+           f"{os.path.basename(newest)}, used"
+    return newest, note
 
 
 def _summary(folder: str, manifest_path: str) -> list[str]:
@@ -42,17 +63,18 @@ def _summary(folder: str, manifest_path: str) -> list[str]:
 def _inspect(args) -> int:
     from dsoft_dist.train.checkpoint import MANIFEST, verify
 
-    folder = resolve(args.path)
+    folder, note = resolve(args.path)
+    if note:
+        sys.stdout.write(note + "\n")
     manifest_path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(manifest_path):
-        sys.stderr.write(f"dsoft ckpt: {folder} is not a finished checkpoint ({MANIFEST} is missing)\n")
-        return 1
+        raise ValueError(f"{folder} is not a finished checkpoint ({MANIFEST} is missing): pass a run folder, its "
+                         "checkpoints/ folder or a step folder in it")
     try:
         lines = _summary(folder, manifest_path)
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, or not the manifest's fields
-        sys.stderr.write(f"dsoft ckpt: {manifest_path} is not a dsoft checkpoint manifest "
-                         f"({type(err).__name__}: {err}); the checkpoint is damaged: use another step folder\n")
-        return 1
+        raise ValueError(f"{manifest_path} is not a dsoft checkpoint manifest ({type(err).__name__}: {err}); the "
+                         "checkpoint is damaged: use another step folder") from err
     problem = verify(folder)
     lines.append("  manifest: every size and sha256 matches" if problem is None else f"  manifest: FAILS: {problem}")
     sys.stdout.write("\n".join(lines) + "\n")
@@ -64,11 +86,12 @@ def _export(args) -> int:
     from dsoft_dist.models import build_model, save_backbone
     from dsoft_dist.train.checkpoint import load_weights_only, verify
 
-    folder = resolve(args.path)
+    folder, note = resolve(args.path)
+    if note:
+        log.info("%s", note)
     problem = verify(folder)
     if problem is not None:
-        sys.stderr.write(f"dsoft ckpt: {folder} cannot be exported: {problem}\n")
-        return 1
+        raise ValueError(f"{folder} cannot be exported: {problem}")
     state = load_weights_only(os.path.join(folder, "trainer.pt"))
     m = state["config"]["model"]
     model = build_model(**m)  # the saved ModelConfig's fields are build_model's arguments
@@ -93,9 +116,10 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
     i = sub.add_parser("inspect", help="step, world size, sizes; verifies the manifest (exit 1 if it fails)")
-    i.add_argument("path", help="a step folder, or a checkpoint root (its `latest`)")
+    i.add_argument("path", help="a step folder, a checkpoint root (its `latest`), or a run folder (lists its "
+                   "checkpoints, inspects the newest)")
     i.set_defaults(func=_inspect)
     e = sub.add_parser("export", help="the backbone for dsoft eval/export and the merged (C, D) head")
-    e.add_argument("path", help="a step folder, or a checkpoint root (its `latest`)")
+    e.add_argument("path", help="a step folder, a checkpoint root (its `latest`), or a run folder (its newest)")
     e.add_argument("out", help="output folder")
     e.set_defaults(func=_export)

@@ -6,10 +6,12 @@
 
 Under torchrun (RANK/WORLD_SIZE set) the launcher's ranks are used and ``--nproc`` /
 ``parallel.nproc`` are ignored. ``init_process_group`` happens only inside ``run_rank``.
-User errors are reported on one line (``dsoft train: error: ...``, exit 1 for a config that
-does not load, else 2): a bad config before any rank starts (by rank 0 alone under torchrun,
-which then adds its own failure summary); a bad path or value found inside the ranks
-``dsoft train`` spawns, once, by the parent. ``DSOFT_TRACEBACK=1`` shows the tracebacks.
+User errors are reported on one line (``dsoft train: error: ...``, exit 2): a bad config, a
+missing manifest or shard, or a run folder holding another run (``preflight``) before any rank
+starts (by rank 0 alone under torchrun, which then adds its own failure summary); a bad path or
+value found inside the ranks ``dsoft train`` spawns, once, by the parent. ``DSOFT_TRACEBACK=1``
+shows the tracebacks. Ctrl-C or SIGTERM checkpoints after the current step and exits 75 (on local
+ranks too: their parent passes the signal on); a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -38,7 +40,12 @@ def run_rank(cfg_dict: dict) -> None:
         trainer = Trainer(cfg, env)
         try:
             summary = trainer.train()
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt) and env.is_main:  # a second Ctrl-C
+                saved = trainer.checkpointer.saved_step
+                log.warning("stopped at once after step %d, without a checkpoint; %s", trainer.step,
+                            f"the newest is step {saved} in {trainer.checkpointer.root} (the same command resumes "
+                            "it)" if saved is not None else "none was written: the next run starts afresh")
             # keep the preemption handlers: a launcher's SIGTERM (torchrun stopping the other workers after
             # one failed) must not end this process while @record writes its error file
             trainer.close(restore_signals=False)
@@ -80,6 +87,10 @@ def _spawn(cfg_dict: dict, nproc: int) -> int:
             spawn_local(_spawned_rank, nproc, (cfg_dict, error_dir))
         except mp.ProcessExitedException as err:
             path = os.path.join(error_dir, f"rank{err.error_index}.txt")
+            if err.exit_code < 0 and err.signal_name in ("SIGINT", "SIGTERM"):  # before its handlers were set
+                sys.stderr.write(f"dsoft train: stopped by {err.signal_name} before the first step: nothing was "
+                                 "trained, nothing to save\n")
+                return 128 - err.exit_code
             if err.exit_code != USER_ERROR_EXIT or not os.path.isfile(path):
                 raise
             with open(path, encoding="utf-8") as fh:
@@ -88,17 +99,48 @@ def _spawn(cfg_dict: dict, nproc: int) -> int:
     return 0
 
 
+def preflight(cfg: Config) -> None:
+    """What can be checked before any rank starts, in a second instead of after the ranks' start-up: the
+    data's manifest and local shards, TensorBoard when asked for, checkpoint.init_from, and whether
+    logging.output_dir may take this run (``runfolder``). Raises ValueError / OSError naming the fix."""
+    from dsoft_dist.data.pipeline import check_shards
+    from dsoft_dist.train.checkpoint import CheckpointError, init_source
+    from dsoft_dist.train.runfolder import check_run_folder
+
+    if cfg.data.source == "webdataset":
+        check_shards(cfg.data)
+    if cfg.logging.tensorboard:
+        from dsoft_dist.observability.metrics import require_tensorboard
+
+        require_tensorboard()
+    if cfg.checkpoint.init_from:
+        try:
+            init_source(cfg.checkpoint.init_from)
+        except CheckpointError as err:
+            raise ValueError(str(err)) from err
+    problem = check_run_folder(cfg)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def launch(cfg: Config) -> int:
     """Runs ``cfg``: in this process under a launcher or for nproc=1, else in parallel.nproc local ranks.
 
-    Returns 0, PREEMPTED_EXIT_CODE when a preemption signal stopped the run after its checkpoint, or 2 when a
-    spawned rank stopped on a user error (printed once, on one line).
+    Returns 0, PREEMPTED_EXIT_CODE when a preemption signal (or Ctrl-C) stopped the run after its
+    checkpoint, or 2 for a user error found before the ranks start (``preflight``) or by a spawned rank
+    (printed once, on one line).
     """
     import torch.multiprocessing as mp
 
+    from dsoft_dist.cli import USER_ERROR_EXIT
     from dsoft_dist.train.distributed import under_launcher
     from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE, Preempted
 
+    try:
+        preflight(cfg)
+    except (OSError, ValueError) as err:
+        _refuse(err)
+        return USER_ERROR_EXIT
     cfg_dict = config_to_dict(cfg)
     try:
         if under_launcher():
@@ -129,13 +171,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) ->
     parser.add_argument("--resume", default=None, metavar="auto|never|PATH",
                         help="= --set checkpoint.resume=...: auto (default) takes the newest checkpoint that verifies")
     parser.add_argument("--init-from", default=None, metavar="PATH",
-                        help="= --set checkpoint.init_from=PATH: start from a checkpoint's weights (fine-tuning)")
+                        help="= --set checkpoint.init_from=PATH: start from the weights of a checkpoint, a run "
+                        "folder or a backbone.pt (fine-tuning)")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="= --set logging.overwrite=true: delete the run already in logging.output_dir first")
 
 
 def overrides(args) -> list[str]:
-    """The --set list with --nproc, --resume and --init-from folded in."""
+    """The --set list with --nproc, --resume, --init-from and --overwrite folded in."""
     extra = [(f"parallel.nproc={args.nproc}", args.nproc), (f"checkpoint.resume={args.resume}", args.resume),
-             (f"checkpoint.init_from={args.init_from}", args.init_from)]
+             (f"checkpoint.init_from={args.init_from}", args.init_from), ("logging.overwrite=true", args.overwrite)]
     return list(args.set) + [item for item, given in extra if given is not None]
 
 
@@ -149,18 +194,19 @@ def _refuse(err: Exception) -> None:
 
 
 def _main(args) -> int:
+    from dsoft_dist.cli import USER_ERROR_EXIT
     from dsoft_dist.train.distributed import resolve_backend
 
     try:
         cfg = load_config(args.config, overrides(args))
     except ConfigError as err:
         _refuse(err)
-        return 1
+        return USER_ERROR_EXIT
     try:
         resolve_backend(cfg.parallel.backend)  # refused here, before any rank starts
     except ValueError as err:
         _refuse(err)
-        return 2
+        return USER_ERROR_EXIT
     return launch(cfg)
 
 

@@ -20,6 +20,8 @@ import datetime
 import gc
 import multiprocessing
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -215,5 +217,50 @@ def spawn_local(fn: Callable, nproc: int, args: tuple = ()) -> None:
     import torch.multiprocessing as mp
 
     parent_method = multiprocessing.get_start_method()
-    mp.start_processes(_child, args=(nproc, free_port(), parent_method, fn, args), nprocs=nproc, start_method="spawn",
-                       join=True)
+    context = mp.start_processes(_child, args=(nproc, free_port(), parent_method, fn, args), nprocs=nproc,
+                                 start_method="spawn", join=False)
+    with _ForwardSignals(context.processes):
+        try:
+            # a rank that exits first (a preemption's exit 75) leaves the others time to finish theirs
+            while not context.join(grace_period=RANK_EXIT_GRACE_S):
+                pass
+        except KeyboardInterrupt:  # the second signal: the ranks are killed, none is left behind
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+            raise
+
+
+RANK_EXIT_GRACE_S = 10.0
+
+
+class _ForwardSignals:
+    """While local ranks run, SIGINT and SIGTERM to their parent reach them as SIGTERM (a trainer rank then
+    checkpoints at the next step and exits 75, as under torchrun, which forwards the same way); a second
+    signal kills them and raises KeyboardInterrupt here. A Ctrl-C in a terminal reaches the ranks directly
+    too (one process group): SIGTERM, not SIGINT, is forwarded so that it does not count as their second."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, processes):
+        self.processes, self.received, self._previous = processes, 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received += 1
+        if self.received > 1:
+            raise KeyboardInterrupt
+        log.warning("%s: asking the %d local ranks to checkpoint after their current step and exit (send it "
+                    "again to stop them at once)", signal.Signals(signum).name, len(self.processes))
+        for process in self.processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""What a run reports while it trains: one JSONL row per logged step, wandb, the progress bar.
+"""What a run reports while it trains: one JSONL row per logged step, wandb, TensorBoard, the progress bar.
 
 Rank 0 speaks; the other ranks only join the one small all-reduce that sums the bad-sample
 counters at each logged step. Rows (``metrics.jsonl``, mirrored to wandb):
@@ -6,23 +6,25 @@ counters at each logged step. Rows (``metrics.jsonl``, mirrored to wandb):
     {"step", "time", "loss", "intra", "inter", "target_cos", "hardest_neg_cos", "lr",
      "samples_per_s", "time_data", "time_backbone", "time_head", "time_optimizer",
      "memory_mb", "bad_samples", "skipped_steps"}                   # training rows
-    {"step", "time", "eval": true, "<set>/accuracy", "<set>/val", ...}   # verification rows
+    {"step", "time", "eval": true, "<set>/accuracy", "<set>/val_at_far", ...}   # verification rows
 
 wandb: ``WANDB_MODE`` (disabled | offline | online) wins over ``logging.wandb``; online
-without an API key falls back to offline with a warning. The progress bar draws only when
-stderr is a terminal (a redirected log gets no bar lines).
+without an API key falls back to offline with a warning. ``logging.tensorboard`` writes the
+same rows to ``<output_dir>/tensorboard/``; a resumed run drops the events past its checkpoint
+there too. The progress bar is ``observability.progress``'s: drawn only when stderr is a
+terminal (a redirected log gets a log line per logged step instead, and no bar lines).
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 from dsoft_dist.observability import get_logger
-from dsoft_dist.observability.metrics import MetricsSink
+from dsoft_dist.observability.metrics import MetricsSink, require_tensorboard
+from dsoft_dist.observability.progress import progress_bar
 from dsoft_dist.train.checkpoint import write_text_atomic
 
 log = get_logger(__name__)
@@ -65,20 +67,23 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
 
 
 class RunMetrics:
-    """The JSONL sink, wandb and the progress bar of one run (live on rank 0 only)."""
+    """The JSONL sink, wandb, TensorBoard and the progress bar of one run (live on rank 0 only)."""
 
     def __init__(self, cfg, env, config_dict: dict, total_steps: int, start_step: int = 0):
-        from tqdm import tqdm
-
         self.cfg, self.env, self.rows, self.evals = cfg, env, [], []
         self.sink = None
+        if cfg.logging.tensorboard:
+            require_tensorboard()  # on every rank: all of them stop, not only rank 0
         if env.is_main:
             self._keep_history(os.path.join(cfg.logging.output_dir, "metrics.jsonl"), start_step)
+            # TensorBoard drops what metrics.jsonl dropped: a resumed run's events past its checkpoint, and
+            # all of an earlier run's events when this run starts afresh in the same folder
             self.sink = MetricsSink(cfg.logging.output_dir, resolve_wandb_mode(cfg.logging.wandb),
-                                    cfg.logging.wandb_project, cfg.name, config_dict)
-        show = env.is_main and cfg.logging.progress and sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=cfg.name, disable=not show, file=sys.stderr,
-                        dynamic_ncols=True)
+                                    cfg.logging.wandb_project, cfg.name, config_dict,
+                                    tensorboard=cfg.logging.tensorboard,
+                                    purge_step=start_step + 1 if start_step > 0 else 0)
+        self.bar = progress_bar(total=total_steps, desc=cfg.name, unit="step",
+                                enabled=env.is_main and cfg.logging.progress, initial=start_step)
 
     def _keep_history(self, path: str, start_step: int) -> None:
         """metrics.jsonl keeps the rows of steps <= start_step (a resumed run's history; none for a fresh
@@ -103,9 +108,10 @@ class RunMetrics:
         self.rows.append({"step": step, **row})
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}")
         if self.bar.disable:  # a log line stands in for the bar
-            log.info("step %d/%d: loss %.4f (intra %.4f, inter %.4f), lr %.4g, %.0f samples/s", step,
-                     self.cfg.schedule.steps, row["loss"], row.get("intra", float("nan")),
-                     row.get("inter", float("nan")), row["lr"], row["samples_per_s"])
+            terms = ", ".join(f"{k} {row[k]:.4f}" for k in ("intra", "inter") if k in row)  # D-Softmax's terms
+            terms = f" ({terms})" if terms else ""
+            log.info("step %d/%d: loss %.4f%s, lr %.4g, %.0f samples/s", step, self.cfg.schedule.steps,
+                     row["loss"], terms, row["lr"], row["samples_per_s"])
 
     def log_eval(self, step: int, metrics: dict) -> None:
         if self.sink is None or not metrics:

@@ -24,12 +24,13 @@ from dsoft_dist.config import config_to_dict
 from dsoft_dist.config.schema import Config
 from dsoft_dist.head import build_head_optimizer, save_head_checkpoint
 from dsoft_dist.observability import get_logger
-from dsoft_dist.train.checkpoint import Checkpointer, step_folder
+from dsoft_dist.train.checkpoint import Checkpointer, broadcast_object, step_folder
 from dsoft_dist.train.data import TrainData
 from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from dsoft_dist.train.build import build_backbone, build_backbone_optimizer, build_head, resolve_head_step
 from dsoft_dist.train.metrics import RunMetrics, memory_mb, sum_over_ranks
 from dsoft_dist.train.report import write_report
+from dsoft_dist.train.runfolder import prepare_run_folder
 from dsoft_dist.train.schedule import lr_factor
 from dsoft_dist.train.step import TrainStep
 from dsoft_dist.train.validate import Validator
@@ -56,7 +57,24 @@ class Trainer:
     def __init__(self, cfg: Config, env):
         self.cfg, self.env = cfg, env
         self.out = cfg.logging.output_dir
-        os.makedirs(self.out, exist_ok=True)
+        # first: a signal during the build (seconds) is then a request to stop at the first step boundary
+        self.preemption = Preemption(cfg.checkpoint.signals)
+        try:
+            self._build()
+        except BaseException:
+            self.preemption.restore()  # a failed start leaves the process's handlers as it found them
+            raise
+        self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.step)
+        self.last_output = None  # the last StepOutput (timings, diagnostics)
+        (log.info if env.is_main else log.debug)(
+            "%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
+            cfg.name, env.world_size, env.backend, self.engine.describe(), cfg.parallel.precision, cfg.head.loss,
+            cfg.head.negatives, self.head_config.head_step_in_backward)
+
+    def _build(self) -> None:
+        """The run folder, head, engine, data, validator and checkpointer; then the start (resume or init)."""
+        cfg, env = self.cfg, self.env
+        self._prepare_folder()
         self.head = build_head(cfg, env.device)
         self.head_config = resolve_head_step(cfg)
         self.head_optimizer = build_head_optimizer(self.head, self.head_config)
@@ -68,15 +86,22 @@ class Trainer:
         self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
         self.checkpointer = Checkpointer(cfg, env)
         self._start()
-        self.preemption = Preemption(cfg.checkpoint.signals)
+        self.start_step = self.step
         if os.environ.get("SLURM_RESTART_COUNT") and env.is_main:
             log.info("Slurm restart count: %s", os.environ["SLURM_RESTART_COUNT"])
-        self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.step)
-        self.last_output = None  # the last StepOutput (timings, diagnostics)
-        (log.info if env.is_main else log.debug)(
-            "%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
-            cfg.name, env.world_size, env.backend, self.engine.describe(), cfg.parallel.precision, cfg.head.loss,
-            cfg.head.negatives, self.head_config.head_step_in_backward)
+
+    def _prepare_folder(self) -> None:
+        """Collective: rank 0 checks that this run may start in logging.output_dir (``runfolder``) and
+        records it; every rank raises the same error when it may not."""
+        problem = None
+        if self.env.is_main:
+            try:
+                problem = prepare_run_folder(self.cfg)
+            except (OSError, ValueError) as err:  # told to every rank: none may wait in the broadcast
+                problem = str(err)
+        problem = broadcast_object(problem)
+        if problem is not None:
+            raise ValueError(problem)
 
     def _start(self) -> None:
         """checkpoint.resume: auto = the newest checkpoint that verifies (the normal start path, also after
@@ -128,14 +153,17 @@ class Trainer:
         """Trains to ``schedule.steps``; verifies per ``eval``; writes the outputs. Returns the summary."""
         t_start = time.perf_counter()
         if self.step >= self.cfg.schedule.steps and self.env.is_main:
-            log.info("the run in %s already finished (step %d of %d): nothing to train; use "
-                     "checkpoint.resume=never or another logging.output_dir to train again", self.out, self.step,
-                     self.cfg.schedule.steps)
+            log.info("the run in %s already finished (step %d of %d): nothing to train; raise schedule.steps to "
+                     "train longer, or pass --overwrite or another logging.output_dir to train again", self.out,
+                     self.step, self.cfg.schedule.steps)
         if self.cfg.eval.at_start and self.step == 0:
             self.evaluate()
         self.run_steps(self.cfg.schedule.steps - self.step)
         seconds = time.perf_counter() - t_start
-        final = self.evaluate()
+        # a rerun of a finished run trains nothing: its last verification stands (not logged twice)
+        done_before = self.start_step >= self.cfg.schedule.steps and self.metrics.evals and \
+            self.metrics.evals[-1]["step"] == self.step
+        final = {k: v for k, v in self.metrics.evals[-1].items() if k != "step"} if done_before else self.evaluate()
         if self.checkpointer.saved_step != self.step:
             self.checkpointer.save(self)
         return self._finish(seconds, final)
@@ -160,11 +188,20 @@ class Trainer:
                 since, samples = time.perf_counter(), 0
             if self._should(self.cfg.eval.every_steps) and self.step != self.cfg.schedule.steps:
                 self.evaluate()
-            if self._should(self.checkpointer.every) and self.step != self.cfg.schedule.steps and \
+            stop, due = self._at_boundary()
+            if (due or self._should(self.checkpointer.every)) and self.step != self.cfg.schedule.steps and \
                     self.checkpointer.saved_step != self.step:  # not twice (a new best was saved already)
                 self.checkpointer.save(self)
-            if self.preemption.agreed(self.env.device):
+            if stop:
                 self._preempted()
+
+    def _at_boundary(self) -> tuple[bool, bool]:
+        """(stop, save) agreed by every rank in one all-reduce: stop when any rank received a preemption
+        signal; save when checkpoint.every_minutes has passed since the last save on rank 0's clock."""
+        every_s = self.cfg.checkpoint.every_minutes * 60
+        due = self.env.is_main and every_s > 0 and time.monotonic() - self.checkpointer.saved_at >= every_s
+        stop, save = sum_over_ranks([float(self.preemption.received is not None), float(due)], self.env.device)
+        return stop > 0, save > 0
 
     def _stop_if_diverged(self) -> None:
         """optimizer.max_skipped_in_a_row non-finite steps in a row stop the run on every rank (the skip
@@ -206,7 +243,8 @@ class Trainer:
         save_backbone(os.path.join(self.out, "backbone.pt"), module, self.cfg.model)
         summary = {"config": config_to_dict(self.cfg), "world_size": self.env.world_size, "backend": self.env.backend,
                    "engine": self.engine.describe(),
-                   "train_seconds": round(seconds, 1), "head_step_in_backward": self.head_config.head_step_in_backward,
+                   "train_seconds": round(seconds, 3), "start_step": self.start_step,
+                   "head_step_in_backward": self.head_config.head_step_in_backward,
                    "log": self.metrics.rows, "evals": self.metrics.evals, "final": final, "bad_samples": int(bad),
                    "skipped_steps": self.skipped}
         self.metrics.close()  # before the report, so wandb's closing lines do not follow it

@@ -1,7 +1,7 @@
 """Verification during training: every ``eval.every_steps`` and at the end, through ``dsoft_dist.eval``.
 
     validator = Validator(cfg, env)          # collective: rank 0 builds the synthetic .bin if configured
-    metrics = validator(backbone)            # collective; {"lfw/accuracy": ..., "lfw/val": ...} on rank 0
+    metrics = validator(backbone)            # collective; {"lfw/accuracy": ..., "lfw/val_at_far": ...} on rank 0
 
 All ranks share the work of the .bin sets: each embeds a contiguous 1/P of the 2N images,
 one all-gather brings the (2N, D) embeddings to every rank, and rank 0 runs the 10-fold
