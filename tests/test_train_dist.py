@@ -144,11 +144,14 @@ def test_close_ends_the_data_workers_of_an_unfinished_epoch(tmp_path):
     from dsoft_dist.observability.procs import children
     from dsoft_dist.train.trainer import Trainer
 
-    cfg = config_from_dict(tiny(tmp_path / "run", parallel__nproc=1, data__num_workers=2))
+    # each worker's share must outlast the 2 steps: a worker whose share is read out (its last chunk of up to
+    # 256 vectors fetched ahead) is ended by the loader itself, which made a share of 160 vectors flaky
+    cfg = config_from_dict(tiny(tmp_path / "run", parallel__nproc=1, data__num_workers=2,
+                                data__samples_per_class=200))
     before = set(children(os.getpid()))  # helpers of earlier tests (multiprocessing's resource tracker)
     with distributed("gloo") as env:
         t = Trainer(cfg, env)
-        t.run_steps(2)  # of an epoch of 40 classes x 8 / 8 = 40 steps
+        t.run_steps(2)  # of an epoch of 40 classes x 200 / 8 = 1000 steps: 4000 vectors per worker
         workers = set(children(os.getpid())) - before
         assert len(workers) == 2, workers
         t.close()

@@ -88,8 +88,9 @@ def _spawn(cfg_dict: dict, nproc: int) -> int:
         except mp.ProcessExitedException as err:
             path = os.path.join(error_dir, f"rank{err.error_index}.txt")
             if err.exit_code < 0 and err.signal_name in ("SIGINT", "SIGTERM"):  # before its handlers were set
-                sys.stderr.write(f"dsoft train: stopped by {err.signal_name} before the first step: nothing was "
-                                 "trained, nothing to save\n")
+                sys.stderr.write(f"dsoft train: local rank {err.error_index} was stopped by {err.signal_name} while "
+                                 "starting (before it could checkpoint); the same command starts again from the "
+                                 "newest checkpoint, if there is one\n")
                 return 128 - err.exit_code
             if err.exit_code != USER_ERROR_EXIT or not os.path.isfile(path):
                 raise

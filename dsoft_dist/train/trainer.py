@@ -227,7 +227,9 @@ class Trainer:
                    f"checkpoint {path} written; exiting with code {PREEMPTED_EXIT_CODE} (resume with the same command)")
         if self.env.is_main:
             log.warning(message)
-        self.close()
+        # the handlers stay: the same signal sent again (a process group's and its parent's copy) must not
+        # kill this rank on its way out with the checkpoint written
+        self.close(restore_signals=False)
         raise Preempted(message)
 
     def _finish(self, seconds: float, final: dict) -> dict:
