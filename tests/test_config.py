@@ -63,6 +63,15 @@ def test_dotted_overrides_are_typed():
         load_config(None, ["head.scale"])
 
 
+def test_a_float_in_exponent_form_is_a_float():
+    """YAML 1.1 reads 1e-6 (no dot) as a string; a float key takes it as the number it is, and a word stays
+    an error naming the key."""
+    cfg = load_config(None, ["checkpoint.every_minutes=1e-6", "optimizer.lr=2e-3"])
+    assert cfg.checkpoint.every_minutes == 1e-6 and cfg.optimizer.lr == 2e-3
+    with pytest.raises(ConfigError, match="optimizer.lr='fast' is invalid: expected float"):
+        load_config(None, ["optimizer.lr=fast"])
+
+
 def test_margin_presets_resolve_from_the_loss_table():
     for name, margins in MARGIN_PRESETS.items():
         cfg = load_config(None, [f"head.loss={name}"])

@@ -11,8 +11,8 @@ Writes synthetic 112x112 JPEG shards (a converter run), then measures in one run
 Ratios are against the bare decode loop with the same decoder, measured in the same run.
 This is a benchmark script, not a test.
 
-    python -m dsoft_dist.bench.data                       # 2000 samples, workers 0,1,2
-    python -m dsoft_dist.bench.data --samples 8000 --workers 0,2,4 --color-jitter 0.2
+    dsoft bench data                       # 2000 samples, workers 0,1,2
+    dsoft bench data --samples 8000 --workers 0,2,4 --color-jitter 0.2
 """
 from __future__ import annotations
 
@@ -83,14 +83,21 @@ def _worker_counts(args) -> list[int]:
     return int_list(args.workers, "--workers", 0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = bench_parser("data", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--samples", type=int, default=2000,
+                   help="synthetic 112 px JPEG samples written to the shards and read back (default %(default)s)")
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--color-jitter", type=float, default=0.0)
-    p.add_argument("--identities", type=int, default=100)
-    args = p.parse_args(argv)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch of the pipeline (default %(default)s)")
+    p.add_argument("--color-jitter", type=float, default=0.0,
+                   help="data.color_jitter of the pipeline (0 = off, the default)")
+    p.add_argument("--identities", type=int, default=100,
+                   help="synthetic identities the samples are drawn from (default %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     workers = _worker_counts(args)
     torch.set_num_threads(1)
     rows = []

@@ -42,6 +42,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
     if tp is int and isinstance(value, bool):
