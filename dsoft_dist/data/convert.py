@@ -36,7 +36,7 @@ from PIL import Image
 from dsoft_dist.data.decode import decode_image, image_format
 from dsoft_dist.data.manifest import (CLASSES_NAME, CONVERTER_VERSION, MANIFEST_NAME, PARTS, Manifest, ShardInfo,
                                       fingerprint, read_conversion, sha256_file, spec_differences, write_conversion,
-                                      write_manifest)
+                                      write_manifest, write_text_atomic)
 from dsoft_dist.data.recordio import RecordIOError, RecordReader, scalar_label, unpack
 from dsoft_dist.data.rng import FeistelPermutation
 from dsoft_dist.data.shards import BadData
@@ -93,10 +93,7 @@ def _write_shard(out_dir: str, shard_id: int, items, policy: str, prefix: str, m
     os.replace(tmp, path)
     part = {"name": name, "samples": count, "bytes": os.path.getsize(path), "sha256": sha256_file(path),
             "bad": bad.total(), "sizes": sorted(sizes), "fingerprint": digest}
-    side = os.path.join(out_dir, PARTS, name + ".json")
-    with open(side + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(part, f)
-    os.replace(side + ".tmp", side)
+    write_text_atomic(os.path.join(out_dir, PARTS, name + ".json"), json.dumps(part))
     return part
 
 
@@ -182,9 +179,7 @@ def run_shards(out_dir: str, items, make_samples, num_classes: int, source: dict
             "samples": len(items), "per_shard": per_shard, "bad_data": policy, "prefix": prefix, "kind": kind or {}}
     digest = _claim(out_dir, spec, overwrite, prefix)
     for name, text in (side_files or {}).items():
-        with open(os.path.join(out_dir, name + ".tmp"), "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+        write_text_atomic(os.path.join(out_dir, name), text)
     jobs = [(i, items[s:s + per_shard]) for i, s in enumerate(range(0, len(items), per_shard))]
     parts = {i: p for i, _ in jobs if (p := _done(out_dir, i, prefix, digest))}
     todo = [(i, chunk) for i, chunk in jobs if i not in parts]

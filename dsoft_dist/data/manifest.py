@@ -94,6 +94,17 @@ class Manifest:
         return d
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, syncs it, renames it over ``path``: a reader sees
+    the old file or the whole new one, never part of it."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -112,10 +123,7 @@ def shard_info(path: str, samples: int, root: str) -> ShardInfo:
 def write_manifest(manifest: Manifest, folder: str) -> str:
     """Writes ``folder/manifest.json`` atomically; returns its path."""
     path = os.path.join(folder, MANIFEST_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest.to_dict(), f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest.to_dict(), indent=1))
     return path
 
 
@@ -176,9 +184,7 @@ def write_conversion(folder: str, spec: dict) -> str:
     os.makedirs(os.path.join(folder, PARTS), exist_ok=True)
     path = os.path.join(folder, PARTS, CONVERSION_NAME)
     digest = fingerprint(spec)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"fingerprint": digest, "spec": spec}, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, json.dumps({"fingerprint": digest, "spec": spec}, indent=1, sort_keys=True))
     return digest
 
 

@@ -229,6 +229,18 @@ def check_shards(cfg) -> tuple[list[str], list[int] | None, int]:
     return urls, counts, vector_dim
 
 
+def manifest_file(cfg) -> str | None:
+    """The manifest a webdataset config names: data.manifest (a manifest.json or its folder; a missing one is
+    returned as given, for load_manifest to report), else data.shards when it is a converter's output folder
+    holding one; None without a manifest."""
+    if cfg.manifest:
+        folder = os.path.isdir(cfg.manifest)
+        return os.path.join(cfg.manifest, MANIFEST_NAME) if folder else cfg.manifest
+    if cfg.shards and os.path.isfile(os.path.join(cfg.shards, MANIFEST_NAME)):
+        return os.path.join(cfg.shards, MANIFEST_NAME)  # a converter's output folder
+    return None
+
+
 def resolve_shards(cfg) -> tuple[list[str], list[int] | None, int]:
     """Shard URLs, per-shard counts and the vector size (0: image samples) from data.manifest and/or data.shards.
 
@@ -236,9 +248,7 @@ def resolve_shards(cfg) -> tuple[list[str], list[int] | None, int]:
     kind; data.shards, when also set, overrides the URLs (e.g. ``pipe:`` reads of the same
     shards in remote storage) and must list as many shards. Shards without a manifest hold images.
     """
-    manifest_path = cfg.manifest
-    if not manifest_path and cfg.shards and os.path.exists(os.path.join(cfg.shards, MANIFEST_NAME)):
-        manifest_path = cfg.shards  # a converter's output folder
+    manifest_path = manifest_file(cfg)
     manifest = load_manifest(manifest_path) if manifest_path else None
     vector_dim = 0
     if manifest is not None:

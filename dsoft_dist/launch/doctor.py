@@ -338,7 +338,7 @@ def _safe_host(host: str) -> str:
 def check_checkpoint_folder(root: str, site: Site) -> list[Check]:
     """Creates ``root``, writes this host's marker atomically and reads it back; lists the other hosts' markers."""
     from dsoft_dist import __version__
-    from dsoft_dist.train.checkpoint import write_text_atomic
+    from dsoft_dist.data.manifest import write_text_atomic
 
     fix = ("set --set checkpoint.dir=<a folder you can write> (or logging.output_dir), on a file system "
            "every node shares")

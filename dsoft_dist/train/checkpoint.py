@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from dsoft_dist import __version__
 from dsoft_dist.config import config_to_dict
-from dsoft_dist.data.manifest import sha256_file
+from dsoft_dist.data.manifest import sha256_file, write_text_atomic
 from dsoft_dist.head import load_head_checkpoint
 from dsoft_dist.head.state import atomic_save, head_snapshot, write_head_meta, write_head_piece
 from dsoft_dist.observability import get_logger
@@ -75,15 +75,6 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_weights_only(path: str, map_location="cpu"):

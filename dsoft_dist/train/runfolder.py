@@ -26,8 +26,9 @@ import time
 
 from dsoft_dist import __version__
 from dsoft_dist.observability import get_logger
-from dsoft_dist.train.checkpoint import (RUN_CHECKPOINTS, STEP_PREFIX, load_weights_only, step_folders,
-                                         write_text_atomic)
+from dsoft_dist.data.manifest import write_text_atomic
+from dsoft_dist.data.pipeline import manifest_file
+from dsoft_dist.train.checkpoint import RUN_CHECKPOINTS, STEP_PREFIX, load_weights_only, step_folders
 
 log = get_logger(__name__)
 
@@ -48,9 +49,7 @@ def _data_identity(data) -> dict:
     if data.source != "webdataset":
         keys = ("synthetic_mode", "samples_per_class", "image_size", "difficulty", "vector_dim")
         return {"source": data.source, **{k: getattr(data, k) for k in keys}}
-    manifest = data.manifest or (os.path.join(data.shards, "manifest.json") if data.shards else "")
-    if manifest and os.path.isdir(manifest):
-        manifest = os.path.join(manifest, "manifest.json")
+    manifest = manifest_file(data)
     if manifest and os.path.isfile(manifest):
         with open(manifest, "rb") as fh:
             return {"source": "webdataset", "manifest_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
@@ -126,6 +125,17 @@ def differences(old: dict, new: dict) -> list[str]:
 def check_run_folder(cfg) -> str | None:
     """None when this config may start in ``logging.output_dir``, else why not with the fix (see the module
     doc). Reads files only: every process may call it, before any rank starts."""
+    return _problem(cfg, _recorded_if_it_matters(cfg))
+
+
+def _recorded_if_it_matters(cfg) -> dict | None:
+    """The folder's recorded identity when this start continues what the folder holds (resume auto or a
+    checkpoint folder, no overwrite), else None without reading anything."""
+    return None if cfg.logging.overwrite or cfg.checkpoint.resume == "never" else recorded_identity(cfg)
+
+
+def _problem(cfg, recorded: dict | None) -> str | None:
+    """``check_run_folder`` with the folder's recorded identity already read."""
     out, c = cfg.logging.output_dir, cfg.checkpoint
     if cfg.logging.overwrite:
         if c.resume not in ("auto", "never"):
@@ -139,11 +149,8 @@ def check_run_folder(cfg) -> str | None:
                     "one, which would mix with it: pass another logging.output_dir, --overwrite to delete the old "
                     "run's outputs first, or --resume auto to continue it")
         return None
-    if c.resume != "auto":
-        return None  # an explicit checkpoint: the differences are logged when it loads
-    recorded = recorded_identity(cfg)
-    if recorded is None:
-        return None
+    if c.resume != "auto" or recorded is None:
+        return None  # an explicit checkpoint (the differences are logged when it loads), or no run to mix with
     changed = differences(recorded, run_identity(cfg))
     if not changed:
         return None
@@ -181,12 +188,12 @@ def write_run_record(cfg) -> None:
 def prepare_run_folder(cfg) -> str | None:
     """Rank 0 at the start of a run: the check (its message, or None), ``--overwrite``'s clean-up, run.json.
     An explicit ``checkpoint.resume`` folder with other defining values logs them and records the new ones."""
-    problem = check_run_folder(cfg)
+    recorded = _recorded_if_it_matters(cfg)
+    problem = _problem(cfg, recorded)
     if problem is not None:
         return problem
     if cfg.logging.overwrite and _holds_a_run(cfg):
         _clear(cfg)
-    recorded = recorded_identity(cfg)
     if recorded is not None:
         changed = differences(recorded, run_identity(cfg))
         if changed:
