@@ -6,6 +6,7 @@
 #
 # Writes OUT_DIR/report.md (GPU, date, versions, test results, every figure, targets met or not),
 # OUT_DIR/kernels.json (the benchmark), head.log (the whole head step on the torch chunked path, fp32),
+# backbone.log + backbone.json (ViT-B's training step, activation checkpointing off and on),
 # nvidia-smi.txt, versions.txt, pytest-*.log/xml, compile-check.log, train.log + train/ (the run's outputs),
 # speedup.log + speedup/ (`dsoft bench speedup` at C = 1M and 4M), plan-profile.json (the GPU's profile for
 # `dsoft plan --profile`, measured at docs/scale.md's sizes) + plan.log.
@@ -66,7 +67,7 @@ cat "$OUT/versions.txt" >&2
 stage pytest-gpu 150 "$PY" -m pytest -m gpu tests/test_kernels_shard_stats.py tests/test_kernels_head.py \
     tests/test_kernels_bench.py tests/test_kernels_gpu.py -q -rA -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml"
 # 2. the benchmark at the sizes, tiles picked by a fixed 4-config sweep at the first size
-stage bench 150 "$PY" -m dsoft_dist.bench.kernels --classes 100000 1000000 --batch 512 4096 --dim 512 \
+stage bench 125 "$PY" -m dsoft_dist.bench.kernels --classes 100000 1000000 --batch 512 4096 --dim 512 \
     --dtype bf16 --sample-rate 0.015625 --repeats 5 --warmup 2 --sweep --out "$OUT/kernels.json"
 # 3. register/shared-memory use of the compiled kernels (sm_90 code, this Triton version)
 stage compile-check 30 "$PY" -m dsoft_dist.kernels.compile_check --arch 90 --sweep
@@ -99,6 +100,11 @@ stage speedup 45 "$PY" -m dsoft_dist.cli bench speedup --device cuda --classes 1
 stage plan 20 "$PY" -m dsoft_dist.cli plan --classes 1000000,10000000,100000000 --gpus 8,64,512 --dim 512 \
     --batch-per-gpu 128 --dtype bf16 --sample-rate 1,1/64 --device cuda --no-collective \
     --measure-profile "$OUT/plan-profile.json"
+
+# 9. a backbone's whole forward + backward at a training batch: ViT-B (arcface_torch's vit_b), bf16 autocast,
+#    activation checkpointing off and on, side by side
+stage backbone 25 "$PY" -m dsoft_dist.cli bench backbone --models vit_b --device cuda --batch 128 --dtype bf16 \
+    --steps 5 --repeats 3 --json "$OUT/backbone.json"
 
 "$PY" -m dsoft_dist.bench.kernels_report "$OUT" > "$OUT/report.md" 2> "$OUT/report.log" \
     || echo "report generation failed (see report.log)" >> "$STATUS"

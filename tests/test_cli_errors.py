@@ -28,10 +28,14 @@ ROWS = {
     "config check": (["config", "check", FILE], FILE),  # a YAML syntax error
     "ckpt inspect": (["ckpt", "inspect", f"{MISSING}/ckpt"], f"{MISSING}/ckpt"),
     "ckpt export": (["ckpt", "export", f"{MISSING}/ckpt", "{tmp}/out"], f"{MISSING}/ckpt"),
+    "ckpt import": (["ckpt", "import", "--from", "insightface", f"{MISSING}/backbone.pth", "--model", "r18",
+                     "{tmp}/r18.pt"], f"{MISSING}/backbone.pth"),
     "data synth": (["data", "synth", f"{FILE}/out", "--identities", "2"], f"{FILE}/out"),
     "data from-rec": (["data", "from-rec", f"{MISSING}/train.rec", "{tmp}/out"], f"{MISSING}/train.rec"),
     "data from-folder": (["data", "from-folder", f"{MISSING}/faces", "{tmp}/out"], f"{MISSING}/faces"),
     "data make-bin": (["data", "make-bin", "{tmp}/v.bin", "--folder", f"{MISSING}/faces"], f"{MISSING}/faces"),
+    "data align": (["data", "align", f"{MISSING}/faces", "{tmp}/out", "--landmarks", f"{MISSING}/lm.txt"],
+                   f"{MISSING}/faces"),
     "data verify": (["data", "verify", f"{MISSING}/shards"], f"{MISSING}/shards"),
     "data from-npy": (["data", "from-npy", f"{MISSING}/f.npy", f"{MISSING}/l.npy", "{tmp}/out"], f"{MISSING}/f.npy"),
     "eval": (["eval", "--checkpoint", f"{MISSING}/backbone.pt", "--bin", f"{MISSING}/lfw.bin"],
@@ -47,6 +51,7 @@ ROWS = {
     "bench stream": (["bench", "stream", "--identities", "4", "--workers", "0", "--keep", f"{FILE}/shards"],
                      f"{FILE}/shards"),
     "bench train": (["bench", "train", "--classes", "-9"], "num_classes=-9"),
+    "bench backbone": (["bench", "backbone", "--batch", "0"], "--batch 0"),
     "plan": (["plan", "--classes", "1000000", "--gpus", "8", "--sample-rate", "3/2"], "--sample-rate '3/2'"),
 }
 DEMO_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -58,6 +63,7 @@ EXTRA_ROWS = [
     (["eval", "--identify", f"{MISSING}/probes", f"{MISSING}/gallery"], f"{MISSING}/probes"),
     (["eval", "--identify", "{tmp}/bad.npz", "{tmp}/bad.npz"], "{tmp}/bad.npz"),  # not a zip archive
     (["eval", "--pairs", "{tmp}/bad.npz"], "{tmp}/bad.npz"),
+    (["eval", "--checkpoint", FILE, "--ijb", f"{MISSING}/IJBC"], f"{MISSING}/IJBC"),
     (["export", "--checkpoint", FILE, "{tmp}/b.onnx"], FILE),  # not a torch file
     (["ckpt", "inspect", "{tmp}/ckpt-bad-manifest"], "{tmp}/ckpt-bad-manifest/manifest.json"),  # not JSON
 ]

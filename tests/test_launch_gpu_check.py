@@ -27,6 +27,7 @@ def test_gpu_check_script_writes_a_report_without_a_gpu(tmp_path):
     assert "train rc=2" in stages  # and the trainer asked for nccl
     assert "speedup rc=2" in stages  # and the speedup table on --device cuda
     assert "plan rc=2" in stages  # and dsoft plan --measure-profile on --device cuda
+    assert "backbone rc=2" in stages  # and dsoft bench backbone on --device cuda
     report = (out / "report.md").read_text()
     assert "gpu: NONE" in report and "## GPU tests" in report
     assert re.search(r"0 passed, 0 failed/errors, [1-9]\d* skipped", report)  # every GPU test skipped

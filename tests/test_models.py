@@ -45,6 +45,8 @@ def test_tiny_models_any_size(name, size):
 
 def test_every_registered_name_builds():
     for name in MODELS:
+        if name in ("iresnet200", "vit_s", "vit_b", "vit_l"):
+            continue  # built on the meta device, entry by entry: tests/test_models_arcface.py
         kwargs = {"in_features": 10} if name == "mlp" else {}
         size = 112 if name.startswith(("iresnet1", "iresnet3", "iresnet5", "mobilefacenet")) else 32
         model = build_model(name, embedding_size=8, input_size=size, **kwargs).eval()
@@ -85,7 +87,7 @@ def test_checkpoint_round_trip(tmp_path, name):
     save_backbone(path, model, cfg, extra={"step": 7})
     assert sorted(os.listdir(tmp_path / "sub")) == ["backbone.pt"]  # the temp file was renamed away
     loaded, loaded_cfg = load_backbone(path)
-    assert loaded_cfg == {**cfg, "dropout": 0.0}
+    assert loaded_cfg == {**cfg, "dropout": 0.0, "activation_checkpointing": False}
     assert not loaded.training
     x = torch.randn(3, 20) if name == "mlp" else torch.randn(3, 3, 32, 32)
     with torch.no_grad():

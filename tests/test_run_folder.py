@@ -118,6 +118,16 @@ def test_more_steps_continue_the_same_run(folder, train):
     assert [r["step"] for r in _rows(folder) if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_turning_on_activation_checkpointing_continues_the_same_run(folder, train):
+    """It changes how the backbone's gradients are computed, not which run it is (the same numbers)."""
+    defining = json.loads((folder / "run" / RUN_RECORD).read_text())["defining"]
+    assert "model.activation_checkpointing" not in defining and defining["model.name"] == "iresnet_tiny"
+    rc, err = train("--set", "schedule.steps=4", "--set", "model.activation_checkpointing=true")
+    assert rc == 0, err
+    assert "resumed from run/checkpoints/step-00000003" in err and "another run" not in err, err
+    assert [r["step"] for r in _rows(folder) if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_an_explicit_checkpoint_continues_with_another_loss_and_records_it(folder, train):
     rc, err = train("--resume", "run/checkpoints/step-00000002", "--set", "head.loss=arcface")
     assert rc == 0, err

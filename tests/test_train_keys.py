@@ -7,7 +7,7 @@ test_the_fingerprint_does_not_depend_on_the_folder checks) by a fingerprint of
 what ran: the loss and lr of every step, the final weights, the verification metrics, the
 files written, the progress bar and wandb state, the report's title, or the error the run
 raised. A key is covered when the fingerprints differ. Keys that only choose how the same
-numbers are computed (data.num_workers, head.chunk_size, head.logit_cache_mb, head.backend, head.compute_dtype,
+numbers are computed (model.activation_checkpointing, data.num_workers, head.chunk_size, head.logit_cache_mb, head.backend, head.compute_dtype,
 eval.batch_size; optimizer.head_mode and optimizer.head_step_in_backward when every row is touched: with the
 logit cache, the step inside backward and the separate step give the same bits) are seen in the component that
 received them (the loader's workers, the head's chunk size, logit cache, backend and GEMM dtype, the head
@@ -57,6 +57,7 @@ CASES = {
     "model.input_size": ("images", 24),
     "model.in_features": ({}, 10),
     "model.dropout": ({}, 0.5),
+    "model.activation_checkpointing": ("images", True),
     "head.loss": ({}, "arcface"),
     "head.negatives": ({}, "batch"),
     "head.sample_rate": ({"head.negatives": "random"}, 0.5),
@@ -235,7 +236,8 @@ def fingerprint(cfg_dict: dict, root) -> dict:
                       "cache_mb": t.head.logit_cache_mb,
                       "head_optimizer": (t.head_optimizer.mode, t.head_config.head_step_in_backward),
                       "backend": t.head.backend, "compute_dtype": str(t.head.compute_dtype),
-                      "signals": sorted(s.name for s in t.preemption._previous)}
+                      "signals": sorted(s.name for s in t.preemption._previous),
+                      "checkpointing": getattr(t.engine.module, "activation_checkpointing", None)}
                 checkpointer = t.checkpointer
                 summary = t.train()
                 t.close()

@@ -7,6 +7,7 @@
     dsoft bench dissection                # intra-class angles of 3-D embeddings, 5 vs 10 identities
     dsoft bench data --samples 6000 --workers 0,1,2
     dsoft bench stream --identities 100000,1000000  # vector shards; --images for image shards
+    dsoft bench backbone --models vit_b iresnet100 --device cuda --batch 128 --dtype bf16
     dsoft bench kernels                   # CUDA only; launch/gpu_check.sh OUT runs it with the GPU tests
     dsoft bench head --help
 
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "dissection": "the paper's dissection figure: 3-D embeddings of 5 vs 10 identities, softmax vs D-Softmax",
     "data": "data pipeline samples/s against a bare decode loop",
     "stream": "shards of many identities: write, start-up, samples/s vs bare tar reads, memory per worker",
+    "backbone": "backbones' forward + backward per step, activation checkpointing off and on, side by side",
     "kernels": "triton backend vs torch chunked vs naive on CUDA (time, peak memory, bf16 matmul fraction)",
 }
 

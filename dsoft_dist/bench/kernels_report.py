@@ -92,6 +92,8 @@ def report(out_dir: str) -> str:
         + json.dumps(result.get("matmul", {}), indent=1) + "\n```",
         "## Whole head step, torch chunked path, fp32 (dsoft_dist.bench.head)\n```\n"
         + _read(os.path.join(out_dir, "head.log")) + "\n```",
+        "## Backbone training step, ViT-B, bf16, activation checkpointing off and on (dsoft bench backbone)\n```\n"
+        + _read(os.path.join(out_dir, "backbone.log")) + "\n```",
         "## dsoft plan with this GPU's profile (plan-profile.json; docs/scale.md)\n```\n"
         + _read(os.path.join(out_dir, "plan.log")) + "\n```",
         "## nvidia-smi\n```\n" + _read(os.path.join(out_dir, "nvidia-smi.txt")) + "\n```",

@@ -11,7 +11,7 @@ from fractions import Fraction
 from typing import Optional
 
 from dsoft_dist.losses.modules import resolve_margins
-from dsoft_dist.models.registry import MODELS
+from dsoft_dist.models.registry import CHECKPOINTING_MODELS, MODELS
 
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 NEGATIVES = ("all", "batch", "random", "partial")
@@ -46,13 +46,15 @@ def parse_fraction(text: str, key: str) -> float:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Backbone: name from MODELS, embedding size, input image size (square)."""
+    """Backbone: name from MODELS, embedding size, input image size (square), activation checkpointing."""
 
     name: str = "iresnet_tiny"
     embedding_size: int = 512
     input_size: int = 112
     in_features: int = 0  # input vector size for name="mlp" (synthetic vector mode)
     dropout: float = 0.0
+    # recompute each block's activations in backward instead of storing them (same loss and gradients)
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         _choice("model.name", self.name, MODELS)
@@ -60,6 +62,10 @@ class ModelConfig:
         _positive("model.input_size", self.input_size)
         _check(self.in_features >= 0, "model.in_features", self.in_features, "must be >= 0 (0 = unused)")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        _check(not self.activation_checkpointing or self.name in CHECKPOINTING_MODELS,
+               "model.activation_checkpointing", self.activation_checkpointing,
+               f"model {self.name!r} has no blocks to checkpoint; set it false or use one of "
+               f"{', '.join(CHECKPOINTING_MODELS)}")
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,7 @@ Entry points (see docs/data.md):
   ``len(loader)`` steps on every rank;
 - ``SyntheticIdentities`` / ``SyntheticVectors``: the procedural identity source;
 - ``load_manifest`` / ``check_num_classes``: the converters' dataset manifests;
-- ``dsoft data synth | from-rec | from-folder | make-bin | verify``: the CLI.
+- ``dsoft data synth | from-rec | from-folder | align | make-bin | verify``: the CLI.
 """
 from dsoft_dist.data.manifest import Manifest, ManifestError, check_num_classes, load_manifest
 from dsoft_dist.data.pipeline import TrainLoader, build_train_loader

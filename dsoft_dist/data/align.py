@@ -1,12 +1,15 @@
 """Five-point face alignment: a similarity transform from detected landmarks to the 112 x 112 ArcFace
-template, and the bilinear warp that applies it. Training data (``dsoft data align``, ``from-folder
---landmarks``) and IJB evaluation go through these same functions.
+template, the bilinear warp that applies it, and the landmark file. Training data (``dsoft data align``:
+dsoft_dist.data.align_folder; ``from-folder --landmarks``) and IJB evaluation go through these same functions.
 
     from dsoft_dist.data.align import align_face
     crop = align_face(image, landmarks)  # (H, W, 3) uint8 RGB, (5, 2) x/y pixels -> (112, 112, 3) uint8
 
 Landmarks are, in order: left eye, right eye, nose tip, left mouth corner, right mouth corner, as
-(x, y) pixel coordinates whose integers are pixel centres (the convention of common detectors).
+(x, y) pixel coordinates whose integers are pixel centres (the convention of common detectors); "left"
+is the image's left (the subject's right eye). A landmark file line is ``IDENTITY/IMAGE x1 y1 ... x5 y5
+[SCORE]`` (68-point lines, 136 coordinates, are reduced to five as the IJB scripts do). The identity is the
+first path component: the raw folder is ``ROOT/<identity>/<image>``, like from-folder's input.
 """
 from __future__ import annotations
 
@@ -15,7 +18,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dsoft_dist.data.manifest import sha256_file
+from dsoft_dist.data.shards import BadData
+from dsoft_dist.observability import get_logger
+
+log = get_logger(__name__)
+
 ALIGNED_SIZE = 112
+ALIGN_VERSION = 1  # bump when the same images, landmarks and options give other crops
+FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # image suffix -> its encoding
 # Where the five landmarks land in a 112 x 112 crop (x, y): the template ArcFace-family models are trained on.
 TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                          [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
@@ -93,6 +104,14 @@ def align_face(image: np.ndarray, landmarks, size: int = ALIGNED_SIZE) -> np.nda
     return warp_affine(image, matrix, size)
 
 
+def landmarks_from_68(points) -> np.ndarray:
+    """(68, 2) dlib / iBUG 300-W points (or 136 numbers) -> (5, 2) in the template's order, as the IJB scripts
+    reduce them: each eye is the midpoint of its two corners (36, 39 and 42, 45), the nose tip is 30, the
+    mouth corners 48 and 54 (0-based indices; the image's left first)."""
+    p = np.asarray(points, dtype=np.float64).reshape(68, 2)
+    return np.stack([(p[36] + p[39]) / 2, (p[42] + p[45]) / 2, p[30], p[48], p[54]])
+
+
 class LandmarkRow(NamedTuple):
     """One line of a landmark file: the image's path (relative to the file's image root), its (5, 2) points,
     the detector score (None when the line has none) and where the line is, for messages."""
@@ -105,7 +124,8 @@ class LandmarkRow(NamedTuple):
 def read_landmark_file(path: str, need_score: bool = False) -> list[LandmarkRow]:
     """Reads ``PATH x1 y1 ... x5 y5 [SCORE]`` lines (blank lines and ``#`` comments skipped): the layout of
     IJB's ``*_name_5pts_score.txt`` and of ``dsoft data align``'s landmark file. Fields are split on
-    whitespace, so image paths hold no spaces.
+    whitespace, so image paths hold no spaces. A line of 68 points (136 coordinates in dlib / iBUG order,
+    optional score) is reduced to five by ``landmarks_from_68``.
 
     Raises FileNotFoundError for a missing file and ValueError naming ``file:line`` for a malformed line
     (a field count other than 11 or 12, a number that does not parse, a non-finite value, a missing score
@@ -120,18 +140,132 @@ def read_landmark_file(path: str, need_score: bool = False) -> list[LandmarkRow]
             if not fields or fields[0].startswith("#"):
                 continue
             where = f"{path}:{number}"
-            if len(fields) not in (11, 12) or (need_score and len(fields) != 12):
+            coords = 136 if len(fields) in (137, 138) else 10  # 68 points, or five
+            if len(fields) not in (11, 12, 137, 138) or (need_score and len(fields) != coords + 2):
                 wanted = "12 fields (image, ten coordinates, score)" if need_score else \
                     "11 or 12 fields (image, ten coordinates, optional score)"
-                raise ValueError(f"{where}: {len(fields)} fields in {line.strip()[:80]!r}: a line is {wanted}")
+                raise ValueError(f"{where}: {len(fields)} fields in {line.strip()[:80]!r}: a line is {wanted} "
+                                 "(or 137/138 with 68 points)")
             try:
                 numbers = [float(v) for v in fields[1:]]
             except ValueError:
                 raise ValueError(f"{where}: {line.strip()[:80]!r} has a field that is not a number after the "
                                  "image path") from None
+            score = numbers[coords] if len(numbers) == coords + 1 else None
+            if coords == 136:
+                if not np.isfinite(numbers[:coords]).all():
+                    raise ValueError(f"{where}: a 68-point line holds a non-finite coordinate: fix the file")
+                numbers = landmarks_from_68(numbers[:coords]).ravel().tolist()
             points = check_landmarks(numbers[:10], what=where)
-            score = numbers[10] if len(numbers) == 11 else None
             if score is not None and not np.isfinite(score):
-                raise ValueError(f"{where}: the score {fields[11]} is not finite")
+                raise ValueError(f"{where}: the score {fields[-1]} is not finite")
             rows.append(LandmarkRow(fields[0], points, score, where))
     return rows
+
+
+# ---- a raw folder's landmark file ------------------------------------------------------------
+
+def face_path(row: LandmarkRow) -> str:
+    """The row's image path as ``IDENTITY/IMAGE``; ValueError naming the line when it has no identity folder,
+    a deeper one, is absolute or climbs (``..``), or is not a .jpg/.jpeg/.png/.webp file."""
+    parts = [p for p in row.path.split("/") if p not in ("", ".")]
+    if row.path.startswith("/") or ".." in parts or len(parts) != 2:
+        raise ValueError(f"{row.where}: the image path {row.path!r} is not IDENTITY/IMAGE: the file names each "
+                         "image relative to ROOT/<identity>/<image>, its folder being the identity")
+    if os.path.splitext(parts[1])[1].lower() not in FORMATS:
+        raise ValueError(f"{row.where}: {row.path!r} is not a {'/'.join(FORMATS)} file: convert the image first")
+    return "/".join(parts)
+
+
+class LandmarkTable(NamedTuple):
+    """A raw folder's landmark file: ``rows`` maps ``IDENTITY/IMAGE`` to its line (for lines scoring at least
+    the threshold), ``low_score`` is the set of images whose line scores below it, ``sha256`` the file's digest."""
+    rows: dict
+    low_score: set
+    sha256: str
+
+
+def read_landmark_table(path: str, min_score: float | None = None) -> LandmarkTable:
+    """Reads a landmark file for ``dsoft data align`` / ``from-folder --landmarks`` (``read_landmark_file``:
+    with min_score every line needs a score, and lines scoring below it are counted, not kept).
+
+    ValueError naming ``file:line`` for a path that is not IDENTITY/IMAGE (``face_path``), an image named
+    twice, five points that are one point; ValueError for a file without lines or a non-finite min_score.
+    """
+    if min_score is not None and not np.isfinite(min_score):
+        raise ValueError(f"the minimum score {min_score} is not a finite number")
+    rows, seen, low = {}, {}, set()
+    for row in read_landmark_file(path, need_score=min_score is not None):
+        key = face_path(row)
+        if key in seen:
+            raise ValueError(f"{row.where}: {key} already has landmarks at {seen[key]}: keep one line per image")
+        seen[key] = row.where
+        if ((row.points - row.points.mean(0)) ** 2).sum() / 5 <= 1e-12:  # similarity_transform's test
+            raise ValueError(f"{row.where}: the five points of {key} are all one point: no alignment fits them")
+        if min_score is not None and row.score < min_score:
+            low.add(key)
+        else:
+            rows[key] = row
+    if not seen:
+        raise ValueError(f"landmark file {path} holds no landmark lines (IDENTITY/IMAGE x1 y1 ... x5 y5 [SCORE])")
+    return LandmarkTable(rows, low, sha256_file(path))
+
+
+class Faces(NamedTuple):
+    """What a raw folder gives to align: ``items`` [(image path, identity, points (5, 2))] in the folder scan's
+    order, ``identities`` sorted, and ``counts`` of the images left out: low_score, missing_image, unlisted."""
+    items: list
+    identities: list
+    counts: dict
+
+
+def select_faces(root: str, scanned: list, table: LandmarkTable, policy: str = "skip") -> Faces:
+    """Matches a landmark table to the images of ``scan_folder(root)`` (``scanned``: [(path, label)]).
+
+    A line naming no image of the folder is bad data (``missing_image``: counted, BadDataError under
+    policy "fail"); images without a line are counted and logged by name (a few), never dropped silently.
+    """
+    bad = BadData(policy, where="[landmarks] ")
+    items, unlisted, found = [], [], set()
+    for path, _ in scanned:
+        key = os.path.relpath(path, root).replace(os.sep, "/")
+        if key in table.rows:
+            items.append((path, key.split("/")[0], table.rows[key].points))
+            found.add(key)
+        elif key not in table.low_score:
+            unlisted.append(key)
+    for key, row in table.rows.items():  # in the file's order
+        if key not in found:
+            bad.report("missing_image", f"{row.where}: {key} is not an image file in {root}")
+    if unlisted:
+        log.warning("%d images in %s have no landmark line and are left out, e.g. %s", len(unlisted), root,
+                    ", ".join(unlisted[:3]))
+    counts = {"low_score": len(table.low_score), "missing_image": bad.counts["missing_image"],
+              "unlisted": len(unlisted)}
+    if not items:
+        raise ValueError(f"no image of {root} is left to align ({left_out(counts)}): the landmark file names images "
+                         "as IDENTITY/IMAGE relative to ROOT")
+    return Faces(items, sorted({identity for _, identity, _ in items}), counts)
+
+
+def left_out(counts: dict) -> str:
+    """One phrase for what an alignment left out: 'skipped 2 (low_score 1, corrupt_image 1), images without a
+    landmark line: 3'."""
+    kinds = [(k, counts.get(k, 0)) for k in ("low_score", "missing_image", "corrupt_image") if counts.get(k, 0)]
+    text = f"skipped {sum(n for _, n in kinds)}" + (f" ({', '.join(f'{k} {n}' for k, n in kinds)})" if kinds else "")
+    return text + f", images without a landmark line: {counts.get('unlisted', 0)}"
+
+
+def output_name(name: str, fmt: str | None) -> tuple[str, str]:
+    """(file name, encoding) of an image's crop: its own name and format (fmt None), else stem + '.' + fmt."""
+    stem, suffix = os.path.splitext(name)
+    own = FORMATS[suffix.lower()]
+    return (name, own) if fmt in (None, own) else (f"{stem}.{fmt}", fmt)
+
+
+def check_crop_size(size: int) -> int:
+    """The crop side in pixels; ValueError below 16 (the template's points would merge)."""
+    if not isinstance(size, int) or size < 16:
+        raise ValueError(f"crop size {size!r}: give at least 16 pixels (the template is defined at 112, the "
+                         "default; it scales with the size)")
+    return size

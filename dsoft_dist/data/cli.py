@@ -5,12 +5,15 @@
     dsoft data from-npy features.npy labels.npy OUT --dtype float16
     dsoft data from-rec /data/ms1m/train.rec OUT --workers 8
     dsoft data from-folder /data/faces OUT --workers 4
+    dsoft data align /data/raw /data/aligned --landmarks /data/raw/landmarks.txt   # -> OUT/<identity>/<image>
+    dsoft data from-folder /data/raw OUT --landmarks /data/raw/landmarks.txt       # align while converting
     dsoft data make-bin OUT.bin --synthetic 300 --pairs 3000 --image-size 112
     dsoft data make-bin OUT_pairs.txt --folder /data/val --pairs 100000
     dsoft data verify OUT            # shards (size, sha256, samples, labels) + classes.tsv against the manifest
 
 A converter rerun into the same OUT resumes only the conversion recorded there (same source
 listing, options and converter version); another is refused unless --overwrite replaces it.
+`data align` does the same with the alignment recorded in OUT/alignment.json.
 """
 from __future__ import annotations
 
@@ -80,8 +83,32 @@ def register(subparsers) -> None:
         p.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: seeded shuffle)")
         p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default 0)")
         p.add_argument("--check-decode", action="store_true", help="fully decode every image while converting")
+        if name == "from-folder":
+            p.add_argument("--landmarks", metavar="FILE", help="align each image on the fly: a landmark file of "
+                           "IDENTITY/IMAGE x1 y1 ... x5 y5 [SCORE] lines (see `dsoft data align`)")
+            p.add_argument("--align-size", type=int, help="with --landmarks: crop side in pixels (default 112)")
+            _min_score_arg(p)
         _shard_args(p)
         p.set_defaults(func=_from_rec if name == "from-rec" else _from_folder)
+
+    p = sub.add_parser("align", help="five-point alignment: ROOT/<identity>/<image> + landmark file -> "
+                       "OUT/<identity>/<image> crops for from-folder")
+    p.add_argument("src", help="raw images as ROOT/<identity>/<image>")
+    p.add_argument("out", help="where the crops go, as OUT/<identity>/<image> (a new or empty folder, or this "
+                   "alignment's own to resume it)")
+    p.add_argument("--landmarks", metavar="FILE", required=True, help="one line per image: IDENTITY/IMAGE (relative "
+                   "to ROOT) x1 y1 ... x5 y5 [SCORE]: eyes, nose tip, mouth corners, the image's left first")
+    p.add_argument("--size", type=int, default=112, help="crop side in pixels; the template scales (default 112)")
+    p.add_argument("--format", choices=("jpg", "png"), help="encode every crop so (JPEG quality 95; default: "
+                   "each image's own format and name)")
+    _min_score_arg(p)
+    p.add_argument("--workers", type=int, default=1, help="parallel aligning processes (default 1)")
+    p.add_argument("--bad-data", choices=("skip", "fail"), default="skip", help="skip+count or stop at images "
+                   "that are missing or do not decode")
+    p.add_argument("--overwrite", action="store_true", help="remove the alignment already in OUT and redo all "
+                   "(without it a rerun resumes only the same images, landmarks and options, and refuses another)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (bars are drawn on a terminal only)")
+    p.set_defaults(func=_align)
 
     p = sub.add_parser("make-bin", help="verification .bin (or a pair list if OUT ends in .txt)")
     p.add_argument("out")
@@ -103,6 +130,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-checksums", action="store_true", help="check sizes only: read no shard (no sha256, "
                    "sample count or label check)")
     p.set_defaults(func=_verify)
+
+
+def _min_score_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-score", type=float, metavar="S", help="skip (and count) faces whose detector score is "
+                   "below S; every landmark line then needs a score")
 
 
 def _refuse(args, names: tuple[str, ...], why: str) -> None:
@@ -153,8 +185,19 @@ def _from_rec(args) -> int:
 def _from_folder(args) -> int:
     from dsoft_dist.data.convert import from_folder
 
+    if args.landmarks is None:
+        _refuse(args, ("align_size", "min_score"), "apply to --landmarks only: add --landmarks FILE, or drop them")
     from_folder(args.src, args.out, shuffle=not args.no_shuffle, seed=args.seed, check_decode=args.check_decode,
-                **_shard_kw(args))
+                landmarks=args.landmarks, align_size=112 if args.align_size is None else args.align_size,
+                min_score=args.min_score, **_shard_kw(args))
+    return 0
+
+
+def _align(args) -> int:
+    from dsoft_dist.data.align_folder import align_folder
+
+    align_folder(args.src, args.out, args.landmarks, size=args.size, fmt=args.format, min_score=args.min_score,
+                 policy=args.bad_data, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress)
     return 0
 
 

@@ -12,10 +12,12 @@ listing or option, or shards of an older dsoft that recorded none) is refused wi
 naming what differs. ``overwrite=True`` removes the earlier conversion's files (manifest,
 shards, sidecars, ``classes.tsv``) and redoes everything, so a folder never mixes two.
 
-Samples are ``{key}.jpg|png|webp`` (the source bytes, unchanged) + ``{key}.cls``.
+Samples are ``{key}.jpg|png|webp`` (the source bytes, unchanged) + ``{key}.cls``; from a folder with a
+landmark file (``--landmarks``), the bytes are each image's aligned crop instead (``dsoft_dist.data.align``).
 
     dsoft data from-rec /data/ms1m/train.rec /data/ms1m-wds --workers 8
     dsoft data from-folder /data/faces /data/faces-wds
+    dsoft data from-folder /data/raw /data/faces-wds --landmarks /data/raw/landmarks.txt --align-size 112
     dsoft data synth /tmp/synth --identities 1000 --samples-per-identity 20 --image-size 112
 """
 from __future__ import annotations
@@ -33,6 +35,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from dsoft_dist.data.align import (ALIGN_VERSION, FORMATS, align_face, check_crop_size, left_out, output_name,
+                                   read_landmark_table, select_faces)
 from dsoft_dist.data.decode import decode_image, image_format
 from dsoft_dist.data.manifest import (CLASSES_NAME, CONVERTER_VERSION, MANIFEST_NAME, PARTS, Manifest, ShardInfo,
                                       fingerprint, read_conversion, sha256_file, spec_differences, write_conversion,
@@ -277,7 +281,7 @@ def from_rec(rec_path: str, out_dir: str, shuffle: bool = True, seed: int = 0, c
 
 # ---- image folders --------------------------------------------------------------------
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = tuple(FORMATS)  # .jpg .jpeg .png .webp
 
 
 def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -315,17 +319,57 @@ def _file_sample(item):
     return f"{number:09d}", data, label
 
 
+def aligned_image(path: str, points, size: int, fmt: str) -> bytes:
+    """An image file aligned on its five landmarks (``align_face``: (5, 2) or ten numbers) into a size x size
+    crop, encoded as fmt (``encode_image``): what ``dsoft data align`` writes and ``from-folder --landmarks``
+    shards. Raises OSError/ValueError for an unreadable image."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return encode_image(align_face(decode_image(data), points, size), fmt)
+
+
+def _aligned_sample(size: int, item):
+    number, path, label, points, fmt = item
+    return f"{number:09d}", aligned_image(path, points, size, fmt), label
+
+
+def _landmark_items(root: str, scanned: list, landmarks: str, size: int, min_score: float | None, policy: str):
+    """The scanned images that have a landmark line (``select_faces``), labelled over their identities:
+    (class names, [(path, label, ten numbers, encoding)], the alignment's part of the source spec)."""
+    table = read_landmark_table(landmarks, min_score)
+    faces = select_faces(root, scanned, table, policy)
+    label = {name: i for i, name in enumerate(faces.identities)}
+    items = [(path, label[identity], tuple(points.ravel()), output_name(os.path.basename(path), None)[1])
+             for path, identity, points in faces.items]
+    log.info("aligning %d faces of %d identities on the fly; %s", len(items), len(label), left_out(faces.counts))
+    align = {"align_version": ALIGN_VERSION, "landmarks": os.path.abspath(landmarks), "landmarks_sha256": table.sha256,
+             "size": size, "min_score": min_score}
+    return faces.identities, items, align
+
+
 def from_folder(root: str, out_dir: str, shuffle: bool = True, seed: int = 0, check_decode: bool = False,
+                landmarks: str | None = None, align_size: int = 112, min_score: float | None = None,
                 **kw) -> Manifest:
-    """ROOT/<identity>/<image> -> shards; writes classes.tsv (label TAB folder name)."""
+    """ROOT/<identity>/<image> -> shards; writes classes.tsv (label TAB folder name).
+
+    With ``landmarks`` (a landmark file, see ``dsoft_dist.data.align``) each image is aligned to an
+    align_size crop on the fly, in its own format, exactly as ``dsoft data align`` would write it; images
+    without a line, or scoring below min_score, are left out (counted), and the classes are the identities
+    that have a face. The landmark file's digest and these options are part of the conversion's fingerprint.
+    """
     classes, items = scan_folder(root)
     source = {"kind": "folder", "path": os.path.abspath(root), "images": len(items),
               "listing": folder_listing(root, items), "shuffle_seed": seed if shuffle else None,
               "check_decode": check_decode}
+    make = _file_sample
+    if landmarks is not None:
+        classes, items, source["align"] = _landmark_items(root, items, landmarks, check_crop_size(align_size),
+                                                          min_score, kw.get("policy", "skip"))
+        make = partial(_aligned_sample, align_size)
     order = np.random.default_rng(seed).permutation(len(items)) if shuffle else range(len(items))
-    items = [(int(i), *items[i]) for i in order]  # (number in the sorted scan, path, label)
+    items = [(int(i), *items[i]) for i in order]  # (number in the sorted scan, path, label[, points, format])
     table = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
-    return run_shards(out_dir, items, partial(image_samples, _file_sample, check_decode), len(classes), source,
+    return run_shards(out_dir, items, partial(image_samples, make, check_decode), len(classes), source,
                       side_files={CLASSES_NAME: table}, **kw)
 
 

@@ -4,8 +4,14 @@
     dsoft eval --checkpoint runs/demo --bin val.bin                    # a run folder: its backbone.pt
     dsoft eval --checkpoint ckpt/backbone.pt --identify probes/ gallery/ --distractors megaface/ --rank-k 1 5 10
     dsoft eval --identify probes.npz gallery.npz --distractors distractors.npy     # precomputed: no checkpoint
+    dsoft eval --checkpoint ckpt/backbone.pt --ijb /data/IJB_release/IJBC --ijb-target IJBC --report out/
+    dsoft eval --checkpoint ckpt/backbone.pt --ijb ROOT --nproc 4      # 4 local processes embed the images
+    torchrun --nproc-per-node 8 -m dsoft_dist.cli eval --checkpoint CKPT --ijb ROOT   # or the launched ranks
     dsoft export --checkpoint ckpt/backbone.pt --format onnx out/backbone.onnx
 
+``--ijb ROOT``: the IJB-B / IJB-C protocol (dsoft_dist.eval.ijb; ``--ijb-no-score``, ``--ijb-normalize``,
+``--no-flip`` switch its parts); the images are shared by ``--nproc`` local ranks or by torchrun's ranks,
+and rank 0 prints and writes the report.
 ``--identify PROBES GALLERY``: image folders ``ROOT/<identity>/<image>`` (identities matched by
 folder name), shard sets, or ``.npz`` files of ``embeddings`` (N, D) + ``ids`` (N,);
 ``--distractors``: any images under a folder, a shard set, or ``.npz``/``.npy`` embeddings
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 from dsoft_dist.observability import get_logger
 
@@ -32,8 +39,8 @@ CHECKPOINT_HELP = ("a run folder (logging.output_dir of dsoft train: its backbon
 
 def register(subparsers) -> None:
     """Adds the ``eval`` and ``export`` subcommands."""
-    p = subparsers.add_parser("eval", help="verification (.bin, 10-fold), TAR@FAR (pair lists) and rank-k "
-                              "identification for a checkpoint",
+    p = subparsers.add_parser("eval", help="verification (.bin, 10-fold), TAR@FAR (pair lists), rank-k "
+                              "identification and IJB-B/IJB-C for a checkpoint",
                               description="Evaluate a backbone checkpoint; prints a table, optionally writes a report.")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP + "; needed unless every input is .npz embeddings")
     p.add_argument("--bin", nargs="+", default=[], metavar="BIN", help="InsightFace .bin verification sets")
@@ -55,11 +62,12 @@ def register(subparsers) -> None:
                    help="folds of the k-fold verification protocol on .bin sets (default 10, the LFW protocol)")
     p.add_argument("--far", type=float, default=1e-3, help="FAR for VAL@FAR on .bin sets")
     p.add_argument("--fars", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], metavar="FAR",
-                   help="false accept rates at which TAR is reported for pair lists (default 1e-6 ... 1e-1)")
+                   help="false accept rates at which TAR is reported for pair lists and --ijb (default 1e-6 ... 1e-1)")
     p.add_argument("--interpolation", choices=("linear", "none"), default="linear", help="TAR@FAR rule")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bars (default: on a terminal; never in redirected output)")
+    _add_ijb_arguments(p)
     p.set_defaults(func=run_eval)
 
     e = subparsers.add_parser("export", help="export a backbone checkpoint to ONNX or TorchScript",
@@ -73,6 +81,22 @@ def register(subparsers) -> None:
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's, 20 in torch 2.13)")
     e.add_argument("--no-check", dest="check", action="store_false", help="skip the parity check")
     e.set_defaults(func=run_export)
+
+
+def _add_ijb_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ijb", metavar="ROOT",
+                   help="an IJB-B / IJB-C release folder (loose_crop/ and meta/): 1:1 TAR@FAR read as arcface_torch "
+                        "reads it (at --fars) and, when the 1:N lists are there, TPIR@FPIR and rank-1/5/10")
+    p.add_argument("--ijb-target", choices=("IJBC", "IJBB"), default="IJBC",
+                   help="the release --ijb holds: its meta files are named ijbc_* or ijbb_* (default IJBC)")
+    p.add_argument("--ijb-no-score", dest="ijb_score", action="store_false",
+                   help="--ijb: do not weigh each image feature by its detector score (the standard protocol does)")
+    p.add_argument("--ijb-normalize", action="store_true",
+                   help="--ijb: L2-normalize each image feature before weighting and pooling (the standard script's "
+                        "'norm' variant; by default the feature norm weighs the image)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="--ijb: local processes that share the images (gloo on CPU, nccl on GPUs), rank 0 scores "
+                        "(default 1); under torchrun the launched ranks share them (leave --nproc out there)")
 
 
 def backbone_file(path: str) -> str:
@@ -107,20 +131,35 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for role, path in sets.items():
         if path:
             check_exists(path, role)
-    if not args.bin and not args.pairs and not args.identify:
-        raise ValueError("nothing to evaluate; pass --bin FILE..., --pairs FILE... and/or --identify PROBES GALLERY")
+    if not args.bin and not args.pairs and not args.identify and not args.ijb:
+        raise ValueError("nothing to evaluate; pass --bin FILE..., --pairs FILE..., --identify PROBES GALLERY "
+                         "and/or --ijb ROOT")
+    _check_ijb_inputs(args)
     if args.distractors and not args.identify:
         raise ValueError(f"--distractors {args.distractors} needs --identify PROBES GALLERY")
     if args.identify and min(args.rank_k) < 1:
         raise ValueError(f"--rank-k {min(args.rank_k)} is invalid: ranks start at 1, e.g. --rank-k 1 5 10")
     if args.checkpoint:
         return
-    if args.bin:
-        raise ValueError("--bin needs --checkpoint: the images must be embedded by a model")
+    for flag, given in (("--bin", args.bin), ("--ijb", args.ijb)):
+        if given:
+            raise ValueError(f"{flag} needs --checkpoint: the images must be embedded by a model")
     images = [(role, p) for role, p in sets.items() if p and not p.endswith(EMBEDDING_SUFFIXES)]
     if images:
         raise ValueError(f"{images[0][0]} {images[0][1]!r} holds images: pass --checkpoint so they can be "
                          "embedded, or give .npz embeddings + ids")
+
+
+def _check_ijb_inputs(args: argparse.Namespace) -> None:
+    """The IJB-only options need --ijb; --nproc must be >= 1."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc} is invalid: pass 1 or more processes")
+    if args.ijb:
+        return
+    for flag, given in (("--nproc", args.nproc > 1), ("--ijb-no-score", not args.ijb_score),
+                        ("--ijb-normalize", args.ijb_normalize)):
+        if given:
+            raise ValueError(f"{flag} applies to --ijb ROOT only: add --ijb ROOT or drop {flag}")
 
 
 def _load_model(args: argparse.Namespace):
@@ -138,7 +177,9 @@ def _load_model(args: argparse.Namespace):
     return model
 
 
-def _evaluate(args: argparse.Namespace) -> dict:
+def _evaluate(args: argparse.Namespace, layout=None, model=None, ijb_features=None) -> dict:
+    """Every evaluation the arguments ask for. layout, model, ijb_features: already loaded / embedded (by the
+    ranks of an --ijb run, ``_rank_main``), else loaded here."""
     from dsoft_dist.config.schema import EvalConfig  # noqa: PLC0415 (keep `dsoft --help` fast)
     from dsoft_dist.eval.idsets import evaluate_identification  # noqa: PLC0415
     from dsoft_dist.eval.runner import evaluate_all  # noqa: PLC0415
@@ -146,9 +187,21 @@ def _evaluate(args: argparse.Namespace) -> dict:
     _check_inputs(args)
     cfg = EvalConfig(bins=args.bin, pairs=args.pairs, flip=args.flip, batch_size=args.batch_size, folds=args.folds,
                      fars=args.fars)  # validates the values (ConfigError is a ValueError)
-    model = _load_model(args)
-    results = evaluate_all(model, cfg, device=args.device, far=args.far, progress=args.progress,
-                           interpolation=args.interpolation)
+    if args.ijb and layout is None:  # a bad layout fails before a large model is loaded
+        from dsoft_dist.eval.ijb_meta import load_layout  # noqa: PLC0415
+
+        layout = load_layout(args.ijb, args.ijb_target)
+    model = model if model is not None else _load_model(args)
+    results = {}
+    if args.ijb:
+        from dsoft_dist.eval.ijb import evaluate_ijb  # noqa: PLC0415
+
+        results["ijb"] = {args.ijb_target: evaluate_ijb(
+            model, args.ijb, args.ijb_target, flip=args.flip, use_score=args.ijb_score, normalize=args.ijb_normalize,
+            fars=args.fars, batch_size=args.batch_size, device=args.device, progress=args.progress, layout=layout,
+            features=ijb_features)}
+    results = {**evaluate_all(model, cfg, device=args.device, far=args.far, progress=args.progress,
+                              interpolation=args.interpolation), **results}
     if args.identify:
         results["identification"] = [evaluate_identification(
             model, *args.identify, distractors=args.distractors, ks=args.rank_k, backend=args.backend,
@@ -156,15 +209,125 @@ def _evaluate(args: argparse.Namespace) -> dict:
     return {"checkpoint": args.checkpoint, "flip": args.flip, **results}
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """``dsoft eval``: prints the tables. Bad input raises: ``dsoft``'s main turns it into one line, exit 2."""
+def _finish(results: dict, args: argparse.Namespace) -> int:
+    """Prints the tables and writes the --report files."""
     from dsoft_dist.eval.report import format_tables, write_report  # noqa: PLC0415
 
-    results = _evaluate(args)
     sys.stdout.write(format_tables(results) + "\n")  # the command's result (logs go to stderr)
     if args.report:
         paths = write_report(results, args.report)
         sys.stdout.write("report: " + ", ".join(paths[k] for k in sorted(paths)) + "\n")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``dsoft eval``: prints the tables. Bad input raises: ``dsoft``'s main turns it into one line, exit 2.
+
+    With --ijb, under torchrun (RANK/WORLD_SIZE set) this process is one of the ranks that share the images
+    (``_rank_main``); with --nproc N > 1 it starts N local ranks (``_spawn_ranks``).
+    """
+    from dsoft_dist.train.distributed import under_launcher  # noqa: PLC0415
+
+    if args.ijb and under_launcher():
+        return _rank_main(args)
+    if args.ijb and args.nproc > 1:
+        return _spawn_ranks(args)
+    return _finish(_evaluate(args), args)
+
+
+def _rank_main(args: argparse.Namespace, layout=None) -> int:
+    """One rank of an --ijb run (torchrun's or spawned): joins the process group, reads the layout, embeds its
+    share and sends it to rank 0; the group is closed, then rank 0 alone scores, runs every other evaluation
+    and prints. A bad layout is reported by the lowest rank that found it, once, before every rank exits 2."""
+    from dsoft_dist.cli import USER_ERROR_EXIT  # noqa: PLC0415
+    from dsoft_dist.eval.ijb import ijb_features  # noqa: PLC0415
+    from dsoft_dist.train.distributed import distributed  # noqa: PLC0415
+
+    with distributed("gloo" if args.device == "cpu" else "auto") as env:
+        args.device, args.progress = str(env.device), args.progress and env.is_main
+        layout = _layout_on_every_rank(args, layout, env)
+        if layout is None:
+            return USER_ERROR_EXIT
+        model = _load_model(args)
+        features = ijb_features(model, layout, flip=args.flip, batch_size=args.batch_size, device=args.device,
+                                progress=args.progress)
+    if features is not None:  # rank 0, after every rank left the group: nothing below can leave one waiting
+        _finish(_evaluate(args, layout, model, features), args)
+    return 0
+
+
+def _layout_on_every_rank(args: argparse.Namespace, layout, env):
+    """The checked layout on every rank, or None on every rank when any rank could not read it: the lowest such
+    rank writes the one error line, and a barrier holds the others until it is written (a launcher stops all
+    ranks as soon as one exits)."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from dsoft_dist.cli import report_user_error  # noqa: PLC0415
+    from dsoft_dist.eval.ijb_meta import load_layout  # noqa: PLC0415
+    from dsoft_dist.parallel import all_reduce  # noqa: PLC0415
+
+    error = None
+    try:
+        _check_inputs(args)
+        layout = layout if layout is not None else load_layout(args.ijb, args.ijb_target)
+    except (OSError, ValueError) as err:
+        error = err
+    flag = torch.tensor([env.rank if error is not None else env.world_size], device=env.device)
+    first = int(all_reduce(flag, op=dist.ReduceOp.MIN).item())
+    if first == env.world_size:
+        return layout
+    if env.rank == first:
+        report_user_error("dsoft eval", error)
+    dist.barrier()
+    return None
+
+
+def _spawned_rank(args_dict: dict, error_dir: str, layout) -> None:
+    """``_rank_main`` in a process ``spawn_local`` started: a user error is written as one line to
+    ``error_dir/rank<R>.txt`` for the parent to print once, and the process exits 2."""
+    from dsoft_dist.cli import USER_ERROR_EXIT, error_line, traceback_wanted, user_errors  # noqa: PLC0415
+
+    try:
+        code = _rank_main(argparse.Namespace(**args_dict), layout)
+    except user_errors() as err:
+        if traceback_wanted():
+            raise
+        with open(os.path.join(error_dir, f"rank{os.environ['RANK']}.txt"), "w", encoding="utf-8") as fh:
+            fh.write(error_line("dsoft eval", err))
+        code = USER_ERROR_EXIT
+    if code:
+        raise SystemExit(code)
+
+
+def _spawn_ranks(args: argparse.Namespace) -> int:
+    """--ijb with --nproc N: the inputs and the layout are checked here (a bad one is one line before any process
+    starts), then N local ranks share the images (``train.distributed.spawn_local``, the project's one way)."""
+    import torch  # noqa: PLC0415
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    from dsoft_dist.cli import USER_ERROR_EXIT  # noqa: PLC0415
+    from dsoft_dist.eval.ijb_meta import load_layout  # noqa: PLC0415
+    from dsoft_dist.train.distributed import spawn_local  # noqa: PLC0415
+
+    _check_inputs(args)
+    backbone_file(args.checkpoint)
+    gpus = torch.cuda.device_count() if args.device != "cpu" and torch.cuda.is_available() else 0
+    if gpus and args.nproc > gpus:
+        raise ValueError(f"--nproc {args.nproc} on GPUs needs one GPU per process and {gpus} are visible: pass "
+                         f"--nproc {gpus}, or --device cpu for {args.nproc} CPU processes")
+    layout = load_layout(args.ijb, args.ijb_target)
+    plain = {k: v for k, v in vars(args).items() if k != "func"}
+    with tempfile.TemporaryDirectory(prefix="dsoft-rank-errors-") as error_dir:
+        try:
+            spawn_local(_spawned_rank, args.nproc, (plain, error_dir, layout))
+        except mp.ProcessExitedException as err:
+            reports = sorted(os.listdir(error_dir))
+            if err.exit_code != USER_ERROR_EXIT or not reports:
+                raise
+            with open(os.path.join(error_dir, reports[0]), encoding="utf-8") as fh:
+                sys.stderr.write(fh.read() + "\n")
+            return USER_ERROR_EXIT
     return 0
 
 

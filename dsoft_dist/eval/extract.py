@@ -40,22 +40,29 @@ def _batch(images, start: int, stop: int, input_size: int) -> torch.Tensor:
         if chunk.shape[1:3] != (input_size, input_size):
             chunk = np.stack([decode_image(im, input_size) for im in chunk])
         return images_to_tensor(chunk)
-    return images_to_tensor(np.stack([decode_image(item, input_size) for item in images[start:stop]]))
+    items = images[start:stop]
+    if isinstance(items, np.ndarray):  # a lazy sequence whose slices are uint8 (B, H, W, 3) images (IJB crops)
+        return images_to_tensor(items)
+    return images_to_tensor(np.stack([decode_image(item, input_size) for item in items]))
 
 
-def _input_size(model: nn.Module) -> int:
+def model_input_size(model: nn.Module) -> int:
+    """The square image side ``model`` takes (its ``input_size``; 112 when it has none), through DDP wrappers."""
     inner = getattr(model, "module", model)
     return int(getattr(inner, "input_size", 112))
 
 
 @torch.inference_mode()
 def extract_embeddings(model: nn.Module, images, batch_size: int = 256, flip: bool = False, device=None,
-                       progress: bool = False, out: np.ndarray | None = None, desc: str = "embeddings") -> np.ndarray:
-    """Embeds N inputs with `model` in eval mode. Returns float32 (N, D) L2-normalized rows.
+                       progress: bool = False, out: np.ndarray | None = None, desc: str = "embeddings",
+                       normalize: bool = True) -> np.ndarray:
+    """Embeds N inputs with `model` in eval mode. Returns float32 (N, D) rows, L2-normalized unless normalize
+    is False (then the raw f(x), or f(x) + f(mirror(x)) with flip).
 
     images: a sequence of encoded images (bytes, e.g. from load_bin), a uint8 (N, H, W, 3) array
     (resized to the model's input_size when needed), a float (N, 3, H, W) tensor/array already
-    normalized to [-1, 1], or (N, in_features) float vectors for ``mlp``. device: defaults to the
+    normalized to [-1, 1], (N, in_features) float vectors for ``mlp``, or a sequence whose slices are
+    uint8 (B, H, W, 3) arrays at the model's input size (images made on demand). device: defaults to the
     model's device. out: optional preallocated (N, D) float32 array or memmap to fill. progress: a bar
     on stderr when it is a terminal (never in redirected output; observability.progress).
     The model's train/eval mode is restored.
@@ -64,7 +71,7 @@ def extract_embeddings(model: nn.Module, images, batch_size: int = 256, flip: bo
         raise ValueError(f"batch_size={batch_size} is invalid: must be >= 1")
     n = len(images)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    size, was_training = _input_size(model), model.training
+    size, was_training = model_input_size(model), model.training
     bar = progress_bar(total=n, desc=desc, unit="img", enabled=progress, leave=False)  # drawn on a terminal only
     model.eval()
     try:
@@ -75,7 +82,7 @@ def extract_embeddings(model: nn.Module, images, batch_size: int = 256, flip: bo
             emb = model(x)  # (B, D)
             if flip:
                 emb = emb + model(torch.flip(x, dims=[3]))
-            emb = torch.nn.functional.normalize(emb.float(), dim=1).cpu().numpy()
+            emb = (torch.nn.functional.normalize(emb.float(), dim=1) if normalize else emb.float()).cpu().numpy()
             if out is None:
                 out = np.empty((n, emb.shape[1]), dtype=np.float32)
             if out.shape != (n, emb.shape[1]):

@@ -15,6 +15,10 @@ resolved by the data; they are still computed (as above) and flagged in ``roc_me
 AUC: trapezoid area under the vertices (= Mann-Whitney U / (n_pos n_neg), ties count 1/2).
 EER: the FAR where the piecewise-linear ROC crosses TAR = 1 - FAR.
 
+``tar_at_far_nearest`` is the third rule, the one arcface_torch's IJB-B/IJB-C script uses (and
+so the published IJB tables): on sklearn's default ROC (``roc_corners``), the TAR of the vertex
+whose FAR is nearest the target (``nearest_far_index`` states its tie rule).
+
     from dsoft_dist.eval import tar_at_far
     tar_at_far(scores, is_same, [1e-4, 1e-3])  # {0.0001: 0.93, 0.001: 0.97}
 """
@@ -39,20 +43,63 @@ def _check(scores, is_same) -> tuple[np.ndarray, np.ndarray]:
     return s, y
 
 
+def _vertex_counts(scores, is_same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fp (V,), tp (V,), thresholds (V,)): accepted counts at each distinct score, descending; no (0, 0)."""
+    s, y = _check(scores, is_same)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last_of_run = np.r_[s[1:] != s[:-1], True]  # (n,) end of each group of tied scores
+    return np.cumsum(~y)[last_of_run], np.cumsum(y)[last_of_run], s[last_of_run]
+
+
 def roc_curve(scores, is_same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC vertices: (far (V,), tar (V,), thresholds (V,)); vertex v accepts score >= thresholds[v].
 
     The first vertex is (0, 0) with threshold +inf; one vertex per distinct score after it.
     """
-    s, y = _check(scores, is_same)
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last_of_run = np.r_[s[1:] != s[:-1], True]  # (n,) end of each group of tied scores
-    tp = np.cumsum(y)[last_of_run]
-    fp = np.cumsum(~y)[last_of_run]
-    far = np.r_[0.0, fp / fp[-1]]
-    tar = np.r_[0.0, tp / tp[-1]]
-    return far, tar, np.r_[np.inf, s[last_of_run]]
+    fp, tp, thr = _vertex_counts(scores, is_same)
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]], np.r_[np.inf, thr]
+
+
+def roc_corners(scores, is_same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC as sklearn's ``roc_curve`` returns it by default (``drop_intermediate=True``): (far, tar, thr).
+
+    From the distinct-score vertices (before the (0, 0) start is added) every vertex that lies on a
+    straight line through its two neighbours in counts (both second differences of the FP and TP
+    counts zero) is dropped; the first and the last are kept; then (0, 0) with threshold +inf is
+    prepended. arcface_torch's IJB script reads TAR@FAR on exactly this curve (``tar_at_far_nearest``).
+    """
+    fp, tp, thr = _vertex_counts(scores, is_same)
+    if len(fp) > 2:
+        keep = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+        fp, tp, thr = fp[keep], tp[keep], thr[keep]
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]], np.r_[np.inf, thr]
+
+
+def nearest_far_index(far: np.ndarray, target: float) -> int:
+    """The vertex arcface_torch's IJB script reads at a target FAR: the one whose FAR is nearest the target.
+
+    Its rule: flip the (far, tar) arrays, take ``min(zip(|far - target|, index))``: the smallest distance,
+    and among equal distances the smallest flipped index, i.e. the LAST vertex in ascending order. So at
+    a FAR reached by several vertices (a vertical run) the highest TAR is read, and of two vertices
+    equally far below and above the target, the one above. Returns the index into the ascending arrays.
+    """
+    dist = np.abs(far - target)
+    return len(far) - 1 - int(np.argmin(dist[::-1]))  # argmin takes the first minimum of the flipped array
+
+
+def tar_at_far_nearest(scores, is_same, fars=DEFAULT_FARS) -> dict:
+    """TAR at each target FAR read as arcface_torch's IJB evaluation reads it: {far: tar}.
+
+    The ROC is ``roc_corners`` (sklearn's default curve) and each target takes the TAR of the vertex
+    ``nearest_far_index`` picks. Unlike ``tar_at_far`` this can read a vertex whose FAR is above the
+    target; it is offered so that IJB figures compare with the published tables.
+    """
+    for f in fars:
+        if not 0.0 < f < 1.0:
+            raise ValueError(f"FAR {f} is invalid: each target FAR must be in (0, 1), e.g. 1e-4")
+    far, tar, _ = roc_corners(scores, is_same)
+    return {float(f): float(tar[nearest_far_index(far, float(f))]) for f in fars}
 
 
 def _tar_from_curve(far: np.ndarray, tar: np.ndarray, target: float, interpolation: str) -> tuple[float, int]:

@@ -2,7 +2,8 @@
 
 File contents (a ``torch.save`` dict, readable with ``torch.load(weights_only=True)``):
 ``{"format": "dsoft_backbone", "version": 1, "model": {name, embedding_size, input_size,
-in_features, dropout}, "state_dict": {...}, "extra": {...}}``. Checkpoints are treated as
+in_features, dropout, activation_checkpointing}, "state_dict": {...}, "extra": {...}}``; a file
+written before ``activation_checkpointing`` existed loads with it false. Checkpoints are treated as
 untrusted: loading never unpickles arbitrary objects.
 
     save_backbone("ckpt/backbone.pt", model, {"name": "iresnet_tiny", "embedding_size": 64, "input_size": 32})
@@ -30,7 +31,7 @@ def _cfg_dict(model_cfg) -> dict:
         model_cfg = dataclasses.asdict(model_cfg)
     if not isinstance(model_cfg, dict) or "name" not in model_cfg:
         raise ValueError(f"model config {model_cfg!r} is invalid: pass a dict (or ModelConfig) with at least 'name'")
-    known = {"name", "embedding_size", "input_size", "in_features", "dropout"}
+    known = {"name", "embedding_size", "input_size", "in_features", "dropout", "activation_checkpointing"}
     unknown = sorted(set(model_cfg) - known)
     if unknown:
         raise ValueError(f"model config has unknown keys {unknown}: use only {sorted(known)}")

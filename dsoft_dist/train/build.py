@@ -27,9 +27,7 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
 def build_backbone(cfg: Config) -> nn.Module:
     """The backbone initialized from ``cfg.seed`` (every rank builds the same weights)."""
     torch.manual_seed(cfg.seed)
-    m = cfg.model
-    return build_model(m.name, embedding_size=m.embedding_size, input_size=m.input_size,
-                       in_features=m.in_features, dropout=m.dropout)
+    return build_model(**dataclasses.asdict(cfg.model))  # ModelConfig's fields are build_model's arguments
 
 
 def backbone_param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:

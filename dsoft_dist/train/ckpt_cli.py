@@ -1,4 +1,5 @@
-"""``dsoft ckpt inspect PATH`` and ``dsoft ckpt export PATH OUT``: look into a run checkpoint, take it out.
+"""``dsoft ckpt inspect PATH``, ``dsoft ckpt export PATH OUT`` and ``dsoft ckpt import``: look into a run
+checkpoint, take it out, bring arcface_torch (InsightFace) weights in.
 
     dsoft ckpt inspect runs/demo/checkpoints/step-00000300     # step, writer's world size, sizes, manifest check
     dsoft ckpt inspect runs/demo/checkpoints                    # the folder ``latest`` names
@@ -6,6 +7,9 @@
                                                                 # inspects the newest (``latest``)
     dsoft ckpt export runs/demo/checkpoints/step-00000300 out/  # out/backbone.pt (dsoft eval / dsoft export)
                                                                 # + out/head.pt: the merged (C, D) classifier
+    dsoft ckpt export --to insightface runs/r50 backbone.pth    # arcface_torch's backbone.pth (a state_dict)
+    dsoft ckpt import --from insightface backbone.pth --model r100 r100.pt   # our backbone.pt: dsoft eval,
+                                                                # dsoft train --init-from r100.pt
 Single process; reads with weights-only loading. Exit codes: 0; 1 when inspect finds a file that does not
 match the manifest; 2 when PATH is not a readable checkpoint (one ``dsoft ckpt ...: error:`` line).
 """
@@ -81,12 +85,13 @@ def _inspect(args) -> int:
     return 0 if problem is None else 1
 
 
-def _export(args) -> int:
-    from dsoft_dist.head import assemble_rows
-    from dsoft_dist.models import build_model, save_backbone
+def _checkpoint_backbone(path: str):
+    """(step folder, model with its weights, model config dict, trainer state) of the checkpoint PATH names
+    (a step folder, a checkpoint root or a run folder: ``resolve``); refuses one whose manifest fails."""
+    from dsoft_dist.models import build_model
     from dsoft_dist.train.checkpoint import load_weights_only, verify
 
-    folder, note = resolve(args.path)
+    folder, note = resolve(path)
     if note:
         log.info("%s", note)
     problem = verify(folder)
@@ -96,6 +101,17 @@ def _export(args) -> int:
     m = state["config"]["model"]
     model = build_model(**m)  # the saved ModelConfig's fields are build_model's arguments
     model.load_state_dict(load_weights_only(os.path.join(folder, "backbone.pt")))
+    return folder, model, m, state
+
+
+def _export(args) -> int:
+    if args.to == "insightface":
+        return _export_insightface(args)
+    from dsoft_dist.head import assemble_rows
+    from dsoft_dist.models import save_backbone
+    from dsoft_dist.train.checkpoint import load_weights_only
+
+    folder, model, m, state = _checkpoint_backbone(args.path)
     os.makedirs(args.out, exist_ok=True)
     save_backbone(os.path.join(args.out, "backbone.pt"), model, m, extra={"step": state["step"]})
     with open(os.path.join(folder, "head", "meta.json"), encoding="utf-8") as fh:
@@ -110,16 +126,79 @@ def _export(args) -> int:
     return 0
 
 
+def _out_file(out: str, name: str) -> str:
+    """OUT itself, or OUT/name when OUT is a folder (one that exists, or a path ending in a separator)."""
+    return os.path.join(out, name) if os.path.isdir(out) or out.endswith(os.sep) else out
+
+
+def _export_insightface(args) -> int:
+    """``dsoft ckpt export --to insightface PATH OUT``: arcface_torch's backbone.pth (their names, a plain
+    state_dict) from a backbone.pt or a run checkpoint."""
+    from dsoft_dist.head.state import atomic_save
+    from dsoft_dist.models import load_backbone
+    from dsoft_dist.models.insightface import export_state_dict, resolve_name
+
+    if os.path.isfile(args.path):
+        model, cfg = load_backbone(args.path)
+    else:
+        _, model, cfg, _ = _checkpoint_backbone(args.path)
+    theirs = export_state_dict(cfg, model.state_dict())
+    out = _out_file(args.out, "backbone.pth")
+    atomic_save(theirs, out)
+    sys.stdout.write(f"exported {cfg['name']} from {args.path} to {out}: arcface_torch's "
+                     f"{resolve_name(cfg['name'])[0]}, {cfg['embedding_size']}-d embedding, {len(theirs)} entries\n")
+    return 0
+
+
+def _import(args) -> int:
+    """``dsoft ckpt import --from insightface SRC --model NAME OUT``: arcface_torch's backbone.pth as our
+    backbone.pt (``save_backbone``; extra records the source, its model and sha256)."""
+    from dsoft_dist.data.manifest import sha256_file
+    from dsoft_dist.models import build_model, save_backbone
+    from dsoft_dist.models.insightface import import_state_dict, read_arcface_file, resolve_name
+
+    their, _ = resolve_name(args.model)  # an unknown name is refused before the file is read
+    cfg, state = import_state_dict(read_arcface_file(args.src), their, source=args.src)
+    model = build_model(**cfg)
+    model.load_state_dict(state)
+    out = _out_file(args.out, "backbone.pt")
+    save_backbone(out, model, cfg, extra={"imported_from": args.source, "source_model": their,
+                                          "source_sha256": sha256_file(args.src)})
+    params = sum(p.numel() for p in model.parameters())
+    sys.stdout.write(f"imported {args.src} (arcface_torch {their}) to {out}: {cfg['name']}, "
+                     f"{cfg['embedding_size']}-d embedding, {params / 1e6:.2f}M parameters\n")
+    return 0
+
+
 def register(subparsers) -> None:
-    """Adds ``dsoft ckpt inspect | export``."""
-    p = subparsers.add_parser("ckpt", help="inspect or export a run checkpoint",
+    """Adds ``dsoft ckpt inspect | export | import``."""
+    p = subparsers.add_parser("ckpt", help="inspect or export a run checkpoint; arcface_torch weights in and out",
                               description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
     i = sub.add_parser("inspect", help="step, world size, sizes; verifies the manifest (exit 1 if it fails)")
     i.add_argument("path", help="a step folder, a checkpoint root (its `latest`), or a run folder (lists its "
                    "checkpoints, inspects the newest)")
     i.set_defaults(func=_inspect)
-    e = sub.add_parser("export", help="the backbone for dsoft eval/export and the merged (C, D) head")
-    e.add_argument("path", help="a step folder, a checkpoint root (its `latest`), or a run folder (its newest)")
-    e.add_argument("out", help="output folder")
+    e = sub.add_parser("export", help="the backbone for dsoft eval/export and the merged (C, D) head; or, with "
+                       "--to insightface, arcface_torch's backbone.pth")
+    e.add_argument("path", help="a step folder, a checkpoint root (its `latest`), or a run folder (its newest); "
+                   "with --to insightface also a backbone.pt")
+    e.add_argument("out", help="output folder; with --to insightface the file to write (arcface_torch's "
+                   "convention: backbone.pth), or a folder (existing, or ending in /) that gets backbone.pth")
+    e.add_argument("--to", choices=["insightface"], default=None,
+                   help="write another trainer's format instead: insightface = arcface_torch's backbone.pth, the "
+                   "plain state_dict its model.load_state_dict(torch.load(...)) reads (models r18..r200, mbf, "
+                   "mbf_large, vit_t..vit_l at 112 px)")
     e.set_defaults(func=_export)
+    m = sub.add_parser("import", help="arcface_torch's backbone.pth as our backbone.pt (dsoft eval, dsoft train "
+                       "--init-from)")
+    m.add_argument("--from", dest="source", required=True, choices=["insightface"],
+                   help="the trainer that wrote SRC: insightface = arcface_torch (its backbone.pth, a state_dict, "
+                   "or its checkpoint_gpu_N.pt)")
+    m.add_argument("src", metavar="SRC", help="the file to import (loaded weights-only: a file that needs code to "
+                   "unpickle is refused)")
+    m.add_argument("--model", required=True, help="the backbone SRC holds, arcface_torch's name or ours: "
+                   "r18 r34 r50 r100 r200 mbf mbf_large vit_t vit_s vit_b vit_l (iresnet18 ... iresnet200)")
+    m.add_argument("out", metavar="OUT", help="the backbone.pt to write (a folder, existing or ending in /, gets "
+                   "backbone.pt)")
+    m.set_defaults(func=_import)

@@ -56,10 +56,14 @@ def _data_identity(data) -> dict:
     return {"source": "webdataset", "shards": data.shards}
 
 
+# model keys that choose how the same numbers are computed, not which run it is: they may change on resume
+_MODEL_NOT_DEFINING = ("activation_checkpointing",)
+
+
 def run_identity(cfg) -> dict:
     """The config values that define the run (flat ``section.key`` names), without those that may change
     between the attempts of one run."""
-    model = {f"model.{k}": v for k, v in vars(cfg.model).items()}
+    model = {f"model.{k}": v for k, v in vars(cfg.model).items() if k not in _MODEL_NOT_DEFINING}
     data = {f"data.{k}": v for k, v in _data_identity(cfg.data).items()}
     return {**model, "head.loss": cfg.head.loss, "head.negatives": cfg.head.negatives,
             "data.num_classes": cfg.data.num_classes, **data}

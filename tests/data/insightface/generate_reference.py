@@ -7,9 +7,10 @@ of InsightFace (the tests never reach the network and never need it):
 
 ``--parity`` also builds each of arcface_torch's models with random weights and random BatchNorm
 statistics, saves its state_dict as a backbone.pth, imports it with ``dsoft ckpt import --from insightface``
-and prints the largest relative difference of the two models' embeddings (eval mode, 112 px, float64)
-into parity.txt. arcface_torch's ViT imports ``timm`` for three small helpers; when timm is absent a
-stand-in module provides them (DropPath is the identity in eval mode, which is all the parity needs).
+and prints the largest relative difference of the two models' embeddings (eval mode, 112 px, float64;
+float32 for the ViTs, whose attention casts to float32 itself) into parity.txt. arcface_torch's ViT
+imports ``timm`` for three small helpers; when timm is absent a stand-in module provides them (DropPath
+is the identity in eval mode, which is all the parity needs).
 """
 from __future__ import annotations
 
@@ -103,11 +104,15 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def parity(root: str, names) -> list[str]:
-    """One line per model: the largest |ours - theirs| / max|theirs| over a batch of random 112 px images."""
+    """One line per model: the largest |ours - theirs| / max|theirs| over a batch of random 112 px images.
+
+    float64 on both sides, except the ViTs: arcface_torch's attention casts q, k and v to float32 itself
+    (``qkv[0].float()``), so its ViT cannot run in float64; they are compared in float32."""
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            model = their_model(root, name).eval().double()
+            dtype = torch.float32 if name.startswith("vit") else torch.float64
+            model = their_model(root, name).eval().to(dtype)
             randomize(model, seed=len(lines))
             src, out = os.path.join(tmp, f"{name}.pth"), os.path.join(tmp, f"{name}.pt")
             torch.save({k: v.float() for k, v in model.state_dict().items()}, src)
@@ -115,14 +120,15 @@ def parity(root: str, names) -> list[str]:
                             "--model", name, out], check=True)
             from dsoft_dist.models import load_backbone
             ours, cfg = load_backbone(out)
-            ours = ours.double().eval()
+            ours = ours.to(dtype).eval()
             model.load_state_dict(torch.load(src))  # the float32 weights both sides hold
-            model.double()
-            x = torch.rand(4, 3, 112, 112, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2 - 1
+            model.to(dtype)
+            x = torch.rand(4, 3, 112, 112, generator=torch.Generator().manual_seed(7), dtype=dtype) * 2 - 1
             with torch.no_grad():
                 theirs, mine = model(x), ours(x)
             rel = ((mine - theirs).abs().max() / theirs.abs().max()).item()
-            line = f"{name} -> {cfg['name']}: max relative difference {rel:.2e} (batch 4, 112 px, float64, eval)"
+            line = (f"{name} -> {cfg['name']}: max relative difference {rel:.2e} (batch 4, 112 px, "
+                    f"{str(dtype).removeprefix('torch.')}, eval)")
             print(line)
             lines.append(line)
     return lines
