@@ -112,6 +112,16 @@ def landmarks_from_68(points) -> np.ndarray:
     return np.stack([(p[36] + p[39]) / 2, (p[42] + p[45]) / 2, p[30], p[48], p[54]])
 
 
+def data_lines(path: str):
+    """Yields (fields, where, line number) of each data line of a whitespace-separated text file: blank lines
+    and ``#`` comments skipped; ``where`` is ``file:line`` for messages. The landmark file and IJB's meta lists."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            fields = line.split()
+            if fields and not fields[0].startswith("#"):
+                yield fields, f"{path}:{number}", number
+
+
 class LandmarkRow(NamedTuple):
     """One line of a landmark file: the image's path (relative to the file's image root), its (5, 2) points,
     the detector score (None when the line has none) and where the line is, for messages."""
@@ -134,32 +144,27 @@ def read_landmark_file(path: str, need_score: bool = False) -> list[LandmarkRow]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"landmark file {path} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            where = f"{path}:{number}"
-            coords = 136 if len(fields) in (137, 138) else 10  # 68 points, or five
-            if len(fields) not in (11, 12, 137, 138) or (need_score and len(fields) != coords + 2):
-                wanted = "12 fields (image, ten coordinates, score)" if need_score else \
-                    "11 or 12 fields (image, ten coordinates, optional score)"
-                raise ValueError(f"{where}: {len(fields)} fields in {line.strip()[:80]!r}: a line is {wanted} "
-                                 "(or 137/138 with 68 points)")
-            try:
-                numbers = [float(v) for v in fields[1:]]
-            except ValueError:
-                raise ValueError(f"{where}: {line.strip()[:80]!r} has a field that is not a number after the "
-                                 "image path") from None
-            score = numbers[coords] if len(numbers) == coords + 1 else None
-            if coords == 136:
-                if not np.isfinite(numbers[:coords]).all():
-                    raise ValueError(f"{where}: a 68-point line holds a non-finite coordinate: fix the file")
-                numbers = landmarks_from_68(numbers[:coords]).ravel().tolist()
-            points = check_landmarks(numbers[:10], what=where)
-            if score is not None and not np.isfinite(score):
-                raise ValueError(f"{where}: the score {fields[-1]} is not finite")
-            rows.append(LandmarkRow(fields[0], points, score, where))
+    for fields, where, _ in data_lines(path):
+        coords = 136 if len(fields) in (137, 138) else 10  # 68 points, or five
+        if len(fields) not in (11, 12, 137, 138) or (need_score and len(fields) != coords + 2):
+            wanted = "12 fields (image, ten coordinates, score)" if need_score else \
+                "11 or 12 fields (image, ten coordinates, optional score)"
+            raise ValueError(f"{where}: {len(fields)} fields in {' '.join(fields)[:80]!r}: a line is {wanted} "
+                             "(or 137/138 with 68 points)")
+        try:
+            numbers = [float(v) for v in fields[1:]]
+        except ValueError:
+            raise ValueError(f"{where}: {' '.join(fields)[:80]!r} has a field that is not a number after the "
+                             "image path") from None
+        score = numbers[coords] if len(numbers) == coords + 1 else None
+        if coords == 136:
+            if not np.isfinite(numbers[:coords]).all():
+                raise ValueError(f"{where}: a 68-point line holds a non-finite coordinate: fix the file")
+            numbers = landmarks_from_68(numbers[:coords]).ravel().tolist()
+        points = check_landmarks(numbers[:10], what=where)
+        if score is not None and not np.isfinite(score):
+            raise ValueError(f"{where}: the score {fields[-1]} is not finite")
+        rows.append(LandmarkRow(fields[0], points, score, where))
     return rows
 
 

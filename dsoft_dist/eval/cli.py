@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 from dsoft_dist.observability import get_logger
 
@@ -283,32 +282,18 @@ def _layout_on_every_rank(args: argparse.Namespace, layout, env):
     return None
 
 
-def _spawned_rank(args_dict: dict, error_dir: str, layout) -> None:
-    """``_rank_main`` in a process ``spawn_local`` started: a user error is written as one line to
-    ``error_dir/rank<R>.txt`` for the parent to print once, and the process exits 2."""
-    from dsoft_dist.cli import USER_ERROR_EXIT, error_line, traceback_wanted, user_errors  # noqa: PLC0415
-
-    try:
-        code = _rank_main(argparse.Namespace(**args_dict), layout)
-    except user_errors() as err:
-        if traceback_wanted():
-            raise
-        with open(os.path.join(error_dir, f"rank{os.environ['RANK']}.txt"), "w", encoding="utf-8") as fh:
-            fh.write(error_line("dsoft eval", err))
-        code = USER_ERROR_EXIT
-    if code:
-        raise SystemExit(code)
+def _spawned_rank(args_dict: dict, layout) -> int:
+    """``_rank_main`` in a local rank ``spawn_ranks`` started (the namespace travels as a plain dict)."""
+    return _rank_main(argparse.Namespace(**args_dict), layout)
 
 
 def _spawn_ranks(args: argparse.Namespace) -> int:
     """--ijb with --nproc N: the inputs and the layout are checked here (a bad one is one line before any process
     starts), then N local ranks share the images (``train.distributed.spawn_local``, the project's one way)."""
     import torch  # noqa: PLC0415
-    import torch.multiprocessing as mp  # noqa: PLC0415
 
-    from dsoft_dist.cli import USER_ERROR_EXIT  # noqa: PLC0415
+    from dsoft_dist.cli import spawn_ranks  # noqa: PLC0415
     from dsoft_dist.eval.ijb_meta import load_layout  # noqa: PLC0415
-    from dsoft_dist.train.distributed import spawn_local  # noqa: PLC0415
 
     _check_inputs(args)
     backbone_file(args.checkpoint)
@@ -318,17 +303,7 @@ def _spawn_ranks(args: argparse.Namespace) -> int:
                          f"--nproc {gpus}, or --device cpu for {args.nproc} CPU processes")
     layout = load_layout(args.ijb, args.ijb_target)
     plain = {k: v for k, v in vars(args).items() if k != "func"}
-    with tempfile.TemporaryDirectory(prefix="dsoft-rank-errors-") as error_dir:
-        try:
-            spawn_local(_spawned_rank, args.nproc, (plain, error_dir, layout))
-        except mp.ProcessExitedException as err:
-            reports = sorted(os.listdir(error_dir))
-            if err.exit_code != USER_ERROR_EXIT or not reports:
-                raise
-            with open(os.path.join(error_dir, reports[0]), encoding="utf-8") as fh:
-                sys.stderr.write(fh.read() + "\n")
-            return USER_ERROR_EXIT
-    return 0
+    return spawn_ranks("dsoft eval", _spawned_rank, args.nproc, (plain, layout))
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dsoft_dist.data.align import read_landmark_file
+from dsoft_dist.data.align import data_lines, read_landmark_file
 from dsoft_dist.eval.ijb_protocol import mate_counts
 
 TARGETS = ("IJBC", "IJBB")
@@ -88,13 +88,9 @@ def meta_file(root: str, target: str, what: str) -> str:
 
 def _data_line(path: str, index: int) -> int:
     """The 1-based file line of the index-th data line (blank lines and '#' comments skipped)."""
-    seen = -1
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip() and not line.lstrip().startswith("#"):
-                seen += 1
-                if seen == index:
-                    return number
+    for seen, (_, _, number) in enumerate(data_lines(path)):
+        if seen == index:
+            return number
     raise ValueError(f"{path} has no data line {index}")
 
 
@@ -111,18 +107,13 @@ def read_tid_mid(path: str) -> tuple[list[str], np.ndarray, np.ndarray, list[int
     Blank lines and '#' comments are skipped (as in the landmark file). ValueError names ``file:line``.
     """
     names, ids, lines = [], [], []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            where = f"{path}:{number}"
-            if len(fields) != 3:
-                raise ValueError(f"{where}: {len(fields)} fields in {line.strip()[:80]!r}: a line is "
-                                 "'image_name template_id media_id'")
-            names.append(fields[0])
-            ids.append(_ints(fields[1:], where, "a template id and a media id"))
-            lines.append(number)
+    for fields, where, number in data_lines(path):
+        if len(fields) != 3:
+            raise ValueError(f"{where}: {len(fields)} fields in {' '.join(fields)[:80]!r}: a line is "
+                             "'image_name template_id media_id'")
+        names.append(fields[0])
+        ids.append(_ints(fields[1:], where, "a template id and a media id"))
+        lines.append(number)
     if not names:
         raise ValueError(f"{path} names no image: a line is 'image_name template_id media_id'")
     ids = np.asarray(ids, dtype=np.int64).reshape(-1, 2)
@@ -132,16 +123,11 @@ def read_tid_mid(path: str) -> tuple[list[str], np.ndarray, np.ndarray, list[int
 def _pairs_slow(path: str) -> np.ndarray:
     """The line-by-line reading of a pair list, for its error message naming the bad line."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            where = f"{path}:{number}"
-            if len(fields) != 3:
-                raise ValueError(f"{where}: {len(fields)} fields in {line.strip()[:80]!r}: a line is "
-                                 "'template_id_1 template_id_2 label'")
-            rows.append(_ints(fields, where, "two template ids and a label"))
+    for fields, where, _ in data_lines(path):
+        if len(fields) != 3:
+            raise ValueError(f"{where}: {len(fields)} fields in {' '.join(fields)[:80]!r}: a line is "
+                             "'template_id_1 template_id_2 label'")
+        rows.append(_ints(fields, where, "two template ids and a label"))
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -59,45 +58,13 @@ def run_rank(cfg_dict: dict) -> None:
     release_collected()
 
 
-def _spawned_rank(cfg_dict: dict, error_dir: str) -> None:
-    """``run_rank`` in a rank ``spawn_local`` started. A user error (``dsoft_dist.cli.user_errors``: a missing
-    file, a bad value) is written as one line to ``error_dir/rank<R>.txt`` and the rank exits 2, so the parent
-    reports it once instead of re-raising every rank's traceback."""
-    from dsoft_dist.cli import USER_ERROR_EXIT, error_line, traceback_wanted, user_errors
-
-    try:
-        run_rank(cfg_dict)
-    except user_errors() as err:
-        if traceback_wanted():
-            raise
-        with open(os.path.join(error_dir, f"rank{os.environ['RANK']}.txt"), "w", encoding="utf-8") as fh:
-            fh.write(error_line("dsoft train", err))
-        raise SystemExit(USER_ERROR_EXIT) from None
-
-
 def _spawn(cfg_dict: dict, nproc: int) -> int:
-    """``nproc`` local ranks; 0, or 2 after printing the first failing rank's user error (see _spawned_rank)."""
-    import torch.multiprocessing as mp
+    """``nproc`` local ranks of ``run_rank``; 0, or 2 after printing the first failing rank's user error once."""
+    from dsoft_dist.cli import spawn_ranks
 
-    from dsoft_dist.cli import USER_ERROR_EXIT
-    from dsoft_dist.train.distributed import spawn_local
-
-    with tempfile.TemporaryDirectory(prefix="dsoft-rank-errors-") as error_dir:
-        try:
-            spawn_local(_spawned_rank, nproc, (cfg_dict, error_dir))
-        except mp.ProcessExitedException as err:
-            path = os.path.join(error_dir, f"rank{err.error_index}.txt")
-            if err.exit_code < 0 and err.signal_name in ("SIGINT", "SIGTERM"):  # before its handlers were set
-                sys.stderr.write(f"dsoft train: local rank {err.error_index} was stopped by {err.signal_name} while "
-                                 "starting (before it could checkpoint); the same command starts again from the "
-                                 "newest checkpoint, if there is one\n")
-                return 128 - err.exit_code
-            if err.exit_code != USER_ERROR_EXIT or not os.path.isfile(path):
-                raise
-            with open(path, encoding="utf-8") as fh:
-                sys.stderr.write(fh.read() + "\n")
-            return USER_ERROR_EXIT
-    return 0
+    return spawn_ranks("dsoft train", run_rank, nproc, (cfg_dict,),
+                       stopped_note="before it could checkpoint; the same command starts again from the newest "
+                                    "checkpoint, if there is one")
 
 
 def preflight(cfg: Config) -> None:
