@@ -46,6 +46,18 @@ def check_image_input(x: torch.Tensor, input_size: int, model_name: str) -> None
         )
 
 
+def init_weights(module: nn.Module, linear: bool = False) -> None:
+    """Kaiming-normal (fan_out, relu) weights for every conv (and Linear layer when ``linear``), scale 1 and
+    shift 0 for every BatchNorm, in ``module.modules()`` order (the order decides the random draws)."""
+    weighted = (nn.Conv2d, nn.Linear) if linear else nn.Conv2d
+    for m in module.modules():
+        if isinstance(m, weighted):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 @contextlib.contextmanager
 def _running_statistics_held(block: nn.Module):
     """While a checkpointed block is recomputed in backward: its BatchNorms normalize with the batch's
@@ -135,12 +147,7 @@ class IResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.input_size, self.name)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsoft_dist.models.iresnet import check_image_input, spatial_after_strides
+from dsoft_dist.models.iresnet import check_image_input, init_weights, spatial_after_strides
 from dsoft_dist.models.mobilefacenet import conv_bn
 
 MBF_BLOCKS = (1, 4, 6, 2)
@@ -93,15 +93,7 @@ class ArcFaceMobileNet(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.linear = nn.Linear(GDC_CHANNELS, embedding_size, bias=False)
         self.features = nn.BatchNorm1d(embedding_size)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.input_size, self.name)
