@@ -56,21 +56,11 @@ def _time(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _supports_checkpointing(name: str, args) -> bool:
-    """Whether build_model takes activation_checkpointing=True for this model (it refuses models without it)."""
-    from dsoft_dist.models import build_model  # noqa: PLC0415
-
-    try:
-        with torch.device("meta"):
-            build_model(name, embedding_size=args.dim, input_size=args.input_size, activation_checkpointing=True)
-    except ValueError:
-        return False
-    return True
-
-
 def bench_model(name: str, args, device: torch.device) -> list[dict]:
     """One record per checkpointing setting: median seconds per step over the repeats, images/s, peak MiB."""
-    settings = [False, True] if _supports_checkpointing(name, args) else [False]
+    from dsoft_dist.models.registry import CHECKPOINTING_MODELS  # noqa: PLC0415
+
+    settings = [False, True] if name in CHECKPOINTING_MODELS else [False]
     runs = {s: _setup(name, s, args, device) for s in settings}
     times: dict[bool, list[float]] = {s: [] for s in settings}
     peaks = {}

@@ -11,15 +11,13 @@ alignment, is refused unless ``overwrite`` removes the earlier crops.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import re
-from contextlib import nullcontext
 from functools import partial
 
 from dsoft_dist.data.align import (ALIGN_VERSION, ALIGNED_SIZE, FORMATS, check_crop_size, left_out, output_name,
                                    read_landmark_table, select_faces)
-from dsoft_dist.data.convert import aligned_image, folder_listing, scan_folder
+from dsoft_dist.data.convert import aligned_image, folder_listing, scan_folder, worker_pool
 from dsoft_dist.data.manifest import fingerprint, spec_differences, write_text_atomic
 from dsoft_dist.data.shards import BadData
 from dsoft_dist.observability import get_logger
@@ -84,10 +82,9 @@ def _run(job, todo: list, workers: int, progress: bool, bad: BadData, counts: di
     """Runs ``job`` over ``todo`` in a pool of ``workers`` (a bar on a terminal; redirected, a log line each
     tenth of 1000 or more images) and counts its results into counts / bad."""
     step = len(todo) // 10 if len(todo) >= 1000 else 0
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
-    with progress_bar(total=len(todo), desc="aligning", unit="img", enabled=progress) as bar, pool or nullcontext():
-        results = pool.imap_unordered(job, todo, chunksize=8) if pool else map(job, todo)
-        for done, (kind, message) in enumerate(results, 1):
+    with progress_bar(total=len(todo), desc="aligning", unit="img", enabled=progress) as bar, \
+            worker_pool(workers, len(todo)) as pool:
+        for done, (kind, message) in enumerate(pool.imap_unordered(job, todo, chunksize=8), 1):
             if kind:
                 bad.report(kind, message)
             else:

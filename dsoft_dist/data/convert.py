@@ -217,7 +217,7 @@ def _write_all(out_dir: str, jobs, todo, parts: dict, write, workers: int, progr
     step, done = (len(todo) // 10 if len(todo) >= 20 else 0), 0
     with progress_bar(total=sum(len(c) for _, c in todo), desc="writing shards", unit=unit,
                       enabled=bool(progress)) as bar:
-        with (mp.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else _Serial()) as pool:
+        with worker_pool(workers, len(todo)) as pool:
             for shard_id, part in pool.imap_unordered(write, todo):
                 parts[shard_id], done = part, done + 1
                 bar.update(len(jobs[shard_id][1]))
@@ -230,10 +230,16 @@ def _job(out_dir, policy, prefix, make_samples, digest, job):
     return shard_id, _write_shard(out_dir, shard_id, chunk, policy, prefix, make_samples, digest)
 
 
+def worker_pool(workers: int, jobs: int):
+    """A fork Pool of ``workers`` processes, or, when one process is enough (1 worker or 1 job), a stand-in
+    whose ``imap_unordered`` is ``map``. Use it as a context manager."""
+    return mp.get_context("fork").Pool(workers) if workers > 1 and jobs > 1 else _Serial()
+
+
 class _Serial:
     """Stands in for a Pool when one process is enough (tests, tiny inputs)."""
 
-    def imap_unordered(self, fn, jobs):
+    def imap_unordered(self, fn, jobs, chunksize: int = 1):
         return map(fn, jobs)
 
     def __enter__(self):

@@ -122,8 +122,10 @@ def backbone_file(path: str) -> str:
     raise ValueError(f"--checkpoint {path!r} is a folder without {BACKBONE_FILE}: pass {CHECKPOINT_HELP}")
 
 
-def _check_inputs(args: argparse.Namespace) -> None:
-    """Refuses an empty run and inputs that need a model when there is no --checkpoint, before any work."""
+def _check_inputs(args: argparse.Namespace):
+    """Refuses an empty run, inputs that need a model when there is no --checkpoint and bad values, before any
+    work (also on every rank of an --ijb run, before the images are embedded). Returns the EvalConfig."""
+    from dsoft_dist.config.schema import EvalConfig  # noqa: PLC0415 (keep `dsoft --help` fast)
     from dsoft_dist.eval.idsets import EMBEDDING_SUFFIXES, check_exists  # noqa: PLC0415
 
     sets = dict(zip(("probes", "gallery"), args.identify or ()), distractors=args.distractors)
@@ -138,15 +140,16 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--distractors {args.distractors} needs --identify PROBES GALLERY")
     if args.identify and min(args.rank_k) < 1:
         raise ValueError(f"--rank-k {min(args.rank_k)} is invalid: ranks start at 1, e.g. --rank-k 1 5 10")
-    if args.checkpoint:
-        return
-    for flag, given in (("--bin", args.bin), ("--ijb", args.ijb)):
-        if given:
-            raise ValueError(f"{flag} needs --checkpoint: the images must be embedded by a model")
-    images = [(role, p) for role, p in sets.items() if p and not p.endswith(EMBEDDING_SUFFIXES)]
-    if images:
-        raise ValueError(f"{images[0][0]} {images[0][1]!r} holds images: pass --checkpoint so they can be "
-                         "embedded, or give .npz embeddings + ids")
+    if not args.checkpoint:
+        for flag, given in (("--bin", args.bin), ("--ijb", args.ijb)):
+            if given:
+                raise ValueError(f"{flag} needs --checkpoint: the images must be embedded by a model")
+        images = [(role, p) for role, p in sets.items() if p and not p.endswith(EMBEDDING_SUFFIXES)]
+        if images:
+            raise ValueError(f"{images[0][0]} {images[0][1]!r} holds images: pass --checkpoint so they can be "
+                             "embedded, or give .npz embeddings + ids")
+    return EvalConfig(bins=args.bin, pairs=args.pairs, flip=args.flip, batch_size=args.batch_size, folds=args.folds,
+                      fars=args.fars)  # validates the values (ConfigError is a ValueError)
 
 
 def _check_ijb_inputs(args: argparse.Namespace) -> None:
@@ -179,13 +182,10 @@ def _load_model(args: argparse.Namespace):
 def _evaluate(args: argparse.Namespace, layout=None, model=None, ijb_features=None) -> dict:
     """Every evaluation the arguments ask for. layout, model, ijb_features: already loaded / embedded (by the
     ranks of an --ijb run, ``_rank_main``), else loaded here."""
-    from dsoft_dist.config.schema import EvalConfig  # noqa: PLC0415 (keep `dsoft --help` fast)
     from dsoft_dist.eval.idsets import evaluate_identification  # noqa: PLC0415
     from dsoft_dist.eval.runner import evaluate_all  # noqa: PLC0415
 
-    _check_inputs(args)
-    cfg = EvalConfig(bins=args.bin, pairs=args.pairs, flip=args.flip, batch_size=args.batch_size, folds=args.folds,
-                     fars=args.fars)  # validates the values (ConfigError is a ValueError)
+    cfg = _check_inputs(args)
     if args.ijb and layout is None:  # a bad layout fails before a large model is loaded
         from dsoft_dist.eval.ijb_meta import load_layout  # noqa: PLC0415
 
