@@ -5,6 +5,6 @@
 """
 from dsoft_dist.head import ShardedClassifier
 from dsoft_dist.losses import DSoftmaxLoss, MarginSoftmaxLoss
+from dsoft_dist.utils import __version__
 
-__version__ = "0.1.0"
 __all__ = ["DSoftmaxLoss", "MarginSoftmaxLoss", "ShardedClassifier", "__version__"]

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from dsoft_dist.config import config_from_dict
-from dsoft_dist.train.checkpoint import CheckpointError, Checkpointer, load_weights_only, verify
-from dsoft_dist.train.distributed import distributed, spawn_local
+from dsoft_dist.errors import CheckpointError
+from dsoft_dist.parallel.processes import distributed, spawn_local
+from dsoft_dist.train.checkpoint import Checkpointer, verify
+from dsoft_dist.utils import load_weights_only
 from tests.test_data_fixtures import write_shards
 from tests.test_train_dist import assert_same_params, run, run_jobs, tiny
 
@@ -158,7 +160,7 @@ class _Payload:
 def plant_payload(folder, name: str, marker) -> None:
     """Replaces ``folder/name`` with a file whose pickle would touch ``marker``, and crafts a manifest that
     matches it (so the sha256 check passes and only the weights-only load stands in the way)."""
-    from dsoft_dist.data.manifest import sha256_file
+    from dsoft_dist.utils import sha256_file
 
     torch.save({"step": _Payload(marker)}, folder / name)  # torch's own format: torch.load would run it
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dsoft_dist.errors import PREEMPTED_EXIT_CODE
 from dsoft_dist.observability.procs import children, cmdline
-from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE
 from tests.terminal import DSOFT
 from tests.test_train_dist import assert_same_params, run, tiny
 
@@ -232,7 +232,7 @@ def ignore_sigterm_and_wait(ready_dir: str) -> None:
 
 
 def test_a_second_signal_to_the_parent_of_local_ranks_kills_them_at_once(tmp_path):
-    code = ("import sys; from dsoft_dist.train.distributed import spawn_local; "
+    code = ("import sys; from dsoft_dist.parallel.processes import spawn_local; "
             "from tests.test_checkpoint_signals import ignore_sigterm_and_wait as f; "
             f"spawn_local(f, 2, ({str(tmp_path)!r},))")
     root = str(Path(__file__).resolve().parents[1])

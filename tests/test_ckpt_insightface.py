@@ -17,10 +17,16 @@ import pytest
 import torch
 import yaml
 
-from dsoft_dist.cli import USER_ERROR_EXIT, main
+from dsoft_dist.cli import main
+from dsoft_dist.errors import USER_ERROR_EXIT
 from dsoft_dist.models import build_model, load_backbone, model_config_dict, read_backbone_file, save_backbone
-from dsoft_dist.models.insightface import (ARCFACE_NAMES, arcface_state_names, export_state_dict, import_state_dict,
-                                           read_arcface_file)
+from dsoft_dist.models.insightface import (
+    ARCFACE_NAMES,
+    arcface_state_names,
+    export_state_dict,
+    import_state_dict,
+    read_arcface_file,
+)
 from tests.terminal import DSOFT
 
 PARAMS = json.loads(open(os.path.join(os.path.dirname(__file__), "data", "insightface", "params.json"),

@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from dsoft_dist.cli import USER_ERROR_EXIT, build_parser, main, run_command
+from dsoft_dist.cli import build_parser, main
+from dsoft_dist.errors import USER_ERROR_EXIT, run_command
 
 MISSING = "{tmp}/missing"  # never created
 FILE = "{tmp}/a-file"  # a regular file holding invalid YAML: outputs "beneath" it cannot be created

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from dsoft_dist.cli import USER_ERROR_EXIT, main
+from dsoft_dist.cli import main
+from dsoft_dist.errors import USER_ERROR_EXIT
 
 TINY_RUN = {
     "name": "tiny", "seed": 0,

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsoft_dist.cli import USER_ERROR_EXIT, main
-from dsoft_dist.config import ConfigError, config_from_dict, dump_config, load_config
+from dsoft_dist.cli import main
+from dsoft_dist.config import config_from_dict, dump_config, load_config
+from dsoft_dist.errors import USER_ERROR_EXIT, ConfigError
 from dsoft_dist.losses import MARGIN_PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def test_warmup_longer_than_the_run_says_what_to_set():
 
 
 def test_config_show_demo_prints_the_embedded_config_anywhere(tmp_path, monkeypatch, capsys):
-    from dsoft_dist.demo import DEMO_CONFIG
+    from dsoft_dist.config.demo import DEMO_CONFIG
 
     monkeypatch.chdir(tmp_path)  # outside the repository: no configs/ here
     assert main(["config", "show", "demo", "--set", "head.scale=16"]) == 0

@@ -7,7 +7,7 @@ import torch
 from dsoft_dist.config import load_config
 from dsoft_dist.models import build_model
 from dsoft_dist.train.build import resolve_head_step
-from dsoft_dist.train.deepspeed_engine import deepspeed_config
+from dsoft_dist.train.engines.deepspeed import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # data set: (identities, images, GPUs the recipe is sized for, backbone)

@@ -9,9 +9,10 @@ import pytest
 from torch.utils.data import DataLoader
 
 from dsoft_dist.config.schema import DataConfig
-from dsoft_dist.data import BadDataError, build_train_loader
+from dsoft_dist.data import build_train_loader
 from dsoft_dist.data.datasets import ShardStream, Slot, raise_if_failed
 from dsoft_dist.data.decode import FAST_JPEG
+from dsoft_dist.errors import BadDataError
 from dsoft_dist.observability import get_logger
 from tests.test_data_fixtures import jpeg_bytes, write_shards
 

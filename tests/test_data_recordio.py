@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from dsoft_dist.data import BadDataError, load_manifest
+from dsoft_dist.data import load_manifest
 from dsoft_dist.data.convert import from_rec
 from dsoft_dist.data.recordio import (
-    MAGIC, IRHeader, RecordIOError, RecordReader, RecordWriter, pack, unpack, write_insightface_rec,
+    MAGIC,
+    IRHeader,
+    RecordIOError,
+    RecordReader,
+    RecordWriter,
+    pack,
+    unpack,
+    write_insightface_rec,
 )
+from dsoft_dist.errors import BadDataError
 from tests.test_data_fixtures import jpeg_bytes
 
 MAGIC_BYTES = struct.pack("<I", MAGIC)

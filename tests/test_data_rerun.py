@@ -18,8 +18,8 @@ from dsoft_dist.cli import main
 from dsoft_dist.data import load_manifest
 from dsoft_dist.data.recordio import write_insightface_rec
 from dsoft_dist.data.vectors import from_npy
-from tests.test_data_fixtures import jpeg_bytes
 from tests.terminal import DSOFT, on_a_terminal
+from tests.test_data_fixtures import jpeg_bytes
 
 
 def _identity(root, name: str, images: int, seed: int) -> None:

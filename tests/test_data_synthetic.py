@@ -10,7 +10,11 @@ import pytest
 
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data import (
-    EVAL_IDENTITY_OFFSET, Difficulty, SyntheticIdentities, SyntheticVectors, build_train_loader,
+    EVAL_IDENTITY_OFFSET,
+    Difficulty,
+    SyntheticIdentities,
+    SyntheticVectors,
+    build_train_loader,
 )
 from dsoft_dist.data.rng import FeistelPermutation, hash_normal
 from dsoft_dist.data.synthetic import VECTOR_DIFFICULTIES, vector_difficulty

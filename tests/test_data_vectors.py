@@ -11,8 +11,9 @@ from dsoft_dist.cli import main
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data import SyntheticVectors, build_train_loader, load_manifest
 from dsoft_dist.data.decode import BadSample, decode_sample
-from dsoft_dist.data.shards import BadData, BadDataError, iter_tar_samples
+from dsoft_dist.data.shards import BadData, iter_tar_samples
 from dsoft_dist.data.vectors import from_npy, synth_vectors_to_shards
+from dsoft_dist.errors import BadDataError
 
 
 def _epoch(manifest: str, num_classes: int, rank: int, world: int, epoch: int, batch: int, workers: int = 2,

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from dsoft_dist.cli import USER_ERROR_EXIT, main
+from dsoft_dist.cli import main
 from dsoft_dist.config import config_from_dict, load_config
-from dsoft_dist.demo import DEMO_CONFIG
+from dsoft_dist.config.demo import DEMO_CONFIG
+from dsoft_dist.errors import USER_ERROR_EXIT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def test_demo_shrunk_below_its_warmup_scales_the_warmup(capsys):
         # the config validates with 10 steps: what stops this demo is the backend, checked after the config
         assert main(["demo", "--set", "schedule.steps=10", "--set", "parallel.backend=nccl"]) == USER_ERROR_EXIT
         assert "parallel.backend='nccl' is invalid for dsoft demo" in capsys.readouterr().err
-        from dsoft_dist.demo import demo_config
+        from dsoft_dist.config.demo import demo_config
 
         assert demo_config(["schedule.steps=10"])["schedule"]["warmup_steps"] == 1  # steps // 10
         assert demo_config(["schedule.steps=50"])["schedule"]["warmup_steps"] == 20  # the demo's, when it fits

@@ -146,7 +146,7 @@ def test_shards_the_manifest_lists_must_exist(capsys, tmp_path):
 
 def test_a_folder_holding_another_run_fails_the_run_folder_check(capsys, tmp_path):
     from dsoft_dist.config import config_from_dict
-    from dsoft_dist.demo import DEMO_CONFIG
+    from dsoft_dist.config.demo import DEMO_CONFIG
     from dsoft_dist.train.runfolder import write_run_record
 
     cfg = config_from_dict({**DEMO_CONFIG, "logging": {"output_dir": str(tmp_path / "run")},

@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from dsoft_dist.cli import USER_ERROR_EXIT, main
+from dsoft_dist.cli import main
 from dsoft_dist.data.align import TEMPLATE_112, align_face, warp_affine
 from dsoft_dist.data.decode import decode_image
 from dsoft_dist.data.synthetic import SyntheticIdentities
+from dsoft_dist.errors import USER_ERROR_EXIT
 from dsoft_dist.eval.roc import tar_at_far_nearest
 from dsoft_dist.models import build_model, save_backbone
 

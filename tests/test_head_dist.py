@@ -22,11 +22,12 @@ import torch.nn.functional as F
 
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer, load_head_checkpoint, save_head_checkpoint
-from dsoft_dist.losses import MODES, functional as LF
+from dsoft_dist.losses import MODES
+from dsoft_dist.losses import functional as LF
 from dsoft_dist.losses.modules import MARGIN_PRESETS
 from dsoft_dist.losses.negatives import class_mask, select_shard_classes
 from dsoft_dist.parallel import shard_range, shard_ranges
-from dsoft_dist.train.distributed import distributed, spawn_local
+from dsoft_dist.parallel.processes import distributed, spawn_local
 
 pytestmark = pytest.mark.dist
 # one spawned group per world size (4-13 s each); the default tier runs the P = 2 group's cases

@@ -13,8 +13,14 @@ import os
 import pytest
 import torch
 
-from dsoft_dist.head import (RowSparseAdamW, RowSparseSGD, ShardedClassifier, assemble_rows, load_head_checkpoint,
-                             save_head_checkpoint)
+from dsoft_dist.head import (
+    RowSparseAdamW,
+    RowSparseSGD,
+    ShardedClassifier,
+    assemble_rows,
+    load_head_checkpoint,
+    save_head_checkpoint,
+)
 from dsoft_dist.parallel import shard_ranges
 
 C, D = 23, 4

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from dsoft_dist.kernels import cpu as cpu_kernels
 
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer
-from dsoft_dist.kernels import cpu as cpu_kernels
 
 LOG2E = 1.4426950408889634
 

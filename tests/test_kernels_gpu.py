@@ -17,10 +17,11 @@ if not torch.cuda.is_available():  # Triton decides interpreter vs compiler at i
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 triton = pytest.importorskip("triton")
 
-from dsoft_dist.head import ShardedClassifier  # noqa: E402
-from dsoft_dist.head import local as head_local  # noqa: E402
 from dsoft_dist.kernels import KernelConfig, triton_local_shard_stats  # noqa: E402
 from dsoft_dist.kernels.config import SWEEP_CONFIGS  # noqa: E402
+
+from dsoft_dist.head import ShardedClassifier  # noqa: E402
+from dsoft_dist.head import local as head_local  # noqa: E402
 
 SCALE = 64.0
 # (dtype, stats atol, gradient tol relative to the largest entry)

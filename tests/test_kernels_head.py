@@ -17,10 +17,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from dsoft_dist.kernels import KernelConfig, triton_local_shard_stats  # noqa: E402
+
 import dsoft_dist.head.local as head_local  # noqa: E402
 from dsoft_dist.head import ShardedClassifier  # noqa: E402
 from dsoft_dist.head.backend import auto_local_shard_stats, requested_backend  # noqa: E402
-from dsoft_dist.kernels import KernelConfig, triton_local_shard_stats  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 C, D, B = 300, 40, 24

@@ -20,8 +20,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from dsoft_dist.head.local import torch_local_shard_stats  # noqa: E402
 from dsoft_dist.kernels import KernelConfig, triton_local_shard_stats  # noqa: E402
+
+from dsoft_dist.head.local import torch_local_shard_stats  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE = 64.0

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from dsoft_dist.losses import (
-    class_mask, d_softmax, d_softmax_terms, num_sampled, sample_without_replacement, select_classes,
+    class_mask,
+    d_softmax,
+    d_softmax_terms,
+    num_sampled,
+    sample_without_replacement,
+    select_classes,
     select_shard_classes,
 )
 

@@ -10,7 +10,6 @@ import torch
 
 from dsoft_dist.losses import d_softmax, d_softmax_terms, margin_softmax, margin_target, softmax
 
-
 # ---- float64 transcriptions -------------------------------------------------------------
 
 def ref_d_softmax_rows(cos, labels, s, d, lam=1.0, mask=None, corr=1.0):

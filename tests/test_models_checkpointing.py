@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from dsoft_dist.cli import main
-from dsoft_dist.config.schema import ConfigError, ModelConfig
+from dsoft_dist.config.schema import ModelConfig
+from dsoft_dist.errors import ConfigError
 from dsoft_dist.models import CHECKPOINTING_MODELS, build_model, load_backbone, save_backbone
 from dsoft_dist.models.vit import VisionTransformer
 

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from dsoft_dist.cli import main
+
 RUN_RECORD = "run.json"
 
 CONFIG = {

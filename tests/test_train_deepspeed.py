@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from dsoft_dist.train.distributed import spawn_local
+from dsoft_dist.parallel.processes import spawn_local
 from tests.test_train_dist import assert_same_params, inject_nonfinite, run, run_each, run_jobs, tiny
 
 pytest.importorskip("deepspeed")  # the test extra installs it; a machine without it runs the DDP tests

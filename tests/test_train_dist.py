@@ -1,6 +1,6 @@
 """The trainer in real gloo processes: determinism, accumulation, precision, fp16 overflow, engines.
 
-Each test spawns its ranks with ``dsoft_dist.train.distributed.spawn_local`` (the same start-up
+Each test spawns its ranks with ``dsoft_dist.parallel.processes.spawn_local`` (the same start-up
 ``dsoft train`` uses) on a tiny run (MLP on synthetic vectors) and compares what the runs wrote:
 metrics.jsonl (the loss per step), backbone.pt and the head checkpoint.
 
@@ -20,7 +20,7 @@ from torch import nn
 from dsoft_dist.config import config_from_dict
 from dsoft_dist.head import ShardedClassifier, load_head_checkpoint
 from dsoft_dist.models.checkpoint import read_backbone_file
-from dsoft_dist.train.distributed import distributed, spawn_local
+from dsoft_dist.parallel.processes import distributed, spawn_local
 
 pytestmark = pytest.mark.dist
 SLOW = pytest.mark.slow(reason="spawns gloo ranks or torchrun (seconds each); "

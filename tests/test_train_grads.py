@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dsoft_dist.config import config_from_dict
-from dsoft_dist.config.schema import ConfigError
+from dsoft_dist.errors import ConfigError
 from dsoft_dist.train.build import backbone_param_groups, resolve_head_step
 from dsoft_dist.train.grads import LossScaler, all_finite, clip_grads_, embedding_grad_factor
 from dsoft_dist.train.step import check_labels

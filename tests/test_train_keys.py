@@ -214,8 +214,8 @@ def build_case(context, dotted, value, root, run_dir) -> dict:
 
 def fingerprint(cfg_dict: dict, root) -> dict:
     """What one in-process run did (or the error it raised)."""
+    from dsoft_dist.parallel.processes import distributed
     from dsoft_dist.train import validate
-    from dsoft_dist.train.distributed import distributed
     from dsoft_dist.train.trainer import Trainer
 
     calls = []

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from dsoft_dist.cli import main
-from dsoft_dist.config import ConfigError, config_from_dict, config_to_dict
+from dsoft_dist.config import config_from_dict, config_to_dict
+from dsoft_dist.errors import ConfigError
 from dsoft_dist.train.report import write_report
 from tests.terminal import DSOFT, on_a_terminal
 

@@ -61,7 +61,7 @@ def test_a_run_writes_its_metrics_to_tensorboard(tmp_path, monkeypatch):
 def test_a_resumed_run_drops_the_events_past_its_checkpoint(tmp_path, monkeypatch):
     """An attempt trains to step 3, checkpoints, logs steps 4 and 5 and dies; the resumed run trains 4-6 again.
     TensorBoard then shows each step once, the resumed run's, as metrics.jsonl does."""
-    from dsoft_dist.train.distributed import distributed
+    from dsoft_dist.parallel.processes import distributed
     from dsoft_dist.train.trainer import Trainer
 
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -51,14 +51,15 @@ import time
 import numpy as np
 import yaml
 
-from dsoft_dist.bench import int_list
 from dsoft_dist.bench.cli import bench_parser
-from dsoft_dist.bench.speedup import SAMPLED, machine, parse_rates, rate_text
+from dsoft_dist.bench.speedup import SAMPLED, machine, parse_rates
+from dsoft_dist.config.schema import rate_text
 from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET, SyntheticIdentities, SyntheticVectors, vector_difficulty
 from dsoft_dist.eval.extract import extract_embeddings
 from dsoft_dist.eval.roc import tar_at_far
 from dsoft_dist.eval.verification import verify_scores_kfold
 from dsoft_dist.models.checkpoint import load_backbone
+from dsoft_dist.utils import int_list
 
 FULL_LOSSES = ("softmax", "normface", "sphereface", "cosface", "arcface", "d_softmax")
 METHODS = (*FULL_LOSSES, "d_softmax_b", *SAMPLED)

@@ -36,7 +36,7 @@ BENCHMARKS = {
 def bench_parser(name: str, description: str | None = None, **kwargs) -> argparse.ArgumentParser:
     """The parser of benchmark NAME: usage ``dsoft bench NAME``, ``description`` without reStructuredText
     double backticks (module docs are its usual source); ``kwargs`` go to ArgumentParser."""
-    from dsoft_dist.cli import plain_help  # noqa: PLC0415 (dsoft_dist.cli imports this module)
+    from dsoft_dist.utils import plain_help
 
     return argparse.ArgumentParser(prog=f"dsoft bench {name}", description=plain_help(description), **kwargs)
 

@@ -25,7 +25,6 @@ import time
 import numpy as np
 import torch
 
-from dsoft_dist.bench import int_list
 from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data.convert import synth_to_shards
@@ -33,6 +32,7 @@ from dsoft_dist.data.decode import FAST_JPEG, decode_image
 from dsoft_dist.data.manifest import load_manifest
 from dsoft_dist.data.pipeline import build_train_loader
 from dsoft_dist.data.synthetic import SyntheticIdentities, SyntheticVectors
+from dsoft_dist.utils import int_list
 
 
 def bare_decode(paths: list[str], use_fast: bool) -> float:

@@ -32,13 +32,13 @@ import sys
 
 import numpy as np
 
-from dsoft_dist.bench import int_list
-from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.bench.accuracy import train
+from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.bench.speedup import machine
 from dsoft_dist.data.synthetic import SyntheticVectors, vector_difficulty
 from dsoft_dist.eval.extract import extract_embeddings
 from dsoft_dist.models.checkpoint import load_backbone
+from dsoft_dist.utils import int_list
 
 LOSSES = ("normface", "d_softmax")
 SAMPLES_PER_CLASS = 200  # training samples of each identity

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.bench.speedup import ShardedStep, parse_rates
 from dsoft_dist.config.schema import LOSSES, HeadConfig
-from dsoft_dist.train.distributed import distributed, spawn_local
+from dsoft_dist.parallel.processes import distributed, spawn_local
 
 
 def run(args, rank: int = 0, world: int = 1) -> dict[float, list[float]]:

@@ -42,18 +42,18 @@ import statistics
 import sys
 import tempfile
 import time
-from fractions import Fraction
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsoft_dist.bench import int_list
 from dsoft_dist.bench.cli import bench_parser
-from dsoft_dist.bench.head import PeakMemory, state_bytes, sync_device
-from dsoft_dist.config.schema import HeadConfig, OptimizerConfig, parse_fraction
+from dsoft_dist.bench.head import PeakMemory, state_bytes
+from dsoft_dist.config.schema import HeadConfig, OptimizerConfig, parse_fraction, rate_text
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer
-from dsoft_dist.train.distributed import distributed, spawn_local, under_launcher
+from dsoft_dist.observability.timing import sync_device
+from dsoft_dist.parallel.processes import distributed, spawn_local, under_launcher
+from dsoft_dist.utils import int_list
 
 SAMPLED = {"d_softmax_k": ("d_softmax", "random"), "partial_fc": ("arcface", "partial"),
            "sampled_softmax": ("softmax", "random")}
@@ -271,11 +271,6 @@ def machine(argv: list[str], bench: str = "speedup") -> dict:
     return {"host": platform.node(), "cpu_count": os.cpu_count(), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join([f"dsoft bench {bench}", *argv])}
-
-
-def rate_text(rate: float) -> str:
-    frac = Fraction(rate).limit_denominator(1 << 16)
-    return "1" if rate == 1 else (f"1/{frac.denominator}" if frac.numerator == 1 else f"{rate:.4g}")
 
 
 def format_markdown(result: dict, args) -> str:

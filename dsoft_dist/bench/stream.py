@@ -37,13 +37,13 @@ import time
 
 import torch
 
-from dsoft_dist.bench import int_list
 from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.config.schema import DataConfig
 from dsoft_dist.data.decode import FAST_JPEG, decode_image
 from dsoft_dist.data.manifest import MANIFEST_NAME, load_manifest
 from dsoft_dist.data.tarstream import iter_members
 from dsoft_dist.observability.procs import children, cmdline
+from dsoft_dist.utils import int_list
 
 
 def write(out: str, identities: int, args) -> dict:

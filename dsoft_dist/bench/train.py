@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.config import config_from_dict
-from dsoft_dist.train.distributed import distributed, spawn_local
+from dsoft_dist.parallel.processes import distributed, spawn_local
 
 
 def run_config(args, rate: float, out_dir: str) -> dict:

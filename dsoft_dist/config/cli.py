@@ -11,18 +11,16 @@ from __future__ import annotations
 import os
 import sys
 
-from dsoft_dist.cli import USER_ERROR_EXIT, report_user_error
+from dsoft_dist.config.demo import demo_config
 from dsoft_dist.config.loader import config_from_dict, dump_config, load_config
-from dsoft_dist.config.schema import ConfigError
+from dsoft_dist.errors import USER_ERROR_EXIT, ConfigError, report_user_error
 
-EMBEDDED = "demo"  # the name of the embedded config (dsoft_dist.demo.DEMO_CONFIG)
+EMBEDDED = "demo"  # the name of the embedded config (dsoft_dist.config.demo.DEMO_CONFIG)
 
 
 def _load(path: str, sets: list[str]):
     """The config at ``path``, or the embedded demo config (overrides applied as ``dsoft demo`` does)."""
     if path == EMBEDDED and not os.path.exists(path):
-        from dsoft_dist.demo import demo_config  # noqa: PLC0415 (imports the trainer's CLI)
-
         return config_from_dict(demo_config(sets))
     return load_config(path, sets)
 

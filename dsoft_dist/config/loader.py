@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from dsoft_dist.config.schema import Config, ConfigError, parse_fraction
+from dsoft_dist.config.schema import Config, parse_fraction
+from dsoft_dist.errors import ConfigError
 
 
 def _type_name(tp) -> str:

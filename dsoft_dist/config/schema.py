@@ -10,15 +10,12 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Optional
 
+from dsoft_dist.errors import ConfigError
 from dsoft_dist.losses.modules import resolve_margins
 from dsoft_dist.models.registry import CHECKPOINTING_MODELS, MODELS
 
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 NEGATIVES = ("all", "batch", "random", "partial")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key, the value and the fix."""
 
 
 def _check(ok: bool, key: str, value, fix: str) -> None:
@@ -42,6 +39,12 @@ def parse_fraction(text: str, key: str) -> float:
     except (ValueError, ZeroDivisionError):
         raise ConfigError(f"{key}={text!r} is invalid: give a number or a fraction a/b, e.g. 1/64 or "
                           "0.015625") from None
+
+
+def rate_text(rate: float) -> str:
+    """A sample rate as text: 1, 1/64 (a unit fraction), else 4 significant digits (``parse_fraction`` reads it)."""
+    frac = Fraction(rate).limit_denominator(1 << 16)
+    return "1" if rate == 1 else (f"1/{frac.denominator}" if frac.numerator == 1 else f"{rate:.4g}")
 
 
 @dataclass(kw_only=True)

@@ -11,10 +11,15 @@ Entry points (see docs/data.md):
 """
 from dsoft_dist.data.manifest import Manifest, ManifestError, check_num_classes, load_manifest
 from dsoft_dist.data.pipeline import TrainLoader, build_train_loader
-from dsoft_dist.data.shards import BadDataError, assign_samples, expand_shards
+from dsoft_dist.data.shards import assign_samples, expand_shards
 from dsoft_dist.data.synthetic import (
-    DIFFICULTIES, EVAL_IDENTITY_OFFSET, Difficulty, SyntheticIdentities, SyntheticVectors,
+    DIFFICULTIES,
+    EVAL_IDENTITY_OFFSET,
+    Difficulty,
+    SyntheticIdentities,
+    SyntheticVectors,
 )
+from dsoft_dist.errors import BadDataError
 
 __all__ = [
     "BadDataError", "DIFFICULTIES", "Difficulty", "EVAL_IDENTITY_OFFSET", "Manifest", "ManifestError",

@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsoft_dist.data.manifest import sha256_file
 from dsoft_dist.data.shards import BadData
 from dsoft_dist.observability import get_logger
+from dsoft_dist.utils import sha256_file
 
 log = get_logger(__name__)
 

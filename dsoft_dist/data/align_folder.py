@@ -15,13 +15,22 @@ import os
 import re
 from functools import partial
 
-from dsoft_dist.data.align import (ALIGN_VERSION, ALIGNED_SIZE, FORMATS, check_crop_size, left_out, output_name,
-                                   read_landmark_table, select_faces)
+from dsoft_dist.data.align import (
+    ALIGN_VERSION,
+    ALIGNED_SIZE,
+    FORMATS,
+    check_crop_size,
+    left_out,
+    output_name,
+    read_landmark_table,
+    select_faces,
+)
 from dsoft_dist.data.convert import aligned_image, folder_listing, scan_folder, worker_pool
-from dsoft_dist.data.manifest import fingerprint, spec_differences, write_text_atomic
+from dsoft_dist.data.manifest import fingerprint, spec_differences
 from dsoft_dist.data.shards import BadData
 from dsoft_dist.observability import get_logger
 from dsoft_dist.observability.progress import progress_bar
+from dsoft_dist.utils import write_text_atomic
 
 log = get_logger(__name__)
 

@@ -35,18 +35,37 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dsoft_dist.data.align import (ALIGN_VERSION, FORMATS, align_face, check_crop_size, left_out, output_name,
-                                   read_landmark_table, select_faces)
+from dsoft_dist.data.align import (
+    ALIGN_VERSION,
+    FORMATS,
+    align_face,
+    check_crop_size,
+    left_out,
+    output_name,
+    read_landmark_table,
+    select_faces,
+)
 from dsoft_dist.data.decode import decode_image, image_format
-from dsoft_dist.data.manifest import (CLASSES_NAME, CONVERTER_VERSION, MANIFEST_NAME, PARTS, Manifest, ShardInfo,
-                                      fingerprint, read_conversion, sha256_file, spec_differences, write_conversion,
-                                      write_manifest, write_text_atomic)
+from dsoft_dist.data.manifest import (
+    CLASSES_NAME,
+    CONVERTER_VERSION,
+    MANIFEST_NAME,
+    PARTS,
+    Manifest,
+    ShardInfo,
+    fingerprint,
+    read_conversion,
+    spec_differences,
+    write_conversion,
+    write_manifest,
+)
 from dsoft_dist.data.recordio import RecordIOError, RecordReader, scalar_label, unpack
 from dsoft_dist.data.rng import FeistelPermutation
 from dsoft_dist.data.shards import BadData
 from dsoft_dist.data.synthetic import SyntheticIdentities
 from dsoft_dist.observability import get_logger
 from dsoft_dist.observability.progress import progress_bar
+from dsoft_dist.utils import sha256_file, write_text_atomic
 
 log = get_logger(__name__)
 

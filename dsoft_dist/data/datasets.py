@@ -35,8 +35,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dsoft_dist.data.decode import Augment, BadSample, decode_sample, decode_vector
 from dsoft_dist.data.position import count_done, is_done
 from dsoft_dist.data.rng import FeistelPermutation, hash_keys
-from dsoft_dist.data.shards import BadData, BadDataError, assign_samples, iter_plan, shuffle_buffer
+from dsoft_dist.data.shards import BadData, assign_samples, iter_plan, shuffle_buffer
 from dsoft_dist.data.synthetic import SyntheticIdentities, SyntheticVectors
+from dsoft_dist.errors import BadDataError
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from dsoft_dist.utils import sha256_file, write_text_atomic
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsoft-wds"
 VERSION = 1
@@ -92,26 +94,6 @@ class Manifest:
         d.pop("root")
         d.update(format=FORMAT, version=VERSION, num_samples=self.num_samples, num_shards=len(self.shards))
         return d
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, syncs it, renames it over ``path``: a reader sees
-    the old file or the whole new one, never part of it."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_info(path: str, samples: int, root: str) -> ShardInfo:

@@ -36,14 +36,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dsoft_dist.data.datasets import (
-    ShardStream, Slot, SyntheticImageStream, SyntheticVectorStream, raise_if_failed,
+    ShardStream,
+    Slot,
+    SyntheticImageStream,
+    SyntheticVectorStream,
+    raise_if_failed,
 )
 from dsoft_dist.data.decode import Augment, normalize_images
 from dsoft_dist.data.manifest import MANIFEST_NAME, check_num_classes, load_manifest
 from dsoft_dist.data.position import count_done, mark, new_mask, to_tensor
 from dsoft_dist.data.rng import hash_keys
-from dsoft_dist.data.synthetic import vector_difficulty
 from dsoft_dist.data.shards import check_local_shards, expand_shards
+from dsoft_dist.data.synthetic import vector_difficulty
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)

@@ -30,6 +30,7 @@ import numpy as np
 
 from dsoft_dist.data.position import done_range, is_done
 from dsoft_dist.data.tarstream import TarFormatError, iter_members
+from dsoft_dist.errors import BadDataError
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
@@ -38,10 +39,6 @@ BAD_KINDS = ("corrupt_image", "missing_image", "corrupt_vector", "missing_vector
              "truncated_shard", "unreadable_shard")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 POLICIES = ("skip", "fail")
-
-
-class BadDataError(RuntimeError):
-    """Raised under the ``fail`` policy: names the shard, the sample and the fix."""
 
 
 class BadData:

@@ -32,10 +32,11 @@ import numpy as np
 
 from dsoft_dist.data.convert import run_shards
 from dsoft_dist.data.decode import RAW_VECTOR_DTYPES
-from dsoft_dist.data.manifest import Manifest, sha256_file
+from dsoft_dist.data.manifest import Manifest
 from dsoft_dist.data.rng import FeistelPermutation
 from dsoft_dist.data.shards import BadData
 from dsoft_dist.data.synthetic import SyntheticVectors
+from dsoft_dist.utils import sha256_file
 
 VECTOR_DTYPES = {"float16": "f16", "float32": "f32"}  # stored dtype -> member extension
 

@@ -23,9 +23,11 @@ from PIL import Image
 from dsoft_dist.observability import get_logger
 
 try:  # numpy >= 2
-    from numpy._core.multiarray import _reconstruct as _np_reconstruct, scalar as _np_scalar
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+    from numpy._core.multiarray import scalar as _np_scalar
 except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct, scalar as _np_scalar
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+    from numpy.core.multiarray import scalar as _np_scalar
 
 log = get_logger(__name__)
 

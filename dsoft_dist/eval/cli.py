@@ -225,7 +225,7 @@ def run_eval(args: argparse.Namespace) -> int:
     With --ijb, under torchrun (RANK/WORLD_SIZE set) this process is one of the ranks that share the images
     (``_rank_main``); with --nproc N > 1 it starts N local ranks (``_spawn_ranks``).
     """
-    from dsoft_dist.train.distributed import under_launcher  # noqa: PLC0415
+    from dsoft_dist.parallel.processes import under_launcher  # noqa: PLC0415
 
     if args.ijb and under_launcher():
         return _rank_main(args)
@@ -238,9 +238,9 @@ def _rank_main(args: argparse.Namespace, layout=None) -> int:
     """One rank of an --ijb run (torchrun's or spawned): joins the process group, reads the layout, embeds its
     share and sends it to rank 0; the group is closed, then rank 0 alone scores, runs every other evaluation
     and prints. A bad layout is reported by the lowest rank that found it, once, before every rank exits 2."""
-    from dsoft_dist.cli import USER_ERROR_EXIT  # noqa: PLC0415
+    from dsoft_dist.errors import USER_ERROR_EXIT  # noqa: PLC0415
     from dsoft_dist.eval.ijb import ijb_features  # noqa: PLC0415
-    from dsoft_dist.train.distributed import distributed  # noqa: PLC0415
+    from dsoft_dist.parallel.processes import distributed  # noqa: PLC0415
 
     with distributed("gloo" if args.device == "cpu" else "auto") as env:
         args.device, args.progress = str(env.device), args.progress and env.is_main
@@ -262,7 +262,7 @@ def _layout_on_every_rank(args: argparse.Namespace, layout, env):
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    from dsoft_dist.cli import report_user_error  # noqa: PLC0415
+    from dsoft_dist.errors import report_user_error  # noqa: PLC0415
     from dsoft_dist.eval.ijb_meta import load_layout  # noqa: PLC0415
     from dsoft_dist.parallel import all_reduce  # noqa: PLC0415
 
@@ -289,11 +289,11 @@ def _spawned_rank(args_dict: dict, layout) -> int:
 
 def _spawn_ranks(args: argparse.Namespace) -> int:
     """--ijb with --nproc N: the inputs and the layout are checked here (a bad one is one line before any process
-    starts), then N local ranks share the images (``train.distributed.spawn_local``, the project's one way)."""
+    starts), then N local ranks share the images (``parallel.processes.spawn_local``, the project's one way)."""
     import torch  # noqa: PLC0415
 
-    from dsoft_dist.cli import spawn_ranks  # noqa: PLC0415
     from dsoft_dist.eval.ijb_meta import load_layout  # noqa: PLC0415
+    from dsoft_dist.parallel.processes import spawn_ranks  # noqa: PLC0415
 
     _check_inputs(args)
     backbone_file(args.checkpoint)

@@ -31,8 +31,17 @@ from __future__ import annotations
 
 import torch
 
-from dsoft_dist.head.chunks import (NORM_EPS, ChunkPlan, TargetSlots, Workspace, auto_chunk_size, inv_norm,
-                                    inv_norms_into, target_positions, target_rows)
+from dsoft_dist.head.chunks import (
+    NORM_EPS,
+    ChunkPlan,
+    TargetSlots,
+    Workspace,
+    auto_chunk_size,
+    inv_norm,
+    inv_norms_into,
+    target_positions,
+    target_rows,
+)
 from dsoft_dist.head.weight_grad import WeightGrad, add_outside_target_grads
 
 __all__ = ["LocalShardStats", "TorchPasses", "auto_chunk_size", "torch_local_shard_stats"]

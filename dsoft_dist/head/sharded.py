@@ -22,16 +22,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsoft_dist.head.backend import (
+    describe_local_path,
+    env_override,
+    get_local_backend,
+    local_stats_fn,
+    takes_row_updates,
+)
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
-from dsoft_dist.head.backend import (describe_local_path, env_override, get_local_backend, local_stats_fn,
-                                     takes_row_updates)
 from dsoft_dist.head.optim import InBackwardStep
 from dsoft_dist.head.validate import check_inputs
 from dsoft_dist.losses.modules import resolve_margins
 from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
 from dsoft_dist.observability import get_logger
-from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_rows
-from dsoft_dist.parallel import group_rank_size, shard_range
+from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_rows, group_rank_size, shard_range
 
 log = get_logger(__name__)
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dsoft_dist.parallel import group_rank_size, shard_ranges
+from dsoft_dist.utils import atomic_save, cpu_copy
 
 HEAD_FORMAT = "dsoft_dist.sharded_head/1"
 OPTIMIZER_FORMAT = "dsoft_dist.head_optimizer/1"
@@ -119,14 +120,6 @@ def load_optimizer_pieces(opt, state) -> None:
             state[name].copy_(rows)
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder (created if missing), then os.replace."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _piece_file(start: int, count: int) -> str:
     return f"head-{start:012d}-{start + count:012d}.pt"
 
@@ -134,17 +127,6 @@ def _piece_file(start: int, count: int) -> str:
 def _barrier(group) -> None:
     if group_rank_size(group)[1] > 1:
         dist.barrier(group=group)
-
-
-def cpu_copy(obj):
-    """``obj`` with every tensor copied to the CPU (containers rebuilt): a snapshot training can't change."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
 
 
 def head_snapshot(head, optimizer=None, copy: bool = False) -> dict:

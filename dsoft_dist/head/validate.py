@@ -13,6 +13,7 @@ import torch
 
 from dsoft_dist.parallel import all_gather_cat
 
+
 def _summary(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(1, 8) int64: [B_emb, emb_dim (or -1), emb_float, labels_int64, B_labels (or -1), lo, hi, labels_1d]."""
     is_int64 = labels.dtype == torch.int64

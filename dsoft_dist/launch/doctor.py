@@ -337,8 +337,7 @@ def _safe_host(host: str) -> str:
 
 def check_checkpoint_folder(root: str, site: Site) -> list[Check]:
     """Creates ``root``, writes this host's marker atomically and reads it back; lists the other hosts' markers."""
-    from dsoft_dist import __version__
-    from dsoft_dist.data.manifest import write_text_atomic
+    from dsoft_dist.utils import __version__, write_text_atomic
 
     fix = ("set --set checkpoint.dir=<a folder you can write> (or logging.output_dir), on a file system "
            "every node shares")
@@ -459,7 +458,8 @@ def check_data(data) -> Check:
 
 def check_run_folder(cfg) -> Check:
     """Whether logging.output_dir may take this run (``dsoft_dist.train.runfolder``): new, resumed or refused."""
-    from dsoft_dist.train.runfolder import check_run_folder as problem_of, recorded_identity
+    from dsoft_dist.train.runfolder import check_run_folder as problem_of
+    from dsoft_dist.train.runfolder import recorded_identity
 
     try:
         problem = problem_of(cfg)
@@ -502,7 +502,7 @@ def _load(args):
     import copy
 
     from dsoft_dist.config import apply_overrides, config_from_dict, load_config
-    from dsoft_dist.demo import DEMO_CONFIG
+    from dsoft_dist.config.demo import DEMO_CONFIG
     from dsoft_dist.train.cli import overrides
 
     if args.config:
@@ -511,8 +511,7 @@ def _load(args):
 
 
 def _main(args) -> int:
-    from dsoft_dist.cli import USER_ERROR_EXIT, report_user_error
-    from dsoft_dist.config.schema import ConfigError
+    from dsoft_dist.errors import USER_ERROR_EXIT, ConfigError, report_user_error
 
     try:
         cfg = _load(args)

@@ -1,10 +1,27 @@
 """The loss family: D-Softmax and the margin softmax baselines, functional and as modules."""
 from dsoft_dist.losses.functional import (
-    d_softmax, d_softmax_from_parts, d_softmax_terms, inter_from_parts, intra_from_parts,
-    margin_softmax, margin_softmax_from_parts, margin_target, masked_logsumexp, softmax, validate_labels,
+    d_softmax,
+    d_softmax_from_parts,
+    d_softmax_terms,
+    inter_from_parts,
+    intra_from_parts,
+    margin_softmax,
+    margin_softmax_from_parts,
+    margin_target,
+    masked_logsumexp,
+    softmax,
+    validate_labels,
 )
 from dsoft_dist.losses.modules import MARGIN_PRESETS, DSoftmaxLoss, MarginSoftmaxLoss, resolve_margins
-from dsoft_dist.losses.negatives import MODES, class_mask, num_sampled, sample_without_replacement, select_classes, select_shard_classes, step_seed
+from dsoft_dist.losses.negatives import (
+    MODES,
+    class_mask,
+    num_sampled,
+    sample_without_replacement,
+    select_classes,
+    select_shard_classes,
+    step_seed,
+)
 
 __all__ = [
     "d_softmax", "d_softmax_from_parts", "d_softmax_terms", "inter_from_parts", "intra_from_parts",

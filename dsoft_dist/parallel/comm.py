@@ -149,3 +149,12 @@ def reduce_replicated(x: torch.Tensor, group=None, counter: CommCounter | None =
     if group_rank_size(group)[1] == 1:
         return x
     return _ReduceReplicated.apply(x, group, counter, name)
+
+
+def broadcast_object(obj, group=None):
+    """rank 0's ``obj`` on every rank of ``group`` (small Python values only)."""
+    if group_rank_size(group)[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]

@@ -22,7 +22,7 @@ from dsoft_dist.plan.estimate import DEVICES, DTYPE_BYTES, HEAD_MODES, NEGATIVES
 
 def _plans(args) -> list[PlanInputs]:
     """Every (classes, gpus, rate) combination as PlanInputs (ValueError naming the option on bad input)."""
-    from dsoft_dist.bench import int_list
+    from dsoft_dist.utils import int_list
 
     classes = int_list(args.classes, "--classes", 1)
     gpus = int_list(args.gpus, "--gpus", 1)
@@ -152,7 +152,7 @@ def register(subparsers) -> None:
 
 def main(argv=None) -> int:
     """``python -m dsoft_dist.plan.cli`` = ``dsoft plan`` (user errors as one line, as the dsoft command does)."""
-    from dsoft_dist.cli import run_command
+    from dsoft_dist.errors import run_command
 
     parser = argparse.ArgumentParser(prog="dsoft")
     register(parser.add_subparsers(dest="command"))

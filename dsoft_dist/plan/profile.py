@@ -36,7 +36,7 @@ _COLLECTIVE_BYTES = 4 << 20
 
 def _timed(fn, device, repeats=_REPEATS) -> float:
     """Median seconds of ``fn()`` over ``repeats`` after one warm-up (CUDA synchronized)."""
-    from dsoft_dist.bench.head import sync_device
+    from dsoft_dist.observability.timing import sync_device
 
     times = []
     for _ in range(repeats + 1):
@@ -114,7 +114,7 @@ def _collective_worker(out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from dsoft_dist.train.distributed import distributed
+    from dsoft_dist.parallel.processes import distributed
 
     with distributed("gloo") as env:
         p = env.world_size
@@ -141,7 +141,7 @@ def _collective_worker(out_path: str) -> None:
 
 def measure_collective() -> dict:
     """gloo latency and link bandwidth per op between 2 local processes (``_collective_worker``)."""
-    from dsoft_dist.train.distributed import spawn_local
+    from dsoft_dist.parallel.processes import spawn_local
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "collective.json")
@@ -154,7 +154,7 @@ def measure_profile(plans, device: str = "cpu", collective: bool = True) -> dict
     """A profile of this machine at the GEMM and block shapes of ``plans`` (PlanInputs) on ``device``."""
     import torch
 
-    from dsoft_dist.bench.head import matmul_rate
+    from dsoft_dist.observability.timing import matmul_rate
     from dsoft_dist.plan.memory import chunk_width
 
     dev = torch.device(device)

@@ -7,9 +7,16 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from dsoft_dist.bench.speedup import rate_text
-from dsoft_dist.plan.estimate import PlanInputs, collectives, head_flops, link_bytes, rows_per_step, shard_rows
-from dsoft_dist.plan.estimate import state_bytes
+from dsoft_dist.config.schema import rate_text
+from dsoft_dist.plan.estimate import (
+    PlanInputs,
+    collectives,
+    head_flops,
+    link_bytes,
+    rows_per_step,
+    shard_rows,
+    state_bytes,
+)
 from dsoft_dist.plan.memory import backbone_bytes, transient_bytes
 from dsoft_dist.plan.timing import predict_time
 

@@ -14,7 +14,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from dsoft_dist.config.schema import Config, ConfigError, OptimizerConfig
+from dsoft_dist.config.schema import Config, OptimizerConfig
+from dsoft_dist.errors import ConfigError
 from dsoft_dist.head import ShardedClassifier
 from dsoft_dist.models import build_model
 from dsoft_dist.observability import get_logger

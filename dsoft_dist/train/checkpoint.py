@@ -35,13 +35,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsoft_dist import __version__
 from dsoft_dist.config import config_to_dict
-from dsoft_dist.data.manifest import sha256_file, write_text_atomic
+from dsoft_dist.errors import CheckpointError
 from dsoft_dist.head import load_head_checkpoint
-from dsoft_dist.head.state import atomic_save, head_snapshot, write_head_meta, write_head_piece
+from dsoft_dist.head.state import head_snapshot, write_head_meta, write_head_piece
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel import group_rank_size
+from dsoft_dist.parallel.comm import broadcast_object
+from dsoft_dist.utils import __version__, atomic_save, load_weights_only, sha256_file, write_text_atomic
 
 log = get_logger(__name__)
 
@@ -49,10 +50,6 @@ FORMAT = "dsoft_dist.run_checkpoint/1"
 MANIFEST = "manifest.json"
 RUN_CHECKPOINTS = "checkpoints"  # the checkpoint root inside a run folder (checkpoint.dir's default)
 STEP_PREFIX = "step-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the folder, the file and what is wrong."""
 
 
 def step_folder(step: int) -> str:
@@ -66,24 +63,6 @@ def _multi() -> bool:
 def _barrier(group=None) -> None:
     if _multi():
         dist.barrier(group=group)
-
-
-def broadcast_object(obj):
-    """rank 0's ``obj`` on every rank (small Python values only)."""
-    if not _multi():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def load_weights_only(path: str, map_location="cpu"):
-    """``torch.load(weights_only=True)`` with an error that names the file when it is refused."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # weights_only refuses anything but tensors and plain containers
-        raise CheckpointError(f"{path} could not be loaded as plain tensors and values ({type(err).__name__}: "
-                              f"{err}); checkpoints hold no code: this file was not written by dsoft") from err
 
 
 # ----------------------------------------------------------------------------- RNG states as tensors

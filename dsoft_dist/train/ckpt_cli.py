@@ -89,7 +89,8 @@ def _checkpoint_backbone(path: str):
     """(step folder, model with its weights, model config dict, trainer state) of the checkpoint PATH names
     (a step folder, a checkpoint root or a run folder: ``resolve``); refuses one whose manifest fails."""
     from dsoft_dist.models import build_model
-    from dsoft_dist.train.checkpoint import load_weights_only, verify
+    from dsoft_dist.train.checkpoint import verify
+    from dsoft_dist.utils import load_weights_only
 
     folder, note = resolve(path)
     if note:
@@ -109,7 +110,7 @@ def _export(args) -> int:
         return _export_insightface(args)
     from dsoft_dist.head import assemble_rows
     from dsoft_dist.models import save_backbone
-    from dsoft_dist.train.checkpoint import load_weights_only
+    from dsoft_dist.utils import load_weights_only
 
     folder, model, m, state = _checkpoint_backbone(args.path)
     os.makedirs(args.out, exist_ok=True)
@@ -134,9 +135,9 @@ def _out_file(out: str, name: str) -> str:
 def _export_insightface(args) -> int:
     """``dsoft ckpt export --to insightface PATH OUT``: arcface_torch's backbone.pth (their names, a plain
     state_dict) from a backbone.pt or a run checkpoint."""
-    from dsoft_dist.head.state import atomic_save
     from dsoft_dist.models import load_backbone
     from dsoft_dist.models.insightface import export_state_dict, resolve_name
+    from dsoft_dist.utils import atomic_save
 
     if os.path.isfile(args.path):
         model, cfg = load_backbone(args.path)
@@ -153,9 +154,9 @@ def _export_insightface(args) -> int:
 def _import(args) -> int:
     """``dsoft ckpt import --from insightface SRC --model NAME OUT``: arcface_torch's backbone.pth as our
     backbone.pt (``save_backbone``; extra records the source, its model and sha256)."""
-    from dsoft_dist.data.manifest import sha256_file
     from dsoft_dist.models import build_model, save_backbone
     from dsoft_dist.models.insightface import import_state_dict, read_arcface_file, resolve_name
+    from dsoft_dist.utils import sha256_file
 
     their, _ = resolve_name(args.model)  # an unknown name is refused before the file is read
     cfg, state = import_state_dict(read_arcface_file(args.src), their, source=args.src)

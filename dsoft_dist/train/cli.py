@@ -22,7 +22,8 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dsoft_dist.config import config_from_dict, config_to_dict, load_config
-from dsoft_dist.config.schema import Config, ConfigError
+from dsoft_dist.config.schema import Config
+from dsoft_dist.errors import ConfigError
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
@@ -31,7 +32,7 @@ log = get_logger(__name__)
 @record
 def run_rank(cfg_dict: dict) -> None:
     """One rank of a run: start-up, train, report (rank 0 prints it), teardown."""
-    from dsoft_dist.train.distributed import distributed, release_collected
+    from dsoft_dist.parallel.processes import distributed, release_collected
     from dsoft_dist.train.trainer import Trainer
 
     cfg = config_from_dict(cfg_dict)
@@ -60,7 +61,7 @@ def run_rank(cfg_dict: dict) -> None:
 
 def _spawn(cfg_dict: dict, nproc: int) -> int:
     """``nproc`` local ranks of ``run_rank``; 0, or 2 after printing the first failing rank's user error once."""
-    from dsoft_dist.cli import spawn_ranks
+    from dsoft_dist.parallel.processes import spawn_ranks
 
     return spawn_ranks("dsoft train", run_rank, nproc, (cfg_dict,),
                        stopped_note="before it could checkpoint; the same command starts again from the newest "
@@ -72,7 +73,8 @@ def preflight(cfg: Config) -> None:
     data's manifest and local shards, TensorBoard when asked for, checkpoint.init_from, and whether
     logging.output_dir may take this run (``runfolder``). Raises ValueError / OSError naming the fix."""
     from dsoft_dist.data.pipeline import check_shards
-    from dsoft_dist.train.checkpoint import CheckpointError, init_source
+    from dsoft_dist.errors import CheckpointError
+    from dsoft_dist.train.checkpoint import init_source
     from dsoft_dist.train.runfolder import check_run_folder
 
     if cfg.data.source == "webdataset":
@@ -100,9 +102,9 @@ def launch(cfg: Config) -> int:
     """
     import torch.multiprocessing as mp
 
-    from dsoft_dist.cli import USER_ERROR_EXIT
-    from dsoft_dist.train.distributed import under_launcher
-    from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE, Preempted
+    from dsoft_dist.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT
+    from dsoft_dist.parallel.processes import under_launcher
+    from dsoft_dist.train.preempt import Preempted
 
     try:
         preflight(cfg)
@@ -155,15 +157,15 @@ def overrides(args) -> list[str]:
 def _refuse(err: Exception) -> None:
     """One ``dsoft train: error: ...`` line, written once: by rank 0 alone under torchrun (every rank loads the
     same config, so the other ranks would only repeat it)."""
-    from dsoft_dist.cli import report_user_error, traceback_wanted
+    from dsoft_dist.errors import report_user_error, traceback_wanted
 
     if os.environ.get("RANK", "0") == "0" or traceback_wanted():
         report_user_error("dsoft train", err)
 
 
 def _main(args) -> int:
-    from dsoft_dist.cli import USER_ERROR_EXIT
-    from dsoft_dist.train.distributed import resolve_backend
+    from dsoft_dist.errors import USER_ERROR_EXIT
+    from dsoft_dist.parallel.processes import resolve_backend
 
     try:
         cfg = load_config(args.config, overrides(args))
@@ -194,6 +196,6 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dsoft_dist.train`` (torchrun's target): user errors become one line, as under ``dsoft train``."""
-    from dsoft_dist.cli import run_command
+    from dsoft_dist.errors import run_command
 
     return run_command("dsoft train", _main, build_parser().parse_args(argv))

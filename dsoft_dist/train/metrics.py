@@ -25,7 +25,7 @@ import torch.distributed as dist
 from dsoft_dist.observability import get_logger
 from dsoft_dist.observability.metrics import MetricsSink, require_tensorboard
 from dsoft_dist.observability.progress import progress_bar
-from dsoft_dist.data.manifest import write_text_atomic
+from dsoft_dist.utils import write_text_atomic
 
 log = get_logger(__name__)
 

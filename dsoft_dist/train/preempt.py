@@ -17,12 +17,10 @@ import os
 import signal
 import threading
 
+from dsoft_dist.errors import PREEMPTED_EXIT_CODE
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; a Slurm script requeues on it
-
 
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint is written; exits with PREEMPTED_EXIT_CODE."""

@@ -24,11 +24,10 @@ import os
 import shutil
 import time
 
-from dsoft_dist import __version__
-from dsoft_dist.observability import get_logger
-from dsoft_dist.data.manifest import write_text_atomic
 from dsoft_dist.data.pipeline import manifest_file
-from dsoft_dist.train.checkpoint import RUN_CHECKPOINTS, STEP_PREFIX, load_weights_only, step_folders
+from dsoft_dist.observability import get_logger
+from dsoft_dist.train.checkpoint import RUN_CHECKPOINTS, STEP_PREFIX, step_folders
+from dsoft_dist.utils import __version__, load_weights_only, write_text_atomic
 
 log = get_logger(__name__)
 

@@ -19,16 +19,18 @@ import time
 
 import torch
 
-
 from dsoft_dist.config import config_to_dict
 from dsoft_dist.config.schema import Config
+from dsoft_dist.errors import PREEMPTED_EXIT_CODE
 from dsoft_dist.head import build_head_optimizer, save_head_checkpoint
 from dsoft_dist.observability import get_logger
-from dsoft_dist.train.checkpoint import Checkpointer, broadcast_object, step_folder
-from dsoft_dist.train.data import TrainData
-from dsoft_dist.train.preempt import PREEMPTED_EXIT_CODE, Preempted, Preemption
+from dsoft_dist.parallel.comm import broadcast_object
+from dsoft_dist.registry import ENGINES
 from dsoft_dist.train.build import build_backbone, build_backbone_optimizer, build_head, resolve_head_step
+from dsoft_dist.train.checkpoint import Checkpointer, step_folder
+from dsoft_dist.train.data import TrainData
 from dsoft_dist.train.metrics import RunMetrics, memory_mb, sum_over_ranks
+from dsoft_dist.train.preempt import Preempted, Preemption
 from dsoft_dist.train.report import write_report
 from dsoft_dist.train.runfolder import prepare_run_folder
 from dsoft_dist.train.schedule import lr_factor
@@ -36,19 +38,6 @@ from dsoft_dist.train.step import TrainStep
 from dsoft_dist.train.validate import Validator
 
 log = get_logger(__name__)
-
-
-def build_engine(cfg: Config, model, head_optimizer, env):
-    """DDPEngine or DeepSpeedEngine for the backbone, per ``parallel.engine``."""
-    o = cfg.optimizer
-    if cfg.parallel.engine == "deepspeed":
-        from dsoft_dist.train.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, build_backbone_optimizer(model, o), head_optimizer, env, cfg)
-    from dsoft_dist.train.engines import DDPEngine
-
-    return DDPEngine(model, build_backbone_optimizer(model, o), head_optimizer, env, cfg.parallel.precision,
-                     o.grad_clip, o.clip_scope)
 
 
 class Trainer:
@@ -78,7 +67,9 @@ class Trainer:
         self.head = build_head(cfg, env.device)
         self.head_config = resolve_head_step(cfg)
         self.head_optimizer = build_head_optimizer(self.head, self.head_config)
-        self.engine = build_engine(cfg, build_backbone(cfg), self.head_optimizer, env)
+        model = build_backbone(cfg)
+        engine_class = ENGINES.get(cfg.parallel.engine)
+        self.engine = engine_class(model, build_backbone_optimizer(model, cfg.optimizer), self.head_optimizer, env, cfg)
         self.step_fn = TrainStep(self.engine, self.head, env, cfg.optimizer.grad_accum_steps)
         keys_dir = os.path.join(self.out, "samples") if cfg.logging.sample_keys else None
         self.data = TrainData(cfg.data, env, keys_dir)

@@ -21,6 +21,7 @@ import gc
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from dsoft_dist.errors import USER_ERROR_EXIT, error_line, traceback_wanted, user_errors
 from dsoft_dist.observability import get_logger
-from dsoft_dist.parallel import free_port
+from dsoft_dist.parallel.ports import free_port
 
 log = get_logger(__name__)
 
@@ -264,3 +266,51 @@ class _ForwardSignals:
         for process in self.processes:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
+
+
+def _rank_with_user_errors(command: str, error_dir: str, fn, *args) -> None:
+    """``fn(*args)`` in a rank ``spawn_ranks`` started: a user error is written as one line to
+    ``error_dir/rank<R>.txt`` for the parent to print once, and the rank exits 2 (so the parent does not
+    re-raise every rank's traceback); a non-zero return code becomes the rank's exit code."""
+    try:
+        code = fn(*args)
+    except user_errors() as err:
+        if traceback_wanted():
+            raise
+        with open(os.path.join(error_dir, f"rank{os.environ['RANK']}.txt"), "w", encoding="utf-8") as fh:
+            fh.write(error_line(command, err))
+        code = USER_ERROR_EXIT
+    if code:
+        raise SystemExit(code)
+
+
+def spawn_ranks(command: str, fn, nproc: int, args: tuple = (), stopped_note: str = "") -> int:
+    """Runs ``fn(*args)`` (importable: spawn pickles it by name) in ``nproc`` local ranks
+    (``spawn_local``). Returns 0; or 2 after printing once, as ``command: error: ...``, the
+    user error of the failing rank, or of the first rank that wrote one (a rank that met a user error inside a
+    collective makes the others fail too, and any of them may be seen first); or 128 + N with a message when a
+    rank was stopped by SIGINT/SIGTERM (signal N) before it could install handlers of its own (``stopped_note``
+    says what to do then). Any other failure is re-raised."""
+    import tempfile  # noqa: PLC0415
+
+    from torch.multiprocessing.spawn import ProcessException  # noqa: PLC0415
+
+    from dsoft_dist.parallel.processes import spawn_local  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="dsoft-rank-errors-") as error_dir:
+        try:
+            spawn_local(_rank_with_user_errors, nproc, (command, error_dir, fn, *args))
+        except ProcessException as err:  # a rank exited (ProcessExitedException) or raised
+            if getattr(err, "exit_code", 0) < 0 and err.signal_name in ("SIGINT", "SIGTERM"):
+                sys.stderr.write(f"{command}: local rank {err.error_index} was stopped by {err.signal_name} while "
+                                 f"starting{'; ' + stopped_note if stopped_note else ''}\n")
+                return 128 - err.exit_code
+            reports = [f"rank{err.error_index}.txt"] + sorted(os.listdir(error_dir))
+            report = next((os.path.join(error_dir, r) for r in reports if os.path.isfile(os.path.join(error_dir, r))),
+                          None)
+            if report is None:  # no rank met a user error: a bug, re-raised with its traceback
+                raise
+            with open(report, encoding="utf-8") as fh:
+                sys.stderr.write(fh.read() + "\n")
+            return USER_ERROR_EXIT
+    return 0

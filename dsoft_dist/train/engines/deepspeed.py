@@ -1,6 +1,6 @@
 """The backbone under DeepSpeed ZeRO-1/2 (``pip install 'dsoft_dist[deepspeed]'``); the head stays outside.
 
-Same interface as ``dsoft_dist.train.engines.DDPEngine``. What DeepSpeed 0.19 does, measured on
+Same interface as ``dsoft_dist.train.engines.ddp.DDPEngine``. What DeepSpeed 0.19 does, measured on
 the installed version (2 gloo ranks on CPU) and what this engine does about it:
 
 - ZeRO-1/2 average the backbone's gradients over ranks exactly like DDP (bit-identical
@@ -40,8 +40,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsoft_dist.config.schema import Config, ConfigError
+from dsoft_dist.config.schema import Config
+from dsoft_dist.errors import ConfigError
 from dsoft_dist.observability import get_logger
+from dsoft_dist.registry import ENGINES
 from dsoft_dist.train.grads import all_finite, clip_grads_
 
 log = get_logger(__name__)
@@ -115,6 +117,7 @@ def _unlink_comm_buffers(env) -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
+@ENGINES.register("deepspeed")
 class DeepSpeedEngine:
     """The backbone inside a DeepSpeed engine (see the module doc for the conventions)."""
 
@@ -195,7 +198,7 @@ class DeepSpeedEngine:
         """DeepSpeed's ZeRO partitions are per rank: they load on the world size that wrote them only.
         DeepSpeed reads its files with ``weights_only=False``, so each is first read weights-only (see
         refuse_code): a file carrying code is refused before DeepSpeed opens it."""
-        from dsoft_dist.train.checkpoint import CheckpointError
+        from dsoft_dist.errors import CheckpointError
 
         if not same_world:
             raise CheckpointError(f"{folder}: a DeepSpeed checkpoint resumes on the world size that wrote it; "
@@ -213,7 +216,7 @@ def refuse_code(folder: str) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from dsoft_dist.train.checkpoint import load_weights_only
+    from dsoft_dist.utils import load_weights_only
 
     with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
         for path in sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)):

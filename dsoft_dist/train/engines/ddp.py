@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dsoft_dist.observability import get_logger
+from dsoft_dist.registry import ENGINES
 from dsoft_dist.train.grads import LossScaler, all_finite, clip_grads_
 
 log = get_logger(__name__)
@@ -34,6 +35,7 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
 
 
+@ENGINES.register("ddp")
 class DDPEngine:
     """The backbone under DistributedDataParallel (no wrapper on one rank) with its own optimizer.
 
@@ -44,15 +46,15 @@ class DDPEngine:
 
     divides_by_accum = False
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, head_optimizer, env, precision: str,
-                 grad_clip: float = 0.0, clip_scope: str = "backbone"):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, head_optimizer, env, cfg):
         from torch.nn.parallel import DistributedDataParallel
 
         self.module, self.optimizer, self.head_optimizer = model.to(env.device), optimizer, head_optimizer
-        self.env, self.precision, self.grad_clip, self.clip_scope = env, precision, grad_clip, clip_scope
+        self.env, self.precision = env, cfg.parallel.precision
+        self.grad_clip, self.clip_scope = cfg.optimizer.grad_clip, cfg.optimizer.clip_scope
         ids = [env.device.index] if env.device.type == "cuda" else None
         self.net = DistributedDataParallel(self.module, device_ids=ids) if env.world_size > 1 else self.module
-        self.scaler = LossScaler(enabled=precision == "fp16")
+        self.scaler = LossScaler(enabled=self.precision == "fp16")
         self.last_norms: dict[str, float] = {}
 
     def describe(self) -> str:
@@ -106,7 +108,7 @@ class DDPEngine:
 
     def state_snapshot(self, copy: bool = False) -> dict:
         """{"file", "payload"}: the optimizer and loss scale, replicated under DDP, so rank 0's payload only."""
-        from dsoft_dist.head.state import cpu_copy
+        from dsoft_dist.utils import cpu_copy
 
         payload = None
         if self.env.is_main:
@@ -115,6 +117,6 @@ class DDPEngine:
 
     def load_state(self, folder: str, same_world: bool) -> None:
         """Any world size: the state does not depend on it."""
-        from dsoft_dist.train.checkpoint import load_weights_only
+        from dsoft_dist.utils import load_weights_only
 
         self.load_state_dict(load_weights_only(os.path.join(folder, "ddp.pt"), map_location=self.env.device))
