@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from dsoft_dist.kernels.validate import TRITON_DTYPES
+from dsoft_dist.kernels.checks import TRITON_DTYPES
 from dsoft_dist.observability import get_logger
 
 log = get_logger(__name__)
@@ -58,8 +58,9 @@ def triton_path_usable(features: torch.Tensor, weight: torch.Tensor, compute_dty
     """True when ``auto`` should run the kernels: CUDA tensors, Triton, and tensor-core operands.
 
     Tensor-core operands = a 16-bit ``compute_dtype``, a 16-bit weight or features (the GEMMs
-    run in the narrower dtype), or fp32 with ``torch.backends.cuda.matmul.allow_tf32``. Plain fp32 would run the kernels'
-    GEMMs as IEEE fp32 FMA, likely slower than cuBLAS in the torch path, so auto keeps torch there.
+    run in the narrower dtype), or fp32 with ``torch.backends.cuda.matmul.allow_tf32``. Plain fp32
+    would run the kernels' GEMMs as IEEE fp32 FMA, likely slower than cuBLAS in the torch path, so
+    auto keeps torch there.
     """
     if not (features.is_cuda and weight.is_cuda and features.dtype in TRITON_DTYPES
             and weight.dtype in TRITON_DTYPES):

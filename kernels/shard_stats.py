@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dsoft_dist.kernels.checks import check_shard_inputs
 from dsoft_dist.kernels.config import KernelConfig, default_config, next_pow2
 from dsoft_dist.kernels.shard_stats_bwd import grad_features_kernel, grad_weight_kernel
 from dsoft_dist.kernels.shard_stats_fwd import row_norms_kernel, shard_stats_fwd_kernel
-from dsoft_dist.kernels.validate import check_shard_inputs
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _PROGRAMS_PER_SM = 4  # splits aim for this many programs per SM (a few waves hide the tail)

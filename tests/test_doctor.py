@@ -6,7 +6,7 @@ from collections import namedtuple
 import pytest
 
 from dsoft_dist.cli import main
-from dsoft_dist.launch import doctor
+from dsoft_dist.launch import doctor_checks
 from dsoft_dist.parallel import free_port
 
 LAYOUT_VARS = ("NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "NODE_RANK", "SLURM_NODEID", "MASTER_ADDR",
@@ -45,7 +45,7 @@ def test_clean_run_passes_and_leaves_a_marker(capsys, tmp_path):
                  "ckpt-folder", "ckpt-shared", "disk"):
         line(out, name)
     markers = [p.name for p in (tmp_path / "ckpt").iterdir()]
-    assert markers == [doctor.MARKER_PREFIX + doctor._safe_host(socket.gethostname())]
+    assert markers == [doctor_checks.MARKER_PREFIX + doctor_checks._safe_host(socket.gethostname())]
     assert re.search(r"^dsoft doctor: (all checks passed|\d+ problems? \(0 blocking\))$", out, re.M), out
 
 
@@ -93,7 +93,7 @@ def test_interface_variable_naming_a_missing_interface_fails(capsys, tmp_path, m
     rc, out = run(capsys, tmp_path)
     assert rc == 1, out
     assert line(out, "network").startswith("FAIL") and "nosuchif0" in line(out, "network")
-    existing = next(iter(doctor.interfaces()))
+    existing = next(iter(doctor_checks.interfaces()))
     assert existing in line(out, "network")  # the fix names the interfaces there are
 
 
@@ -113,11 +113,11 @@ def test_disk_estimate_matches_the_arithmetic(capsys, tmp_path):
 
 def test_too_little_free_space_fails(capsys, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(doctor, "disk_usage", lambda path: usage(2 ** 40, 2 ** 40 - 2 ** 30, 2 ** 30))
+    monkeypatch.setattr(doctor_checks, "disk_usage", lambda path: usage(2 ** 40, 2 ** 40 - 2 ** 30, 2 ** 30))
     rc, out = run(capsys, tmp_path, "--set", "data.num_classes=1000000", "--set", "model.embedding_size=512")
     assert rc == 1, out
     assert line(out, "disk").startswith("FAIL") and "1.00 GiB free" in line(out, "disk")
-    monkeypatch.setattr(doctor, "disk_usage", lambda path: usage(2 ** 50, 0, 2 ** 49))
+    monkeypatch.setattr(doctor_checks, "disk_usage", lambda path: usage(2 ** 50, 0, 2 ** 49))
     rc, out = run(capsys, tmp_path, "--set", "data.num_classes=1000000", "--set", "model.embedding_size=512")
     assert line(out, "disk").startswith("ok"), out
 

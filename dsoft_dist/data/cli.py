@@ -47,7 +47,13 @@ def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="build, convert and check data sets",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    for add in (_add_synth, _add_from_npy, _add_from_rec, _add_from_folder, _add_align, _add_make_bin,
+                _add_verify):
+        add(sub)  # in this order: it is the order of `dsoft data --help`
 
+
+def _add_synth(sub) -> None:
+    """Adds ``dsoft data synth``."""
     p = sub.add_parser("synth", help="write synthetic identities (images or feature vectors) to WebDataset shards")
     p.add_argument("out")
     p.add_argument("--identities", type=int, required=True, help="number of identities (classes) to write")
@@ -64,6 +70,9 @@ def register(subparsers) -> None:
     _shard_args(p)
     p.set_defaults(func=_synth)
 
+
+def _add_from_npy(sub) -> None:
+    """Adds ``dsoft data from-npy``."""
     p = sub.add_parser("from-npy", help="(N, D) features.npy + (N,) labels.npy -> vector shards")
     p.add_argument("features", help=".npy of shape (N, D), read memory-mapped")
     p.add_argument("labels", help=".npy of N integer class ids in [0, C)")
@@ -75,22 +84,38 @@ def register(subparsers) -> None:
     _shard_args(p)
     p.set_defaults(func=_from_npy)
 
-    for name, helptext in (("from-rec", "InsightFace train.rec/.idx -> shards"),
-                           ("from-folder", "ROOT/<identity>/<image> -> shards")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("src")
-        p.add_argument("out")
-        p.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: seeded shuffle)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default 0)")
-        p.add_argument("--check-decode", action="store_true", help="fully decode every image while converting")
-        if name == "from-folder":
-            p.add_argument("--landmarks", metavar="FILE", help="align each image on the fly: a landmark file of "
-                           "IDENTITY/IMAGE x1 y1 ... x5 y5 [SCORE] lines (see `dsoft data align`)")
-            p.add_argument("--align-size", type=int, help="with --landmarks: crop side in pixels (default 112)")
-            _min_score_arg(p)
-        _shard_args(p)
-        p.set_defaults(func=_from_rec if name == "from-rec" else _from_folder)
 
+def _image_source_args(p: argparse.ArgumentParser) -> None:
+    """SRC, OUT and the options of reading images that from-rec and from-folder share."""
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: seeded shuffle)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default 0)")
+    p.add_argument("--check-decode", action="store_true", help="fully decode every image while converting")
+
+
+def _add_from_rec(sub) -> None:
+    """Adds ``dsoft data from-rec``."""
+    p = sub.add_parser("from-rec", help="InsightFace train.rec/.idx -> shards")
+    _image_source_args(p)
+    _shard_args(p)
+    p.set_defaults(func=_from_rec)
+
+
+def _add_from_folder(sub) -> None:
+    """Adds ``dsoft data from-folder``."""
+    p = sub.add_parser("from-folder", help="ROOT/<identity>/<image> -> shards")
+    _image_source_args(p)
+    p.add_argument("--landmarks", metavar="FILE", help="align each image on the fly: a landmark file of "
+                   "IDENTITY/IMAGE x1 y1 ... x5 y5 [SCORE] lines (see `dsoft data align`)")
+    p.add_argument("--align-size", type=int, help="with --landmarks: crop side in pixels (default 112)")
+    _min_score_arg(p)
+    _shard_args(p)
+    p.set_defaults(func=_from_folder)
+
+
+def _add_align(sub) -> None:
+    """Adds ``dsoft data align``."""
     p = sub.add_parser("align", help="five-point alignment: ROOT/<identity>/<image> + landmark file -> "
                        "OUT/<identity>/<image> crops for from-folder")
     p.add_argument("src", help="raw images as ROOT/<identity>/<image>")
@@ -110,6 +135,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (bars are drawn on a terminal only)")
     p.set_defaults(func=_align)
 
+
+def _add_make_bin(sub) -> None:
+    """Adds ``dsoft data make-bin``."""
     p = sub.add_parser("make-bin", help="verification .bin (or a pair list if OUT ends in .txt)")
     p.add_argument("out")
     src = p.add_mutually_exclusive_group(required=True)
@@ -124,6 +152,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the pair (and synthetic image) draw (default 0)")
     p.set_defaults(func=_make_bin)
 
+
+def _add_verify(sub) -> None:
+    """Adds ``dsoft data verify``."""
     p = sub.add_parser("verify", help="check shards against their manifest (sizes, sha256, sample counts, labels, "
                        "classes.tsv, conversion fingerprints)")
     p.add_argument("manifest", help="manifest.json or its folder")
