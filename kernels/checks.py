@@ -1,7 +1,7 @@
 """Input checks of the triton backend: every error says what, the value, and the fix.
 
 Checks are O(1) metadata reads (shapes, dtypes, devices, strides): no host sync, so nothing
-here reads tensor values (the head validates labels once per step, ``dsoft_dist.head.validate``).
+here reads tensor values (the head validates labels once per step, ``dsoft_dist.head.checks``).
 """
 from __future__ import annotations
 

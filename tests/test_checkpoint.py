@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ import torch
 from dsoft_dist.config import config_from_dict
 from dsoft_dist.errors import CheckpointError
 from dsoft_dist.parallel.processes import distributed, spawn_local
-from dsoft_dist.train.checkpoint import Checkpointer, verify
+from dsoft_dist.train.checkpoint import Checkpointer
+from dsoft_dist.train.ckpt_files import check_manifest
 from dsoft_dist.utils import load_weights_only
 from tests.test_data_fixtures import write_shards
 from tests.test_train_dist import assert_same_params, run, run_jobs, tiny
@@ -41,8 +43,8 @@ def _interrupted_at_scale(cfg_dict: dict, steps: int, scale: float) -> None:
     with distributed("gloo") as env:
         t = Trainer(config_from_dict(cfg_dict), env)
         t.engine.scaler.scale, t.engine.scaler.good_steps = scale, 7
-        t.run_steps(steps - t.step)
-        t.checkpointer.save(t)
+        t.run_steps(steps - t.state.step)
+        t.save_checkpoint()
         t.close()
 
 
@@ -141,10 +143,42 @@ def test_torn_checkpoint_is_never_loaded_and_auto_takes_the_previous(tmp_path, c
     (root / "step-00000008.tmp").mkdir()  # a write that never finished
     with distributed("gloo") as env:
         ckpt = Checkpointer(config_from_dict(cfg), env)
-        assert "bytes" in verify(str(root / "step-00000006"))
+        assert "bytes" in check_manifest(str(root / "step-00000006"))
         with caplog.at_level("WARNING", logger="dsoft_dist"):
             assert ckpt.find_resume() == str(root / "step-00000004")
     assert "step-00000006 is not used" in caplog.text and piece.name in caplog.text
+
+
+def test_a_checkpoint_of_an_unknown_format_or_a_part_of_no_known_kind_is_refused_by_name(tmp_path):
+    """One process: a manifest of a format this version does not read is named with the way out; a states map
+    entry that declares no layout (a bare Stateful) is named with the wrappers to use."""
+    from dsoft_dist.train.state import TrainState
+
+    folder = tmp_path / "step-00000002"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": "dsoft_dist.run_checkpoint/9", "step": 2,
+                                                      "world_size": 2, "version": "9.0.0", "files": {}}))
+    with distributed("gloo") as env:
+        ckpt = Checkpointer(config_from_dict(ckpt_cfg(tmp_path / "run")), env)
+        with pytest.raises(CheckpointError, match=r"format 'dsoft_dist.run_checkpoint/9'.*--overwrite"):
+            ckpt.load({}, str(folder))
+        with pytest.raises(TypeError, match=r"states\['trainer'\] is a TrainState.*Replicated or PerRank"):
+            ckpt.save({"trainer": TrainState({})}, 1)
+
+
+@SLOW
+def test_a_run_checkpointed_in_the_format_before_the_states_map_resumes_exactly(tmp_path):
+    """tests/data/checkpoint_v1/run: ckpt_cfg's run stopped after step 5 by dsoft_dist f4a3eb6, whose checkpoint
+    (format /1) kept the data position and the best record inside trainer.pt (generate.py wrote it). Resumed
+    now, it ends bit-identical to the whole run trained now."""
+    run_folder = tmp_path / "resumed"
+    shutil.copytree(Path(__file__).parent / "data" / "checkpoint_v1" / "run", run_folder)
+    manifest = json.loads((run_folder / "checkpoints" / "step-00000005" / "manifest.json").read_text())
+    assert manifest["format"] == "dsoft_dist.run_checkpoint/1"
+    resumed = run(ckpt_cfg(run_folder, checkpoint__keep_last=1))
+    whole = run(ckpt_cfg(tmp_path / "whole", checkpoint__keep_last=1))
+    assert resumed["loss"] == whole["loss"]  # steps 1-5 from the old run's log, 6-8 trained after the resume
+    assert_same_params(resumed, whole, atol=0.0, rtol=0.0)
 
 
 class _Payload:
@@ -193,7 +227,7 @@ def test_fp16_loss_scale_and_growth_tracker_survive_resume(tmp_path):
         from dsoft_dist.train.trainer import Trainer
 
         t = Trainer(config_from_dict(cfg), env)
-        assert (t.step, t.engine.scaler.scale, t.engine.scaler.good_steps) == (2, 2.0 ** 11, 9)
+        assert (t.state.step, t.engine.scaler.scale, t.engine.scaler.good_steps) == (2, 2.0 ** 11, 9)
         t.close()
 
 
@@ -204,7 +238,7 @@ def _always_nonfinite(cfg_dict: dict) -> None:
     with distributed("gloo") as env:
         t = Trainer(config_from_dict(cfg_dict), env)
         first = next(t.engine.module.parameters())
-        first.register_hook(lambda g: g * float("nan") if t.step >= 2 and env.rank == 1 else g)
+        first.register_hook(lambda g: g * float("nan") if t.state.step >= 2 and env.rank == 1 else g)
         try:
             t.train()
         finally:
@@ -255,7 +289,7 @@ def test_background_saves_write_the_same_checkpoints_and_resume_exactly(tmp_path
     root = tmp_path / "async" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000005"]
     with distributed("gloo"):
-        assert verify(str(root / "step-00000005")) is None
+        assert check_manifest(str(root / "step-00000005")) is None
     resumed = run(cfg)
     assert resumed["loss"] == sync["loss"]
     assert_same_params(resumed, sync, atol=0.0, rtol=0.0)

@@ -9,7 +9,7 @@ import yaml
 from dsoft_dist.cli import main
 from dsoft_dist.config import config_from_dict, dump_config, load_config
 from dsoft_dist.errors import USER_ERROR_EXIT, ConfigError
-from dsoft_dist.losses import MARGIN_PRESETS
+from dsoft_dist.registry import LOSSES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -74,7 +74,8 @@ def test_a_float_in_exponent_form_is_a_float():
 
 
 def test_margin_presets_resolve_from_the_loss_table():
-    for name, margins in MARGIN_PRESETS.items():
+    for name in LOSSES.names():
+        margins = LOSSES.get(name).margins
         cfg = load_config(None, [f"head.loss={name}"])
         assert cfg.head.margins() == (margins["m1"], margins["m2"], margins["m3"])
     assert load_config(None, ["head.loss=arcface"]).head.margins() == (1.0, 0.5, 0.0)

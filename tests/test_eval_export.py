@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from dsoft_dist.cli import main
-from dsoft_dist.config.schema import MODELS
 from dsoft_dist.eval.export import BATCH_DIM, export_model
 from dsoft_dist.models import build_model, save_backbone
+from dsoft_dist.registry import MODELS
 
 # TorchScript itself is deprecated by torch 2.13: torch.jit.trace/trace_method/save/load each emit a
 # DeprecationWarning from torch (torch/jit/_trace.py, torch/jit/_serialization.py). The format stays for
@@ -69,7 +69,7 @@ _FULL_SIZE = pytest.mark.slow(reason="ONNX export of a full-size backbone (~4-16
                                      "default tier's")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_FULL_SIZE) if n in SLOW else n for n in MODELS
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_FULL_SIZE) if n in SLOW else n for n in MODELS.names()
                                   if n not in SAME_LAYERS_AS_A_SMALLER_ONE])
 def test_onnx_parity_every_backbone(tmp_path, name):
     model, shape = tiny(name)

@@ -24,10 +24,10 @@ from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer, load_head_checkpoint, save_head_checkpoint
 from dsoft_dist.losses import MODES
 from dsoft_dist.losses import functional as LF
-from dsoft_dist.losses.modules import MARGIN_PRESETS
 from dsoft_dist.losses.negatives import class_mask, select_shard_classes
 from dsoft_dist.parallel import shard_range, shard_ranges
 from dsoft_dist.parallel.processes import distributed, spawn_local
+from dsoft_dist.registry import LOSSES as REGISTERED_LOSSES
 
 pytestmark = pytest.mark.dist
 # one spawned group per world size (4-13 s each); the default tier runs the P = 2 group's cases
@@ -243,7 +243,7 @@ def reference(case, world_size):
             k = C if classes is None else classes.numel()
             loss = LF.d_softmax(cos, labels, 64.0, 0.9, negatives_mask=mask, inter_correction=C / k if corr else 1.0)
         else:
-            loss = LF.margin_softmax(cos, labels, 64.0, negatives_mask=mask, **MARGIN_PRESETS[loss_name])
+            loss = LF.margin_softmax(cos, labels, 64.0, negatives_mask=mask, **REGISTERED_LOSSES.get(loss_name).margins)
     loss.backward()
     return loss.detach(), emb.grad, weight.grad
 
@@ -317,7 +317,7 @@ def payload(world_size: int, sampled: bool, first: bool) -> dict[str, int]:
     if sampled:
         out["inter_correction"] = 8  # one float64: the global number of selected classes
     if first:
-        out["validate"] = 8 * 8 * world_size  # 8 int64 per rank, on the first forward only
+        out["checks"] = 8 * 8 * world_size  # 8 int64 per rank, on the first forward only
     return out
 
 
@@ -331,7 +331,7 @@ def test_each_collective_moves_the_payload_formula_whatever_the_world_size(world
             what = f"P={world_size} rank {rank} C={num_classes} {neg} {step} step"
             assert snap["by_name"] == expected, f"{what}: {snap['by_name']} != {expected}"
             assert [name for name, _, _ in snap["events"]] == [n for n in (
-                "validate", "labels", "embeddings", "inter_correction", "stats_max", "stats_sum", "embeddings_grad")
+                "checks", "labels", "embeddings", "inter_correction", "stats_max", "stats_sum", "embeddings_grad")
                 if n in expected], f"{what}: order {snap['events']}"
             stats = expected and snap["by_name"]["stats_max"] + snap["by_name"]["stats_sum"]
             assert world_size == 1 or stats == 16 * COMM_BATCH, f"{what}: statistics bytes {stats}"

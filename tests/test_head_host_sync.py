@@ -101,7 +101,7 @@ def test_a_steady_step_reads_nothing_back(loss, negatives, optimizer, logit_cach
 
 def test_the_guard_catches_each_kind_of_host_read():
     """The guard can fail: an input check every step (.tolist()), batch negatives (unique), a mask index."""
-    head, _ = _head("all", validate="always")
+    head, _ = _head("all", checks="always")
     emb, labels = _batch(1)
     with pytest.raises(HostReadError, match="tolist"), no_host_reads():
         head(emb, labels)
@@ -114,9 +114,9 @@ def test_the_guard_catches_each_kind_of_host_read():
         emb.sum().item()
 
 
-def test_validate_modes_and_the_environment_override(monkeypatch):
+def test_checks_modes_and_the_environment_override(monkeypatch):
     head = ShardedClassifier(C, D)
-    assert head.validate == "first"
+    assert head.checks == "first"
     emb, labels = _batch(1)
     bad = labels.clone()
     bad[4] = C + 3
@@ -124,13 +124,13 @@ def test_validate_modes_and_the_environment_override(monkeypatch):
         head(emb, bad)  # the first forward is checked
     head(emb, labels)
     head(emb, bad)  # later forwards are not: the trainer's loader checks every label
-    assert ShardedClassifier(C, D, validate=True).validate == "always"
-    assert ShardedClassifier(C, D, validate=False).validate == "never"
-    monkeypatch.setenv("DSOFT_VALIDATE", "always")
-    assert ShardedClassifier(C, D, validate="never").validate == "always"
-    monkeypatch.setenv("DSOFT_VALIDATE", "sometimes")
-    with pytest.raises(ValueError, match="DSOFT_VALIDATE='sometimes' is invalid"):
+    assert ShardedClassifier(C, D, checks=True).checks == "always"
+    assert ShardedClassifier(C, D, checks=False).checks == "never"
+    monkeypatch.setenv("DSOFT_CHECKS", "always")
+    assert ShardedClassifier(C, D, checks="never").checks == "always"
+    monkeypatch.setenv("DSOFT_CHECKS", "sometimes")
+    with pytest.raises(ValueError, match="DSOFT_CHECKS='sometimes' is invalid"):
         ShardedClassifier(C, D)
-    monkeypatch.delenv("DSOFT_VALIDATE")
-    with pytest.raises(ValueError, match="validate='each' is invalid"):
-        ShardedClassifier(C, D, validate="each")
+    monkeypatch.delenv("DSOFT_CHECKS")
+    with pytest.raises(ValueError, match="checks='each' is invalid"):
+        ShardedClassifier(C, D, checks="each")

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import dsoft_dist
 from dsoft_dist.losses import class_mask, select_classes
+from dsoft_dist.registry import LOSSES
 from tests.test_losses_reference import ref_d_softmax, ref_margin_softmax
 
 
@@ -56,7 +57,7 @@ def test_margin_module_grads_match_transcription(preset, negatives):
     c = 19
     mod = dsoft_dist.MarginSoftmaxLoss.preset(preset, c, 6, scale=16.0, negatives=negatives, sample_rate=0.4).double()
     emb, y = _inputs(6, c, 6, seed=2)
-    m = dsoft_dist.losses.MARGIN_PRESETS[preset]
+    m = LOSSES.get(preset).margins
     mask = class_mask(select_classes(negatives, y, c, 0.4, seed=0, step=0), 6, c)
     e = emb.clone().requires_grad_()
     loss = mod(e, y)

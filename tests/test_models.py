@@ -5,8 +5,9 @@ import pickle
 import pytest
 import torch
 
-from dsoft_dist.config.schema import MODELS, ModelConfig
+from dsoft_dist.config.schema import ModelConfig
 from dsoft_dist.models import build_model, load_backbone, save_backbone
+from dsoft_dist.registry import MODELS
 
 
 def n_params(model):
@@ -44,7 +45,7 @@ def test_tiny_models_any_size(name, size):
 
 
 def test_every_registered_name_builds():
-    for name in MODELS:
+    for name in MODELS.names():
         if name in ("iresnet200", "vit_s", "vit_b", "vit_l"):
             continue  # built on the meta device, entry by entry: tests/test_models_arcface.py
         kwargs = {"in_features": 10} if name == "mlp" else {}

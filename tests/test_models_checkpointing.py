@@ -19,7 +19,7 @@ import yaml
 from dsoft_dist.cli import main
 from dsoft_dist.config.schema import ModelConfig
 from dsoft_dist.errors import ConfigError
-from dsoft_dist.models import CHECKPOINTING_MODELS, build_model, load_backbone, save_backbone
+from dsoft_dist.models import build_model, checkpointing_models, load_backbone, save_backbone
 from dsoft_dist.models.vit import VisionTransformer
 
 
@@ -97,9 +97,9 @@ def test_checkpointing_is_off_in_eval_mode_and_without_autograd():
 
 
 def test_build_model_passes_the_flag_to_every_model_that_has_it():
-    assert set(CHECKPOINTING_MODELS) == {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200",
-                                         "iresnet_tiny", "vit_t", "vit_s", "vit_b", "vit_l", "vit_tiny"}
-    for name in CHECKPOINTING_MODELS:
+    assert set(checkpointing_models()) == {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200",
+                                           "iresnet_tiny", "vit_t", "vit_s", "vit_b", "vit_l", "vit_tiny"}
+    for name in checkpointing_models():
         with torch.device("meta"):
             assert build_model(name, activation_checkpointing=True).activation_checkpointing, name
             assert not build_model(name).activation_checkpointing, name

@@ -76,8 +76,8 @@ def _train_jobs(jobs: list[tuple[dict, int | None]], without_batchnorm: bool = F
                 if stop_after is None:
                     t.train()
                 else:
-                    t.run_steps(stop_after - t.step)
-                    t.checkpointer.save(t)
+                    t.run_steps(stop_after - t.state.step)
+                    t.save_checkpoint()
             finally:
                 t.close()
 
@@ -215,7 +215,7 @@ def inject_nonfinite(cfg_dict: dict, out_dir: str) -> None:
             inject[0] = i == 1
             before = [p.detach().clone() for p in t.engine.module.parameters()] + [t.head.weight.detach().clone()]
             scale = scaler.scale if scaler is not None else None
-            out = t.step_fn(t.data, 0.1)
+            out = t.updater(t.data, 0.1)
             after = [p.detach() for p in t.engine.module.parameters()] + [t.head.weight.detach()]
             records.append({"applied": out.applied, "scale_before": scale,
                             "scale_after": scaler.scale if scaler is not None else None,

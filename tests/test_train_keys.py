@@ -13,8 +13,8 @@ logit cache, the step inside backward and the separate step give the same bits) 
 received them (the loader's workers, the head's chunk size, logit cache, backend and GEMM dtype, the head
 optimizer's mode and where it steps, the batch size handed to the embedding extractor);
 head.compute_dtype's effect on a GPU is tests/test_kernels_gpu.py's. The few keys only a multi-process
-launch or DeepSpeed can show are listed in ELSEWHERE with the test that shows them; the
-test checks that the three groups together are exactly the schema's fields.
+launch, DeepSpeed or a module of one's own (extra_modules) can show are listed in ELSEWHERE with the test
+that shows them; the test checks that the three groups together are exactly the schema's fields.
 
     python -m pytest tests/test_train_keys.py
 """
@@ -139,8 +139,10 @@ CASES = {
     "checkpoint.signals": ({}, ["SIGUSR2"]),
     "checkpoint.async_save": ({"checkpoint.every_steps": 1}, True),
 }
-# keys whose effect needs several processes or DeepSpeed: the test that shows it
+# keys whose effect needs several processes, DeepSpeed or a module of one's own: the test that shows it
 ELSEWHERE = {
+    "extra_modules": "tests/test_registry.py::test_a_loss_from_extra_modules_is_chosen_and_trained (the module it "
+                     "names registers the loss the run trains with)",
     "parallel.nproc": "tests/test_demo.py::test_demo_two_ranks_learns_unseen_identities (world_size 2 from nproc)",
     "parallel.engine": "tests/test_train_deepspeed.py::test_ddp_and_deepspeed_zero_agree_after_three_steps",
     "parallel.zero_stage": "tests/test_train_deepspeed.py::test_ddp_and_deepspeed_zero_agree_after_three_steps",
@@ -215,15 +217,15 @@ def build_case(context, dotted, value, root, run_dir) -> dict:
 def fingerprint(cfg_dict: dict, root) -> dict:
     """What one in-process run did (or the error it raised)."""
     from dsoft_dist.parallel.processes import distributed
-    from dsoft_dist.train import validate
+    from dsoft_dist.train import verify
     from dsoft_dist.train.trainer import Trainer
 
     calls = []
     # undone after this run: a second run's patch would otherwise wrap this one, and its calls would land in
     # this run's list too (a base run shared by many keys kept growing)
     with pytest.MonkeyPatch.context() as patch:
-        real_extract = validate.extract_embeddings
-        patch.setattr(validate, "extract_embeddings",
+        real_extract = verify.extract_embeddings
+        patch.setattr(verify, "extract_embeddings",
                       lambda *a, **kw: calls.append(kw["batch_size"]) or real_extract(*a, **kw))
         patch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
         try:

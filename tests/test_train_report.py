@@ -124,7 +124,7 @@ def test_report_json_has_the_throughput_of_the_whole_run(tmp_path):
 
 def test_a_set_named_val_logs_val_at_far_not_val_val(tmp_path, monkeypatch, capfd):
     """A real run verifying on val.bin: metrics.jsonl, report.json and report.md name VAL@FAR unambiguously."""
-    from dsoft_dist.train.validate import build_synthetic_bin
+    from dsoft_dist.train.verify import build_synthetic_bin
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     path = tiny_config(tmp_path)

@@ -72,7 +72,7 @@ def test_a_resumed_run_drops_the_events_past_its_checkpoint(tmp_path, monkeypatc
     with distributed("gloo") as env:
         t = Trainer(config_from_dict(cfg), env)
         t.run_steps(3)
-        t.checkpointer.save(t)
+        t.save_checkpoint()
         t.run_steps(2)  # logged, never checkpointed: the crash comes before the next save
         t.close()
     out = tmp_path / "run"

@@ -58,9 +58,9 @@ def _time(step, steps: int, device: torch.device) -> float:
 
 def bench_model(name: str, args, device: torch.device) -> list[dict]:
     """One record per checkpointing setting: median seconds per step over the repeats, images/s, peak MiB."""
-    from dsoft_dist.models.registry import CHECKPOINTING_MODELS  # noqa: PLC0415
+    from dsoft_dist.registry import MODELS  # noqa: PLC0415
 
-    settings = [False, True] if name in CHECKPOINTING_MODELS else [False]
+    settings = [False, True] if MODELS.get(name).checkpointing else [False]
     runs = {s: _setup(name, s, args, device) for s in settings}
     times: dict[bool, list[float]] = {s: [] for s in settings}
     peaks = {}

@@ -183,7 +183,7 @@ def run(args, rank=0, world_size=1, group=None) -> str | None:
     """Benchmarks every sample rate on this rank; returns the table on rank 0."""
     device = torch.device(args.device)
     head = ShardedClassifier(args.classes, args.dim, loss=args.loss, negatives="all", chunk_size=args.chunk_size,
-                             group=group, device=device, validate="never" if args.no_validate else "first",
+                             group=group, device=device, checks="never" if args.no_validate else "first",
                              logit_cache_mb=args.logit_cache_mb, backend=args.backend)
     opt = build_head_optimizer(head, OptimizerConfig(name=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
                                                      head_mode=args.head_mode,
@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=100_000, help="C: classes of the whole head (default 100000)")
     p.add_argument("--dim", type=int, default=512, help="D: embedding size (default 512)")
     p.add_argument("--batch", type=int, default=512, help="local batch per rank")
-    p.add_argument("--loss", default="d_softmax", help="head.loss (default d_softmax; any of dsoft_dist.config LOSSES)")
+    p.add_argument("--loss", default="d_softmax",
+                   help="head.loss (default d_softmax; any of dsoft_dist.registry LOSSES)")
     p.add_argument("--negatives", default="random", choices=("random", "batch", "partial"),
                    help="negatives for r < 1 (r = 1 always runs 'all')")
     p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.125, 0.015625], metavar="R",

@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.bench.speedup import ShardedStep, parse_rates
-from dsoft_dist.config.schema import LOSSES, HeadConfig
+from dsoft_dist.config.schema import HeadConfig
 from dsoft_dist.parallel.processes import distributed, spawn_local
+from dsoft_dist.registry import LOSSES
 
 
 def run(args, rank: int = 0, world: int = 1) -> dict[float, list[float]]:
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=512, help="embedding dim D (default 512)")
     p.add_argument("--batch", type=int, default=512, help="global batch (split over the ranks)")
     p.add_argument("--rate", default="1/64", help="sample rate of D-Softmax-K (1 = full D-Softmax)")
-    p.add_argument("--loss", default="d_softmax", help=f"the head's loss: {', '.join(LOSSES)} (default d_softmax)")
+    p.add_argument("--loss", default="d_softmax",
+                   help=f"the head's loss: {', '.join(LOSSES.names())} (default d_softmax)")
     p.add_argument("--nproc", type=int, default=1, help="gloo ranks started here (one thread each)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per cache setting (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per cache setting before them (default 1)")

@@ -53,6 +53,7 @@ from dsoft_dist.config.schema import HeadConfig, OptimizerConfig, parse_fraction
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer
 from dsoft_dist.observability.timing import sync_device
 from dsoft_dist.parallel.processes import distributed, spawn_local, under_launcher
+from dsoft_dist.registry import MODELS
 from dsoft_dist.utils import int_list
 
 SAMPLED = {"d_softmax_k": ("d_softmax", "random"), "partial_fc": ("arcface", "partial"),
@@ -187,11 +188,12 @@ def backbone_step_ms(args, device: torch.device, world: int) -> float:
     """--end-to-end: median forward + backward (+ SGD) of the backbone on the local batch."""
     from dsoft_dist.models import build_model
 
+    vectors = MODELS.get(args.backbone).inputs == "vectors"
     model = build_model(args.backbone, embedding_size=args.dim, input_size=args.input_size,
-                        in_features=args.dim if args.backbone == "mlp" else 0).to(device)
+                        in_features=args.dim if vectors else 0).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     b_local = args.batch // world
-    shape = (b_local, args.dim) if args.backbone == "mlp" else (b_local, 3, args.input_size, args.input_size)
+    shape = (b_local, args.dim) if vectors else (b_local, 3, args.input_size, args.input_size)
     times = []
     for i in range(args.warmup + args.repeats):
         x = torch.randn(shape, device=device)

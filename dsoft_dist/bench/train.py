@@ -3,7 +3,7 @@
     dsoft bench train                         # C=1,000,000, D=512, global batch 512, 2 ranks
     dsoft bench train --classes 100000 --sample-rates 1 0.125 --repeats 2
 
-With --checkpoints N it also times N whole checkpoint saves (``Checkpointer.save``: every
+With --checkpoints N it also times N whole checkpoint saves (``Trainer.save_checkpoint``: every
 rank writes its head piece, rank 0 the backbone and trainer state, all hash in parallel) and
 prints them against the step time.
 
@@ -122,11 +122,11 @@ def _time_rate(args, rate: float, out_dir: str) -> dict:
 
 
 def _time_save(t, steps: int) -> dict:
-    """One Checkpointer.save, then ``steps`` training steps, then the wait for the save: the seconds the
+    """One Trainer.save_checkpoint, then ``steps`` training steps, then the wait for the save: the seconds the
     save blocked training, the s/step of the steps that ran beside a background save, the whole save."""
     dist.barrier()
     t0 = time.perf_counter()
-    t.checkpointer.save(t)
+    t.save_checkpoint()
     block = time.perf_counter() - t0
     t1 = time.perf_counter()
     t.run_steps(steps)
@@ -146,6 +146,7 @@ def _fmt_split(split: dict) -> str:
 
 
 def format_table(results: list[dict], args) -> str:
+    """The markdown table and the split, checkpoint and per-repeat lines of every rate's results."""
     base = statistics.median(results[0]["trainer"]) if results and results[0]["rate"] == 1.0 else None
     lines = [f"dsoft bench train: C={args.classes:,}, D={args.dim}, global batch {args.batch} on {args.world_size} "
              f"gloo ranks, MLP on synthetic vectors "
@@ -180,6 +181,7 @@ def format_table(results: list[dict], args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``dsoft bench train``'s arguments."""
     p = bench_parser("train", __doc__.split("\n")[0])
     p.add_argument("--classes", type=int, default=1_000_000, help="identities C of the head (default 1,000,000)")
     p.add_argument("--dim", type=int, default=512, help="embedding dim D (default 512)")
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Spawns a run per sample rate, prints the table; 2 for a batch the world size does not divide."""
     args = build_parser().parse_args(argv)
     if args.batch % args.world_size:
         sys.stderr.write(f"--batch {args.batch} must be divisible by --world-size {args.world_size}\n")

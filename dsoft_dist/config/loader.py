@@ -7,6 +7,11 @@ Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the
 dotted key, the value and the fix. Values in overrides are parsed as YAML scalars
 (``head.scale=32`` is an int, ``eval.bins=[a.bin,b.bin]`` a list); ``head.sample_rate`` also takes a
 fraction a/b (``head.sample_rate=1/64``), in YAML as in overrides.
+
+``extra_modules`` (a list of module names) is imported before any section is built, so the parts
+those modules register (``dsoft_dist.registry``) are choices of the keys that name parts:
+
+    cfg = load_config(None, ["extra_modules=[my_losses]", "head.loss=my_loss"])
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import yaml
 
 from dsoft_dist.config.schema import Config, parse_fraction
 from dsoft_dist.errors import ConfigError
+from dsoft_dist.registry import import_extra_modules
 
 
 def _type_name(tp) -> str:
@@ -82,8 +88,21 @@ def _build(cls, data: dict, prefix: str):
 
 
 def config_from_dict(data: dict | None) -> Config:
-    """Builds and validates a ``Config`` from a plain nested dict."""
-    return _build(Config, data or {}, "")
+    """Builds and validates a ``Config`` from a plain nested dict, after importing its ``extra_modules``."""
+    data = data or {}
+    if isinstance(data, dict) and "extra_modules" in data:
+        _import_extra_modules(data["extra_modules"])
+    return _build(Config, data, "")
+
+
+def _import_extra_modules(value) -> None:
+    """Imports the modules ``extra_modules`` names (a list of module names); ConfigError naming the bad one."""
+    modules = _coerce("extra_modules", value, list[str])
+    for i, name in enumerate(modules):
+        if not name.strip() or name.startswith("."):
+            raise ConfigError(f"extra_modules[{i}]={name!r} is invalid: give an absolute module name, e.g. my_losses "
+                              "or my_package.losses")
+    import_extra_modules(modules)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

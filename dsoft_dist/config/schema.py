@@ -2,7 +2,10 @@
 
 Every ``__post_init__`` raises ``ConfigError`` (a ValueError) naming the dotted key,
 the bad value and the fix. Type checks (wrong types, unknown keys) are done by the
-loader in ``dsoft_dist.config.loader``, which builds these from YAML dicts.
+loader in ``dsoft_dist.config.loader``, which builds these from YAML dicts. The keys that
+choose a part by name (model.name, head.loss, data.source, optimizer.name, schedule.decay,
+parallel.engine) take their choices from the registries of ``dsoft_dist.registry``: a part of
+your own is a choice once its module (named in ``extra_modules``) is imported.
 """
 from __future__ import annotations
 
@@ -11,10 +14,10 @@ from fractions import Fraction
 from typing import Optional
 
 from dsoft_dist.errors import ConfigError
-from dsoft_dist.losses.modules import resolve_margins
-from dsoft_dist.models.registry import CHECKPOINTING_MODELS, MODELS
+from dsoft_dist.losses.forms import resolve_margins
+from dsoft_dist.models.registry import checkpointing_models
+from dsoft_dist.registry import DATA_SOURCES, ENGINES, LOSSES, LR_SCHEDULES, MODELS, OPTIMIZERS
 
-LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 NEGATIVES = ("all", "batch", "random", "partial")
 
 
@@ -49,7 +52,7 @@ def rate_text(rate: float) -> str:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Backbone: name from MODELS, embedding size, input image size (square), activation checkpointing."""
+    """Backbone: name from the MODELS registry, embedding size, input image size (square), activation checkpointing."""
 
     name: str = "iresnet_tiny"
     embedding_size: int = 512
@@ -60,15 +63,15 @@ class ModelConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
-        _choice("model.name", self.name, MODELS)
+        spec = MODELS.get(self.name)  # ConfigError naming model.name and the registered models
         _positive("model.embedding_size", self.embedding_size)
         _positive("model.input_size", self.input_size)
         _check(self.in_features >= 0, "model.in_features", self.in_features, "must be >= 0 (0 = unused)")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
-        _check(not self.activation_checkpointing or self.name in CHECKPOINTING_MODELS,
+        _check(not self.activation_checkpointing or spec.checkpointing,
                "model.activation_checkpointing", self.activation_checkpointing,
                f"model {self.name!r} has no blocks to checkpoint; set it false or use one of "
-               f"{', '.join(CHECKPOINTING_MODELS)}")
+               f"{', '.join(checkpointing_models())}")
 
 
 @dataclass(kw_only=True)
@@ -100,22 +103,24 @@ class HeadConfig:
     compute_dtype: str = "fp32"  # fp32 | bf16 | fp16
 
     def __post_init__(self):
-        _choice("head.loss", self.loss, LOSSES)
+        form = LOSSES.get(self.loss)  # ConfigError naming head.loss and the registered losses
         _choice("head.compute_dtype", self.compute_dtype, ("fp32", "bf16", "fp16"))
         _choice("head.negatives", self.negatives, NEGATIVES)
         _check(0.0 < self.sample_rate <= 1.0, "head.sample_rate", self.sample_rate,
                "must be in (0, 1]; e.g. 0.015625 samples 1/64 of the classes")
         _check(0.0 < self.scale <= 1024.0, "head.scale", self.scale, "must be in (0, 1024]; 32 or 64 are usual")
-        _check(-1.0 < self.end_point <= 1.0, "head.end_point", self.end_point, "must be a cosine in (-1, 1]; 0.9 is usual")
+        _check(-1.0 < self.end_point <= 1.0, "head.end_point", self.end_point,
+               "must be a cosine in (-1, 1]; 0.9 is usual")
         _check(self.inter_weight >= 0.0, "head.inter_weight", self.inter_weight, "must be >= 0")
         m1, m2, m3 = self.margins()
         _check(m1 >= 1.0, "head.m1", self.m1, "the multiplicative angular margin must be >= 1 (1 = none)")
         _check(0.0 <= m2 < 3.14159, "head.m2", self.m2, "the additive angular margin must be in [0, pi)")
         _check(m3 >= 0.0, "head.m3", self.m3, "the additive cosine margin must be >= 0")
-        if self.loss in ("d_softmax", "softmax", "normface"):
+        if not form.takes_margins:
             given = {k: v for k, v in (("m1", self.m1), ("m2", self.m2), ("m3", self.m3)) if v is not None}
+            taking = "/".join(n for n in LOSSES.names() if LOSSES.get(n).takes_margins)
             _check(not given, "head." + next(iter(given), "m1"), next(iter(given.values()), None),
-                   f"head.loss={self.loss} takes no margin; remove it or use loss=margin/arcface/cosface/sphereface")
+                   f"head.loss={self.loss} takes no margin; remove it or use loss={taking}")
         _check(self.chunk_size >= 0, "head.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
         _check(self.logit_cache_mb >= 0, "head.logit_cache_mb", self.logit_cache_mb, "must be >= 0 (0 = recompute)")
         _choice("head.backend", self.backend, ("auto", "torch", "cpu-c", "triton"))
@@ -129,7 +134,7 @@ class HeadConfig:
 class DataConfig:
     """Training data: the procedural synthetic identities or WebDataset shards."""
 
-    source: str = "synthetic"  # synthetic | webdataset
+    source: str = "synthetic"  # synthetic | webdataset (the DATA_SOURCES registry)
     shards: str = ""  # brace pattern, list file or pipe: command (webdataset)
     manifest: str = ""  # manifest.json written by the converters (webdataset)
     num_classes: int = 1000
@@ -149,12 +154,13 @@ class DataConfig:
     vector_dim: int = 128  # synthetic_mode=vectors: feature size (model.in_features)
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("synthetic", "webdataset"))
+        DATA_SOURCES.get(self.source)  # ConfigError naming data.source and the registered sources
         for key in ("manifest", "shards"):  # else the run would train on synthetic data without a word
             _check(self.source == "webdataset" or not getattr(self, key), f"data.{key}", getattr(self, key),
                    "it is read only with data.source=webdataset: set data.source=webdataset too (or leave it empty)")
         _choice("data.difficulty", self.difficulty, ("easy", "medium", "hard"))
-        _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = from the data)")
+        _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", self.steps_per_epoch,
+               "must be >= 0 (0 = from the data)")
         _positive("data.vector_dim", self.vector_dim)
         _choice("data.synthetic_mode", self.synthetic_mode, ("images", "vectors"))
         _choice("data.bad_data", self.bad_data, ("skip", "fail"))
@@ -175,7 +181,7 @@ class DataConfig:
 class OptimizerConfig:
     """Optimizer for the backbone and the head (head_mode: row-sparse or dense)."""
 
-    name: str = "sgd"  # sgd | adamw
+    name: str = "sgd"  # sgd | adamw (the OPTIMIZERS registry)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -193,7 +199,7 @@ class OptimizerConfig:
     max_skipped_in_a_row: int = 20  # stop the run after this many non-finite steps in a row (0 = never)
 
     def __post_init__(self):
-        _choice("optimizer.name", self.name, ("sgd", "adamw"))
+        OPTIMIZERS.get(self.name)  # ConfigError naming optimizer.name and the registered optimizers
         _positive("optimizer.lr", self.lr)
         _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0.0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
@@ -225,7 +231,7 @@ class ScheduleConfig:
 
     steps: int = 1000
     warmup_steps: int = 0
-    decay: str = "cosine"  # cosine | poly | constant
+    decay: str = "cosine"  # cosine | poly | constant (the LR_SCHEDULES registry)
     poly_power: float = 2.0
     min_lr_ratio: float = 0.0
 
@@ -234,7 +240,7 @@ class ScheduleConfig:
         _check(0 <= self.warmup_steps <= self.steps, "schedule.warmup_steps", self.warmup_steps,
                f"must be in [0, schedule.steps={self.steps}]: set it to at most {self.steps}, e.g. "
                f"--set schedule.warmup_steps={self.steps // 10} (a tenth of the steps), or raise schedule.steps")
-        _choice("schedule.decay", self.decay, ("cosine", "poly", "constant"))
+        LR_SCHEDULES.get(self.decay)  # ConfigError naming schedule.decay and the registered decays
         _positive("schedule.poly_power", self.poly_power)
         _check(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
 
@@ -244,7 +250,7 @@ class ParallelConfig:
     """Process layout: backend, backbone engine and precision."""
 
     backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
-    engine: str = "ddp"  # ddp | deepspeed
+    engine: str = "ddp"  # ddp | deepspeed (the ENGINES registry)
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16
     nproc: int = 1  # processes for `dsoft demo` / local launches
@@ -252,7 +258,7 @@ class ParallelConfig:
 
     def __post_init__(self):
         _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
-        _choice("parallel.engine", self.engine, ("ddp", "deepspeed"))
+        ENGINES.get(self.engine)  # ConfigError naming parallel.engine and the registered engines
         _check(self.zero_stage in (0, 1, 2), "parallel.zero_stage", self.zero_stage,
                "use 0, 1 or 2 (ZeRO-3 partitions the backbone's parameters, which the trainer does not support yet)")
         _choice("parallel.precision", self.precision, ("fp32", "bf16", "fp16"))
@@ -335,10 +341,13 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class Config:
-    """The whole run: one field per section."""
+    """The whole run: one field per section, and the modules that register parts of your own."""
 
     name: str = "run"
     seed: int = 0
+    # modules imported before the sections are built (by the loader, on every rank), so the parts they
+    # register are choices (dsoft_dist.registry); they make parts available and do not define the run
+    extra_modules: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -363,13 +372,13 @@ class Config:
                "optimizer.head_step_in_backward", self.optimizer.head_step_in_backward,
                "under parallel.precision=fp16 an overflow must skip the head step with the backbone's, which a step "
                "inside backward cannot: set it to false (or leave it unset)")
-        if self.model.name == "mlp":
+        if MODELS.get(self.model.name).inputs == "vectors":
             _check(self.model.in_features > 0, "model.in_features", self.model.in_features,
-                   "model.name=mlp needs model.in_features > 0 (the synthetic vector size)")
+                   f"model.name={self.model.name} needs model.in_features > 0 (the synthetic vector size)")
 
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig", "LoggingConfig",
     "ModelConfig", "OptimizerConfig", "ParallelConfig", "ScheduleConfig",
-    "LOSSES", "NEGATIVES", "MODELS", "parse_fraction",
+    "NEGATIVES", "parse_fraction",
 ]

@@ -8,11 +8,11 @@
     loader.counters                    # {"samples": n, "padded": n, "bad": {kind: n}}
     loader.state_dict()                # {"epoch", "seed", "step", "steps_per_epoch", ...}
 
-Sources: ``data.source=synthetic`` (procedural identities, images or vectors; no files)
-or ``webdataset`` (shards + the converters' manifest; image or feature-vector samples, as
-the manifest's ``sample_kind`` says). Vectors from either source share the batching below. Every rank gets the same
-``steps_per_epoch`` = floor(floor(N / world_size) / batch_size), N = samples per epoch,
-so no rank runs out first. Worker chunks are re-batched in the main process to exactly
+Sources (``dsoft_dist.data.sources``, registered under ``data.source``): ``synthetic`` (procedural
+identities, images or vectors; no files) or ``webdataset`` (shards + the converters' manifest; image or
+feature-vector samples, as the manifest's ``sample_kind`` says). Every source shares the batching below.
+Every rank gets the same ``steps_per_epoch`` = floor(floor(N / world_size) / batch_size), N = samples
+per epoch, so no rank runs out first. Worker chunks are re-batched in the main process to exactly
 batch_size. If bad data leaves a rank short, it tops up from a reshuffled second pass
 of its own part (counted as ``padded``) instead of stopping early.
 
@@ -35,20 +35,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from dsoft_dist.data.datasets import (
-    ShardStream,
-    Slot,
-    SyntheticImageStream,
-    SyntheticVectorStream,
-    raise_if_failed,
-)
-from dsoft_dist.data.decode import Augment, normalize_images
+from dsoft_dist.data.datasets import raise_if_failed
+from dsoft_dist.data.decode import normalize_images
 from dsoft_dist.data.manifest import MANIFEST_NAME, check_num_classes, load_manifest
-from dsoft_dist.data.position import count_done, mark, new_mask, to_tensor
+from dsoft_dist.data.position import mark, new_mask, to_tensor
 from dsoft_dist.data.rng import hash_keys
 from dsoft_dist.data.shards import check_local_shards, expand_shards
-from dsoft_dist.data.synthetic import vector_difficulty
 from dsoft_dist.observability import get_logger
+from dsoft_dist.registry import DATA_SOURCES
 
 log = get_logger(__name__)
 _MAX_PASSES = 8
@@ -160,22 +154,10 @@ class TrainLoader:
                 "num_samples": self.num_samples, "done": to_tensor(self.done), "consumed": to_tensor(self.consumed)}
 
 
-def _augment(cfg) -> Augment:
-    return Augment(flip=cfg.augment_flip, color_jitter=cfg.color_jitter, random_crop=getattr(cfg, "random_crop", False))
-
-
-def _steps(total: int, world_size: int, batch_size: int, explicit: int, done: np.ndarray | None) -> int:
-    """Steps per epoch: floor(floor(N / world_size) / batch_size) of the N samples left, or the explicit
-    count less the global batches the done samples filled."""
-    left = total - (0 if done is None else count_done(done))
-    if explicit > 0:
-        return explicit if done is None else explicit - -(-(total - left) // (world_size * batch_size))
-    return (left // world_size) // batch_size
-
-
 def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: int = 0,
                        done: np.ndarray | None = None, keys: bool = False) -> TrainLoader:
-    """A TrainLoader for ``DataConfig`` cfg on (rank, world_size) for ``epoch`` (see module doc).
+    """A TrainLoader for ``DataConfig`` cfg on (rank, world_size) for ``epoch`` (see module doc), from the
+    data source ``DATA_SOURCES`` registers under ``cfg.source`` (``dsoft_dist.data.sources``).
 
     done: a done mask over the data set's sample ids (``loader.num_samples`` of them): only the
     epoch's other samples are read; shards without a manifest have no ids and cannot take one.
@@ -185,40 +167,8 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
-    explicit = getattr(cfg, "steps_per_epoch", 0)
-    chunk = max(1, min(64, cfg.batch_size))
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank, world_size=world_size,
-                  epoch=epoch, seed=cfg.seed, start_step=start_step, done=done, keys=keys)
-    extra = dict(done=done, keys=keys)
-
-    def slot(pass_index: int) -> Slot:
-        return Slot(rank=rank, world_size=world_size, epoch=epoch, seed=cfg.seed, pass_index=pass_index)
-
-    if cfg.source == "synthetic":
-        total = cfg.num_classes * cfg.samples_per_class
-        steps = _steps(total, world_size, cfg.batch_size, explicit, done)
-        if cfg.synthetic_mode == "vectors":
-            dim = getattr(cfg, "vector_dim", 128)
-            nuisance = vector_difficulty(getattr(cfg, "difficulty", "medium"))
-            make = lambda p: SyntheticVectorStream(cfg.num_classes, cfg.samples_per_class, dim, slot(p),  # noqa: E731
-                                                   chunk=max(chunk, 256), **nuisance, **extra)
-            return TrainLoader(make, steps, normalize=False, num_samples=total, **common)
-        difficulty = getattr(cfg, "difficulty", "medium")
-        make = lambda p: SyntheticImageStream(cfg.num_classes, cfg.samples_per_class, cfg.image_size,  # noqa: E731
-                                              slot(p), chunk=chunk, difficulty=difficulty, augment=_augment(cfg),
-                                              **extra)
-        return TrainLoader(make, steps, num_samples=total, **common)
-    urls, counts, vector_dim = check_shards(cfg)
-    if counts is None and done is not None:
-        raise ValueError(f"data.shards={cfg.shards!r} has no manifest, so its samples have no ids and a done mask "
-                         "cannot apply: set data.manifest")
-    total = None if counts is None else sum(counts)
-    steps = _steps(total or 0, world_size, cfg.batch_size, explicit, done)
-    make = lambda p: ShardStream(urls, counts, cfg.num_classes, cfg.image_size, slot(p),  # noqa: E731
-                                 chunk=max(chunk, 256) if vector_dim else chunk,
-                                 shuffle_buffer_size=cfg.shuffle_buffer, augment=_augment(cfg), policy=cfg.bad_data,
-                                 vector_dim=vector_dim, **extra)
-    return TrainLoader(make, steps, num_samples=total, normalize=not vector_dim, **common)
+    return DATA_SOURCES.get(cfg.source).loader(cfg, rank, world_size, epoch, start_step=start_step, done=done,
+                                               keys=keys)
 
 
 def check_shards(cfg) -> tuple[list[str], list[int] | None, int]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dsoft_dist.observability import get_logger
+from dsoft_dist.registry import MODELS
 
 log = get_logger(__name__)
 FORMATS = ("onnx", "torchscript")
@@ -32,9 +33,10 @@ BATCH_DIM = "batch"  # the name of the symbolic batch dimension in the ONNX grap
 
 
 def example_input(model: nn.Module, batch: int, seed: int = 0) -> torch.Tensor:
-    """A random model input in [-1, 1]: (batch, 3, S, S) images, or (batch, in_features) for ``mlp``."""
+    """A random model input in [-1, 1]: (batch, 3, S, S) images, or (batch, in_features) for a vector model."""
     gen = torch.Generator().manual_seed(seed)
-    if getattr(model, "name", "") == "mlp":
+    name = getattr(model, "name", "")
+    if name in MODELS and MODELS.get(name).inputs == "vectors":
         shape = (batch, model.in_features)
     else:
         size = int(getattr(model, "input_size", 112))

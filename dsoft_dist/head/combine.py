@@ -1,7 +1,8 @@
 """Turns every class shard's per-row statistics into the loss (identical on all ranks), with reductions.
 
 Input on rank p: (lse_p, target_p, max_p), each (B,), from ``dsoft_dist.head.local``, and
-the rows' ``owned`` mask (this shard owns the row's class). Per row i (DESIGN.md §1-§2):
+the rows' ``owned`` mask (this shard owns the row's class). Per row i (DESIGN.md §1-§2), with the
+loss registered under ``head.loss`` forming the row's loss (``dsoft_dist.losses.forms``), e.g.:
 
     z_y        = target_p of the one shard p that owns y_i
     d_softmax  = softplus(s (d - z_y)) + lambda * log(1 + c * sum_p exp(lse_p))
@@ -25,14 +26,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dsoft_dist.losses import functional as LF
 from dsoft_dist.parallel import all_reduce, reduce_replicated
 
 
 def combine_stats(lse, target, hardest, *, owned, valid, head, log_correction=None, group=None, counter=None):
     """Returns (loss scalar, terms {name: (B,)}, hardest (B,)) from this shard's stats, each (B,).
 
-    ``head`` supplies loss, scale, end_point, inter_weight and the margins m1, m2, m3.
+    ``head`` supplies the loss (``loss_form``, a ``dsoft_dist.losses.forms.LossForm``), scale, end_point,
+    inter_weight, normalize and the margins m1, m2, m3.
     ``log_correction`` is None or a 0-d tensor log(c) added to every shard's lse. ``hardest``
     is the largest negative logit over all shards (no gradient).
     """
@@ -44,15 +45,11 @@ def combine_stats(lse, target, hardest, *, owned, valid, head, log_correction=No
     z = torch.where(owned, target, torch.where(valid, z_owner, torch.zeros_like(z_owner)))  # (B,)
     if log_correction is not None:
         lse, lse_max = lse + log_correction, lse_max + log_correction
-    if head.loss == "d_softmax":
-        intra = LF.intra_from_parts(z, head.scale, head.end_point)  # (B,)
-        inter = _log_sum_with(torch.zeros_like(z), lse, lse_max, group, counter)  # softplus(LSE)
-        per_row = intra + head.inter_weight * inter
-        terms = {"intra": intra, "inter": inter}
-    else:
-        target_logit = z if head.loss == "softmax" else head.scale * LF.margin_target(z, head.m1, head.m2, head.m3)
-        per_row = _log_sum_with(target_logit, lse, lse_max, group, counter) - target_logit
-        terms = {"loss": per_row}
+
+    def log_sum_with(first):  # (B,) log(exp(first) + sum_p exp(lse_p)): one SUM over the shards
+        return _log_sum_with(first, lse, lse_max, group, counter)
+
+    per_row, terms = head.loss_form.per_row(z, log_sum_with, head)  # the registered loss (losses.forms)
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
     loss = per_row.sum() / valid.sum().clamp(min=1).to(per_row.dtype)
     return loss, {**terms, "target_cos": z}, hardest_all

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from dsoft_dist.registry import OPTIMIZERS
+
 _MODES = ("sparse", "dense")
 
 
@@ -363,21 +365,15 @@ class RowSparseAdamW(_RowSparseOptimizer):
 
 
 def build_head_optimizer(head, cfg) -> _RowSparseOptimizer:
-    """The head's optimizer from an OptimizerConfig (name sgd | adamw, head_mode sparse | dense).
+    """The head's optimizer from an OptimizerConfig: the row-sparse optimizer ``OPTIMIZERS`` registers under
+    ``cfg.name`` (sgd | adamw, ``dsoft_dist.train.optimizers``) in ``cfg.head_mode`` (sparse | dense).
 
     With ``cfg.head_step_in_backward`` true the optimizer also steps in the head's backward
     (``head.step_in_backward``): ``optimizer.step()`` then has nothing to do for the head. Unset
     (None) is not set here; the trainer resolves it (``dsoft_dist.train.build``).
     """
     shard = dict(mode=cfg.head_mode, num_classes=head.num_classes, class_start=head.class_start)
-    if cfg.name == "sgd":
-        opt = RowSparseSGD([head.weight], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov, **shard)
-    elif cfg.name == "adamw":
-        opt = RowSparseAdamW([head.weight], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, **shard)
-    else:
-        raise ValueError(f"optimizer.name={cfg.name!r} is invalid; use sgd or adamw")
+    opt = OPTIMIZERS.get(cfg.name).head([head.weight], cfg, shard)
     if cfg.head_step_in_backward:
         head.step_in_backward(opt)
     return opt

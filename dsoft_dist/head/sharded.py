@@ -29,21 +29,21 @@ from dsoft_dist.head.backend import (
     local_stats_fn,
     takes_row_updates,
 )
+from dsoft_dist.head.checks import check_inputs
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
 from dsoft_dist.head.optim import InBackwardStep
-from dsoft_dist.head.validate import check_inputs
-from dsoft_dist.losses.modules import resolve_margins
+from dsoft_dist.losses.forms import resolve_margins
 from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_rows, group_rank_size, shard_range
+from dsoft_dist.registry import LOSSES
 
 log = get_logger(__name__)
 
-LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "margin")
 _INIT_BLOCK = 4096  # rows per init block: the initial weights do not depend on the world size
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # head.compute_dtype; fp32 = the inputs'
-VALIDATE = ("first", "always", "never")
-VALIDATE_ENV = "DSOFT_VALIDATE"  # overrides the head's validate= (e.g. DSOFT_VALIDATE=always to debug a run)
+CHECKS = ("first", "always", "never")
+CHECKS_ENV = "DSOFT_CHECKS"  # overrides the head's checks= (e.g. DSOFT_CHECKS=always to debug a run)
 
 
 def init_shard_weight(num_classes, embedding_size, class_start, num_local_classes, seed=0, std=0.01,
@@ -67,17 +67,18 @@ class ShardedClassifier(nn.Module):
     """Class-sharded D-Softmax / margin-softmax head with exact or sampled negatives.
 
     Args: num_classes C, embedding_size D; loss = d_softmax | arcface | cosface | sphereface |
-    normface | softmax (linear, unnormalized) | margin (m1, m2, m3 as given); negatives = all |
+    normface | softmax (linear, unnormalized) | margin (m1, m2, m3 as given) | a loss registered in
+    ``dsoft_dist.registry.LOSSES`` (``dsoft_dist.losses.forms``); negatives = all |
     batch | random | partial (see dsoft_dist.losses.negatives); sample_rate r; scale s;
     end_point d and inter_weight (D-Softmax); inter_correction (scale the inter sum by
     C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
     seed (negatives: seeded by (seed, step, rank); init: by (seed, row block)); group (the
     head's process group, default WORLD); chunk_size (classes per chunk, 0 = automatic);
     backend (of the local statistics, dsoft_dist.head.backend: auto | torch | cpu-c |
-    triton | a registered name); validate (first | always | never:
+    triton | a registered name); checks (first | always | never:
     check shapes and labels across ranks on the first forward, on every forward, or not at all;
     a check is one small all-gather and a host read, so ``first`` keeps the steady step free
-    of host syncs; True / False mean always / never; the ``DSOFT_VALIDATE`` environment
+    of host syncs; True / False mean always / never; the ``DSOFT_CHECKS`` environment
     variable overrides it); logit_cache_mb (keep up
     to this many MiB of the forward's exp'd logit chunks so backward skips recomputing them;
     0 = always recompute, the memory-lean default); compute_dtype (None or torch.bfloat16 /
@@ -99,7 +100,7 @@ class ShardedClassifier(nn.Module):
 
     def __init__(self, num_classes, embedding_size, loss="d_softmax", negatives="all", sample_rate=1.0,
                  scale=64.0, end_point=0.9, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
-                 m3=None, seed=0, group=None, chunk_size=0, backend="auto", validate="first", init_std=0.01,
+                 m3=None, seed=0, group=None, chunk_size=0, backend="auto", checks="first", init_std=0.01,
                  device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None):
         super().__init__()
         _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size)
@@ -108,13 +109,14 @@ class ShardedClassifier(nn.Module):
         self.class_start, self.num_local_classes = shard_range(num_classes, self.world_size, self.rank)
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.loss, self.negatives, self.sample_rate = loss, negatives, sample_rate
-        self.normalize = loss != "softmax"
-        self.scale = 1.0 if loss == "softmax" else float(scale)
+        self.loss_form = LOSSES.get(loss)  # what combine_stats computes per row (dsoft_dist.losses.forms)
+        self.normalize = self.loss_form.normalize
+        self.scale = float(scale) if self.normalize else 1.0
         self.end_point, self.inter_weight, self.inter_correction = end_point, inter_weight, inter_correction
         self.m1, self.m2, self.m3 = resolve_margins(loss, m1, m2, m3)
         self.seed, self.chunk_size = seed, chunk_size
-        self.validate = _validate_mode(validate)
-        self._validated = False  # a forward has passed the input check
+        self.checks = _checks_mode(checks)
+        self._checked = False  # a forward has passed the input check
         if logit_cache_mb < 0:
             raise ValueError(f"logit_cache_mb={logit_cache_mb} is invalid: must be >= 0 (0 = always recompute)")
         self.logit_cache_mb = float(logit_cache_mb)
@@ -161,9 +163,9 @@ class ShardedClassifier(nn.Module):
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """(B_local, D), (B_local,) int64 -> scalar mean loss over the global batch (same on every rank)."""
-        if self.validate == "always" or (self.validate == "first" and not self._validated):
+        if self.checks == "always" or (self.checks == "first" and not self._checked):
             check_inputs(local_embeddings, local_labels, self, self.group, self.comm)
-            self._validated = True
+            self._checked = True
         labels = all_gather_cat(local_labels.to(local_embeddings.device), self.group, self.comm, "labels")  # (B,)
         emb = gather_rows(local_embeddings, self.group, self.comm, "embeddings")  # (B, D)
         feats = emb.to(torch.float64 if emb.dtype == torch.float64 else torch.float32)
@@ -261,19 +263,20 @@ class ShardedClassifier(nn.Module):
         load_head_pieces(self, state)
 
 
-def _validate_mode(value) -> str:
-    """first | always | never from the argument (True / False: always / never), or the DSOFT_VALIDATE override."""
+def _checks_mode(value) -> str:
+    """first | always | never from the argument (True / False: always / never), or the DSOFT_CHECKS override."""
     value = ("always" if value else "never") if isinstance(value, bool) else value
-    value = env_override(VALIDATE_ENV, VALIDATE, value, "validate")
-    if value not in VALIDATE:
-        raise ValueError(f"validate={value!r} is invalid; use one of {', '.join(VALIDATE)} (first: check the "
+    value = env_override(CHECKS_ENV, CHECKS, value, "checks")
+    if value not in CHECKS:
+        raise ValueError(f"checks={value!r} is invalid; use one of {', '.join(CHECKS)} (first: check the "
                          "first forward's inputs across ranks)")
     return value
 
 
 def _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size):
     if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is invalid; use one of {', '.join(LOSSES)}")
+        raise ValueError(f"loss={loss!r} is invalid; use one of {', '.join(LOSSES.names())} (or register yours in "
+                         "dsoft_dist.registry.LOSSES)")
     if negatives not in MODES:
         raise ValueError(f"negatives={negatives!r} is invalid; use one of {', '.join(MODES)}")
     if not 0.0 < sample_rate <= 1.0:

@@ -9,6 +9,7 @@ loads into it, whatever the world size that wrote them.
     head.load_state_dict([piece_0, piece_1])      # pieces from any number of ranks
     save_head_checkpoint("ckpt/head", head, opt)  # every rank writes its piece file; rank 0 meta.json
     load_head_checkpoint("ckpt/head", head, opt)  # every rank reads only the files overlapping its shard
+    HeadState(head, opt)                          # the same folder as a part of a run checkpoint
 
 Files are written atomically (temp file + os.replace) so a crash never leaves a torn piece.
 """
@@ -108,7 +109,8 @@ def load_optimizer_pieces(opt, state) -> None:
     pieces = _pieces(state, OPTIMIZER_FORMAT, opt.num_classes, p.shape[1])
     kinds = {piece["kind"] for piece in pieces}
     if kinds != {opt.kind}:
-        raise ValueError(f"checkpoint optimizer is {sorted(kinds)} but this one is {opt.kind!r}; use the same optimizer.name")
+        raise ValueError(f"checkpoint optimizer is {sorted(kinds)} but this one is {opt.kind!r}; "
+                         "use the same optimizer.name")
     for group, saved in zip(opt.param_groups, pieces[0]["param_groups"]):
         group.update(saved)
     state = opt.state[p]
@@ -195,3 +197,38 @@ def load_head_checkpoint(directory: str, head, optimizer=None) -> dict:
             raise ValueError(f"checkpoint {directory} holds no optimizer state; load the head alone")
         optimizer.load_state_dict(opts)
     return meta
+
+
+class HeadState:
+    """The head and its optimizer as one part of a run checkpoint (``dsoft_dist.train.state``'s SnapshotPart):
+    its folder holds every rank's piece file, named by class range, and rank 0's meta.json, and loads on
+    any world size. A snapshot taken with copy=True is CPU copies, written later in the background."""
+
+    def __init__(self, head, optimizer=None):
+        self.head, self.optimizer = head, optimizer
+
+    def snapshot(self, copy: bool) -> dict:
+        """This rank's ``head_snapshot``."""
+        return head_snapshot(self.head, self.optimizer, copy=copy)
+
+    def write(self, path: str, snapshot: dict) -> None:
+        """This rank's piece file under the folder ``path``, and rank 0's meta.json (no collective)."""
+        write_head_piece(path, snapshot)
+        write_head_meta(path, snapshot)
+
+    def load(self, path: str, saved_world_size: int) -> None:
+        """The rows of this rank's shard from the pieces of any world size (``load_head_checkpoint``)."""
+        load_head_checkpoint(path, self.head, self.optimizer)
+
+    def init_from(self, kind: str, path: str) -> str:
+        """checkpoint.init_from: the head's rows of a checkpoint folder ``path`` when its class count is the
+        head's (the optimizer and the step start fresh); a new head otherwise. Returns what it took."""
+        if kind != "checkpoint":
+            return "the head is new"
+        with open(os.path.join(path, _META), encoding="utf-8") as fh:
+            saved_classes = json.load(fh)["num_classes"]
+        if saved_classes != self.head.num_classes:
+            return f"the head is new: the checkpoint has {saved_classes} classes, this run {self.head.num_classes}"
+        load_head_checkpoint(path, self.head)
+        self.head.step = 0
+        return "head weights"

@@ -380,10 +380,17 @@ def check_data(data) -> Check:
     """The training data as the run will find it: the manifest loads and agrees with the config, and every
     local shard it lists exists (sizes and checksums: ``dsoft data verify``)."""
     from dsoft_dist.data.pipeline import check_shards
+    from dsoft_dist.registry import DATA_SOURCES
 
-    if data.source != "webdataset":
+    if data.source == "synthetic":
         return Check(OK, "data", f"synthetic {data.synthetic_mode}: {data.num_classes} classes x "
                                  f"{data.samples_per_class} samples, generated on the fly")
+    if data.source != "webdataset":  # a registered source of its own: its pre-start check
+        try:
+            DATA_SOURCES.get(data.source).check(data)
+        except (OSError, ValueError) as err:
+            return Check(FAIL, "data", str(err), fix="see the message")
+        return Check(OK, "data", f"data.source={data.source}: its check passed, {data.num_classes} classes")
     try:
         urls, counts, _ = check_shards(data)
     except (OSError, ValueError) as err:

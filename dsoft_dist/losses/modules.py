@@ -15,28 +15,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsoft_dist.losses import functional as LF
+from dsoft_dist.losses.forms import margin_losses
 from dsoft_dist.losses.negatives import MODES, select_classes
-
-MARGIN_PRESETS = {
-    "normface": dict(m1=1.0, m2=0.0, m3=0.0),
-    "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
-    "cosface": dict(m1=1.0, m2=0.0, m3=0.35),
-    "sphereface": dict(m1=1.35, m2=0.0, m3=0.0),
-}
-
-
-def resolve_margins(loss: str, m1=None, m2=None, m3=None) -> tuple[float, float, float]:
-    """(m1, m2, m3) of ``loss``: its preset's margins (none for losses without one), each replaced when given."""
-    preset = MARGIN_PRESETS.get(loss, dict(m1=1.0, m2=0.0, m3=0.0))
-    given = dict(m1=m1, m2=m2, m3=m3)
-    return tuple(float(preset[k] if given[k] is None else given[k]) for k in ("m1", "m2", "m3"))
+from dsoft_dist.registry import LOSSES
 
 
 class _ClassCenters(nn.Module):
     """Owns the (C, D) class-center weight, the negative selection and the diagnostics."""
 
     def __init__(self, num_classes, embedding_size, negatives="all", sample_rate=1.0, seed=0,
-                 normalize=True, validate=True):
+                 normalize=True, checks=True):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(f"num_classes={num_classes} and embedding_size={embedding_size} must both be >= 1")
@@ -46,7 +34,7 @@ class _ClassCenters(nn.Module):
             raise ValueError(f"sample_rate={sample_rate} is invalid: must be in (0, 1], e.g. 1/64")
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.negatives, self.sample_rate, self.seed = negatives, sample_rate, seed
-        self.normalize, self.validate = normalize, validate
+        self.normalize, self.checks = normalize, checks  # checks: validate the labels of every forward
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, 0.01))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=True)
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -57,7 +45,7 @@ class _ClassCenters(nn.Module):
             raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {tuple(embeddings.shape)}")
         if labels.shape[0] != embeddings.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} rows but embeddings has {embeddings.shape[0]}")
-        if self.validate:
+        if self.checks:
             LF.validate_labels(labels, self.num_classes)
         dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         f, w = embeddings.to(dtype), self.weight.to(dtype)
@@ -103,8 +91,8 @@ class DSoftmaxLoss(_ClassCenters):
     """
 
     def __init__(self, num_classes, embedding_size, scale=64.0, end_point=0.9, inter_weight=1.0,
-                 negatives="all", sample_rate=1.0, inter_correction=False, seed=0, validate=True):
-        super().__init__(num_classes, embedding_size, negatives, sample_rate, seed, True, validate)
+                 negatives="all", sample_rate=1.0, inter_correction=False, seed=0, checks=True):
+        super().__init__(num_classes, embedding_size, negatives, sample_rate, seed, True, checks)
         self.scale, self.end_point, self.inter_weight = scale, end_point, inter_weight
         self.inter_correction = inter_correction
 
@@ -126,19 +114,19 @@ class MarginSoftmaxLoss(_ClassCenters):
     """
 
     def __init__(self, num_classes, embedding_size, scale=64.0, m1=1.0, m2=0.0, m3=0.0,
-                 negatives="all", sample_rate=1.0, seed=0, linear=False, validate=True):
-        super().__init__(num_classes, embedding_size, negatives, sample_rate, seed, not linear, validate)
+                 negatives="all", sample_rate=1.0, seed=0, linear=False, checks=True):
+        super().__init__(num_classes, embedding_size, negatives, sample_rate, seed, not linear, checks)
         self.scale = 1.0 if linear else scale
         self.m1, self.m2, self.m3, self.linear = m1, m2, m3, linear
 
     @classmethod
     def preset(cls, name: str, num_classes: int, embedding_size: int, **kwargs) -> "MarginSoftmaxLoss":
-        """Builds the named baseline: normface, arcface, cosface, sphereface or softmax."""
-        if name == "softmax":
-            return cls(num_classes, embedding_size, linear=True, **kwargs)
-        if name not in MARGIN_PRESETS:
-            raise ValueError(f"loss preset {name!r} is unknown; use softmax or one of {', '.join(MARGIN_PRESETS)}")
-        return cls(num_classes, embedding_size, **{**MARGIN_PRESETS[name], **kwargs})
+        """Builds a registered loss of the margin form with its margins (``LOSSES``, ``dsoft_dist.losses.forms``):
+        normface, arcface, cosface, sphereface, softmax (linear) or margin; keyword arguments replace them."""
+        if name not in margin_losses():
+            raise ValueError(f"loss preset {name!r} is unknown; use one of {', '.join(margin_losses())}")
+        form = LOSSES.get(name)
+        return cls(num_classes, embedding_size, **{**form.margins, "linear": not form.normalize, **kwargs})
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target, neg, neg_mask, valid, _ = self._parts(embeddings, labels)

@@ -8,11 +8,11 @@ from dsoft_dist.models.iresnet import IResNet, iresnet, iresnet_tiny
 from dsoft_dist.models.mbf import ArcFaceMobileNet
 from dsoft_dist.models.mlp import MLPEmbedder
 from dsoft_dist.models.mobilefacenet import MobileFaceNet, mobilefacenet, mobilefacenet_tiny
-from dsoft_dist.models.registry import CHECKPOINTING_MODELS, MODELS, build_model, model_config_dict
+from dsoft_dist.models.registry import ModelSpec, build_model, checkpointing_models, model_config_dict
 from dsoft_dist.models.vit import VisionTransformer
 
 __all__ = [
-    "build_model", "model_config_dict", "MODELS", "CHECKPOINTING_MODELS", "save_backbone", "load_backbone",
+    "build_model", "model_config_dict", "ModelSpec", "checkpointing_models", "save_backbone", "load_backbone",
     "read_backbone_file", "IResNet", "iresnet", "iresnet_tiny", "MobileFaceNet", "mobilefacenet",
     "mobilefacenet_tiny", "ArcFaceMobileNet", "VisionTransformer", "MLPEmbedder",
 ]

@@ -17,11 +17,15 @@ instead of stored (``run_blocks``; the ViT uses the same helper).
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Iterable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from dsoft_dist.models.registry import ModelSpec
+from dsoft_dist.registry import MODELS
 
 # blocks per stage for each depth
 IRESNET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}
@@ -173,3 +177,8 @@ def iresnet_tiny(embedding_size: int = 512, input_size: int = 112, dropout: floa
     return IResNet((1, 1, 1, 1), widths=(8, 16, 32, 64), stem_channels=8, embedding_size=embedding_size,
                    input_size=input_size, dropout=dropout, name="iresnet_tiny",
                    activation_checkpointing=activation_checkpointing)
+
+
+for _depth in IRESNET_LAYERS:  # model.name: iresnet18 ... iresnet200, iresnet_tiny
+    MODELS.register(f"iresnet{_depth}", ModelSpec(partial(iresnet, _depth), checkpointing=True))
+MODELS.register("iresnet_tiny", ModelSpec(iresnet_tiny, checkpointing=True))

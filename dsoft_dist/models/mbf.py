@@ -27,6 +27,8 @@ from torch import nn
 
 from dsoft_dist.models.iresnet import check_image_input, init_weights, spatial_after_strides
 from dsoft_dist.models.mobilefacenet import conv_bn
+from dsoft_dist.models.registry import ModelSpec
+from dsoft_dist.registry import MODELS
 
 MBF_BLOCKS = (1, 4, 6, 2)
 MBF_LARGE_BLOCKS = (2, 8, 12, 4)
@@ -110,3 +112,7 @@ def mbf(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) 
 def mbf_large(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> ArcFaceMobileNet:
     """arcface_torch's "mbf_large": blocks (2, 8, 12, 4), scale 4 (6.31M parameters at 512-d)."""
     return ArcFaceMobileNet(MBF_LARGE_BLOCKS, 4, embedding_size, input_size, dropout, name="mbf_large")
+
+
+MODELS.register("mbf", ModelSpec(mbf))
+MODELS.register("mbf_large", ModelSpec(mbf_large))

@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsoft_dist.models.registry import ModelSpec
+from dsoft_dist.registry import MODELS
+
 
 class MLPEmbedder(nn.Module):
     """(B, in_features) -> Linear -> BN -> PReLU -> dropout -> Linear -> BN1d -> (B, embedding_size).
@@ -35,3 +38,6 @@ class MLPEmbedder(nn.Module):
                 f"rebuild the model with in_features={x.shape[-1] if x.dim() else 0} or fix the input"
             )
         return self.net(x)
+
+
+MODELS.register("mlp", ModelSpec(MLPEmbedder, inputs="vectors"))

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from dsoft_dist.models.iresnet import check_image_input, spatial_after_strides
+from dsoft_dist.models.registry import ModelSpec
+from dsoft_dist.registry import MODELS
 
 # (expansion t, out channels c, repeats n, stride of the first repeat s)
 MOBILEFACENET_BLOCKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -97,3 +99,7 @@ def mobilefacenet_tiny(embedding_size: int = 512, input_size: int = 112, dropout
     """A CPU-sized MobileFaceNet: 16-channel stem, four bottlenecks, 64-channel head."""
     return MobileFaceNet(TINY_BLOCKS, stem_channels=16, last_channels=64, embedding_size=embedding_size,
                          input_size=input_size, dropout=dropout, name="mobilefacenet_tiny")
+
+
+MODELS.register("mobilefacenet", ModelSpec(mobilefacenet))
+MODELS.register("mobilefacenet_tiny", ModelSpec(mobilefacenet_tiny))

@@ -31,12 +31,15 @@ Randomness (masking, drop path, dropout) happens only in training mode and only 
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsoft_dist.models.iresnet import check_image_input, run_blocks
+from dsoft_dist.models.registry import ModelSpec
+from dsoft_dist.registry import MODELS
 
 PATCH_SIZE = 9
 NUM_HEADS = 8
@@ -219,3 +222,7 @@ def vit(name: str, embedding_size: int = 512, input_size: int = 112, dropout: fl
     return VisionTransformer(dim, depth, drop_path_rate=drop_path_rate, mask_ratio=mask_ratio,
                              embedding_size=embedding_size, input_size=input_size, dropout=dropout,
                              activation_checkpointing=activation_checkpointing, name=name)
+
+
+for _name in (*VIT_SETTINGS, "vit_tiny"):  # model.name: vit_t, vit_s, vit_b, vit_l, vit_tiny
+    MODELS.register(_name, ModelSpec(partial(vit, _name), checkpointing=True))

@@ -75,10 +75,10 @@ def _backbone(args):
     """(parameters, buffers) of --backbone from the model registry, or None."""
     if args.backbone is None:
         return None
-    from dsoft_dist.config.schema import MODELS
     from dsoft_dist.plan.memory import backbone_params
+    from dsoft_dist.registry import MODELS
 
-    names = [m for m in MODELS if m != "mlp"]
+    names = [m for m in MODELS.names() if MODELS.get(m).inputs == "images"]
     if args.backbone not in names:
         raise ValueError(f"--backbone {args.backbone!r} is unknown: use one of {', '.join(names)}")
     return backbone_params(args.backbone, args.dim)

@@ -89,7 +89,7 @@ def _step_overhead(batch: int, dim: int, sampled: bool, device) -> float:
     classes = 256 * 64 if sampled else 256
     # the default backend (auto) takes the torch chunked path for fp32 inputs, on CPU and on CUDA
     head = ShardedClassifier(classes, dim, negatives="random" if sampled else "all", sample_rate=1 / 64,
-                             device=device, validate=False)
+                             device=device, checks=False)
     opt = build_head_optimizer(head, OptimizerConfig(name="sgd", lr=0.1))
     emb = torch.randn(batch, dim, device=device, requires_grad=True)
     labels = torch.randint(0, classes, (batch,), device=device)

@@ -1,11 +1,12 @@
-"""The trainer: distributed start-up, building the run, engines, one step, the loop, reports.
+"""The trainer: building the run, the engines, one optimizer step's update, the loop, checkpoints, reports.
 
     dsoft train --config configs/demo.yaml            # or: python -m dsoft_dist.train ...
     from dsoft_dist.train.trainer import Trainer; from dsoft_dist.parallel.processes import distributed
 
-Modules: distributed (start-up), build (backbone, head, optimizers), grads (the gradient
-conventions), engines (ddp, deepspeed), step (one optimizer step), trainer
-(the loop), validate (verification during training), metrics, report, schedule, cli.
+Modules: build (backbone, head, optimizers), grads (the gradient conventions), engines (the
+Engine protocol; ddp, deepspeed), update (one optimizer step's micro-batches and update), state
+(the checkpoint parts, TrainState), checkpoint and ckpt_files (run checkpoints), trainer (the
+loop), verify (verification during training), data, metrics, report, schedule, preempt, cli.
 """
 from dsoft_dist.train.schedule import lr_factor
 

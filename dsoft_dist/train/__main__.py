@@ -1,4 +1,4 @@
-"""``python -m dsoft_dist.train --config FILE [--set k=v ...] [--nproc N]`` (= ``dsoft train``; torchrun's -m target)."""
+"""``python -m dsoft_dist.train --config FILE [--set k=v ...] [--nproc N]``: ``dsoft train``; torchrun's -m target."""
 import sys
 
 from dsoft_dist.train.cli import main

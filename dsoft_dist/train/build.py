@@ -19,6 +19,7 @@ from dsoft_dist.errors import ConfigError
 from dsoft_dist.head import ShardedClassifier
 from dsoft_dist.models import build_model
 from dsoft_dist.observability import get_logger
+from dsoft_dist.registry import OPTIMIZERS
 
 log = get_logger(__name__)
 
@@ -49,11 +50,10 @@ def backbone_param_groups(model: nn.Module, weight_decay: float, decay_norm_and_
 
 
 def build_backbone_optimizer(model: nn.Module, o: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov) or AdamW over ``backbone_param_groups``; lr is set per step by the schedule."""
+    """The optimizer ``OPTIMIZERS`` registers under ``o.name`` (sgd: momentum, nesterov; adamw;
+    ``dsoft_dist.train.optimizers``) over ``backbone_param_groups``; lr is set per step by the schedule."""
     groups = backbone_param_groups(model, o.weight_decay, o.decay_norm_and_bias)
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return OPTIMIZERS.get(o.name).backbone(groups, o)
 
 
 def build_head(cfg: Config, device: torch.device, group=None) -> ShardedClassifier:

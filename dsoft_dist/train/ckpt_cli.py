@@ -65,7 +65,7 @@ def _summary(folder: str, manifest_path: str) -> list[str]:
 
 
 def _inspect(args) -> int:
-    from dsoft_dist.train.checkpoint import MANIFEST, verify
+    from dsoft_dist.train.ckpt_files import MANIFEST, check_manifest
 
     folder, note = resolve(args.path)
     if note:
@@ -79,7 +79,7 @@ def _inspect(args) -> int:
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, or not the manifest's fields
         raise ValueError(f"{manifest_path} is not a dsoft checkpoint manifest ({type(err).__name__}: {err}); the "
                          "checkpoint is damaged: use another step folder") from err
-    problem = verify(folder)
+    problem = check_manifest(folder)
     lines.append("  manifest: every size and sha256 matches" if problem is None else f"  manifest: FAILS: {problem}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0 if problem is None else 1
@@ -89,13 +89,13 @@ def _checkpoint_backbone(path: str):
     """(step folder, model with its weights, model config dict, trainer state) of the checkpoint PATH names
     (a step folder, a checkpoint root or a run folder: ``resolve``); refuses one whose manifest fails."""
     from dsoft_dist.models import build_model
-    from dsoft_dist.train.checkpoint import verify
+    from dsoft_dist.train.ckpt_files import check_manifest
     from dsoft_dist.utils import load_weights_only
 
     folder, note = resolve(path)
     if note:
         log.info("%s", note)
-    problem = verify(folder)
+    problem = check_manifest(folder)
     if problem is not None:
         raise ValueError(f"{folder} cannot be exported: {problem}")
     state = load_weights_only(os.path.join(folder, "trainer.pt"))

@@ -43,7 +43,7 @@ def run_rank(cfg_dict: dict) -> None:
         except BaseException as err:
             if isinstance(err, KeyboardInterrupt) and env.is_main:  # a second Ctrl-C
                 saved = trainer.checkpointer.saved_step
-                log.warning("stopped at once after step %d, without a checkpoint; %s", trainer.step,
+                log.warning("stopped at once after step %d, without a checkpoint; %s", trainer.state.step,
                             f"the newest is step {saved} in {trainer.checkpointer.root} (the same command resumes "
                             "it)" if saved is not None else "none was written: the next run starts afresh")
             # keep the preemption handlers: a launcher's SIGTERM (torchrun stopping the other workers after
@@ -181,6 +181,7 @@ def _main(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``python -m dsoft_dist.train``'s parser (the same arguments as ``dsoft train``)."""
     parser = argparse.ArgumentParser(prog="dsoft train", description="train a backbone with the sharded head")
     add_run_arguments(parser, config_required=True)
     return parser

@@ -1,9 +1,9 @@
 """The trainer's data: endless batches over epochs, a checkpointable position, the sample-key log.
 
-    data = TrainData(cfg.data, env, keys_dir=None)   # keys_dir: logging.sample_keys' folder
+    data = TrainData(cfg.data, env, keys_dir=None, group=gloo_group)   # keys_dir: logging.sample_keys' folder
     images, labels = next(data)
-    state = data.state_dict(group)                   # collective: the done masks are OR-ed over ranks
-    data.load_state_dict(state, saved_batch_size)    # on the same or another world size
+    state = data.state_dict()                        # collective on group: the done masks are OR-ed over ranks
+    data.load_state_dict(state)                      # on the same or another world size (or batch size)
 
 The position is world-size independent (``dsoft_dist.data.position``): on the same world and
 batch size a resume replays the epoch's pipeline to the saved step (the exact batches the run
@@ -29,10 +29,13 @@ class TrainData:
     ``<step> <epoch> <key> <key> ...``, to ``rank-NNNNN.txt`` (``write_keys(step)`` after each
     optimizer step). After a restart the steps after the resumed checkpoint appear again; the
     later lines are the ones that were trained on.
+
+    group: the gloo group ``state_dict`` ORs the done masks on (NCCL has no bitwise OR; the trainer
+    passes the checkpointer's); None = the default group, which must then be gloo.
     """
 
-    def __init__(self, data_cfg, env, keys_dir: str | None = None):
-        self.cfg, self.env, self.epoch = data_cfg, env, 0
+    def __init__(self, data_cfg, env, keys_dir: str | None = None, group=None):
+        self.cfg, self.env, self.epoch, self.group = data_cfg, env, 0, group
         self.keys_dir = keys_dir
         self._keys: list[tuple[int, list[str]]] = []  # (epoch, keys) of the batches not written yet
         self.loader = self._build(0)
@@ -80,24 +83,25 @@ class TrainData:
         """Bad samples this rank skipped so far, over every epoch."""
         return self.bad_done + self.loader.counters["bad_total"]
 
-    def state_dict(self, group=None) -> dict:
-        """Collective: the position, with the epoch's consumed mask OR-ed over ranks (``group``: gloo)."""
+    def state_dict(self) -> dict:
+        """Collective on ``group``: the position (the loader's, with its batch size and world size), with the
+        epoch's consumed mask OR-ed over ranks."""
         state = {**self.loader.state_dict(), "epoch": self.epoch, "bad_done": self.bad_done}
         if self.loader.consumed is not None:
-            state["consumed"] = to_tensor(union_over_ranks(self.loader.consumed, group))
+            state["consumed"] = to_tensor(union_over_ranks(self.loader.consumed, self.group))
         return state
 
-    def load_state_dict(self, state: dict, saved_batch_size: int) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Continues at a saved position: the same world and batch size replay the epoch to the saved
-        step; others read exactly the samples the epoch has left (see the module doc). A position
+        batch; others read exactly the samples the epoch has left (see the module doc). A position
         without a consumed mask (shards without a manifest) continues only approximately, and says so."""
-        epoch, step = state["epoch"], state["step"]
+        epoch, batches, saved_batch_size = state["epoch"], state["step"], state["batch_size"]
         self.epoch, self.bad_done = epoch, state.get("bad_done", 0)
         num_samples = self._build(epoch).num_samples
         same = state["world_size"] == self.env.world_size and saved_batch_size == self.cfg.batch_size
         if same:
             done = None if state.get("done") is None else from_tensor(state["done"], num_samples)
-            self.loader = self._build(epoch, start_step=min(step, len(self._build(epoch, done=done))), done=done)
+            self.loader = self._build(epoch, start_step=min(batches, len(self._build(epoch, done=done))), done=done)
         elif state.get("consumed") is not None and num_samples is not None:
             done = from_tensor(state["consumed"], num_samples)
             self.loader = self._build(epoch, done=done)
@@ -111,7 +115,8 @@ class TrainData:
         self._it = self._batches()
 
     def _approximate(self, state: dict, saved_batch_size: int):
-        """The same number of samples per rank's new share, in each rank's own part of the epoch."""
+        """The same number of samples per rank's new share, in each rank's own part of the epoch (the loader's
+        ``step`` is the batches it handed out in the epoch)."""
         epoch, consumed = state["epoch"], state["step"] * saved_batch_size * state["world_size"]
         start = consumed // (self.cfg.batch_size * self.env.world_size)
         if self.env.is_main:

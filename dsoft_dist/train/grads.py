@@ -4,16 +4,17 @@
    the gradient it hands back for this rank's embeddings is already the global mean's. The
    engine (DDP or DeepSpeed) then AVERAGES the backbone's gradients over the P ranks, so the
    embedding gradient is multiplied by P first. With k micro-batches per step each
-   micro-batch's loss is divided by k (head and backbone alike); an engine that divides by k
-   on its own side (DeepSpeed >= 0.18.3 does, through hooks on its outputs) gets k back:
+   micro-batch's loss is divided by k (head and backbone alike), and no engine divides by k
+   again (DeepSpeed >= 0.18.3 would, through hooks on its outputs: its engine runs backward
+   with ``scale_wrt_gas=False``):
 
-       grad_emb_to_engine = dL/d(emb) / k * P * (k if engine divides by k else 1)
+       grad_emb_to_engine = dL/d(emb) / k * P
 
 2. Loss scaling (fp16). The head runs in fp32 from a detached copy of the embeddings, so
    its gradients never carry a loss scale; only the backbone's backward is scaled
    (``LossScaler`` under DDP, DeepSpeed's own scaler under DeepSpeed).
 3. One overflow decision. Non-finite gradients anywhere (backbone or any rank's class shard)
-   skip BOTH optimizer steps on every rank (``all_finite`` all-reduces the verdict).
+   skip BOTH optimizers' updates on every rank (``all_finite`` all-reduces the verdict).
 4. Clipping. ``clip_scope`` backbone | head | both: the head's norm is the global norm over
    all class shards (sparse gradients count their stored rows), "both" clips one norm over
    the backbone and the head together.
@@ -29,12 +30,12 @@ import torch.distributed as dist
 from dsoft_dist.parallel import group_rank_size
 
 
-def embedding_grad_factor(world_size: int, accum_steps: int, engine_divides_by_accum: bool) -> float:
-    """The factor applied to dL/d(emb) before the backbone's backward (see the module doc, item 1).
+def embedding_grad_factor(world_size: int) -> float:
+    """The factor applied to dL/d(emb) before the backbone's backward (see the module doc, item 1): P.
 
     ``dL/d(emb)`` here already includes the 1/k of the micro-batch loss.
     """
-    return float(world_size) * (accum_steps if engine_divides_by_accum else 1)
+    return float(world_size)
 
 
 def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -158,8 +159,10 @@ class LossScaler:
             self.scale, self.good_steps = min(self.scale * 2.0, 2.0 ** 24), 0
 
     def state_dict(self) -> dict:
+        """The scale, the good steps since the last change, the skipped steps, whether it is on."""
         return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped, "enabled": self.enabled}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores what ``state_dict`` returned."""
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
         self.skipped, self.enabled = int(state["skipped"]), bool(state["enabled"])

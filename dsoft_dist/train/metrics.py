@@ -98,6 +98,7 @@ class RunMetrics:
         self.evals = [{k: v for k, v in r.items() if k not in ("time", "eval")} for r in kept if r.get("eval")]
 
     def advance(self) -> None:
+        """One optimizer step more on the progress bar."""
         self.bar.update(1)
 
     def log_train(self, step: int, row: dict) -> None:
@@ -114,12 +115,14 @@ class RunMetrics:
                      row["loss"], terms, row["lr"], row["samples_per_s"])
 
     def log_eval(self, step: int, metrics: dict) -> None:
+        """Rank 0: writes a verification row (``"eval": true``) for optimizer step ``step``."""
         if self.sink is None or not metrics:
             return
         self.sink.log(step, {"eval": True, **metrics})
         self.evals.append({"step": step, **metrics})
 
     def close(self) -> None:
+        """Closes the bar and the sinks (idempotent)."""
         self.bar.close()
         if self.sink is not None:
             self.sink.close()

@@ -57,6 +57,7 @@ class Preemption:
         self.received = self.received or name
 
     def restore(self) -> None:
+        """Puts back the handlers the constructor replaced."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

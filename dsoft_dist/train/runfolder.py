@@ -4,7 +4,8 @@
     prepare_run_folder(cfg)             # rank 0, at the start: the check, ``--overwrite``'s clean-up, run.json
 
 ``<logging.output_dir>/run.json`` records what defines the run (``run_identity``: the model,
-the loss and its negatives, the classes, the data) and a hash of it. Then:
+the loss and its negatives, the classes, the data; not ``extra_modules``, which only makes parts
+available) and a hash of it. Then:
 
 - ``checkpoint.resume: auto`` (the default) continues the folder's run only when this config
   defines the same run; a config that differs there (``--set head.loss=arcface`` into a
@@ -24,8 +25,8 @@ import os
 import shutil
 import time
 
-from dsoft_dist.data.pipeline import manifest_file
 from dsoft_dist.observability import get_logger
+from dsoft_dist.registry import DATA_SOURCES
 from dsoft_dist.train.checkpoint import RUN_CHECKPOINTS, STEP_PREFIX, step_folders
 from dsoft_dist.utils import __version__, load_weights_only, write_text_atomic
 
@@ -43,16 +44,9 @@ def _checkpoint_root(cfg) -> str:
 
 
 def _data_identity(data) -> dict:
-    """The data a run trains on: the manifest's content hash (it lists every shard's sha256) for webdataset,
-    the generator's parameters for synthetic data."""
-    if data.source != "webdataset":
-        keys = ("synthetic_mode", "samples_per_class", "image_size", "difficulty", "vector_dim")
-        return {"source": data.source, **{k: getattr(data, k) for k in keys}}
-    manifest = manifest_file(data)
-    if manifest and os.path.isfile(manifest):
-        with open(manifest, "rb") as fh:
-            return {"source": "webdataset", "manifest_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
-    return {"source": "webdataset", "shards": data.shards}
+    """The data a run trains on, as its source says (``dsoft_dist.data.sources``): the manifest's content hash
+    (it lists every shard's sha256) for webdataset, the generator's parameters for synthetic data."""
+    return DATA_SOURCES.get(data.source).identity(data)
 
 
 # model keys that choose how the same numbers are computed, not which run it is: they may change on resume

@@ -7,9 +7,10 @@
 
 Outputs under ``logging.output_dir``: metrics.jsonl, report.md, report.json, curves.png,
 backbone.pt (``dsoft eval --checkpoint``) and head/ (the re-shardable head checkpoint).
-Every stateful piece exposes ``state_dict()`` (engine: backbone optimizer + loss scale;
-head and its optimizer by class range; data position; step), so a checkpointer can save
-the whole run.
+The run's state is the map ``trainer.states`` of checkpoint parts (``dsoft_dist.train.state``):
+the trainer's own counters (``TrainState``), the backbone's weights, the engine (backbone optimizer
+and loss scale), the head with its optimizer, the data position and the RNG states; the
+checkpointer saves and loads the map and never looks into the trainer.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dsoft_dist.config import config_to_dict
 from dsoft_dist.config.schema import Config
 from dsoft_dist.errors import PREEMPTED_EXIT_CODE
 from dsoft_dist.head import build_head_optimizer, save_head_checkpoint
+from dsoft_dist.head.state import HeadState
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel.comm import broadcast_object
 from dsoft_dist.registry import ENGINES
@@ -34,8 +36,9 @@ from dsoft_dist.train.preempt import Preempted, Preemption
 from dsoft_dist.train.report import write_report
 from dsoft_dist.train.runfolder import prepare_run_folder
 from dsoft_dist.train.schedule import lr_factor
-from dsoft_dist.train.step import TrainStep
-from dsoft_dist.train.validate import Validator
+from dsoft_dist.train.state import BackboneWeights, PerRank, Replicated, RngStates, TrainState
+from dsoft_dist.train.update import Updater
+from dsoft_dist.train.verify import Verifier
 
 log = get_logger(__name__)
 
@@ -53,15 +56,16 @@ class Trainer:
         except BaseException:
             self.preemption.restore()  # a failed start leaves the process's handlers as it found them
             raise
-        self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.step)
-        self.last_output = None  # the last StepOutput (timings, diagnostics)
+        self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.state.step)
+        self.last_output = None  # the last UpdateOutput (timings, diagnostics)
         (log.info if env.is_main else log.debug)(
             "%s: %d ranks (%s), engine %s, precision %s, head %s with %s negatives, head step in backward: %s",
             cfg.name, env.world_size, env.backend, self.engine.describe(), cfg.parallel.precision, cfg.head.loss,
             cfg.head.negatives, self.head_config.head_step_in_backward)
 
     def _build(self) -> None:
-        """The run folder, head, engine, data, validator and checkpointer; then the start (resume or init)."""
+        """The run folder, head, engine, checkpointer, data and verifier, the states map; then the start
+        (resume or init)."""
         cfg, env = self.cfg, self.env
         self._prepare_folder()
         self.head = build_head(cfg, env.device)
@@ -70,14 +74,18 @@ class Trainer:
         model = build_backbone(cfg)
         engine_class = ENGINES.get(cfg.parallel.engine)
         self.engine = engine_class(model, build_backbone_optimizer(model, cfg.optimizer), self.head_optimizer, env, cfg)
-        self.step_fn = TrainStep(self.engine, self.head, env, cfg.optimizer.grad_accum_steps)
-        keys_dir = os.path.join(self.out, "samples") if cfg.logging.sample_keys else None
-        self.data = TrainData(cfg.data, env, keys_dir)
-        self.validator = Validator(cfg, env, self.out)
-        self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
+        self.updater = Updater(self.engine, self.head, env, cfg.optimizer.grad_accum_steps)
         self.checkpointer = Checkpointer(cfg, env)
+        keys_dir = os.path.join(self.out, "samples") if cfg.logging.sample_keys else None
+        self.data = TrainData(cfg.data, env, keys_dir, group=self.checkpointer.group)
+        self.verifier = Verifier(cfg, env, self.out)
+        self.state = TrainState(config_to_dict(cfg))
+        self.states = {"trainer": Replicated(self.state),  # the map's order is the load order: trainer before rng
+                       "backbone": BackboneWeights(self.engine.module, cfg.model.name), "engine": self.engine,
+                       "head": HeadState(self.head, self.head_optimizer), "data": Replicated(self.data),
+                       "rng": PerRank(RngStates(cfg.seed, env.rank, self.state))}
         self._start()
-        self.start_step = self.step
+        self.start_step = self.state.step
         if os.environ.get("SLURM_RESTART_COUNT") and env.is_main:
             log.info("Slurm restart count: %s", os.environ["SLURM_RESTART_COUNT"])
 
@@ -104,72 +112,75 @@ class Trainer:
         elif c.resume != "never":
             path = c.resume
         if path is not None:
-            self.checkpointer.load(self, path)
+            self.checkpointer.load(self.states, path)
         elif c.init_from:
-            self.checkpointer.init_weights(self, c.init_from)
+            self.checkpointer.init_weights(self.states, c.init_from)
+
+    def save_checkpoint(self, best_metric: float | None = None) -> str:
+        """Collective: a checkpoint of ``states`` at this step (``Checkpointer.save``); returns its folder."""
+        return self.checkpointer.save(self.states, self.state.step, best_metric)
 
     def _lr(self) -> float:
-        return self.cfg.optimizer.lr * lr_factor(self.step, self.cfg.schedule)
+        return self.cfg.optimizer.lr * lr_factor(self.state.step, self.cfg.schedule)
 
     def _is_log_step(self, n: int) -> bool:
         """Steps are logged at 1, every logging.log_every, and the last."""
         return n == 1 or n % self.cfg.logging.log_every == 0 or n == self.cfg.schedule.steps
 
     def _should(self, every: int) -> bool:
-        return every > 0 and self.step % every == 0
+        return every > 0 and self.state.step % every == 0
 
     def evaluate(self) -> dict:
         """Collective verification of the backbone; rank 0 logs the metrics. A new best of
         checkpoint.keep_best writes a checkpoint and points ``best`` at it."""
-        if not self.validator.enabled:
+        if not self.verifier.enabled:
             return {}
-        metrics = self.validator(self.engine.module)
-        self.metrics.log_eval(self.step, metrics)
+        metrics = self.verifier(self.engine.module)
+        self.metrics.log_eval(self.state.step, metrics)
         improved = self.checkpointer.improves(metrics)
         if improved is not None:
-            self.checkpointer.save(self, best_metric=improved)
+            self.save_checkpoint(best_metric=improved)
         return metrics
 
     def _log(self, out, lr: float, since: float, samples: int) -> None:
-        bad, skipped = sum_over_ranks([self.data.bad_total, 0.0], self.env.device)[0], self.skipped
+        bad, skipped = sum_over_ranks([self.data.bad_total, 0.0], self.env.device)[0], self.state.skipped
         if not self.env.is_main:
             return
         row = {"loss": float(out.loss), **out.diagnostics_floats(), "lr": lr,
                "samples_per_s": samples * self.env.world_size / max(time.perf_counter() - since, 1e-9),
                **{f"time_{k}": v for k, v in out.timings.items()}, "memory_mb": memory_mb(self.env.device),
                "bad_samples": int(bad), "skipped_steps": skipped}
-        self.metrics.log_train(self.step, row)
+        self.metrics.log_train(self.state.step, row)
 
     def train(self) -> dict:
         """Trains to ``schedule.steps``; verifies per ``eval``; writes the outputs. Returns the summary."""
-        t_start = time.perf_counter()
-        if self.step >= self.cfg.schedule.steps and self.env.is_main:
+        t_start, step = time.perf_counter(), self.state.step
+        if step >= self.cfg.schedule.steps and self.env.is_main:
             log.info("the run in %s already finished (step %d of %d): nothing to train; raise schedule.steps to "
                      "train longer, or pass --overwrite or another logging.output_dir to train again", self.out,
-                     self.step, self.cfg.schedule.steps)
-        if self.cfg.eval.at_start and self.step == 0:
+                     step, self.cfg.schedule.steps)
+        if self.cfg.eval.at_start and step == 0:
             self.evaluate()
-        self.run_steps(self.cfg.schedule.steps - self.step)
+        self.run_steps(self.cfg.schedule.steps - step)
         seconds = time.perf_counter() - t_start
         # a rerun of a finished run trains nothing: its last verification stands (not logged twice)
         done_before = self.start_step >= self.cfg.schedule.steps and self.metrics.evals and \
-            self.metrics.evals[-1]["step"] == self.step
+            self.metrics.evals[-1]["step"] == self.state.step
         final = {k: v for k, v in self.metrics.evals[-1].items() if k != "step"} if done_before else self.evaluate()
-        if self.checkpointer.saved_step != self.step:
-            self.checkpointer.save(self)
+        if self.checkpointer.saved_step != self.state.step:
+            self.save_checkpoint()
         return self._finish(seconds, final)
 
     def run_steps(self, n: int) -> None:
-        """The loop body for ``n`` optimizer steps: step, log, verify on schedule (``dsoft bench train`` times it)."""
-        since, samples = time.perf_counter(), 0
+        """The loop body for ``n`` optimizer steps: update, log, verify and save on schedule (``dsoft bench train``
+        times it)."""
+        since, samples, last = time.perf_counter(), 0, self.cfg.schedule.steps
         for _ in range(n):
-            log_now = self._is_log_step(self.step + 1)
+            log_now = self._is_log_step(self.state.step + 1)
             lr = self._lr()
-            out = self.step_fn(self.data, lr, timed=log_now)
-            self.step += 1
-            self.data.write_keys(self.step)
-            self.skipped += not out.applied
-            self.skipped_in_a_row = 0 if out.applied else self.skipped_in_a_row + 1
+            out = self.updater(self.data, lr, timed=log_now)
+            self.state.count(out.applied)
+            self.data.write_keys(self.state.step)
             self._stop_if_diverged()
             samples += out.samples
             self.metrics.advance()
@@ -177,12 +188,12 @@ class Trainer:
             if log_now:
                 self._log(out, lr, since, samples)
                 since, samples = time.perf_counter(), 0
-            if self._should(self.cfg.eval.every_steps) and self.step != self.cfg.schedule.steps:
+            if self._should(self.cfg.eval.every_steps) and self.state.step != last:
                 self.evaluate()
             stop, due = self._at_boundary()
-            if (due or self._should(self.checkpointer.every)) and self.step != self.cfg.schedule.steps and \
-                    self.checkpointer.saved_step != self.step:  # not twice (a new best was saved already)
-                self.checkpointer.save(self)
+            if (due or self._should(self.checkpointer.every)) and self.state.step != last and \
+                    self.checkpointer.saved_step != self.state.step:  # not twice (a new best was saved already)
+                self.save_checkpoint()
             if stop:
                 self._preempted()
 
@@ -197,24 +208,23 @@ class Trainer:
     def _stop_if_diverged(self) -> None:
         """optimizer.max_skipped_in_a_row non-finite steps in a row stop the run on every rank (the skip
         decision is all-reduced, so they agree); skipped steps changed nothing, and the last checkpoint stays."""
-        limit = self.cfg.optimizer.max_skipped_in_a_row
-        if limit and self.skipped_in_a_row >= limit:
+        limit, in_a_row, step = self.cfg.optimizer.max_skipped_in_a_row, self.state.skipped_in_a_row, self.state.step
+        if limit and in_a_row >= limit:
             self.checkpointer.wait()
             latest = self.checkpointer.latest_step()
             raise RuntimeError(
-                f"{self.skipped_in_a_row} optimizer steps in a row had non-finite gradients (steps "
-                f"{self.step - self.skipped_in_a_row + 1}-{self.step}): the run stops. The last checkpoint is "
+                f"{in_a_row} optimizer steps in a row had non-finite gradients (steps "
+                f"{step - in_a_row + 1}-{step}): the run stops. The last checkpoint is "
                 f"{'step %d' % latest if latest is not None else 'none'} in {self.checkpointer.root}. Lower "
                 "optimizer.lr, check the data, use parallel.precision=bf16, or raise optimizer.max_skipped_in_a_row")
 
     def _preempted(self) -> None:
         """Every rank at the same step boundary: the checkpoint, then exit with PREEMPTED_EXIT_CODE."""
-        if self.checkpointer.saved_step != self.step:
-            path = self.checkpointer.save(self)
-        else:
-            path = os.path.join(self.checkpointer.root, step_folder(self.step))
+        step = self.state.step
+        path = self.save_checkpoint() if self.checkpointer.saved_step != step else \
+            os.path.join(self.checkpointer.root, step_folder(step))
         self.checkpointer.wait()  # written before the exit
-        message = (f"preempted ({self.preemption.received or 'a signal on another rank'}) after step {self.step}: "
+        message = (f"preempted ({self.preemption.received or 'a signal on another rank'}) after step {step}: "
                    f"checkpoint {path} written; exiting with code {PREEMPTED_EXIT_CODE} (resume with the same command)")
         if self.env.is_main:
             log.warning(message)
@@ -239,7 +249,7 @@ class Trainer:
                    "train_seconds": round(seconds, 3), "start_step": self.start_step,
                    "head_step_in_backward": self.head_config.head_step_in_backward,
                    "log": self.metrics.rows, "evals": self.metrics.evals, "final": final, "bad_samples": int(bad),
-                   "skipped_steps": self.skipped}
+                   "skipped_steps": self.state.skipped}
         self.metrics.close()  # before the report, so wandb's closing lines do not follow it
         summary["report"] = write_report(self.out, summary)
         return summary

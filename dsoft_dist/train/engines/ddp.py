@@ -1,15 +1,9 @@
-"""Engines for the backbone: DDP (default) or DeepSpeed ZeRO-1/2. The head is never inside one.
+"""The backbone under DistributedDataParallel (``parallel.engine: ddp``, the default); the head stays outside.
 
-Both expose the same small interface, used by ``dsoft_dist.train.step``:
-
-    emb = engine.forward(images)                 # (B_local, D), under the precision's autocast
-    with engine.accumulating(last_micro_batch):  # DDP: no all-reduce before the last micro-batch
-        engine.backward(emb, grad_emb)           # the backbone's backward from the embedding gradient
-    applied = engine.step(lr, head)              # one overflow decision; clips; steps both optimizers
-
-``grad_emb`` already follows ``dsoft_dist.train.grads`` (global-mean scale, x P for the
-engine's average, accumulation); ``divides_by_accum`` tells that module whether this
-engine divides by the accumulation steps itself.
+The ``Engine`` of ``dsoft_dist.train.engines``: no DDP wrapper on one rank, DDP's ``no_sync`` for
+every micro-batch but the last, the trainer's ``LossScaler`` under fp16, and its state (the
+backbone optimizer and the loss scale, the same on every rank) written by rank 0 as
+``engine/ddp.pt``, copied to CPU memory for a background save, loadable on any world size.
 """
 from __future__ import annotations
 
@@ -22,6 +16,7 @@ from torch import nn
 from dsoft_dist.observability import get_logger
 from dsoft_dist.registry import ENGINES
 from dsoft_dist.train.grads import LossScaler, all_finite, clip_grads_
+from dsoft_dist.utils import atomic_save, cpu_copy, load_weights_only
 
 log = get_logger(__name__)
 
@@ -41,10 +36,8 @@ class DDPEngine:
 
     fp16 uses ``LossScaler``: the embedding gradient is multiplied by the scale, the
     backbone's gradients divided by it before clipping; an overflow on any rank (backbone or
-    head shard) skips both steps everywhere and halves the scale.
+    head shard) skips both optimizers' updates everywhere and halves the scale.
     """
-
-    divides_by_accum = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, head_optimizer, env, cfg):
         from torch.nn.parallel import DistributedDataParallel
@@ -58,9 +51,11 @@ class DDPEngine:
         self.last_norms: dict[str, float] = {}
 
     def describe(self) -> str:
+        """``ddp``."""
         return "ddp"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The embeddings (B_local, D) under the precision's autocast."""
         with autocast(self.precision, self.env.device):
             return self.net(x)
 
@@ -71,15 +66,17 @@ class DDPEngine:
         return self.net.no_sync()
 
     def backward(self, emb: torch.Tensor, grad_emb: torch.Tensor) -> None:
+        """The backbone's backward from ``grad_emb`` times the loss scale (1 outside fp16)."""
         emb.backward((grad_emb * self.scaler.scale).to(emb.dtype))
 
     def set_lr(self, lr: float) -> None:
+        """The learning rate of both optimizers."""
         for opt in (self.optimizer, self.head_optimizer):
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def step(self, head) -> bool:
-        """Unscale, one overflow decision, clip, both steps (the head skipped when it steps in backward)."""
+    def update(self, head) -> bool:
+        """Unscale, one overflow decision, clip, both optimizers (the head's skips what it did in backward)."""
         params = list(self.module.parameters())
         head_params = [head.weight]
         self.scaler.unscale_(params)
@@ -98,25 +95,25 @@ class DDPEngine:
         return finite
 
     def state_dict(self) -> dict:
+        """The backbone optimizer's and the loss scaler's state."""
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores what ``state_dict`` returned."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 
-    snapshots_state = True  # state_snapshot can copy the state for a background save
+    def snapshot(self, copy: bool) -> dict | None:
+        """Rank 0's ``state_dict`` (a CPU copy for a background save); None on the others: it is replicated."""
+        if not self.env.is_main:
+            return None
+        return cpu_copy(self.state_dict()) if copy else self.state_dict()
 
-    def state_snapshot(self, copy: bool = False) -> dict:
-        """{"file", "payload"}: the optimizer and loss scale, replicated under DDP, so rank 0's payload only."""
-        from dsoft_dist.utils import cpu_copy
+    def write(self, path: str, snapshot: dict | None) -> None:
+        """Rank 0 writes ``path/ddp.pt``."""
+        if snapshot is not None:
+            atomic_save(snapshot, os.path.join(path, "ddp.pt"))
 
-        payload = None
-        if self.env.is_main:
-            payload = cpu_copy(self.state_dict()) if copy else self.state_dict()
-        return {"file": "ddp.pt", "payload": payload}
-
-    def load_state(self, folder: str, same_world: bool) -> None:
+    def load(self, path: str, saved_world_size: int) -> None:
         """Any world size: the state does not depend on it."""
-        from dsoft_dist.utils import load_weights_only
-
-        self.load_state_dict(load_weights_only(os.path.join(folder, "ddp.pt"), map_location=self.env.device))
+        self.load_state_dict(load_weights_only(os.path.join(path, "ddp.pt"), map_location=self.env.device))

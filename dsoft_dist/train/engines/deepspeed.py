@@ -1,6 +1,6 @@
 """The backbone under DeepSpeed ZeRO-1/2 (``pip install 'dsoft_dist[deepspeed]'``); the head stays outside.
 
-Same interface as ``dsoft_dist.train.engines.ddp.DDPEngine``. What DeepSpeed 0.19 does, measured on
+The ``Engine`` of ``dsoft_dist.train.engines``, as ``ddp.DDPEngine``. What DeepSpeed 0.19 does, measured on
 the installed version (2 gloo ranks on CPU) and what this engine does about it:
 
 - ZeRO-1/2 average the backbone's gradients over ranks exactly like DDP (bit-identical
@@ -9,9 +9,8 @@ the installed version (2 gloo ranks on CPU) and what this engine does about it:
 - ``engine.backward(loss)`` divides by ``gradient_accumulation_steps`` (the loss, or hooks
   on the engine's outputs for a plain ``loss.backward()``). The trainer already divides each
   micro-batch's loss by k on both sides (``dsoft_dist.train.grads``), so the backbone's
-  backward runs with ``scale_wrt_gas=False``: nothing is divided twice, and
-  ``divides_by_accum`` is False.
-- ``engine.step()`` must be called after EVERY micro-batch: its boundary counter only moves
+  backward runs with ``scale_wrt_gas=False``: nothing is divided twice.
+- DeepSpeed's ``step()`` must be called after EVERY micro-batch: its boundary counter only moves
   inside ``step()``, and one call after k backwards silently applies nothing.
 - A client ``torch.optim`` optimizer under ZeRO needs ``zero_allow_untested_optimizer``; the
   engine's ``optimizer.param_groups`` are the client's, so the lr is set there.
@@ -19,10 +18,13 @@ the installed version (2 gloo ranks on CPU) and what this engine does about it:
   inputs are cast to bf16. fp16 is refused by DeepSpeed's CPU accelerator; on GPUs its own
   dynamic loss scale multiplies the backbone's backward only (the head never sees it).
 - Non-finite gradients make DeepSpeed skip its step (``was_step_applied()`` False) in every
-  precision; the head's step is skipped with it. The head's gradients are checked too: a
+  precision; the head's optimizer update is skipped with it. The head's gradients are checked too: a
   non-finite head gradient skips the head step (logged); DeepSpeed cannot be told to skip
   its own then, but the head's gradient and the embedding gradient come from the same
   finite-or-not statistics, so in practice both are non-finite together.
+- Its state is DeepSpeed's own checkpoint folder (ZeRO partitions per rank), written by DeepSpeed's
+  collective ``save_checkpoint`` (so a save with this engine is synchronous) and loadable on the
+  world size that wrote it only.
 - ``LOCAL_RANK`` must be set (it is, under torchrun and ``spawn_local``); the process group is
   the trainer's (DeepSpeed wraps it, it does not initialize another). DeepSpeed's one-time
   C++ comm op is cached in ``$TORCH_EXTENSIONS_DIR`` (default: the dsoft cache directory).
@@ -121,8 +123,6 @@ def _unlink_comm_buffers(env) -> None:
 class DeepSpeedEngine:
     """The backbone inside a DeepSpeed engine (see the module doc for the conventions)."""
 
-    divides_by_accum = False  # backward runs with scale_wrt_gas=False
-
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, head_optimizer, env, cfg: Config):
         deepspeed = _import_deepspeed(env.device)
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
@@ -142,13 +142,16 @@ class DeepSpeedEngine:
         log.debug("DeepSpeed ZeRO-%d engine, precision %s", self.ds.zero_optimization_stage(), self.precision)
 
     def describe(self) -> str:
+        """``deepspeed ZeRO-<stage>``."""
         return f"deepspeed ZeRO-{int(self.ds.zero_optimization_stage())}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The embeddings (B_local, D); floating inputs cast to the precision's dtype."""
         return self.ds(x.to(self.input_dtype) if x.is_floating_point() else x)
 
     @contextlib.contextmanager
     def accumulating(self, last: bool):
+        """Records whether this is the update's last micro-batch (``backward`` steps DeepSpeed before it)."""
         self._last = last
         yield
 
@@ -160,12 +163,13 @@ class DeepSpeedEngine:
             self.ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
 
     def set_lr(self, lr: float) -> None:
+        """The learning rate of both optimizers (DeepSpeed's param_groups are the client optimizer's)."""
         for opt in (self.optimizer, self.head_optimizer):
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def step(self, head) -> bool:
-        """DeepSpeed's boundary step (its own overflow check), then the head's when both are finite."""
+    def update(self, head) -> bool:
+        """DeepSpeed's boundary step (its own overflow check), then the head's update when both are finite."""
         head_params = [head.weight]
         head_finite = all_finite(head_params, group=head.group)
         if head_finite and self.grad_clip > 0 and self.clip_scope == "head":
@@ -183,29 +187,24 @@ class DeepSpeedEngine:
         self.head_optimizer.zero_grad(set_to_none=True)
         return applied and head_finite
 
-    snapshots_state = False  # DeepSpeed writes its own form, collectively: no background save
-
-    def state_snapshot(self, copy: bool = False) -> None:
-        """None: the checkpointer calls save_state instead (DeepSpeed's collective save_checkpoint)."""
-        return None
-
-    def save_state(self, folder: str) -> None:
-        """DeepSpeed's own checkpoint form (its ZeRO partitions, fp32 masters, loss scale); collective."""
+    def save(self, path: str) -> None:
+        """Collective: DeepSpeed's own checkpoint form (its ZeRO partitions, fp32 masters, loss scale) under
+        the folder ``path``."""
         with contextlib.redirect_stdout(io.StringIO()):
-            self.ds.save_checkpoint(folder, tag="engine", save_latest=False)
+            self.ds.save_checkpoint(path, tag="engine", save_latest=False)
 
-    def load_state(self, folder: str, same_world: bool) -> None:
+    def load(self, path: str, saved_world_size: int) -> None:
         """DeepSpeed's ZeRO partitions are per rank: they load on the world size that wrote them only.
         DeepSpeed reads its files with ``weights_only=False``, so each is first read weights-only (see
         refuse_code): a file carrying code is refused before DeepSpeed opens it."""
         from dsoft_dist.errors import CheckpointError
 
-        if not same_world:
-            raise CheckpointError(f"{folder}: a DeepSpeed checkpoint resumes on the world size that wrote it; "
+        if saved_world_size != self.env.world_size:
+            raise CheckpointError(f"{path}: a DeepSpeed checkpoint resumes on the world size that wrote it; "
                                   "resume with that many ranks (or parallel.engine=ddp, whose state loads anywhere)")
-        refuse_code(folder)
+        refuse_code(path)
         with contextlib.redirect_stdout(io.StringIO()):
-            self.ds.load_checkpoint(folder, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False)
+            self.ds.load_checkpoint(path, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
 def refuse_code(folder: str) -> None:

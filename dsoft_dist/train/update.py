@@ -1,7 +1,7 @@
-"""One optimizer step: k micro-batches through the backbone and the head, then both optimizers.
+"""One update: the k micro-batches of one optimizer step through the backbone and the head, then both optimizers.
 
-    step = TrainStep(engine, head, env, accum_steps=k)
-    out = step(batches, lr)     # pulls k (inputs, labels) micro-batches from the iterator
+    updater = Updater(engine, head, env, accum_steps=k)
+    out = updater(batches, lr)  # pulls k (inputs, labels) micro-batches from the iterator
     out.loss, out.applied, out.timings   # {"data", "backbone", "head", "optimizer"} seconds
 
 Per micro-batch (DESIGN.md §5, conventions in ``dsoft_dist.train.grads``):
@@ -11,7 +11,8 @@ Per micro-batch (DESIGN.md §5, conventions in ``dsoft_dist.train.grads``):
     (head(e, y) / k).backward()                        # head forward + backward (+ its step in backward)
     engine.backward(emb, e.grad * factor)              # backbone backward, the only scaled part
 
-The head's backward runs on its own, so the step's time splits into data wait, backbone
+then ``engine.update(head)``: one overflow decision, clipping, both optimizers. The head's
+backward runs on its own, so the update's time splits into data wait, backbone
 (forward + backward), head (forward + backward, and the head's optimizer when it runs
 inside backward) and optimizer. On CUDA the split synchronizes only on ``timed`` steps.
 """
@@ -27,8 +28,8 @@ from dsoft_dist.train.grads import embedding_grad_factor
 
 
 @dataclass
-class StepOutput:
-    """What one optimizer step produced (loss is a detached tensor: read it only when logging)."""
+class UpdateOutput:
+    """What one update produced (loss is a detached tensor: read it only when logging)."""
 
     loss: torch.Tensor
     applied: bool
@@ -56,12 +57,12 @@ def check_labels(labels: torch.Tensor, num_classes: int, where: str = "the first
                          "or fix the labels")
 
 
-class TrainStep:
-    """Runs one optimizer step over ``accum_steps`` micro-batches (see the module doc)."""
+class Updater:
+    """Runs one update: ``accum_steps`` micro-batches, then the engine's update of both optimizers (module doc)."""
 
     def __init__(self, engine, head, env, accum_steps: int = 1):
         self.engine, self.head, self.env, self.accum_steps = engine, head, env, accum_steps
-        self.factor = embedding_grad_factor(env.world_size, accum_steps, engine.divides_by_accum)
+        self.factor = embedding_grad_factor(env.world_size)
         self._checked = False
 
     def _clock(self, timed: bool) -> float:
@@ -69,7 +70,7 @@ class TrainStep:
             torch.cuda.synchronize(self.env.device)
         return time.perf_counter()
 
-    def __call__(self, batches: Iterator, lr: float, timed: bool = False) -> StepOutput:
+    def __call__(self, batches: Iterator, lr: float, timed: bool = False) -> UpdateOutput:
         k, dev = self.accum_steps, self.env.device
         t = {"data": 0.0, "backbone": 0.0, "head": 0.0, "optimizer": 0.0}
         total, samples, diag = torch.zeros((), device=dev), 0, {}
@@ -100,6 +101,6 @@ class TrainStep:
             for key, v in self.head.last_stats.items():
                 diag[key] = diag.get(key, 0.0) + v / k
         t5 = self._clock(timed)
-        applied = self.engine.step(self.head)
+        applied = self.engine.update(self.head)
         t["optimizer"] = self._clock(timed) - t5
-        return StepOutput(loss=total, applied=applied, samples=samples, timings=t, diagnostics=diag)
+        return UpdateOutput(loss=total, applied=applied, samples=samples, timings=t, diagnostics=diag)

@@ -5,7 +5,7 @@ label min/max); one all-gather shares them and every rank reads the same table o
 host, so a bad label on rank 2 makes all ranks raise "labels on rank 2 contain 40 ..."
 instead of rank 2 raising and the others hanging in the next collective. Cost per checked
 step: one all-gather of 8 * P int64 and one host read. The head checks its first forward
-(``validate="first"``, the default), every forward (``"always"``) or none (``"never"``).
+(``checks="first"``, the default), every forward (``"always"``) or none (``"never"``).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _errors(rank: int, row: list[int], head, batch0: int) -> str | None:
 
 def check_inputs(emb: torch.Tensor, labels: torch.Tensor, head, group, counter) -> None:
     """Raises ValueError (the same on every rank) naming the rank and the bad value, or returns."""
-    table = all_gather_cat(_summary(emb, labels).to(emb.device), group, counter, "validate").tolist()  # (P, 8)
+    table = all_gather_cat(_summary(emb, labels).to(emb.device), group, counter, "checks").tolist()  # (P, 8)
     for rank, row in enumerate(table):
         message = _errors(rank, row, head, table[0][0])
         if message:

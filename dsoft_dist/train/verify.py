@@ -1,7 +1,7 @@
 """Verification during training: every ``eval.every_steps`` and at the end, through ``dsoft_dist.eval``.
 
-    validator = Validator(cfg, env)          # collective: rank 0 builds the synthetic .bin if configured
-    metrics = validator(backbone)            # collective; {"lfw/accuracy": ..., "lfw/val_at_far": ...} on rank 0
+    verifier = Verifier(cfg, env, output_dir)  # collective: rank 0 builds the synthetic .bin if configured
+    metrics = verifier(backbone)               # collective; {"lfw/accuracy": ..., "lfw/val_at_far": ...} on rank 0
 
 All ranks share the work of the .bin sets: each embeds a contiguous 1/P of the 2N images,
 one all-gather brings the (2N, D) embeddings to every rank, and rank 0 runs the 10-fold
@@ -40,6 +40,7 @@ class EvalForward(nn.Module):
         self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 embeddings of ``x`` cast to the backbone's parameter dtype."""
         dtype = next(self.module.parameters()).dtype
         return self.module(x.to(dtype)).float()
 
@@ -70,7 +71,7 @@ def _bounds(n: int, world: int, rank: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-class Validator:
+class Verifier:
     """The configured .bin sets (and the synthetic unseen set), evaluated collectively (see module doc)."""
 
     def __init__(self, cfg: Config, env, output_dir: str):
@@ -92,6 +93,7 @@ class Validator:
 
     @property
     def enabled(self) -> bool:
+        """True when there is a set to verify on."""
         return bool(self.bins or self.cfg.eval.pairs)
 
     def _bin(self, path: str, model: nn.Module) -> dict:
