@@ -68,14 +68,14 @@ def test_synthetic_positions_with_a_done_mask_cut_the_permutation_left():
     assert sum(pieces, []) == left  # contiguous ranges of the order left, in (rank, worker) order
 
 
-def _epoch(cfg, world: int, steps: int | None = None, done=None):
-    """Runs ``steps`` batches (all when None) of every rank of ``world``; returns their keys and the
+def _epoch(cfg, world: int, batches: int | None = None, done=None):
+    """Runs ``batches`` batches (all when None) of every rank of ``world``; returns their keys and the
     union of their consumed masks (what a checkpoint saves)."""
     keys, union = [], None
     for rank in range(world):
         loader = build_train_loader(cfg, rank, world, epoch=1, done=done, keys=True)
         it = iter(loader)
-        for _ in range(len(loader) if steps is None else steps):
+        for _ in range(len(loader) if batches is None else batches):
             next(it)
         it.close()
         keys += sum(loader.batch_keys, [])
@@ -84,7 +84,7 @@ def _epoch(cfg, world: int, steps: int | None = None, done=None):
 
 
 def _configs(tmp_path):
-    """240 samples: batch 4 on 2 ranks = 8 a step; 6 steps leave 192, which 1 x 4 and 3 x 4 divide."""
+    """240 samples: batch 4 on 2 ranks = 8 a global batch; 6 batches leave 192, which 1 x 4 and 3 x 4 divide."""
     write_shards(str(tmp_path), [37, 50, 13, 61, 79], num_classes=240)
     shards = DataConfig(source="webdataset", manifest=str(tmp_path), num_classes=240, image_size=8, batch_size=4,
                         num_workers=2, shuffle_buffer=16)
@@ -99,7 +99,7 @@ def _configs(tmp_path):
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_an_epoch_resumed_on_another_world_size_reads_each_sample_once(tmp_path, source, new_world):
     cfg = _configs(tmp_path)[source]
-    first, done = _epoch(cfg, 2, steps=6)
+    first, done = _epoch(cfg, 2, batches=6)
     assert len(first) == len(set(first)) == 48 and count_done(done) == 48
     rest, union = _epoch(cfg, new_world, done=done)
     assert len(rest) == 192 and not set(first) & set(rest), "a sample was read again"
@@ -111,6 +111,7 @@ def test_an_epoch_resumed_on_another_world_size_reads_each_sample_once(tmp_path,
 def test_explicit_steps_per_epoch_less_the_batches_done(tmp_path):
     cfg = _configs(tmp_path)["vectors"]
     cfg.steps_per_epoch = 20
-    _, done = _epoch(cfg, 2, steps=6)  # 48 samples: 12 global batches of 4 on one rank
+    _, done = _epoch(cfg, 2, batches=6)  # 48 samples: 12 global batches of 4 on one rank
+
     assert len(build_train_loader(cfg, 0, 1, epoch=1, done=done)) == 8
     assert len(build_train_loader(cfg, 0, 2, epoch=1, done=done)) == 14  # ceil(48 / 8) = 6 done

@@ -1,4 +1,4 @@
-"""Streaming from real tar shards: exact-once split over ranks x workers, seeded order, fixed steps."""
+"""Streaming from real tar shards: exact-once split over ranks x workers, seeded order, fixed batches per epoch."""
 from __future__ import annotations
 
 import os
@@ -61,15 +61,15 @@ def test_assign_samples_split_is_a_partition():
         assign_samples(counts, 2, 2, 0, 1)
 
 
-def test_loader_gives_equal_steps_on_every_rank(tmp_path):
-    write_shards(str(tmp_path), COUNTS)  # 22 samples -> 11 per rank -> 2 steps of 5
-    delivered, steps = [], []
+def test_loader_gives_equal_batches_on_every_rank(tmp_path):
+    write_shards(str(tmp_path), COUNTS)  # 22 samples -> 11 per rank -> 2 batches of 5
+    delivered, lengths = [], []
     for rank in range(2):
         cfg = DataConfig(source="webdataset", manifest=str(tmp_path), num_classes=22, image_size=8, batch_size=5,
                          num_workers=2, shuffle_buffer=4)
         loader = build_train_loader(cfg, rank, 2, epoch=0)
         batches = list(loader)
-        steps.append(len(batches))
+        lengths.append(len(batches))
         mine = []
         for x, y in batches:
             assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -82,17 +82,18 @@ def test_loader_gives_equal_steps_on_every_rank(tmp_path):
         assert np.flatnonzero(done_range(consumed.numpy(), 0, 22)).tolist() == sorted(mine)
         assert state == {"epoch": 0, "seed": 0, "step": 2, "steps_per_epoch": 2, "rank": rank, "world_size": 2,
                          "batch_size": 5, "num_samples": 22, "done": None}
-    assert steps == [2, 2]
+    assert lengths == [2, 2]
     assert len(delivered) == len(set(delivered)) == 20
 
 
 def test_loader_exact_once_when_divisible_and_resume(tmp_path):
-    write_shards(str(tmp_path), [6, 2, 4])  # 12 samples, 2 ranks, batch 3 -> 2 steps each, nothing dropped
+    write_shards(str(tmp_path), [6, 2, 4])  # 12 samples, 2 ranks, batch 3 -> 2 batches each, nothing dropped
     cfg = DataConfig(source="webdataset", shards=str(tmp_path), num_classes=12, image_size=8, batch_size=3,
                      num_workers=2, augment_flip=False)
     runs = [[y.tolist() for _, y in build_train_loader(cfg, r, 2, epoch=4)] for r in range(2)]
     assert sorted(sum(runs[0] + runs[1], [])) == list(range(12))
-    resumed = [y.tolist() for _, y in build_train_loader(cfg, 0, 2, epoch=4, start_step=1)]
+    resumed = [y.tolist() for _, y in build_train_loader(cfg, 0, 2, epoch=4, start_batch=1)]
+
     assert resumed == runs[0][1:]
 
 

@@ -27,7 +27,7 @@ def _epoch(manifest: str, num_classes: int, rank: int, world: int, epoch: int, b
 
 def test_synth_vector_shards_stream_every_sample_once_per_epoch_on_2_ranks_x_2_workers(tmp_path):
     # 300 identities x 2 = 600 samples in 16 shards of 37 and one of 8 (uneven, cut across ranks and workers);
-    # 600 / 2 ranks / batch 20 = 15 steps: nothing is dropped, so every sample must come exactly once
+    # 600 / 2 ranks / batch 20 = 15 batches: nothing is dropped, so every sample must come exactly once
     manifest = synth_vectors_to_shards(str(tmp_path), 300, 2, dim=16, per_shard=37, workers=2, progress=False)
     assert manifest.shard_counts() == [37] * 16 + [8]
     assert (manifest.sample_kind, manifest.vector_dim, manifest.vector_dtype) == ("vectors", 16, "float16")
@@ -77,7 +77,7 @@ def test_from_npy_keeps_every_row_and_its_label_in_float32(tmp_path):
         from_npy(str(tmp_path / "f.npy"), str(tmp_path / "short.npy"), str(tmp_path / "x"))
     with pytest.raises(ValueError, match=r"span \[0, 20\], outside \[0, num_classes=10\)"):
         from_npy(str(tmp_path / "f.npy"), str(tmp_path / "l.npy"), str(tmp_path / "x"), num_classes=10)
-    # 103 rows on 1 rank, batch 10: 10 steps of exact rows
+    # 103 rows on 1 rank, batch 10: 10 batches of exact rows
     batches, keys, _ = _epoch(str(out), 21, 0, 1, 0, batch=10, workers=0, dim=12)
     for (x, y), key in zip(batches, keys[::10]):
         assert torch.equal(x[0], torch.from_numpy(features[int(key)])) and y[0] == labels[int(key)]
@@ -124,7 +124,8 @@ def test_vector_dim_disagreement_and_image_flags_are_refused(tmp_path, capsys):
 
 
 def test_start_up_reads_no_shard_content(tmp_path):
-    """Building the loader uses the manifest's counts only: with every shard emptied it still has its steps."""
+    """Building the loader uses the manifest's counts only: with every shard emptied it still has its batches."""
+
     manifest = synth_vectors_to_shards(str(tmp_path), 50, 2, dim=8, per_shard=30, progress=False)
     for path in manifest.shard_paths():
         open(path, "wb").close()  # the files exist, their contents are gone

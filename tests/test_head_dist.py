@@ -39,7 +39,7 @@ def sizes(*world_sizes: int) -> list:
     return [p if p == 2 else pytest.param(p, marks=OTHER_P) for p in world_sizes]
 
 
-C, D, B_LOCAL, RATE, SEED, STEP = 37, 8, 5, 0.3, 3, 2
+C, D, B_LOCAL, RATE, SEED, DRAWS = 37, 8, 5, 0.3, 3, 2
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax")
 CASES = ([(loss, neg, chunk, False) for loss in LOSSES for neg in MODES for chunk in (0, 4)]
          + [("d_softmax", neg, 4, True) for neg in ("batch", "random", "partial")])
@@ -74,7 +74,7 @@ def _run_case(case, rank, world_size):
     emb, labels, weight = global_data(world_size)
     head = ShardedClassifier(C, D, loss=loss_name, negatives=neg, sample_rate=RATE, chunk_size=chunk, seed=SEED,
                              inter_correction=corr)
-    head.step = STEP
+    head.draws = DRAWS
     with torch.no_grad():
         head.weight.copy_(weight[head.class_start:head.class_start + head.num_local_classes])
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
@@ -85,7 +85,7 @@ def _run_case(case, rank, world_size):
     grad_w = head.weight.grad
     return {"loss": loss.detach(), "grad_emb": local.grad, "sparse": grad_w.is_sparse,
             "grad_w": grad_w.to_dense() if grad_w.is_sparse else grad_w, "diag": head.diagnostics(),
-            "labels_untouched": torch.equal(local_labels, labels[rows]), "step_after": head.step}
+            "labels_untouched": torch.equal(local_labels, labels[rows]), "draws_after": head.draws}
 
 
 def _comm_bytes(rank, world_size):
@@ -231,7 +231,7 @@ def reference(case, world_size):
     emb, labels, weight = global_data(world_size)
     emb.requires_grad_(True)
     weight.requires_grad_(True)
-    parts = [select_shard_classes(neg, labels, s, n, RATE, SEED, STEP, p)
+    parts = [select_shard_classes(neg, labels, s, n, RATE, SEED, DRAWS, p)
              for p, (s, n) in enumerate(shard_ranges(C, world_size))]
     classes = None if neg == "all" else torch.cat([s + part for (s, _), part in zip(shard_ranges(C, world_size), parts)])
     mask = class_mask(classes, labels.shape[0], C)

@@ -55,7 +55,7 @@ def test_matches_single_process_module_over_steps(loss, neg):
         for key, value in ref.diagnostics().items():
             assert head.diagnostics()[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
         head.weight.grad = ref.weight.grad = None
-    assert head.step == 3
+    assert head.draws == 3
 
 
 def test_inter_correction_matches_module():
@@ -79,12 +79,12 @@ def test_sampled_gradient_touches_only_selected_rows_and_targets():
     assert grad.values().shape == (expected.numel(), D)
 
 
-def test_eval_mode_does_not_advance_the_step_and_caller_tensors_are_untouched():
+def test_eval_mode_does_not_advance_the_draws_and_caller_tensors_are_untouched():
     head = ShardedClassifier(C, D, negatives="random", sample_rate=0.5).eval()
     emb, labels = _data()
     emb_copy, labels_copy = emb.clone(), labels.clone()
     first = head(emb, labels)
-    assert head.step == 0 and torch.equal(head(emb, labels), first)
+    assert head.draws == 0 and torch.equal(head(emb, labels), first)
     assert torch.equal(emb, emb_copy) and torch.equal(labels, labels_copy)
 
 

@@ -51,7 +51,7 @@ def test_head_pieces_of_any_world_size_load_into_one_rank(world_size):
     head, _ = _trained_head_and_opt()
     fresh = ShardedClassifier(C, D, seed=9)
     fresh.load_state_dict(list(reversed(_split(head.state_dict(), world_size))))
-    assert torch.equal(fresh.weight, head.weight) and fresh.step == head.step == 2
+    assert torch.equal(fresh.weight, head.weight) and fresh.draws == head.draws == 2
 
 
 @pytest.mark.parametrize("cls", [RowSparseSGD, RowSparseAdamW])
@@ -106,7 +106,7 @@ def test_checkpoint_files_round_trip_atomically(tmp_path):
     fresh = ShardedClassifier(C, D, seed=5)
     fresh_opt = RowSparseAdamW([fresh.weight], lr=1.0, num_classes=C)
     load_head_checkpoint(str(tmp_path / "ck"), fresh, fresh_opt)
-    assert torch.equal(fresh.weight, head.weight) and fresh.step == 2
+    assert torch.equal(fresh.weight, head.weight) and fresh.draws == 2
     for name, tensor in opt.state[head.weight].items():
         assert torch.equal(fresh_opt.state[fresh.weight][name], tensor)
     with pytest.raises(ValueError, match=f"has num_classes={C} but the head has num_classes=30"):

@@ -33,7 +33,7 @@ def test_dsoftmax_module_grads_match_transcription(negatives, correction):
     mod = dsoft_dist.DSoftmaxLoss(c, 8, scale=32.0, end_point=0.8, inter_weight=0.5, negatives=negatives,
                                   sample_rate=0.3, inter_correction=correction, seed=4).double()
     emb, y = _inputs(7, c, 8, seed=1)
-    idx = select_classes(negatives, y, c, 0.3, seed=4, step=0)
+    idx = select_classes(negatives, y, c, 0.3, seed=4, draw=0)
     k = c if idx is None else idx.numel()
     mask = class_mask(idx, 7, c)
     corr = c / k if correction else 1.0
@@ -58,7 +58,7 @@ def test_margin_module_grads_match_transcription(preset, negatives):
     mod = dsoft_dist.MarginSoftmaxLoss.preset(preset, c, 6, scale=16.0, negatives=negatives, sample_rate=0.4).double()
     emb, y = _inputs(6, c, 6, seed=2)
     m = LOSSES.get(preset).margins
-    mask = class_mask(select_classes(negatives, y, c, 0.4, seed=0, step=0), 6, c)
+    mask = class_mask(select_classes(negatives, y, c, 0.4, seed=0, draw=0), 6, c)
     e = emb.clone().requires_grad_()
     loss = mod(e, y)
     loss.backward()
@@ -111,7 +111,7 @@ def test_module_bf16_embeddings():
 
 def test_module_rejects_bad_labels_and_shapes():
     mod = dsoft_dist.DSoftmaxLoss(10, 4)
-    with pytest.raises(ValueError, match="contains 10, outside \\[0, 10\\)"):
+    with pytest.raises(ValueError, match="labels contain 10, outside \\[0, 10\\)"):
         mod(torch.randn(2, 4), torch.tensor([1, 10]))
     with pytest.raises(ValueError, match="int64"):
         mod(torch.randn(2, 4), torch.tensor([1, 2], dtype=torch.int32))

@@ -69,7 +69,7 @@ def test_inter_gradient_does_not_push_target():
 
 def test_random_with_rate_one_equals_all():
     cos, y = _setup()
-    idx = select_classes("random", y, 20, 1.0, seed=3, step=5)
+    idx = select_classes("random", y, 20, 1.0, seed=3, draw=5)
     assert torch.equal(idx, torch.arange(20))
     full = d_softmax(cos, y, 64.0, 0.9)
     sampled = d_softmax(cos, y, 64.0, 0.9, negatives_mask=class_mask(idx, 6, 20))
@@ -90,10 +90,10 @@ def test_batch_mode_uses_exactly_the_batch_classes():
 
 def test_same_seed_same_negatives_and_fresh_each_step():
     y = torch.tensor([1, 2, 3])
-    a = select_classes("random", y, 100_000, 0.01, seed=7, step=3)
-    b = select_classes("random", y, 100_000, 0.01, seed=7, step=3)
-    c = select_classes("random", y, 100_000, 0.01, seed=7, step=4)
-    d = select_classes("random", y, 100_000, 0.01, seed=8, step=3)
+    a = select_classes("random", y, 100_000, 0.01, seed=7, draw=3)
+    b = select_classes("random", y, 100_000, 0.01, seed=7, draw=3)
+    c = select_classes("random", y, 100_000, 0.01, seed=7, draw=4)
+    d = select_classes("random", y, 100_000, 0.01, seed=8, draw=3)
     assert torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, d)
     assert a.numel() == 1000 and torch.unique(a).numel() == 1000
@@ -129,7 +129,7 @@ def test_sampling_is_cheap_for_millions_of_classes():
 
 def test_partial_keeps_every_positive_and_fills_to_k():
     y = torch.tensor([3, 17, 3, 40, -1])
-    idx = select_classes("partial", y, 100, 0.1, seed=1, step=2)
+    idx = select_classes("partial", y, 100, 0.1, seed=1, draw=2)
     assert idx.numel() == num_sampled(100, 0.1) == 10
     assert set([3, 17, 40]) <= set(idx.tolist())
     many = torch.arange(30)

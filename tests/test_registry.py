@@ -25,7 +25,7 @@ from dsoft_dist.config.schema import (
 from dsoft_dist.data.datasets import Chunk, Slot
 from dsoft_dist.data.pipeline import TrainLoader
 from dsoft_dist.data.rng import hash_keys
-from dsoft_dist.data.sources import DataSource, epoch_steps, loader_kwargs
+from dsoft_dist.data.sources import DataSource, epoch_batches, loader_kwargs
 from dsoft_dist.errors import ConfigError
 from dsoft_dist.losses import functional as LF
 from dsoft_dist.losses.forms import LossForm
@@ -69,19 +69,20 @@ class ToyVectors(IterableDataset):
         yield Chunk(x, labels, torch.full((n,), -1, dtype=torch.int64), keys, {"worker": 0, "samples": n, "bad": {}})
 
 
-LOADERS: list[tuple] = []  # (rank, world_size, epoch, start_step) of every loader the toy source built
+LOADERS: list[tuple] = []  # (rank, world_size, epoch, start_batch) of every loader the toy source built
 
 
-def toy_loader(cfg, rank, world_size, epoch, start_step=0, done=None, keys=False) -> TrainLoader:
+def toy_loader(cfg, rank, world_size, epoch, start_batch=0, done=None, keys=False) -> TrainLoader:
     """The toy source's loader: ToyVectors streams, batched by the package's TrainLoader."""
     if done is not None:
         raise ValueError("data.source=toy_vectors has no sample ids: it cannot resume on another world size")
-    LOADERS.append((rank, world_size, epoch, start_step))
+    LOADERS.append((rank, world_size, epoch, start_batch))
     total = cfg.num_classes * cfg.samples_per_class
-    steps = epoch_steps(total, world_size, cfg.batch_size, cfg.steps_per_epoch, None)
+    batches = epoch_batches(total, world_size, cfg.batch_size, cfg.steps_per_epoch, None)
     slot = Slot(rank=rank, world_size=world_size, epoch=epoch, seed=cfg.seed)
-    return TrainLoader(lambda p: ToyVectors(cfg, dataclasses.replace(slot, pass_index=p), keys), steps,
-                       normalize=False, **loader_kwargs(cfg, rank, world_size, epoch, start_step, None, keys))
+    return TrainLoader(lambda p: ToyVectors(cfg, dataclasses.replace(slot, pass_index=p), keys), batches,
+                       normalize=False, **loader_kwargs(cfg, rank, world_size, epoch, start_batch, None, keys))
+
 
 
 TOY_SOURCE = DataSource(toy_loader, lambda cfg: None, lambda cfg: {"source": "toy_vectors", "dim": cfg.vector_dim})

@@ -8,9 +8,9 @@ from torch import nn
 
 from dsoft_dist.config import config_from_dict
 from dsoft_dist.errors import ConfigError
+from dsoft_dist.losses.functional import validate_labels
 from dsoft_dist.train.build import backbone_param_groups, resolve_head_step
 from dsoft_dist.train.grads import LossScaler, all_finite, clip_grads_, embedding_grad_factor
-from dsoft_dist.train.update import check_labels
 
 
 @pytest.mark.parametrize("world,expected", [(1, 1.0), (4, 4.0), (2, 2.0)])
@@ -116,13 +116,15 @@ def test_head_step_in_backward_true_where_illegal_is_a_clear_error(sections, mat
 
 
 def test_label_checks_name_the_value_and_the_fix():
-    check_labels(torch.tensor([0, 9, -1]), 10)
-    with pytest.raises(ValueError, match=r"dtype torch.int32.*labels.long\(\)"):
-        check_labels(torch.tensor([0, 1], dtype=torch.int32), 10)
-    with pytest.raises(ValueError, match=r"label 10 .*outside \[0, data.num_classes=10\).*manifest"):
-        check_labels(torch.tensor([3, 10]), 10)
-    with pytest.raises(ValueError, match="label -5 "):
-        check_labels(torch.tensor([-5, 1]), 10)
+    """The trainer's check of its first batch: the loss modules' validate_labels with the trainer's advice."""
+    fix = "set data.num_classes to the data's class count (the manifest's num_classes), or fix the labels"
+    validate_labels(torch.tensor([0, 9, -1]), 10, fix=fix)
+    with pytest.raises(ValueError, match=r"int64 class ids, got torch.int32; use labels.long\(\)"):
+        validate_labels(torch.tensor([0, 1], dtype=torch.int32), 10, fix=fix)
+    with pytest.raises(ValueError, match=r"labels contain 10, outside \[0, 10\).*data.num_classes.*manifest"):
+        validate_labels(torch.tensor([3, 10]), 10, fix=fix)
+    with pytest.raises(ValueError, match="labels contain -5, "):
+        validate_labels(torch.tensor([-5, 1]), 10, fix=fix)
 
 
 def test_synthetic_verification_needs_synthetic_data():

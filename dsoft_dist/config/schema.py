@@ -156,8 +156,9 @@ class DataConfig:
     def __post_init__(self):
         DATA_SOURCES.get(self.source)  # ConfigError naming data.source and the registered sources
         for key in ("manifest", "shards"):  # else the run would train on synthetic data without a word
-            _check(self.source == "webdataset" or not getattr(self, key), f"data.{key}", getattr(self, key),
-                   "it is read only with data.source=webdataset: set data.source=webdataset too (or leave it empty)")
+            _check(self.source != "synthetic" or not getattr(self, key), f"data.{key}", getattr(self, key),
+                   "data.source=synthetic reads no files: set data.source=webdataset (or the source that reads "
+                   "it) too, or leave it empty")
         _choice("data.difficulty", self.difficulty, ("easy", "medium", "hard"))
         _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", self.steps_per_epoch,
                "must be >= 0 (0 = from the data)")

@@ -4,7 +4,8 @@ Entry points (see docs/data.md):
 
 - ``build_train_loader(data_cfg, rank, world_size, epoch)`` -> TrainLoader yielding
   (images (B, 3, H, W) in [-1, 1] or vectors (B, D), labels (B,) int64) for exactly
-  ``len(loader)`` steps on every rank, from the source ``data.source`` names (``dsoft_dist.data.sources``:
+  ``len(loader)`` batches on every rank, from the source ``data.source`` names (``dsoft_dist.data.sources``:
+
   synthetic, webdataset, or one registered in ``dsoft_dist.registry.DATA_SOURCES``);
 - ``SyntheticIdentities`` / ``SyntheticVectors``: the procedural identity source;
 - ``load_manifest`` / ``check_num_classes``: the converters' dataset manifests;

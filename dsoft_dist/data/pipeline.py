@@ -1,4 +1,4 @@
-"""The training loader: exactly ``steps_per_epoch`` normalized batches on every rank.
+"""The training loader: exactly ``batches_per_epoch`` normalized batches on every rank.
 
 ``build_train_loader(data_cfg, rank, world_size, epoch)`` is what the trainer calls
 (under torchrun, with rank/world_size passed explicitly). It returns a ``TrainLoader``:
@@ -6,18 +6,18 @@
     for images, labels in loader:      # images (B, 3, H, W) float32 in [-1, 1]
         ...                            # labels (B,) int64; vectors (synthetic or shards): (B, D)
     loader.counters                    # {"samples": n, "padded": n, "bad": {kind: n}}
-    loader.state_dict()                # {"epoch", "seed", "step", "steps_per_epoch", ...}
+    loader.state_dict()                # {"epoch", "seed", "step", "steps_per_epoch", ...}: batch, batches_per_epoch
 
 Sources (``dsoft_dist.data.sources``, registered under ``data.source``): ``synthetic`` (procedural
 identities, images or vectors; no files) or ``webdataset`` (shards + the converters' manifest; image or
 feature-vector samples, as the manifest's ``sample_kind`` says). Every source shares the batching below.
-Every rank gets the same ``steps_per_epoch`` = floor(floor(N / world_size) / batch_size), N = samples
-per epoch, so no rank runs out first. Worker chunks are re-batched in the main process to exactly
-batch_size. If bad data leaves a rank short, it tops up from a reshuffled second pass
-of its own part (counted as ``padded``) instead of stopping early.
+Every rank gets the same ``batches_per_epoch`` = floor(floor(N / world_size) / batch_size), N = samples
+per epoch (or ``data.steps_per_epoch`` when set), so no rank runs out first. Worker chunks are
+re-batched in the main process to exactly batch_size. If bad data leaves a rank short, it tops up from
+a reshuffled second pass of its own part (counted as ``padded``) instead of stopping early.
 
-Resume: ``build_train_loader(..., start_step=k)`` replays the epoch's data pipeline and
-drops the first k batches (data work only), so the (epoch, seed, step) position in a
+Resume: ``build_train_loader(..., start_batch=k)`` replays the epoch's data pipeline and
+drops the first k batches (data work only), so the (epoch, seed, batch) position in a
 checkpoint restores the exact batch sequence. On another world size or batch size,
 ``build_train_loader(..., done=mask)`` reads only the samples the epoch has left, cut
 afresh over the new ranks (``dsoft_dist.data.position``); the loader's ``consumed`` mask
@@ -49,22 +49,23 @@ _MAX_PASSES = 8
 
 
 class TrainLoader:
-    """Fixed-length epoch over per-worker streams (see module doc). ``len(loader)`` = steps."""
+    """Fixed-length epoch over per-worker streams (see module doc). ``len(loader)`` = batches_per_epoch;
+    ``batch`` = the batches of the epoch handed out so far (replayed ones included)."""
 
-    def __init__(self, make_stream: Callable[[int], IterableDataset], steps_per_epoch: int, batch_size: int,
+    def __init__(self, make_stream: Callable[[int], IterableDataset], batches_per_epoch: int, batch_size: int,
                  num_workers: int, rank: int, world_size: int, epoch: int, seed: int,
-                 normalize: bool = True, start_step: int = 0, num_samples: int | None = None,
+                 normalize: bool = True, start_batch: int = 0, num_samples: int | None = None,
                  done: np.ndarray | None = None, keys: bool = False):
-        if steps_per_epoch < 1 and done is None:
-            raise ValueError(f"steps_per_epoch={steps_per_epoch}: the data gives no full batch per rank; "
+        if batches_per_epoch < 1 and done is None:
+            raise ValueError(f"batches_per_epoch={batches_per_epoch}: the data gives no full batch per rank; "
                              "lower data.batch_size or use more data")
-        if not 0 <= start_step <= max(steps_per_epoch, 0):
-            raise ValueError(f"start_step={start_step} is outside [0, steps_per_epoch={steps_per_epoch}]")
-        self.make_stream, self.steps_per_epoch, self.batch_size = make_stream, max(steps_per_epoch, 0), batch_size
+        if not 0 <= start_batch <= max(batches_per_epoch, 0):
+            raise ValueError(f"start_batch={start_batch} is outside [0, batches_per_epoch={batches_per_epoch}]")
+        self.make_stream, self.batches_per_epoch, self.batch_size = make_stream, max(batches_per_epoch, 0), batch_size
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
-        self.epoch, self.seed, self.normalize, self.start_step = epoch, seed, normalize, start_step
+        self.epoch, self.seed, self.normalize, self.start_batch = epoch, seed, normalize, start_batch
         self.num_samples, self.done, self.keys = num_samples, done, keys
-        self.step = start_step
+        self.batch = start_batch
         self._stats: dict[tuple[int, int], dict] = {}
         self.padded = 0
         self.consumed = self._fresh_consumed()
@@ -76,7 +77,7 @@ class TrainLoader:
         return new_mask(self.num_samples) if self.done is None else self.done.copy()
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return self.batches_per_epoch
 
     def _chunks(self) -> Iterator:
         """Worker Chunks from pass 0, then from top-up passes while more are needed."""
@@ -94,21 +95,21 @@ class TrainLoader:
                     if pass_index:
                         self.padded += len(chunk.labels)
                     yield chunk
-            log.warning("rank %d ran out of data at step %d of %d (epoch %d; bad data skipped: %s): topping up "
-                        "from pass %d of its shards", self.rank, self.step, self.steps_per_epoch, self.epoch,
+            log.warning("rank %d ran out of data at batch %d of %d (epoch %d; bad data skipped: %s): topping up "
+                        "from pass %d of its shards", self.rank, self.batch, self.batches_per_epoch, self.epoch,
                         self.counters["bad"], pass_index + 1)
-        raise RuntimeError(f"rank {self.rank} could not fill {self.steps_per_epoch} steps in {_MAX_PASSES} passes "
+        raise RuntimeError(f"rank {self.rank} could not fill {self.batches_per_epoch} batches in {_MAX_PASSES} passes "
                            "over its part of the data set: check the bad-data warnings above, or lower "
                            "data.steps_per_epoch / data.batch_size")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields exactly steps_per_epoch - start_step batches (B, ...) of batch_size."""
-        self.step, self._stats, self.padded, self.consumed = 0, {}, 0, self._fresh_consumed()
+        """Yields exactly batches_per_epoch - start_batch batches (B, ...) of batch_size."""
+        self.batch, self._stats, self.padded, self.consumed = 0, {}, 0, self._fresh_consumed()
         held: list = []  # chunk pieces not handed out yet: (images, labels, ids, keys)
         have, B = 0, self.batch_size
         chunks = self._chunks()
         try:
-            while self.step < self.steps_per_epoch:
+            while self.batch < self.batches_per_epoch:
                 while have < B:
                     c = next(chunks)
                     held.append((c.images, c.labels, c.ids, c.keys))
@@ -117,10 +118,10 @@ class TrainLoader:
                 keys = [k for h in held for k in h[3]] if self.keys else None
                 held = [(x[B:], y[B:], ids[B:], keys[B:] if self.keys else None)]
                 have -= B
-                self.step += 1
+                self.batch += 1
                 if self.consumed is not None:
                     mark(self.consumed, ids[:B].numpy())
-                if self.step <= self.start_step:
+                if self.batch <= self.start_batch:
                     continue  # resume: replay without handing out
                 if self.keys:
                     self.batch_keys.append(keys[:B])
@@ -146,15 +147,17 @@ class TrainLoader:
         return {"samples": samples, "padded": self.padded, "bad": bad, "bad_total": sum(bad.values())}
 
     def state_dict(self) -> dict:
-        """The resume position: (epoch, start_step=step, done) with the same seed, world size and batch
+        """The resume position: (epoch, start_batch=batch, done) with the same seed, world size and batch
         size; on others, the epoch's ``consumed`` mask (this rank's: a checkpoint saves the union over
         ranks) as ``done``. Masks are uint8 tensors, None where the samples have no ids."""
-        return {"epoch": self.epoch, "seed": self.seed, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+        # the keys "step" (= batch) and "steps_per_epoch" (= batches_per_epoch) are every saved checkpoint's
+        # data position (data.pt): kept as they are, so old checkpoints resume
+        return {"epoch": self.epoch, "seed": self.seed, "step": self.batch, "steps_per_epoch": self.batches_per_epoch,
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "num_samples": self.num_samples, "done": to_tensor(self.done), "consumed": to_tensor(self.consumed)}
 
 
-def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: int = 0,
+def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: int = 0,
                        done: np.ndarray | None = None, keys: bool = False) -> TrainLoader:
     """A TrainLoader for ``DataConfig`` cfg on (rank, world_size) for ``epoch`` (see module doc), from the
     data source ``DATA_SOURCES`` registers under ``cfg.source`` (``dsoft_dist.data.sources``).
@@ -167,8 +170,9 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: 
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
-    return DATA_SOURCES.get(cfg.source).loader(cfg, rank, world_size, epoch, start_step=start_step, done=done,
+    return DATA_SOURCES.get(cfg.source).loader(cfg, rank, world_size, epoch, start_batch=start_batch, done=done,
                                                keys=keys)
+
 
 
 def check_shards(cfg) -> tuple[list[str], list[int] | None, int]:

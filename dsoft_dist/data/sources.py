@@ -3,15 +3,15 @@
 converters' manifest). Each is a ``DataSource`` giving what the run needs of its data:
 
     source = DATA_SOURCES.get(cfg.data.source)
-    loader = source.loader(cfg.data, rank, world_size, epoch, start_step, done, keys)   # a TrainLoader
+    loader = source.loader(cfg.data, rank, world_size, epoch, start_batch, done, keys)   # a TrainLoader
     source.check(cfg.data)        # the cheap check before any rank starts (raises ValueError / OSError)
     source.identity(cfg.data)     # what defines the data of a run, for run.json (dsoft_dist.train.runfolder)
 
 ``dsoft_dist.data.build_train_loader`` is the lookup; the loader's arguments are its (see
-``dsoft_dist.data.pipeline``: every rank gets the same ``len(loader)`` steps; ``start_step`` replays,
+``dsoft_dist.data.pipeline``: every rank gets the same ``len(loader)`` batches; ``start_batch`` replays,
 ``done`` leaves out the samples an interrupted epoch already used, ``keys`` collects sample keys).
 A source of your own builds a ``TrainLoader`` over its own per-worker streams (``Chunk`` items,
-``dsoft_dist.data.datasets``), with ``loader_kwargs`` and ``epoch_steps`` below, registers from a
+``dsoft_dist.data.datasets``), with ``loader_kwargs`` and ``epoch_batches`` below, registers from a
 module named in the config's ``extra_modules``, and is chosen with ``data.source=<its name>``.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dsoft_dist.utils import sha256_file
 class DataSource:
     """One data source (see the module doc).
 
-    loader(cfg, rank, world_size, epoch, start_step=0, done=None, keys=False) -> TrainLoader for a DataConfig;
+    loader(cfg, rank, world_size, epoch, start_batch=0, done=None, keys=False) -> TrainLoader for a DataConfig;
     check(cfg) -> None: what can be checked before the ranks start, cheaply (no sample read); raises
     ValueError / OSError naming the key and the fix; identity(cfg) -> dict: the values that define the data
     a run trains on (a run folder refuses to continue with other values).
@@ -46,19 +46,19 @@ class DataSource:
     identity: Callable[[object], dict]
 
 
-def epoch_steps(total: int, world_size: int, batch_size: int, explicit: int, done: np.ndarray | None) -> int:
-    """Steps per epoch: floor(floor(N / world_size) / batch_size) of the N samples left, or the explicit
-    count less the global batches the done samples filled."""
+def epoch_batches(total: int, world_size: int, batch_size: int, explicit: int, done: np.ndarray | None) -> int:
+    """Batches per epoch and rank: floor(floor(N / world_size) / batch_size) of the N samples left, or the
+    explicit count (``data.steps_per_epoch``) less the global batches the done samples filled."""
     left = total - (0 if done is None else count_done(done))
     if explicit > 0:
         return explicit if done is None else explicit - -(-(total - left) // (world_size * batch_size))
     return (left // world_size) // batch_size
 
 
-def loader_kwargs(cfg, rank: int, world_size: int, epoch: int, start_step: int, done, keys: bool) -> dict:
+def loader_kwargs(cfg, rank: int, world_size: int, epoch: int, start_batch: int, done, keys: bool) -> dict:
     """The TrainLoader arguments every source passes the same way (batch size, workers, place, position)."""
     return dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank, world_size=world_size,
-                epoch=epoch, seed=cfg.seed, start_step=start_step, done=done, keys=keys)
+                epoch=epoch, seed=cfg.seed, start_batch=start_batch, done=done, keys=keys)
 
 
 def _slots(cfg, rank: int, world_size: int, epoch: int) -> Callable[[int], Slot]:
@@ -74,27 +74,27 @@ def _chunk(cfg) -> int:
     return max(1, min(64, cfg.batch_size))  # samples per worker item (vectors: at least 256)
 
 
-def synthetic_loader(cfg, rank: int, world_size: int, epoch: int, start_step: int = 0,
+def synthetic_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: int = 0,
                      done: np.ndarray | None = None, keys: bool = False) -> TrainLoader:
     """The procedural identities: num_classes x samples_per_class images (B, 3, S, S) or vectors (B, D)."""
     slot, extra = _slots(cfg, rank, world_size, epoch), dict(done=done, keys=keys)
-    common = loader_kwargs(cfg, rank, world_size, epoch, start_step, done, keys)
+    common = loader_kwargs(cfg, rank, world_size, epoch, start_batch, done, keys)
     total = cfg.num_classes * cfg.samples_per_class
-    steps = epoch_steps(total, world_size, cfg.batch_size, getattr(cfg, "steps_per_epoch", 0), done)
+    batches = epoch_batches(total, world_size, cfg.batch_size, getattr(cfg, "steps_per_epoch", 0), done)
     if cfg.synthetic_mode == "vectors":
         dim = getattr(cfg, "vector_dim", 128)
         nuisance = vector_difficulty(getattr(cfg, "difficulty", "medium"))
         make = lambda p: SyntheticVectorStream(cfg.num_classes, cfg.samples_per_class, dim, slot(p),  # noqa: E731
                                                chunk=max(_chunk(cfg), 256), **nuisance, **extra)
-        return TrainLoader(make, steps, normalize=False, num_samples=total, **common)
+        return TrainLoader(make, batches, normalize=False, num_samples=total, **common)
     difficulty = getattr(cfg, "difficulty", "medium")
     make = lambda p: SyntheticImageStream(cfg.num_classes, cfg.samples_per_class, cfg.image_size,  # noqa: E731
                                           slot(p), chunk=_chunk(cfg), difficulty=difficulty, augment=_augment(cfg),
                                           **extra)
-    return TrainLoader(make, steps, num_samples=total, **common)
+    return TrainLoader(make, batches, num_samples=total, **common)
 
 
-def webdataset_loader(cfg, rank: int, world_size: int, epoch: int, start_step: int = 0,
+def webdataset_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: int = 0,
                       done: np.ndarray | None = None, keys: bool = False) -> TrainLoader:
     """Tar shards (``data.shards`` and/or ``data.manifest``): images, or vectors when the manifest says so."""
     urls, counts, vector_dim = check_shards(cfg)
@@ -103,13 +103,14 @@ def webdataset_loader(cfg, rank: int, world_size: int, epoch: int, start_step: i
                          "cannot apply: set data.manifest")
     slot, chunk = _slots(cfg, rank, world_size, epoch), _chunk(cfg)
     total = None if counts is None else sum(counts)
-    steps = epoch_steps(total or 0, world_size, cfg.batch_size, getattr(cfg, "steps_per_epoch", 0), done)
+    batches = epoch_batches(total or 0, world_size, cfg.batch_size, getattr(cfg, "steps_per_epoch", 0), done)
     make = lambda p: ShardStream(urls, counts, cfg.num_classes, cfg.image_size, slot(p),  # noqa: E731
                                  chunk=max(chunk, 256) if vector_dim else chunk,
                                  shuffle_buffer_size=cfg.shuffle_buffer, augment=_augment(cfg), policy=cfg.bad_data,
                                  vector_dim=vector_dim, done=done, keys=keys)
-    return TrainLoader(make, steps, num_samples=total, normalize=not vector_dim,
-                       **loader_kwargs(cfg, rank, world_size, epoch, start_step, done, keys))
+    return TrainLoader(make, batches, num_samples=total, normalize=not vector_dim,
+                       **loader_kwargs(cfg, rank, world_size, epoch, start_batch, done, keys))
+
 
 
 def _no_check(cfg) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dsoft_dist.losses.functional import label_dtype_problem, label_range_problem
 from dsoft_dist.parallel import all_gather_cat
 
 
@@ -40,13 +41,12 @@ def _errors(rank: int, row: list[int], head, batch0: int) -> str | None:
     if not is_float:
         return f"local_embeddings {where} must be a floating-point tensor; use .float()"
     if not is_int64:
-        return f"labels {where} must be int64 class ids; use labels.long()"
+        return label_dtype_problem(f"labels {where}")
     if not lab_1d or b_lab != b_emb:
         return f"labels {where} must be 1-D with one label per embedding row ({b_emb}), got {b_lab} rows"
-    if lo < -1 or hi >= head.num_classes:
-        bad = lo if lo < -1 else hi
-        return (f"labels {where} contain {bad}, outside [0, {head.num_classes}) (use -1 to ignore a row); "
-                f"check num_classes={head.num_classes} against the dataset")
+    problem = label_range_problem(lo, hi, head.num_classes, f"labels {where}")
+    if problem:
+        return problem
     if b_emb != batch0:
         return (f"local batch size {b_emb} {where} differs from {batch0} on rank 0; the head needs equal "
                 f"local batches on every rank (use drop_last=True in the data loader)")

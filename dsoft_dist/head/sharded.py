@@ -33,7 +33,7 @@ from dsoft_dist.head.checks import check_inputs
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
 from dsoft_dist.head.optim import InBackwardStep
 from dsoft_dist.losses.forms import resolve_margins
-from dsoft_dist.losses.negatives import MODES, select_shard_classes, step_seed
+from dsoft_dist.losses.negatives import MODES, select_shard_classes, draw_seed
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_rows, group_rank_size, shard_range
 from dsoft_dist.registry import LOSSES
@@ -56,7 +56,7 @@ def init_shard_weight(num_classes, embedding_size, class_start, num_local_classe
     stop = class_start + num_local_classes
     for block in range(class_start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1 if stop > class_start else 0):
         b0, b1 = block * _INIT_BLOCK, min((block + 1) * _INIT_BLOCK, num_classes)
-        gen = torch.Generator().manual_seed(step_seed(seed, block, 0x1417))
+        gen = torch.Generator().manual_seed(draw_seed(seed, block, 0x1417))
         rows = torch.randn(b1 - b0, embedding_size, generator=gen, dtype=dtype).mul_(std)
         lo, hi = max(b0, class_start), min(b1, stop)
         out[lo - class_start:hi - class_start] = rows[lo - b0:hi - b0]
@@ -72,7 +72,7 @@ class ShardedClassifier(nn.Module):
     batch | random | partial (see dsoft_dist.losses.negatives); sample_rate r; scale s;
     end_point d and inter_weight (D-Softmax); inter_correction (scale the inter sum by
     C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
-    seed (negatives: seeded by (seed, step, rank); init: by (seed, row block)); group (the
+    seed (negatives: seeded by (seed, draws, rank); init: by (seed, row block)); group (the
     head's process group, default WORLD); chunk_size (classes per chunk, 0 = automatic);
     backend (of the local statistics, dsoft_dist.head.backend: auto | torch | cpu-c |
     triton | a registered name); checks (first | always | never:
@@ -129,7 +129,7 @@ class ShardedClassifier(nn.Module):
         self._row_update = self._grad_hook = None  # set by step_in_backward
         self.weight = nn.Parameter(init_shard_weight(num_classes, embedding_size, self.class_start,
                                                      self.num_local_classes, seed, init_std, dtype, device))
-        self.step = 0  # steps taken in training mode; seeds the random negatives
+        self.draws = 0  # forwards in training mode (micro-batches); seeds the random negatives
         self.comm = CommCounter()  # bytes moved by this head's collectives (reset it per step to measure)
         self.last_stats: dict[str, torch.Tensor] = {}
         self.last_num_negatives = 0  # rows of this shard used as negatives in the last forward
@@ -157,9 +157,9 @@ class ShardedClassifier(nn.Module):
                 f"num_local_classes={self.num_local_classes}, rank={self.rank}/{self.world_size}")
 
     def select_rows(self, labels_global: torch.Tensor) -> torch.Tensor | None:
-        """This shard's negative rows for the current step (sorted local ids; None = all rows)."""
+        """This shard's negative rows for the current draw (sorted local ids; None = all rows)."""
         return select_shard_classes(self.negatives, labels_global, self.class_start, self.num_local_classes,
-                                    self.sample_rate, self.seed, self.step, self.rank)
+                                    self.sample_rate, self.seed, self.draws, self.rank)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """(B_local, D), (B_local,) int64 -> scalar mean loss over the global batch (same on every rank)."""
@@ -173,7 +173,8 @@ class ShardedClassifier(nn.Module):
             feats = F.normalize(feats, dim=1)
         rows = self.select_rows(labels)
         if self.training:
-            self.step += 1
+            self.draws += 1
+
         valid = labels >= 0  # (B,)
         local = labels - self.class_start
         owned = valid & (local >= 0) & (local < self.num_local_classes)

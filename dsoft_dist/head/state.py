@@ -5,7 +5,8 @@ whole head. Any set of pieces that covers [class_start, class_start + C_local) o
 loads into it, whatever the world size that wrote them.
 
     piece = head.state_dict()                     # {'num_classes', 'embedding_size', 'class_start',
-                                                  #  'num_local_classes', 'step', 'rows': {'weight': (n, D)}}
+                                                  #  'num_local_classes', 'step' (head.draws: the saved key),
+                                                  #  'rows': {'weight': (n, D)}}
     head.load_state_dict([piece_0, piece_1])      # pieces from any number of ranks
     save_head_checkpoint("ckpt/head", head, opt)  # every rank writes its piece file; rank 0 meta.json
     load_head_checkpoint("ckpt/head", head, opt)  # every rank reads only the files overlapping its shard
@@ -31,8 +32,9 @@ _META = "meta.json"
 
 def head_piece(head) -> dict:
     """This rank's head piece (tensors alias the live weight; torch.save copies them)."""
+    # the key "step" holds head.draws: every saved head piece and meta.json has it, so it stays
     return {"format": HEAD_FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
-            "class_start": head.class_start, "num_local_classes": head.num_local_classes, "step": head.step,
+            "class_start": head.class_start, "num_local_classes": head.num_local_classes, "step": head.draws,
             "loss": head.loss, "rows": {"weight": head.weight.detach()}}
 
 
@@ -92,15 +94,16 @@ def assemble_rows(pieces: list[dict], name: str, start: int, count: int) -> torc
 
 
 def load_head_pieces(head, state) -> None:
-    """Copies this rank's rows and the step counter from pieces written by any world size."""
+    """Copies this rank's rows and the draws counter from pieces written by any world size."""
     pieces = _pieces(state, HEAD_FORMAT, head.num_classes, head.embedding_size)
     weight = assemble_rows(pieces, "weight", head.class_start, head.num_local_classes)
-    steps = {p["step"] for p in pieces}
-    if len(steps) != 1:
-        raise ValueError(f"state pieces disagree on the step counter ({sorted(steps)}); they come from different saves")
+    draws = {p["step"] for p in pieces}  # the pieces' key "step" is head.draws (see head_piece)
+    if len(draws) != 1:
+        raise ValueError(f"state pieces disagree on the draws counter ({sorted(draws)}); they come from different "
+                         "saves")
     with torch.no_grad():
         head.weight.copy_(weight)
-    head.step = steps.pop()
+    head.draws = draws.pop()
 
 
 def load_optimizer_pieces(opt, state) -> None:
@@ -141,7 +144,7 @@ def head_snapshot(head, optimizer=None, copy: bool = False) -> dict:
     if head.rank == 0:
         files = [_piece_file(s, n) for s, n in shard_ranges(head.num_classes, head.world_size)]
         meta = {"format": HEAD_FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
-                "world_size": head.world_size, "step": head.step, "files": files}
+                "world_size": head.world_size, "step": head.draws, "files": files}  # "step": draws, as in head_piece
     return {"file": _piece_file(head.class_start, head.num_local_classes),
             "payload": cpu_copy(payload) if copy else payload, "meta": meta}
 
@@ -222,7 +225,7 @@ class HeadState:
 
     def init_from(self, kind: str, path: str) -> str:
         """checkpoint.init_from: the head's rows of a checkpoint folder ``path`` when its class count is the
-        head's (the optimizer and the step start fresh); a new head otherwise. Returns what it took."""
+        head's (the optimizer and the draws counter start fresh); a new head otherwise. Returns what it took."""
         if kind != "checkpoint":
             return "the head is new"
         with open(os.path.join(path, _META), encoding="utf-8") as fh:
@@ -230,5 +233,6 @@ class HeadState:
         if saved_classes != self.head.num_classes:
             return f"the head is new: the checkpoint has {saved_classes} classes, this run {self.head.num_classes}"
         load_head_checkpoint(path, self.head)
-        self.head.step = 0
+        self.head.draws = 0
+
         return "head weights"

@@ -30,22 +30,37 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def validate_labels(labels: torch.Tensor, num_classes: int, where: str = "labels") -> None:
-    """Raises ValueError unless labels are int64 in [-1, num_classes) (-1 = ignored row).
+def label_dtype_problem(where: str, dtype=None) -> str:
+    """The one wording of labels that are not int64 class ids (``where``: which labels)."""
+    return f"{where} must be int64 class ids{f', got {dtype}' if dtype is not None else ''}; use labels.long()"
+
+
+def label_range_problem(low: int, high: int, num_classes: int, where: str = "labels",
+                        fix: str | None = None) -> str | None:
+    """The one wording of labels outside [-1, num_classes) (-1 = an ignored row) from their min and max,
+    or None when they are inside: the loss modules, the head's cross-rank checks and the trainer use it."""
+    if low >= -1 and high < num_classes:
+        return None
+    bad = low if low < -1 else high
+    fix = fix or f"check num_classes={num_classes} against the dataset"
+    return f"{where} contain {bad}, outside [0, {num_classes}) (use -1 to ignore a row); {fix}"
+
+
+def validate_labels(labels: torch.Tensor, num_classes: int, where: str = "labels", fix: str | None = None) -> None:
+    """Raises ValueError unless labels are 1-D int64 in [-1, num_classes) (-1 = ignored row); ``fix`` replaces
+    the message's advice for a label out of range.
 
     Reads the labels' min/max on the host: call it at the API boundary, not in a hot loop.
     """
     if labels.dtype != torch.int64:
-        raise ValueError(f"{where} must be int64 class ids, got dtype {labels.dtype}; use labels.long()")
+        raise ValueError(label_dtype_problem(where, labels.dtype))
     if labels.dim() != 1:
         raise ValueError(f"{where} must be 1-D (B,), got shape {tuple(labels.shape)}")
     if labels.numel() == 0:
         return
-    low, high = int(labels.min()), int(labels.max())
-    if low < -1 or high >= num_classes:
-        bad = low if low < -1 else high
-        raise ValueError(f"{where} contains {bad}, outside [0, {num_classes}) (use -1 to ignore a row); "
-                         f"check num_classes={num_classes} against the dataset")
+    problem = label_range_problem(int(labels.min()), int(labels.max()), num_classes, where, fix)
+    if problem:
+        raise ValueError(problem)
 
 
 def _reduce(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:

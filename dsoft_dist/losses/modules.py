@@ -36,6 +36,7 @@ class _ClassCenters(nn.Module):
         self.negatives, self.sample_rate, self.seed = negatives, sample_rate, seed
         self.normalize, self.checks = normalize, checks  # checks: validate the labels of every forward
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, 0.01))
+        # counts draws (training-mode forwards; seeds the negatives): named "step" in saved state_dicts, kept
         self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=True)
         self.last_stats: dict[str, torch.Tensor] = {}
 

@@ -4,7 +4,7 @@ Modes (DESIGN.md §1):
 - ``all``: every class except the row's own (returns None: no restriction).
 - ``batch`` (D-Softmax-B): the classes present in the (global) batch.
 - ``random`` (D-Softmax-K): K = ceil(r * C) classes drawn uniformly without
-  replacement, fresh each step, seeded by (seed, step, rank).
+  replacement, fresh each draw (each training-mode forward), seeded by (seed, draw, rank).
 - ``partial`` (Partial-FC-style sampled softmax): every positive class of the batch
   plus uniform random other classes up to K = max(ceil(r * C), #positives).
 
@@ -13,7 +13,7 @@ is excluded from its negatives by the loss, not here. Sampling is host work (num
 O(K log K) while K < C / 50 (no permutation of millions of classes per step), a partial
 shuffle of C above that (6 ms at C = 500k, K = 62.5k).
 
-    idx = select_classes("random", labels, num_classes=10**6, sample_rate=1/64, seed=0, step=7)
+    idx = select_classes("random", labels, num_classes=10**6, sample_rate=1/64, seed=0, draw=7)
     mask = class_mask(idx, labels.shape[0], num_classes)   # (B, C) bool, for the references
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ _MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 63) - 1
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A 63-bit generator seed mixing (seed, step, rank) so nearby values do not collide."""
+def draw_seed(seed: int, draw: int, rank: int = 0) -> int:
+    """A 63-bit generator seed mixing (seed, draw, rank) so nearby values do not collide."""
     value = 0
-    for part in (seed, step, rank):
+    for part in (seed, draw, rank):
         value = ((value ^ (int(part) & _MASK64)) * _MIX + 0x632BE59BD9B4E019) & _MASK64
         value ^= value >> 29
     return value
@@ -66,7 +66,7 @@ def sample_without_replacement(n: int, k: int, seed: int, exclude: torch.Tensor 
 
 
 def select_classes(mode: str, labels: torch.Tensor, num_classes: int, sample_rate: float = 1.0,
-                   seed: int = 0, step: int = 0, rank: int = 0) -> torch.Tensor | None:
+                   seed: int = 0, draw: int = 0, rank: int = 0) -> torch.Tensor | None:
     """The negative class set for one step, as sorted int64 ids on labels' device (None = all).
 
     labels (B,) int64 of the (global) batch; -1 entries are ignored.
@@ -75,7 +75,7 @@ def select_classes(mode: str, labels: torch.Tensor, num_classes: int, sample_rat
         raise ValueError(f"negatives={mode!r} is invalid; use one of {', '.join(MODES)}")
     if mode == "all":
         return None
-    k, gen_seed = num_sampled(num_classes, sample_rate), step_seed(seed, step, rank)
+    k, gen_seed = num_sampled(num_classes, sample_rate), draw_seed(seed, draw, rank)
     if mode == "random":  # drawn on the host, independent of the labels: no device sync
         return _to_device(sample_without_replacement(num_classes, k, gen_seed), labels.device)
     # batch and partial depend on the batch's classes: reading them is one host sync per step
@@ -95,13 +95,13 @@ def _to_device(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def select_shard_classes(mode: str, labels: torch.Tensor, class_start: int, num_local_classes: int,
-                         sample_rate: float = 1.0, seed: int = 0, step: int = 0,
+                         sample_rate: float = 1.0, seed: int = 0, draw: int = 0,
                          rank: int = 0) -> torch.Tensor | None:
     """One class shard's negative rows for a step: sorted LOCAL row ids on labels' device.
 
     The shard owns global classes [class_start, class_start + num_local_classes); labels
     (B_global,) are global ids. random/partial draw ceil(r * C_local) rows with a generator
-    seeded by (seed, step, rank); batch keeps the shard's classes present in the batch.
+    seeded by (seed, draw, rank); batch keeps the shard's classes present in the batch.
     Concatenating ``class_start + ids`` over shards gives the step's global negative set,
     which a single process reproduces by calling this for every shard with the same seed.
     """
@@ -110,7 +110,7 @@ def select_shard_classes(mode: str, labels: torch.Tensor, class_start: int, num_
     local = labels - class_start
     in_shard = (labels >= 0) & (local >= 0) & (local < num_local_classes)
     return select_classes(mode, torch.where(in_shard, local, torch.full_like(local, -1)),
-                          num_local_classes, sample_rate, seed, step, rank)
+                          num_local_classes, sample_rate, seed, draw, rank)
 
 
 def class_mask(classes: torch.Tensor | None, batch_size: int, num_classes: int,

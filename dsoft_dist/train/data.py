@@ -6,7 +6,7 @@
     data.load_state_dict(state)                      # on the same or another world size (or batch size)
 
 The position is world-size independent (``dsoft_dist.data.position``): on the same world and
-batch size a resume replays the epoch's pipeline to the saved step (the exact batches the run
+batch size a resume replays the epoch's pipeline to the saved batch (the exact batches the run
 had left); on others the samples the epoch has left are cut afresh over the new ranks, so the
 epoch's samples are each trained on once, across the interrupted and the resumed run.
 """
@@ -42,8 +42,8 @@ class TrainData:
         self.bad_done = 0  # bad samples of finished epochs (this rank)
         self._it = self._batches()
 
-    def _build(self, epoch: int, start_step: int = 0, done=None):
-        return build_train_loader(self.cfg, self.env.rank, self.env.world_size, epoch, start_step=start_step,
+    def _build(self, epoch: int, start_batch: int = 0, done=None):
+        return build_train_loader(self.cfg, self.env.rank, self.env.world_size, epoch, start_batch=start_batch,
                                   done=done, keys=self.keys_dir is not None)
 
     def _batches(self):
@@ -95,19 +95,20 @@ class TrainData:
         """Continues at a saved position: the same world and batch size replay the epoch to the saved
         batch; others read exactly the samples the epoch has left (see the module doc). A position
         without a consumed mask (shards without a manifest) continues only approximately, and says so."""
+        # the saved key "step" is the loader's batch (TrainLoader.state_dict keeps it for old checkpoints)
         epoch, batches, saved_batch_size = state["epoch"], state["step"], state["batch_size"]
         self.epoch, self.bad_done = epoch, state.get("bad_done", 0)
         num_samples = self._build(epoch).num_samples
         same = state["world_size"] == self.env.world_size and saved_batch_size == self.cfg.batch_size
         if same:
             done = None if state.get("done") is None else from_tensor(state["done"], num_samples)
-            self.loader = self._build(epoch, start_step=min(batches, len(self._build(epoch, done=done))), done=done)
+            self.loader = self._build(epoch, start_batch=min(batches, len(self._build(epoch, done=done))), done=done)
         elif state.get("consumed") is not None and num_samples is not None:
             done = from_tensor(state["consumed"], num_samples)
             self.loader = self._build(epoch, done=done)
             if self.env.is_main:
                 log.info("data position: epoch %d has %d of %d samples left after %d ranks x %d; they are cut over "
-                         "%d ranks x %d: %d steps to the end of the epoch", epoch, num_samples - count_done(done),
+                         "%d ranks x %d: %d batches to the end of the epoch", epoch, num_samples - count_done(done),
                          num_samples, state["world_size"], saved_batch_size, self.env.world_size,
                          self.cfg.batch_size, len(self.loader))
         else:
@@ -115,14 +116,15 @@ class TrainData:
         self._it = self._batches()
 
     def _approximate(self, state: dict, saved_batch_size: int):
-        """The same number of samples per rank's new share, in each rank's own part of the epoch (the loader's
-        ``step`` is the batches it handed out in the epoch)."""
+        """The same number of samples per rank's new share, in each rank's own part of the epoch (the saved
+        position's ``step`` key is the loader's ``batch``: the batches it handed out in the epoch)."""
         epoch, consumed = state["epoch"], state["step"] * saved_batch_size * state["world_size"]
         start = consumed // (self.cfg.batch_size * self.env.world_size)
         if self.env.is_main:
-            log.warning("data position: %d samples of epoch %d were consumed by %d ranks x %d; continuing at step "
+            log.warning("data position: %d samples of epoch %d were consumed by %d ranks x %d; continuing at batch "
                         "%d of %d ranks x %d. The rest of this epoch is approximate: these shards have no manifest, "
                         "so their samples have no ids and which ones repeat or are skipped depends on the layouts "
                         "(set data.manifest for an exact resume)", consumed, epoch, state["world_size"],
                         saved_batch_size, start, self.env.world_size, self.cfg.batch_size)
-        return self._build(epoch, start_step=min(start, len(self._build(epoch))))
+        return self._build(epoch, start_batch=min(start, len(self._build(epoch))))
+

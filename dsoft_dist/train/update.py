@@ -24,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from dsoft_dist.losses.functional import validate_labels
 from dsoft_dist.train.grads import embedding_grad_factor
 
 
@@ -40,21 +41,6 @@ class UpdateOutput:
     def diagnostics_floats(self) -> dict[str, float]:
         """The diagnostics as floats (a host read: call it on logged steps only)."""
         return {k: float(v) for k, v in self.diagnostics.items() if k != "loss"}
-
-
-def check_labels(labels: torch.Tensor, num_classes: int, where: str = "the first training batch") -> None:
-    """Raises ValueError naming the value and the fix unless labels are int64 in [-1, num_classes)."""
-    if labels.dtype != torch.int64:
-        raise ValueError(f"labels in {where} have dtype {labels.dtype}: the head needs int64 class ids; "
-                         "convert them with labels.long() (or fix the data source)")
-    if labels.numel() == 0:
-        return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < -1 or hi >= num_classes:
-        bad = lo if lo < -1 else hi
-        raise ValueError(f"label {bad} in {where} is outside [0, data.num_classes={num_classes}) (-1 = ignore): "
-                         "set data.num_classes to the data's class count (the manifest's num_classes), "
-                         "or fix the labels")
 
 
 class Updater:
@@ -80,7 +66,8 @@ class Updater:
             x, y = next(batches)
             if not self._checked:  # up front, naming the value and the fix; the head checks its first
                 # forward across ranks, and from then on the loader's label checks and fixed batch size hold
-                check_labels(y, self.head.num_classes)
+                validate_labels(y, self.head.num_classes, where="labels of the first training batch", fix=(
+                    "set data.num_classes to the data's class count (the manifest's num_classes), or fix the labels"))
                 self._checked = True
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             t1 = self._clock(timed)

@@ -40,15 +40,22 @@ class DDPEngine:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, head_optimizer, env, cfg):
-        from torch.nn.parallel import DistributedDataParallel
-
         self.module, self.optimizer, self.head_optimizer = model.to(env.device), optimizer, head_optimizer
         self.env, self.precision = env, cfg.parallel.precision
         self.grad_clip, self.clip_scope = cfg.optimizer.grad_clip, cfg.optimizer.clip_scope
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        self.net = DistributedDataParallel(self.module, device_ids=ids) if env.world_size > 1 else self.module
+        self.net = self.wrap(self.module)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
         self.last_norms: dict[str, float] = {}
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """What forward and backward run through: ``module`` under DistributedDataParallel on several ranks,
+        the module itself on one. An engine that only changes DDP's options overrides this (CONTRIBUTING.md)."""
+        if self.env.world_size == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[self.env.device.index] if self.env.device.type == "cuda"
+                                       else None)
 
     def describe(self) -> str:
         """``ddp``."""
