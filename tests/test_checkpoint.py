@@ -133,6 +133,65 @@ def test_resume_on_another_world_size_trains_on_each_sample_of_the_epoch_once(tm
     assert sorted(keys) == sorted(sum(_epoch_keys(root / "whole").values(), []))
 
 
+def _bad_shards_cfg(shards, out) -> dict:
+    """2 ranks x 4 on 48 images of 8x8 (6 batches a rank per epoch), 6 of them corrupt, 5 in the first shard:
+    the ranks meet different numbers of bad samples; 14 steps are a little over two epochs."""
+    if not shards.is_dir():
+        write_shards(str(shards), [16, 16, 16], num_classes=48,
+                     overrides={n: {"jpg": b"not a jpeg"} for n in (1, 2, 3, 4, 5, 40)})
+    return ckpt_cfg(out, data__source="webdataset", data__manifest=str(shards), data__num_classes=48,
+                    data__image_size=8, data__num_workers=0, data__augment_flip=False, data__batch_size=4,
+                    model__in_features=3 * 8 * 8, schedule__steps=14)
+
+
+@SLOW
+def test_bad_sample_counts_survive_a_resume(tmp_path):
+    """A run stopped in its third epoch (after step 14 - 4 = 10) and resumed on the same ranks ends with the
+    uninterrupted run's count of bad samples: each rank takes back its own count of the finished epochs, and
+    the epoch in progress is counted again as its replay reads it."""
+    shards = tmp_path / "shards"
+    _, whole = run_jobs([(_bad_shards_cfg(shards, tmp_path / "resumed"), 10),
+                         (_bad_shards_cfg(shards, tmp_path / "whole"), None)])
+    saved = load_weights_only(str(tmp_path / "resumed" / "checkpoints" / "step-00000010" / "data.pt"))
+    assert len(saved["bad_done_by_rank"]) == 2 and saved["bad_done_by_rank"][0] != saved["bad_done_by_rank"][1]
+    resumed = run(_bad_shards_cfg(shards, tmp_path / "resumed"))
+    assert whole["report"]["bad_samples"] > 0
+    assert resumed["report"]["bad_samples"] == whole["report"]["bad_samples"]
+    assert resumed["loss"] == whole["loss"]
+
+
+def _keys_by_epoch(out) -> dict[int, list[str]]:
+    """logging.sample_keys' files: every key trained on, by epoch, over every rank (the later line of a step
+    logged twice, before and after a restart, is the one trained on: none is here, the run stops at a save)."""
+    by_epoch: dict[int, list[str]] = {}
+    for path in sorted((out / "samples").glob("rank-*.txt")):
+        for line in path.read_text().splitlines():
+            _, epoch, *keys = line.split()
+            by_epoch.setdefault(int(epoch), []).extend(keys)
+    return by_epoch
+
+
+@SLOW
+def test_a_checkpoint_at_an_epochs_last_step_resumes_on_another_world_size_with_the_epochs_tail_as_it_was(
+        tmp_path):
+    """240 samples on 2 ranks x 7: 17 steps an epoch, 238 samples, and a tail of 2 that no epoch trains on.
+    Stopped right after step 17 (the epoch's last) and resumed on 3 ranks x 5, epoch 0 stays the 238 samples
+    of the uninterrupted run, each once: the tail is neither trained (on the new layout it is less than a
+    batch) nor carried; epoch 1 then starts whole and trains each of its samples at most once."""
+    def cfg(out, nproc=2, batch=7):
+        c = ckpt_cfg(out, data__samples_per_class=6, data__batch_size=batch, schedule__steps=20,
+                     logging__sample_keys=True)
+        c["parallel"]["nproc"] = nproc
+        return c
+
+    _, whole = run_jobs([(cfg(tmp_path / "resumed"), 17), (cfg(tmp_path / "whole"), None)])
+    resumed = run(cfg(tmp_path / "resumed", nproc=3, batch=5))
+    assert resumed["report"]["world_size"] == 3
+    got, want = _keys_by_epoch(tmp_path / "resumed"), _keys_by_epoch(tmp_path / "whole")
+    assert len(got[0]) == len(set(got[0])) == 238 and sorted(got[0]) == sorted(want[0])
+    assert len(got[1]) == len(set(got[1])) == 3 * 3 * 5  # steps 18-20 on 3 ranks x 5, all of epoch 1
+
+
 @SLOW
 def test_torn_checkpoint_is_never_loaded_and_auto_takes_the_previous(tmp_path, caplog):
     cfg = ckpt_cfg(tmp_path / "run")

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import os
 
+import torch.distributed as dist
+
 from dsoft_dist.data import build_train_loader
 from dsoft_dist.data.position import count_done, from_tensor, to_tensor, union_over_ranks
 from dsoft_dist.observability import get_logger
+from dsoft_dist.parallel import group_rank_size
 
 log = get_logger(__name__)
 
@@ -85,8 +88,10 @@ class TrainData:
 
     def state_dict(self) -> dict:
         """Collective on ``group``: the position (the loader's, with its batch size and world size), with the
-        epoch's consumed mask OR-ed over ranks."""
-        state = {**self.loader.state_dict(), "epoch": self.epoch, "bad_done": self.bad_done}
+        epoch's consumed mask OR-ed over ranks and every rank's bad samples of finished epochs
+        (``bad_done_by_rank``; ``bad_done`` is this rank's, as checkpoints before it had)."""
+        state = {**self.loader.state_dict(), "epoch": self.epoch, "bad_done": self.bad_done,
+                 "bad_done_by_rank": self._gather_bad_done()}
         if self.loader.consumed is not None:
             state["consumed"] = to_tensor(union_over_ranks(self.loader.consumed, self.group))
         return state
@@ -97,9 +102,9 @@ class TrainData:
         without a consumed mask (shards without a manifest) continues only approximately, and says so."""
         # the saved key "step" is the loader's batch (TrainLoader.state_dict keeps it for old checkpoints)
         epoch, batches, saved_batch_size = state["epoch"], state["step"], state["batch_size"]
-        self.epoch, self.bad_done = epoch, state.get("bad_done", 0)
-        num_samples = self._build(epoch).num_samples
         same = state["world_size"] == self.env.world_size and saved_batch_size == self.cfg.batch_size
+        self.epoch, self.bad_done = epoch, self._restored_bad_done(state, state["world_size"] == self.env.world_size)
+        num_samples = self._build(epoch).num_samples
         if same:
             done = None if state.get("done") is None else from_tensor(state["done"], num_samples)
             self.loader = self._build(epoch, start_batch=min(batches, len(self._build(epoch, done=done))), done=done)
@@ -114,6 +119,25 @@ class TrainData:
         else:
             self.loader = self._approximate(state, saved_batch_size)
         self._it = self._batches()
+
+    def _gather_bad_done(self) -> list[int]:
+        """Every rank's ``bad_done``, in rank order (collective on ``group``)."""
+        if group_rank_size(self.group)[1] == 1:
+            return [int(self.bad_done)]
+        counts = [None] * group_rank_size(self.group)[1]
+        dist.all_gather_object(counts, int(self.bad_done), group=self.group)
+        return counts
+
+    def _restored_bad_done(self, state: dict, same_world: bool) -> int:
+        """This rank's bad samples of the finished epochs: its own count on the world size that saved them;
+        on another, their sum on rank 0 (and 0 elsewhere), so the run's total, summed over ranks, holds. The
+        epoch in progress is not carried: its bad samples are read again (they are never marked done)."""
+        by_rank = state.get("bad_done_by_rank")
+        if by_rank is None:  # a checkpoint before the per-rank counts: rank 0's count was saved for every rank
+            return int(state.get("bad_done", 0))
+        if same_world:
+            return int(by_rank[self.env.rank])
+        return int(sum(by_rank)) if self.env.rank == 0 else 0
 
     def _approximate(self, state: dict, saved_batch_size: int):
         """The same number of samples per rank's new share, in each rank's own part of the epoch (the saved
