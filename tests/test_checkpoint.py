@@ -192,6 +192,54 @@ def test_a_checkpoint_at_an_epochs_last_step_resumes_on_another_world_size_with_
     assert len(got[1]) == len(set(got[1])) == 3 * 3 * 5  # steps 18-20 on 3 ranks x 5, all of epoch 1
 
 
+def _train_on_a_full_disk(cfg_dict: dict, fail_steps: tuple, fail_rank: int, out_file: str) -> None:
+    """Every rank: trains ``cfg_dict`` while torch.save fails on rank ``fail_rank`` as a full disk makes it fail
+    (OSError ENOSPC) for the files of the checkpoints of ``fail_steps``; rank 0 writes what the checkpointer
+    counted to ``out_file``."""
+    import errno
+
+    from dsoft_dist.train.checkpoint import step_folder
+    from dsoft_dist.train.trainer import Trainer
+
+    real_save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        if torch.distributed.get_rank() == fail_rank and any(step_folder(s) in str(f) for s in fail_steps):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = full_disk_save
+    with distributed("gloo") as env:
+        trainer = Trainer(config_from_dict(cfg_dict), env)
+        trainer.train()
+        counted = {"failed": trainer.checkpointer.failed_saves, "written": trainer.checkpointer.written_step}
+        trainer.close()
+    if env.is_main:
+        Path(out_file).write_text(json.dumps(counted))
+
+
+@SLOW
+def test_a_full_disk_during_saves_keeps_the_previous_checkpoint_and_the_run_goes_on(tmp_path, capfd):
+    """Saves every 2 of 8 steps on 2 ranks; rank 1's disk is full for the saves of steps 4 and 6. Every rank
+    abandons those saves together: step 2 stays ``latest``, no unfinished folder is left, the user is told once,
+    the save of step 8 works again, and the run trains exactly as an undisturbed one."""
+    cfg = ckpt_cfg(tmp_path / "run")
+    spawn_local(_train_on_a_full_disk, 2, (cfg, (4, 6), 1, str(tmp_path / "counted.json")))
+    err = capfd.readouterr().err
+    assert json.loads((tmp_path / "counted.json").read_text()) == {"failed": 2, "written": 8}
+    assert err.count("could not be written") == 1, err[-3000:]
+    assert "checkpoint step-00000004 could not be written (rank 1: OSError: [Errno 28] No space left on device" in err
+    assert "step-00000002 stays the checkpoint a restart resumes" in err
+    assert err.count("saving works again after 2 failed saves") == 1
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["latest", "step-00000002", "step-00000008"]  # no .tmp folder left
+    assert (root / "latest").read_text().strip() == "step-00000008"
+    assert check_manifest(str(root / "step-00000008")) is None
+    whole = run(ckpt_cfg(tmp_path / "whole"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == whole["loss"]
+
+
 @SLOW
 def test_torn_checkpoint_is_never_loaded_and_auto_takes_the_previous(tmp_path, caplog):
     cfg = ckpt_cfg(tmp_path / "run")

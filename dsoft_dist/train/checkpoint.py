@@ -50,7 +50,6 @@ from dsoft_dist.train.ckpt_files import (
     FORMAT,
     FORMAT_1,
     MANIFEST,
-    barrier,
     check_manifest,
     hash_files,
     multi_rank,
@@ -144,6 +143,30 @@ class BestRecord:
         self.best, self.folder = state["best"], state["best_folder"]
 
 
+def _fresh_folder(tmp: str) -> None:
+    """An empty ``tmp``: what a torn write of an earlier attempt left there is removed first."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def storage_error(err: BaseException) -> bool:
+    """True for an error of the storage rather than of the code: an OSError (no space, an I/O error, a lost
+    mount, no permission), or torch.save's own report of a write that failed (a RuntimeError from its zip
+    writer); any other exception is a bug and is raised."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "PytorchStreamWriter failed" in str(err))
+
+
+def _attempt(action) -> str | None:
+    """Runs ``action()``; None when it worked, the error as text when the storage failed (``storage_error``)."""
+    try:
+        action()
+    except (OSError, RuntimeError) as err:
+        if not storage_error(err):
+            raise
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def _format_1_parts(path: str, scratch: str) -> dict[str, str]:
     """Where the data and checkpointer parts of a checkpoint of format /1 are: its trainer.pt held them (the
     trainer's map named its data part "data"), so they are written apart into ``scratch`` as /2 has them."""
@@ -180,6 +203,9 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.background_saves = 0
+        self.written_step: int | None = None  # the step of the newest save written whole (or resumed from)
+        self.failed_saves, self.failed_in_a_row = 0, 0  # saves a storage error stopped (_failed)
+        self._record_before = (None, None)  # the best record before the save in progress
         # the saves' own collectives: a background save must not interleave with training's on WORLD
         self.group = dist.new_group(backend="gloo") if multi_rank() else None
 
@@ -188,7 +214,8 @@ class Checkpointer:
         return step_folders(self.root)[::-1]
 
     def save(self, states: dict, step: int, best_metric: float | None = None) -> str:
-        """Writes step-N.tmp on every rank, hashes it, renames it to step-N and moves ``latest``; returns step-N.
+        """Writes step-N.tmp on every rank, hashes it, renames it to step-N and moves ``latest``; returns step-N
+        (``written_step`` says whether it was written: a storage error abandons a save, see ``_write``).
 
         With checkpoint.async_save (and no part that saves itself) the parts' snapshots are CPU copies and
         the files are written by a background thread (its collectives on a gloo group of their own), so
@@ -199,10 +226,13 @@ class Checkpointer:
         parts = _parts(states, self.record)
         name = step_folder(step)
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
-        if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # a torn write of an earlier attempt
-            os.makedirs(tmp)
-        barrier()
+        problem = _attempt(lambda: _fresh_folder(tmp)) if self.env.is_main else None
+        problem = self._agree(problem)  # every rank waits for the folder (no background save is in flight)
+        if problem is not None:
+            self._record_before = (self.record.best, self.record.folder)
+            self._failed(tmp, step, problem)
+            return final
+        self._record_before = (self.record.best, self.record.folder)
         if best_metric is not None:
             self.record.best, self.record.folder = best_metric, name
         background = self.async_save and all(isinstance(p, SnapshotPart) for p in parts.values())
@@ -239,23 +269,59 @@ class Checkpointer:
             self._error = err
 
     def _write(self, writes: list, tmp: str, final: str, step: int) -> None:
-        """Every rank's files, then the manifest, the rename and ``latest`` (collectives on self.group)."""
-        for part, path, snapshot in writes:
-            part.write(path, snapshot)
-        barrier(self.group)  # every rank's files are in
-        files = hash_files(tmp, self.group)
-        if self.env.is_main:
-            name = os.path.basename(final)
-            write_manifest(tmp, step, self.env.world_size, files)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            write_text_atomic(os.path.join(self.root, "latest"), name + "\n")
-            if self.record.folder == name:
-                write_text_atomic(os.path.join(self.root, "best"), name + "\n")
-            self._prune()
-        barrier(self.group)
+        """Every rank's files, then the manifest, the rename and ``latest`` (collectives on self.group).
+
+        A storage error on any rank (a full disk, a lost mount: ``storage_error``) fails the save on every
+        rank, which agree on it (``_agree``): the unfinished folder is removed, ``latest`` and the previous
+        checkpoints stay as they were, and the run goes on (``_failed``); the next save is tried as usual."""
+        problem = _attempt(lambda: [part.write(path, snapshot) for part, path, snapshot in writes])
+        problem = self._agree(problem)  # every rank's files are in, or the save is abandoned on every rank
+        if problem is None:
+            files = hash_files(tmp, self.group)
+            problem = self._agree(_attempt(lambda: self._finish_folder(tmp, final, step, files))
+                                  if self.env.is_main else None)
+        if problem is not None:
+            self._failed(tmp, step, problem)
+            return
+        if self.failed_in_a_row and self.env.is_main:
+            log.warning("checkpoint %s written: saving works again after %d failed saves", final, self.failed_in_a_row)
+        self.failed_in_a_row, self.written_step = 0, step
         log.debug("checkpoint %s written", final)
+
+    def _finish_folder(self, tmp: str, final: str, step: int, files: dict) -> None:
+        """Rank 0: the manifest, the rename, ``latest`` (and ``best``), the pruning of old folders."""
+        name = os.path.basename(final)
+        write_manifest(tmp, step, self.env.world_size, files)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        write_text_atomic(os.path.join(self.root, "latest"), name + "\n")
+        if self.record.folder == name:
+            write_text_atomic(os.path.join(self.root, "best"), name + "\n")
+        self._prune()
+
+    def _agree(self, problem: str | None) -> str | None:
+        """Collective on self.group: the first rank's problem (with its rank), or None when no rank has one."""
+        if not multi_rank():
+            return problem
+        problems = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(problems, problem, group=self.group)
+        return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+
+    def _failed(self, tmp: str, step: int, problem: str) -> None:
+        """A save that could not be written: its folder removed, the record and the step of the newest written
+        checkpoint kept, so the next interval tries again; one warning per run of failed saves."""
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.saved_step, (self.record.best, self.record.folder) = self.written_step, self._record_before
+        self.failed_saves += 1
+        self.failed_in_a_row += 1
+        if self.env.is_main and self.failed_in_a_row == 1:
+            latest = read_pointer(self.root)
+            log.warning("checkpoint %s could not be written (%s): %s stays the checkpoint a restart resumes; the "
+                        "next save is tried at the next interval (checkpoint.every_steps / every_minutes). Free "
+                        "space in %s or set checkpoint.dir to another folder. This is not repeated until a save "
+                        "succeeds", step_folder(step), problem, latest or "no checkpoint", self.root)
 
     def _prune(self) -> None:
         """Keeps the newest ``keep_last`` folders and the best one; removes the rest (rank 0)."""
@@ -327,7 +393,7 @@ class Checkpointer:
             if manifest["format"] == FORMAT_1:
                 paths.update(_format_1_parts(path, scratch))
             notes = [part.load(paths[key], saved_world) for key, part in _parts(states, self.record).items()]
-        self.saved_step = manifest["step"]
+        self.saved_step = self.written_step = manifest["step"]
         if self.env.is_main:
             log.info("resumed from %s: step %d (written by %d ranks, now %d)%s", path, manifest["step"], saved_world,
                      self.env.world_size, "".join(f"; {note}" for note in notes if note))

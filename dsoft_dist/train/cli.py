@@ -42,7 +42,7 @@ def run_rank(cfg_dict: dict) -> None:
             summary = trainer.train()
         except BaseException as err:
             if isinstance(err, KeyboardInterrupt) and env.is_main:  # a second Ctrl-C
-                saved = trainer.checkpointer.saved_step
+                saved = trainer.checkpointer.written_step
                 log.warning("stopped at once after step %d, without a checkpoint; %s", trainer.state.step,
                             f"the newest is step {saved} in {trainer.checkpointer.root} (the same command resumes "
                             "it)" if saved is not None else "none was written: the next run starts afresh")

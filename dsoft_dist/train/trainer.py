@@ -224,8 +224,12 @@ class Trainer:
         path = self.save_checkpoint() if self.checkpointer.saved_step != step else \
             os.path.join(self.checkpointer.root, step_folder(step))
         self.checkpointer.wait()  # written before the exit
+        written = self.checkpointer.written_step
+        saved = f"checkpoint {path} written" if written == step else (
+            f"its checkpoint could not be written (see the warning above); the newest is "
+            f"{'step %d' % written if written is not None else 'none'}")
         message = (f"preempted ({self.preemption.received or 'a signal on another rank'}) after step {step}: "
-                   f"checkpoint {path} written; exiting with code {PREEMPTED_EXIT_CODE} (resume with the same command)")
+                   f"{saved}; exiting with code {PREEMPTED_EXIT_CODE} (resume with the same command)")
         if self.env.is_main:
             log.warning(message)
         # the handlers stay: the same signal sent again (a process group's and its parent's copy) must not
