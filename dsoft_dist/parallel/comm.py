@@ -151,6 +151,16 @@ def reduce_replicated(x: torch.Tensor, group=None, counter: CommCounter | None =
     return _ReduceReplicated.apply(x, group, counter, name)
 
 
+def gather_objects(obj, group=None) -> list:
+    """Every rank's ``obj`` in rank order, on every rank of ``group`` (small Python values only); [obj] on one."""
+    world = group_rank_size(group)[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def broadcast_object(obj, group=None):
     """rank 0's ``obj`` on every rank of ``group`` (small Python values only)."""
     if group_rank_size(group)[1] == 1:

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from dsoft_dist.errors import CheckpointError
 from dsoft_dist.observability import get_logger
-from dsoft_dist.parallel.comm import broadcast_object
+from dsoft_dist.parallel.comm import broadcast_object, gather_objects
 from dsoft_dist.train.ckpt_files import (
     FORMAT,
     FORMAT_1,
@@ -226,13 +226,12 @@ class Checkpointer:
         parts = _parts(states, self.record)
         name = step_folder(step)
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
+        self._record_before = (self.record.best, self.record.folder)  # what _failed puts back
         problem = _attempt(lambda: _fresh_folder(tmp)) if self.env.is_main else None
         problem = self._agree(problem)  # every rank waits for the folder (no background save is in flight)
         if problem is not None:
-            self._record_before = (self.record.best, self.record.folder)
             self._failed(tmp, step, problem)
             return final
-        self._record_before = (self.record.best, self.record.folder)
         if best_metric is not None:
             self.record.best, self.record.folder = best_metric, name
         background = self.async_save and all(isinstance(p, SnapshotPart) for p in parts.values())
@@ -304,9 +303,7 @@ class Checkpointer:
         """Collective on self.group: the first rank's problem (with its rank), or None when no rank has one."""
         if not multi_rank():
             return problem
-        problems = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(problems, problem, group=self.group)
-        return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+        return next((f"rank {r}: {p}" for r, p in enumerate(gather_objects(problem, self.group)) if p), None)
 
     def _failed(self, tmp: str, step: int, problem: str) -> None:
         """A save that could not be written: its folder removed, the record and the step of the newest written

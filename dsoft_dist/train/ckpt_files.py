@@ -16,6 +16,7 @@ import os
 import torch.distributed as dist
 
 from dsoft_dist.parallel import group_rank_size
+from dsoft_dist.parallel.comm import gather_objects
 from dsoft_dist.utils import __version__, sha256_file, write_text_atomic
 
 FORMAT = "dsoft_dist.run_checkpoint/2"  # /2: a file per part (data.pt, checkpointer.pt beside trainer.pt)
@@ -51,11 +52,7 @@ def hash_files(folder: str, group=None) -> dict:
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if multi_rank() else (0, 1)
     part = {n: {"size": os.path.getsize(os.path.join(folder, n)), "sha256": sha256_file(os.path.join(folder, n))}
             for n in names[rank::world]}
-    if not multi_rank():
-        return part
-    parts = [None] * world
-    dist.all_gather_object(parts, part, group=group)
-    return {k: v for p in parts for k, v in p.items()}
+    return {k: v for p in gather_objects(part, group) for k, v in p.items()}
 
 
 def write_manifest(folder: str, step: int, world_size: int, files: dict) -> None:
@@ -95,9 +92,4 @@ def _own_problem(folder: str) -> str | None:
 
 def check_manifest(folder: str) -> str | None:
     """Collective: None when every file of the manifest is there with its size and sha256, else why not."""
-    problem = _own_problem(folder)
-    problems = [problem]
-    if multi_rank():
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-    return next((p for p in problems if p), None)
+    return next((p for p in gather_objects(_own_problem(folder)) if p), None)

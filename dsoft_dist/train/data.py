@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import os
 
-import torch.distributed as dist
-
 from dsoft_dist.data import build_train_loader
 from dsoft_dist.data.position import count_done, from_tensor, to_tensor, union_over_ranks
 from dsoft_dist.observability import get_logger
-from dsoft_dist.parallel import group_rank_size
+from dsoft_dist.parallel.comm import gather_objects
 
 log = get_logger(__name__)
 
@@ -91,7 +89,7 @@ class TrainData:
         epoch's consumed mask OR-ed over ranks and every rank's bad samples of finished epochs
         (``bad_done_by_rank``; ``bad_done`` is this rank's, as checkpoints before it had)."""
         state = {**self.loader.state_dict(), "epoch": self.epoch, "bad_done": self.bad_done,
-                 "bad_done_by_rank": self._gather_bad_done()}
+                 "bad_done_by_rank": gather_objects(int(self.bad_done), self.group)}
         if self.loader.consumed is not None:
             state["consumed"] = to_tensor(union_over_ranks(self.loader.consumed, self.group))
         return state
@@ -119,14 +117,6 @@ class TrainData:
         else:
             self.loader = self._approximate(state, saved_batch_size)
         self._it = self._batches()
-
-    def _gather_bad_done(self) -> list[int]:
-        """Every rank's ``bad_done``, in rank order (collective on ``group``)."""
-        if group_rank_size(self.group)[1] == 1:
-            return [int(self.bad_done)]
-        counts = [None] * group_rank_size(self.group)[1]
-        dist.all_gather_object(counts, int(self.bad_done), group=self.group)
-        return counts
 
     def _restored_bad_done(self, state: dict, same_world: bool) -> int:
         """This rank's bad samples of the finished epochs: its own count on the world size that saved them;
