@@ -9,7 +9,8 @@ its traceback. ``DSOFT_TRACEBACK=1`` re-raises user errors too, for developers.
     sys.exit(run_command("dsoft train", func, args))   # the error line and exit code for the user
 
 Exit codes: 0 done, 2 a user error (``USER_ERROR_EXIT``), 75 preempted after a checkpoint
-(``PREEMPTED_EXIT_CODE``: a Slurm script requeues on it), 130 Ctrl-C (``INTERRUPTED_EXIT``).
+(``PREEMPTED_EXIT_CODE``: a Slurm script requeues on it), 76 a hung rank detected (``HUNG_EXIT_CODE``: every
+rank exits so that the launcher restarts the job), 130 Ctrl-C (``INTERRUPTED_EXIT``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 
 USER_ERROR_EXIT, INTERRUPTED_EXIT = 2, 130
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; a Slurm script requeues on it
+HUNG_EXIT_CODE = 76  # a rank stopped making progress (parallel.watchdog): every rank exits, the launcher restarts
 TRACEBACK_VARIABLE = "DSOFT_TRACEBACK"
 
 

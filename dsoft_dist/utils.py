@@ -5,6 +5,7 @@
     sha256_file(path)                 # hex digest, read in 1 MiB blocks
     load_weights_only(path)           # torch.load(weights_only=True); CheckpointError naming the file
     cpu_copy(state)                   # every tensor copied to the CPU: a snapshot training can't change
+    failpoint("ckpt-write", step)     # the chaos soak's fault injection: SIGKILL here when armed
 
 Above ``dsoft_dist.errors`` only; every other layer may import it (docs/design.md, "Layers").
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import sys
 
 import torch
 
@@ -83,3 +86,38 @@ def int_list(text: str, option: str, low: int) -> list[int]:
         raise ValueError(f"{option} {text!r} is invalid: give comma-separated integers >= {low}, e.g. "
                          f"{low},{low + 1}")
     return [int(n) for n in numbers]
+
+
+FAILPOINT_ENV = "DSOFT_FAILPOINT"
+
+
+def failpoint(name: str, step: int) -> None:
+    """The fault-injection hook of the chaos soak (``dsoft bench chaos``): this process kills itself with SIGKILL
+    at the point ``name`` when it is armed, as a crash there would stop it.
+
+    Armed by a file: ``DSOFT_FAILPOINT`` names it, and it holds ``NAME`` (the next time any process of the run
+    passes that point) or ``NAME STEP`` (at that optimizer step only). The process that fires removes the file
+    first, so the fault happens once, even when the restarted run passes the point again. Points:
+    ``ckpt-write`` (a checkpoint's files and manifest are in ``step-N.tmp``, before its rename) and
+    ``ckpt-rename`` (renamed to ``step-N``, before ``latest`` moves). Unset, it costs one environment lookup.
+    """
+    path = os.environ.get(FAILPOINT_ENV)
+    if not path:
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            words = fh.read().split()
+    except FileNotFoundError:  # not armed (or fired already)
+        return
+    if len(words) not in (1, 2) or (len(words) == 2 and not words[1].isdigit()):
+        raise ValueError(f"{FAILPOINT_ENV} file {path} holds {' '.join(words)!r}: write a point's name, or a name "
+                         "and a step (e.g. 'ckpt-write' or 'ckpt-write 7'), or remove the file")
+    if words[0] != name or (len(words) == 2 and int(words[1]) != step):
+        return
+    try:
+        os.remove(path)  # one process wins: the fault fires once
+    except FileNotFoundError:
+        return
+    sys.stderr.write(f"failpoint {name} at step {step}: SIGKILL to process {os.getpid()} ({FAILPOINT_ENV})\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -147,6 +147,17 @@ ELSEWHERE = {
     "parallel.engine": "tests/test_train_deepspeed.py::test_ddp_and_deepspeed_zero_agree_after_three_steps",
     "parallel.zero_stage": "tests/test_train_deepspeed.py::test_ddp_and_deepspeed_zero_agree_after_three_steps",
     "parallel.timeout_s": "tests/test_train_dist.py::test_a_collective_timeout_names_what_to_check",
+    "divergence.max_rollbacks": "tests/test_rollback.py::test_the_run_stops_when_the_roll_backs_are_used_up (and "
+                                "::test_off_the_loss_is_not_watched: 0 trains through the explosion)",
+    "divergence.steps": "tests/test_rollback.py::test_the_guard_counts_a_streak_and_keeps_a_window_of_good_steps",
+    "divergence.factor": "tests/test_rollback.py::test_the_guard_counts_a_streak_and_keeps_a_window_of_good_steps",
+    "divergence.window": "tests/test_rollback.py::test_the_guard_counts_a_streak_and_keeps_a_window_of_good_steps",
+    "divergence.lr_scale": "tests/test_rollback.py::test_the_roll_back_discards_the_checkpoints_after_its_target_and_"
+                           "scales_the_learning_rate",
+    "data.max_bad_samples": "tests/test_data_faults.py::test_two_ranks_skip_a_shard_damaged_mid_epoch_and_stop_together_"
+                            "past_the_limit (a shard damaged mid-run passes the limit; every rank stops)",
+    "parallel.hang_timeout_minutes": "tests/test_hang.py::test_a_blocked_rank_is_named_and_the_restart_resumes_to_the_"
+                                     "undisturbed_weights (a hang needs two ranks)",
     "logging.overwrite": "tests/test_run_folder.py::test_overwrite_replaces_the_old_run_and_leaves_none_of_its_"
                          "checkpoints (it acts on a folder holding an earlier run)",
 }
@@ -155,8 +166,8 @@ ELSEWHERE = {
 def all_keys(cls=Config, prefix="") -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type) or f.name in ("model", "head", "data", "optimizer", "schedule",
-                                                           "parallel", "logging", "eval", "checkpoint"):
+        if dataclasses.is_dataclass(f.type) or f.name in ("model", "head", "data", "optimizer", "divergence",
+                                                           "schedule", "parallel", "logging", "eval", "checkpoint"):
             out += all_keys(type(getattr(cls(), f.name)), f"{prefix}{f.name}.")
         else:
             out.append(prefix + f.name)

@@ -147,6 +147,7 @@ class DataConfig:
     augment_flip: bool = True
     color_jitter: float = 0.0
     bad_data: str = "skip"  # skip | fail
+    max_bad_samples: int = 0  # skip: stop the run when the bad samples, summed over ranks, pass this; 0 = no limit
     seed: int = 0
     steps_per_epoch: int = 0  # 0 = from the data: floor(floor(samples / ranks) / batch_size)
     random_crop: bool = False  # pad by image_size/8 and crop back at a random offset
@@ -165,6 +166,9 @@ class DataConfig:
         _positive("data.vector_dim", self.vector_dim)
         _choice("data.synthetic_mode", self.synthetic_mode, ("images", "vectors"))
         _choice("data.bad_data", self.bad_data, ("skip", "fail"))
+        _check(self.max_bad_samples >= 0, "data.max_bad_samples", self.max_bad_samples, "must be >= 0 (0 = no limit)")
+        _check(self.bad_data == "skip" or not self.max_bad_samples, "data.max_bad_samples", self.max_bad_samples,
+               "limits what data.bad_data=skip skips; data.bad_data=fail stops at the first bad sample: set one")
         _positive("data.num_classes", self.num_classes)
         _positive("data.samples_per_class", self.samples_per_class)
         _positive("data.image_size", self.image_size)
@@ -227,6 +231,28 @@ class OptimizerConfig:
 
 
 @dataclass(kw_only=True)
+class DivergenceConfig:
+    """Divergence roll-back (``dsoft_dist.train.rollback``): a loss that is non-finite, or above factor x its
+    running median, for ``steps`` steps in a row on any rank rolls every rank back to the newest checkpoint
+    before them; the data of the diverged stretch is skipped."""
+
+    max_rollbacks: int = 3  # roll-backs before a divergence stops the run; 0 = off (the loss is not watched)
+    steps: int = 3  # diverged steps in a row that trigger a roll-back
+    factor: float = 0.0  # > 1: a loss above factor x the running median is diverged too; 0 = non-finite only
+    window: int = 100  # good steps in the running median (the factor applies once the window is full)
+    lr_scale: float = 1.0  # the learning rate is multiplied by this at each roll-back
+
+    def __post_init__(self):
+        _check(self.max_rollbacks >= 0, "divergence.max_rollbacks", self.max_rollbacks, "must be >= 0 (0 = off)")
+        _positive("divergence.steps", self.steps)
+        _check(self.factor == 0.0 or self.factor > 1.0, "divergence.factor", self.factor,
+               "must be 0 (non-finite losses only) or > 1, e.g. 5 (a loss 5x its running median)")
+        _positive("divergence.window", self.window)
+        _check(0.0 < self.lr_scale <= 1.0, "divergence.lr_scale", self.lr_scale,
+               "must be in (0, 1], e.g. 0.5 to halve the learning rate at each roll-back (1 = unchanged)")
+
+
+@dataclass(kw_only=True)
 class ScheduleConfig:
     """Learning-rate schedule: linear warmup then poly, cosine or constant decay."""
 
@@ -256,6 +282,7 @@ class ParallelConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     nproc: int = 1  # processes for `dsoft demo` / local launches
     timeout_s: float = 1800.0  # rendezvous and collective timeout
+    hang_timeout_minutes: float = 20.0  # no rank's progress for this long ends the job, naming the rank; 0 = off
 
     def __post_init__(self):
         _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
@@ -265,6 +292,12 @@ class ParallelConfig:
         _choice("parallel.precision", self.precision, ("fp32", "bf16", "fp16"))
         _positive("parallel.nproc", self.nproc)
         _positive("parallel.timeout_s", self.timeout_s)
+        hang = self.hang_timeout_minutes
+        _check(hang >= 0, "parallel.hang_timeout_minutes", hang, "must be >= 0 (0 switches hang detection off)")
+        _check(hang * 60 < self.timeout_s, "parallel.hang_timeout_minutes", hang,
+               f"use 0 (off) or less than parallel.timeout_s={self.timeout_s:g} s ({self.timeout_s / 60:g} minutes), "
+               "whose collective timeout otherwise ends a stalled run first, without naming the rank behind; or "
+               "raise parallel.timeout_s")
         _check(self.zero_stage == 0 or self.engine == "deepspeed", "parallel.zero_stage", self.zero_stage,
                "ZeRO stages need parallel.engine=deepspeed")
 
@@ -353,6 +386,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -379,7 +413,7 @@ class Config:
 
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig", "LoggingConfig",
-    "ModelConfig", "OptimizerConfig", "ParallelConfig", "ScheduleConfig",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DivergenceConfig", "EvalConfig", "HeadConfig",
+    "LoggingConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "ScheduleConfig",
     "NEGATIVES", "parse_fraction",
 ]

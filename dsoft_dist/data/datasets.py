@@ -9,8 +9,9 @@ Every item is a ``Chunk(images, labels, ids, keys, stats)``:
 - ids: (b,) int64 sample ids (``dsoft_dist.data.position``; -1 for shards without counts);
 - keys: the samples' keys (the tar's ``__key__``; ``identity-index`` for synthetic
   samples) when the stream was built with ``keys=True``, else None;
-- stats: {"worker": w, "samples": n so far, "bad": {kind: n so far}} for this worker,
-  plus "error" when the fail policy stopped it (``raise_if_failed`` re-raises it: a
+- stats: {"worker": w, "samples": n so far, "bad": {kind: n so far}} for this worker (shards
+  also give "events": every damaged shard read so far, ``BadData.events``), plus "error" when the
+  fail policy stopped it (``raise_if_failed`` re-raises it: a
   worker never dies on bad data, so shutdown stays clean and the message stays short).
 
 A stream built with a done mask (``done=``) reads only the epoch's remaining samples,
@@ -139,11 +140,12 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         worker, num_workers = _worker()
         s = self.slot
-        bad = BadData(self.policy, where=f"[rank {s.rank} worker {worker}] ")
+        # a damaged shard is warned about by the loader, with the rank's running count (stats["events"])
+        bad = BadData(self.policy, where=f"[rank {s.rank} worker {worker}] ", log_shards=False)
         rng = np.random.default_rng([s.seed, s.epoch, s.pass_index, s.rank, worker, 7])
         samples = iter_plan(self.urls, self.plan(worker, num_workers), bad, self.counts, self.done)
         raw = shuffle_buffer(samples, self.shuffle_buffer_size, rng)
-        stats = {"worker": worker, "samples": 0, "bad": bad.counts}
+        stats = {"worker": worker, "samples": 0, "bad": bad.counts, "events": bad.events}
         vectors = self.vector_dim > 0
         try:
             yield from _chunks(self._decoded(raw, bad, rng), self.chunk, stats, _stack_f32 if vectors else _stack_u8,

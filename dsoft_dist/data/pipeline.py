@@ -5,7 +5,7 @@
 
     for images, labels in loader:      # images (B, 3, H, W) float32 in [-1, 1]
         ...                            # labels (B,) int64; vectors (synthetic or shards): (B, D)
-    loader.counters                    # {"samples": n, "padded": n, "bad": {kind: n}}
+    loader.counters                    # {"samples", "padded", "bad": {kind: n}, "bad_total", "bad_shards"}
     loader.state_dict()                # {"epoch", "seed", "step", "steps_per_epoch", ...}: batch, batches_per_epoch
 
 Sources (``dsoft_dist.data.sources``, registered under ``data.source``): ``synthetic`` (procedural
@@ -15,6 +15,11 @@ Every rank gets the same ``batches_per_epoch`` = floor(floor(N / world_size) / b
 per epoch (or ``data.steps_per_epoch`` when set), so no rank runs out first. Worker chunks are
 re-batched in the main process to exactly batch_size. If bad data leaves a rank short, it tops up from
 a reshuffled second pass of its own part (counted as ``padded``) instead of stopping early.
+A shard that cannot be read, or breaks off, while the epoch reads it (removed, cut, replaced) is
+skipped: its lost samples are counted as bad (``dsoft_dist.data.shards.BadData``) and the loader warns
+once per shard with the rank's running count. The epoch's accounting, per rank: when its pass read
+its part to the end (always so when bad data left it short), ``samples + bad_total`` = its part of
+the epoch, and ``batches_per_epoch * batch_size`` <= ``samples + padded`` (a chunk's unused rest).
 
 Resume: ``build_train_loader(..., start_batch=k)`` replays the epoch's data pipeline and
 drops the first k batches (data work only), so the (epoch, seed, batch) position in a
@@ -66,7 +71,9 @@ class TrainLoader:
         self.epoch, self.seed, self.normalize, self.start_batch = epoch, seed, normalize, start_batch
         self.num_samples, self.done, self.keys = num_samples, done, keys
         self.batch = start_batch
+        self.bad_before = 0  # this rank's bad samples before this epoch (TrainData sets it): the running count
         self._stats: dict[tuple[int, int], dict] = {}
+        self._warned: dict[int, int] = {}  # per worker: the damaged shards of its stats already warned about
         self.padded = 0
         self.consumed = self._fresh_consumed()
         self.batch_keys: list[list[str]] = []  # keys of the batches handed out (keys=True), for the caller to take
@@ -91,6 +98,8 @@ class TrainLoader:
             for chunk in loader:
                 raise_if_failed(chunk.stats)
                 self._stats[(pass_index, chunk.stats["worker"])] = chunk.stats
+                if not pass_index:  # a top-up pass re-reads the same shards
+                    self._warn_shards(chunk.stats)
                 if len(chunk.labels):
                     if pass_index:
                         self.padded += len(chunk.labels)
@@ -105,6 +114,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields exactly batches_per_epoch - start_batch batches (B, ...) of batch_size."""
         self.batch, self._stats, self.padded, self.consumed = 0, {}, 0, self._fresh_consumed()
+        self._warned = {}
         held: list = []  # chunk pieces not handed out yet: (images, labels, ids, keys)
         have, B = 0, self.batch_size
         chunks = self._chunks()
@@ -129,22 +139,36 @@ class TrainLoader:
         finally:
             chunks.close()  # shuts the DataLoader workers down
 
+    def _warn_shards(self, stats: dict) -> None:
+        """Warns once about each damaged shard a worker's stats report for the first time: the shard, the
+        samples lost and this rank's running count of bad samples (before this epoch and in it)."""
+        events = stats.get("events", ())
+        for kind, _, _, message in events[self._warned.get(stats["worker"], 0):]:
+            log.warning("rank %d, epoch %d: %s [%s]; skipped: this rank's bad samples so far: %d (data.max_bad_samples "
+                        "stops the run above a limit)", self.rank, self.epoch, message, kind,
+                        self.bad_before + self.counters["bad_total"])
+        self._warned[stats["worker"]] = len(events)
+
     @property
     def counters(self) -> dict:
-        """Samples that reached this process, padded (top-up) samples, bad data by kind.
-
-        Bad data is counted from the epoch's first pass only (a top-up pass re-reads the
-        same bad samples); chunks still inside workers when the epoch ends are not seen.
+        """The epoch's pass over this rank's part: ``samples`` that reached this process, ``bad`` samples by
+        kind and ``bad_total``, ``bad_shards`` {url: samples lost} of the damaged shards; and ``padded``:
+        the samples of top-up passes (a top-up pass re-reads the same bad samples: not counted again).
+        Chunks still inside workers when the epoch ends are not seen.
         """
         bad: dict[str, int] = {}
+        shards: dict[str, int] = {}
         for (pass_index, _), stats in self._stats.items():
             if pass_index:
                 continue
             for kind, n in stats["bad"].items():
                 if n:
                     bad[kind] = bad.get(kind, 0) + n
-        samples = sum(s["samples"] for s in self._stats.values())
-        return {"samples": samples, "padded": self.padded, "bad": bad, "bad_total": sum(bad.values())}
+            for _, url, lost, _ in stats.get("events", ()):
+                shards[url] = shards.get(url, 0) + lost
+        samples = sum(s["samples"] for (pass_index, _), s in self._stats.items() if not pass_index)
+        return {"samples": samples, "padded": self.padded, "bad": bad, "bad_total": sum(bad.values()),
+                "bad_shards": shards}
 
     def state_dict(self) -> dict:
         """The resume position: (epoch, start_batch=batch, done) with the same seed, world size and batch
@@ -175,12 +199,14 @@ def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_batch:
 
 
 
-def check_shards(cfg) -> tuple[list[str], list[int] | None, int]:
-    """``resolve_shards``, then the checks a run needs before it starts: every local shard exists, and shards
-    without a manifest come with data.steps_per_epoch. Cheap (no shard is read): ``dsoft train`` and
-    ``dsoft doctor`` call it before any rank starts."""
+def check_shards(cfg, files: bool = True) -> tuple[list[str], list[int] | None, int]:
+    """``resolve_shards``, then the checks a run needs before it starts: every local shard exists (files=True),
+    and shards without a manifest come with data.steps_per_epoch. Cheap (no shard is read): ``dsoft train``
+    and ``dsoft doctor`` call it before any rank starts. The loader of an epoch passes files=False: a shard
+    that vanished while the run goes on is bad data, skipped and counted (``data.max_bad_samples``)."""
     urls, counts, vector_dim = resolve_shards(cfg)
-    check_local_shards(urls, f"data.shards={cfg.shards!r}" if cfg.shards else f"data.manifest={cfg.manifest!r}")
+    if files:
+        check_local_shards(urls, f"data.shards={cfg.shards!r}" if cfg.shards else f"data.manifest={cfg.manifest!r}")
     if counts is None and getattr(cfg, "steps_per_epoch", 0) <= 0:
         raise ValueError(f"data.shards={cfg.shards!r} without a manifest needs data.steps_per_epoch > 0: set "
                          "data.manifest to the converter's manifest.json (or give the steps explicitly)")

@@ -14,8 +14,9 @@ Stages (plain generators, composed by ``dsoft_dist.data.pipeline``):
   a done mask (a resume on another world size), the cut is made over the samples left.
 - ``iter_tar_samples(url, ...)``: groups tar members by key into sample dicts
   (``{"__key__", "__index__", "jpg": bytes, "cls": bytes, ...}``).
-- ``BadData``: per-worker counters plus the policy: ``skip`` counts and warns (first
-  few of each kind, then every 1000th), ``fail`` raises BadDataError at once.
+- ``BadData``: per-worker counts of bad samples plus the policy: ``skip`` counts and warns (first
+  few of each kind, then every 1000th; a shard that cannot be read, or breaks off, counts the samples
+  of its part it lost and is warned about once), ``fail`` raises BadDataError at once.
 
     python -c "from dsoft_dist.data.shards import assign_samples as a; print(a([5, 3, 4], 0, 2, 0, 2, epoch=0, seed=0))"
 """
@@ -37,30 +38,46 @@ log = get_logger(__name__)
 
 BAD_KINDS = ("corrupt_image", "missing_image", "corrupt_vector", "missing_vector", "missing_label", "bad_label",
              "truncated_shard", "unreadable_shard")
+SHARD_KINDS = ("truncated_shard", "unreadable_shard")  # a shard's part lost at once, not one sample
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 POLICIES = ("skip", "fail")
 
 
 class BadData:
-    """Counts bad samples of each kind and applies the policy (skip | fail)."""
+    """Counts bad samples of each kind and applies the policy (skip | fail).
 
-    def __init__(self, policy: str = "skip", where: str = "", warn_first: int = 5):
+    ``counts[kind]`` are samples. A shard that cannot be opened (unreadable_shard) or breaks off
+    (truncated_shard) counts the samples of its part it did not deliver (1 when no manifest gives the
+    shard's count) and is also recorded in ``events`` as (kind, url, samples, message), one per shard
+    read. log_shards=False leaves the warning about such a shard to the caller, which reads
+    ``events`` (the training loader does, with the rank's running count).
+    """
+
+    def __init__(self, policy: str = "skip", where: str = "", warn_first: int = 5, log_shards: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"bad-data policy {policy!r} is unknown: use one of {', '.join(POLICIES)}")
-        self.policy, self.where, self.warn_first = policy, where, warn_first
+        self.policy, self.where, self.warn_first, self.log_shards = policy, where, warn_first, log_shards
         self.counts = {kind: 0 for kind in BAD_KINDS}
+        self.events: list[tuple[str, str, int, str]] = []
 
-    def report(self, kind: str, message: str) -> None:
-        """Records one bad item; raises BadDataError under the fail policy."""
+    def report(self, kind: str, message: str, samples: int = 1, url: str = "") -> None:
+        """Records ``samples`` bad samples of ``kind`` (a shard kind: the shard at ``url``); raises BadDataError
+        under the fail policy."""
         if self.policy == "fail":
             raise BadDataError(f"{self.where}{message} [{kind}]: fix or drop the data, or set data.bad_data=skip "
                                "to skip and count bad samples")
-        self.counts[kind] += 1
+        self.counts[kind] += samples
+        if kind in SHARD_KINDS:
+            self.events.append((kind, url, samples, message))
+            if self.log_shards:
+                log.warning("%s%s [%s]: skipped and counted as bad samples", self.where, message, kind)
+            return
         n = self.counts[kind]
         if n <= self.warn_first or n % 1000 == 0:
             log.warning("%sskipped bad data #%d of kind %s: %s", self.where, n, kind, message)
 
     def total(self) -> int:
+        """Bad samples of every kind."""
         return sum(self.counts.values())
 
 
@@ -169,17 +186,40 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def iter_tar_samples(url: str, bad: BadData, start: int = 0, stop: int = -1) -> Iterator[dict]:
+def _lost(first: int, start: int, stop: int, done: np.ndarray | None) -> int:
+    """How many of positions [max(first, start), stop) a damaged shard did not deliver, less the ones
+    ``done`` (the (stop - start,) bool mask of positions an interrupted epoch used) marks; -1 when the
+    shard's count is unknown (stop=-1: no manifest)."""
+    if stop < 0:
+        return -1
+    first = max(first, start)
+    if first >= stop:
+        return 0
+    return stop - first - (0 if done is None else int(done[first - start:].sum()))
+
+
+def _report_lost(bad: BadData, kind: str, url: str, what: str, lost: int) -> None:
+    """One shard event: ``lost`` samples (-1: unknown, counted as 1) of the part [start, stop)."""
+    words = (f"{lost} samples of this part are lost" if lost >= 0 else
+             "an unknown number of its samples are lost (no manifest gives the count; 1 is counted)")
+    bad.report(kind, f"{what}: {words}", samples=1 if lost < 0 else lost, url=url)
+
+
+def iter_tar_samples(url: str, bad: BadData, start: int = 0, stop: int = -1,
+                     done: np.ndarray | None = None) -> Iterator[dict]:
     """Yields the samples with positions [start, stop) of one tar shard (stop=-1: to the end).
 
     A sample is a dict of its members' bytes by extension plus ``__key__``, ``__url__``,
-    ``__index__``. An unreadable or truncated shard is reported to ``bad`` (the samples
-    read before the damage are kept; the incomplete one is dropped).
+    ``__index__``. An unreadable or truncated shard is reported to ``bad`` with the samples of
+    [start, stop) it could not deliver (the samples read before the damage are kept; the incomplete
+    one is lost); ``done``, the (stop - start,) bool mask of positions the epoch already used, are not
+    counted as lost. It may break at any time: a shard removed or cut while a run reads its data set.
     """
     try:
         stream = _open(url)
     except OSError as exc:
-        bad.report("unreadable_shard", f"cannot open shard {url!r}: {exc}")
+        lost = _lost(start, start, stop, done)
+        _report_lost(bad, "unreadable_shard", url, f"cannot open shard {url!r} ({exc})", lost)
         return
     index, current, key = -1, None, None
     try:
@@ -198,10 +238,12 @@ def iter_tar_samples(url: str, bad: BadData, start: int = 0, stop: int = -1) -> 
         if current is not None:
             yield current
         if stop >= 0 and index + 1 < stop:  # ended early at a member boundary: only the manifest can tell
-            bad.report("truncated_shard", f"shard {url!r} ended after {index + 1} samples but the manifest "
-                       f"promises at least {stop}")
-    except (TarFormatError, OSError) as exc:
-        bad.report("truncated_shard", f"shard {url!r} is truncated or corrupt after sample {index} ({exc})")
+            _report_lost(bad, "truncated_shard", url, f"shard {url!r} ended after {index + 1} samples but the "
+                         f"manifest promises at least {stop}", _lost(index + 1, start, stop, done))
+    except (TarFormatError, OSError) as exc:  # the sample in progress (index) is dropped
+        where = f"in sample {index}" if index >= 0 else "at its start"
+        _report_lost(bad, "truncated_shard", url, f"shard {url!r} is truncated or corrupt {where} ({exc})",
+                     _lost(max(index, 0), start, stop, done))
     finally:
         try:
             stream.close()
@@ -215,7 +257,8 @@ def iter_plan(urls: Sequence[str], plan, bad: BadData, counts: Sequence[int] | N
     sample gets its ``__id__`` (-1 without) and the ones set in ``done`` are left out."""
     starts = None if counts is None else shard_starts(counts)
     for shard, start, stop in plan:
-        for sample in iter_tar_samples(urls[shard], bad, start, stop):
+        used = None if done is None or stop < 0 else done_range(done, starts[shard] + start, starts[shard] + stop)
+        for sample in iter_tar_samples(urls[shard], bad, start, stop, used):
             sample["__id__"] = -1 if starts is None else int(starts[shard]) + sample["__index__"]
             if done is not None and is_done(done, [sample["__id__"]])[0]:
                 continue

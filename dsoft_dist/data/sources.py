@@ -97,7 +97,7 @@ def synthetic_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: i
 def webdataset_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: int = 0,
                       done: np.ndarray | None = None, keys: bool = False) -> TrainLoader:
     """Tar shards (``data.shards`` and/or ``data.manifest``): images, or vectors when the manifest says so."""
-    urls, counts, vector_dim = check_shards(cfg)
+    urls, counts, vector_dim = check_shards(cfg, files=False)  # a shard that vanished mid-run: bad data
     if counts is None and done is not None:
         raise ValueError(f"data.shards={cfg.shards!r} has no manifest, so its samples have no ids and a done mask "
                          "cannot apply: set data.manifest")

@@ -57,7 +57,7 @@ from dsoft_dist.train.ckpt_files import (
     write_manifest,
 )
 from dsoft_dist.train.state import Replicated, SelfSavingPart, SnapshotPart
-from dsoft_dist.utils import __version__, atomic_save, load_weights_only, write_text_atomic
+from dsoft_dist.utils import __version__, atomic_save, failpoint, load_weights_only, write_text_atomic
 
 log = get_logger(__name__)
 
@@ -291,9 +291,11 @@ class Checkpointer:
         """Rank 0: the manifest, the rename, ``latest`` (and ``best``), the pruning of old folders."""
         name = os.path.basename(final)
         write_manifest(tmp, step, self.env.world_size, files)
+        failpoint("ckpt-write", step)  # the chaos soak's kill with the folder written, before its rename
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
+        failpoint("ckpt-rename", step)  # the chaos soak's kill after the rename, before `latest` moves
         write_text_atomic(os.path.join(self.root, "latest"), name + "\n")
         if self.record.folder == name:
             write_text_atomic(os.path.join(self.root, "best"), name + "\n")
@@ -340,6 +342,24 @@ class Checkpointer:
             if self.env.is_main:
                 log.warning("checkpoint %s is not used: %s; trying the previous one", name, problem)
         return None
+
+    def roll_back_to(self, before: int) -> str | None:
+        """Collective: the newest checkpoint of a step before ``before`` that verifies, made ``latest``, with
+        every later folder removed (the abandoned stretch of a run that diverged: a restart must not resume it,
+        nor a later save count it among the newest); None when there is none (nothing is changed)."""
+        self.wait()
+        names = [n for n in self.folders() if int(n[len(STEP_PREFIX):]) < before] if self.env.is_main else None
+        target = next((n for n in broadcast_object(names) if check_manifest(os.path.join(self.root, n)) is None),
+                      None)
+        if target is not None and self.env.is_main:
+            write_text_atomic(os.path.join(self.root, "latest"), target + "\n")
+            for name in self.folders():
+                if name > target:
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+            if read_pointer(self.root, "best") not in (None, *self.folders()):
+                os.remove(os.path.join(self.root, "best"))
+        broadcast_object(None)  # every rank waits for rank 0's changes
+        return None if target is None else os.path.join(self.root, target)
 
     def latest_step(self) -> int | None:
         """The step of ``latest`` (rank 0 reads, every rank gets it), None without one."""

@@ -9,6 +9,12 @@ The position is world-size independent (``dsoft_dist.data.position``): on the sa
 batch size a resume replays the epoch's pipeline to the saved batch (the exact batches the run
 had left); on others the samples the epoch has left are cut afresh over the new ranks, so the
 epoch's samples are each trained on once, across the interrupted and the resumed run.
+
+Bad data (``data.bad_data=skip``) is skipped and counted; a shard that becomes unreadable while the
+run goes on counts the samples it lost (``dsoft_dist.data.pipeline``). ``data.max_bad_samples`` > 0
+stops the run on every rank together when the bad samples of the run, summed over the ranks (the
+metrics' ``bad_samples``), pass it: the trainer sums the counts in its step boundary's all-reduce and
+calls ``stop_if_too_bad`` (no collective of its own until the limit is passed).
 """
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ import os
 
 from dsoft_dist.data import build_train_loader
 from dsoft_dist.data.position import count_done, from_tensor, to_tensor, union_over_ranks
+from dsoft_dist.errors import BadDataError
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel.comm import gather_objects
+from dsoft_dist.registry import DATA_SOURCES
 
 log = get_logger(__name__)
 
@@ -39,18 +47,26 @@ class TrainData:
         self.cfg, self.env, self.epoch, self.group = data_cfg, env, 0, group
         self.keys_dir = keys_dir
         self._keys: list[tuple[int, list[str]]] = []  # (epoch, keys) of the batches not written yet
-        self.loader = self._build(0)
         self.bad_done = 0  # bad samples of finished epochs (this rank)
+        self.shards_done: dict[str, int] = {}  # damaged shards of finished epochs: samples lost (this process)
+        # the start-up check (every local shard exists); later epochs skip a shard that vanished, as bad data
+        DATA_SOURCES.get(data_cfg.source).check(data_cfg)
+        self.loader = self._build(0)
         self._it = self._batches()
 
     def _build(self, epoch: int, start_batch: int = 0, done=None):
-        return build_train_loader(self.cfg, self.env.rank, self.env.world_size, epoch, start_batch=start_batch,
-                                  done=done, keys=self.keys_dir is not None)
+        loader = build_train_loader(self.cfg, self.env.rank, self.env.world_size, epoch, start_batch=start_batch,
+                                    done=done, keys=self.keys_dir is not None)
+        loader.bad_before = self.bad_done
+        return loader
 
     def _batches(self):
         while True:
             yield from self.loader
-            self.bad_done += self.loader.counters["bad_total"]
+            counters = self.loader.counters
+            self.bad_done += counters["bad_total"]
+            for url, lost in counters["bad_shards"].items():
+                self.shards_done[url] = self.shards_done.get(url, 0) + lost
             self.epoch += 1
             self.loader = self._build(self.epoch)
 
@@ -62,6 +78,30 @@ class TrainData:
         if self.keys_dir is not None:
             self._keys.append((self.epoch, self.loader.batch_keys.pop()))
         return batch
+
+    def stop_if_too_bad(self, total: int) -> None:
+        """Every rank at the same step, with ``total`` the run's bad samples summed over the ranks: raises
+        BadDataError on every rank when it passes data.max_bad_samples (0 = no limit); the message names the
+        damaged shards (a gather, only then)."""
+        limit = self.cfg.max_bad_samples
+        if not limit or total <= limit:
+            return
+        shards = {url: lost for part in gather_objects(self._damaged_shards()) for url, lost in part.items()}
+        named = ", ".join(f"{url} ({lost} samples lost)" for url, lost in sorted(shards.items())[:5])
+        named += f" and {len(shards) - 5} more" if len(shards) > 5 else ""
+        raise BadDataError(
+            f"data.max_bad_samples={limit}: {total} samples of this run were skipped as bad data (summed over "
+            f"{self.env.world_size} rank(s); the metrics' bad_samples), more than the limit, so the run stops in "
+            f"epoch {self.epoch}. Damaged shards: {named or 'none (single bad samples: see the warnings above)'}. "
+            "Restore or replace them (dsoft data verify DIR checks shards against their manifest) and run the same "
+            "command to resume from the last checkpoint, or raise data.max_bad_samples (0 = no limit)")
+
+    def _damaged_shards(self) -> dict[str, int]:
+        """{url: samples lost} of the shards this process found damaged, over the epochs it ran."""
+        shards = dict(self.shards_done)
+        for url, lost in self.loader.counters["bad_shards"].items():
+            shards[url] = shards.get(url, 0) + lost
+        return shards
 
     def write_keys(self, step: int) -> None:
         """Appends the keys of the batches handed out since the last call (logging.sample_keys)."""

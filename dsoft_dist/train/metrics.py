@@ -58,9 +58,10 @@ def memory_mb(device: torch.device) -> float:
     return float("nan")
 
 
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of small per-rank counters (collective: every rank calls it at the same step)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def sum_over_ranks(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Element-wise sum of small per-rank counters, a list or a float64 tensor on ``device`` (collective: every
+    rank calls it at the same step)."""
+    t = values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
@@ -100,6 +101,11 @@ class RunMetrics:
     def advance(self) -> None:
         """One optimizer step more on the progress bar."""
         self.bar.update(1)
+
+    def rewind(self, step: int) -> None:
+        """The progress bar back at ``step`` (a roll-back redoes the steps after it)."""
+        self.bar.n = step
+        self.bar.refresh()
 
     def log_train(self, step: int, row: dict) -> None:
         """Rank 0: writes a training row and shows the loss on the bar."""

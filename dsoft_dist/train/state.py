@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -134,14 +134,20 @@ class PerRank:
 @dataclass
 class TrainState:
     """The trainer's own counters: ``step`` (optimizer steps done) and ``skipped`` (those that changed nothing:
-    non-finite gradients). ``skipped_in_a_row`` is not saved: a resumed run starts a new streak. ``config``
-    (the run's config as a dict) is written beside the counters, the record of what the run was (``dsoft ckpt
-    export`` builds the backbone from it; the run-folder check compares it); a load keeps the run's own."""
+    non-finite gradients). ``skipped_in_a_row`` is not saved: a resumed run starts a new streak. The divergence
+    guard's record (``dsoft_dist.train.rollback``) is saved: the running window of losses, the streak of
+    diverged steps, the roll-backs done and the learning-rate factor they left. ``config`` (the run's config as
+    a dict) is written beside the counters, the record of what the run was (``dsoft ckpt export`` builds the
+    backbone from it; the run-folder check compares it); a load keeps the run's own."""
 
     config: dict
     step: int = 0
     skipped: int = 0
     skipped_in_a_row: int = 0
+    losses: list = field(default_factory=list)  # mean losses of the last divergence.window good steps
+    diverged_in_a_row: int = 0
+    rollbacks: int = 0
+    lr_scale: float = 1.0
 
     def count(self, applied: bool) -> None:
         """One more optimizer step; ``applied`` False when it was skipped."""
@@ -150,12 +156,17 @@ class TrainState:
         self.skipped_in_a_row = 0 if applied else self.skipped_in_a_row + 1
 
     def state_dict(self) -> dict:
-        """{"step", "skipped", "config"}."""
-        return {"step": self.step, "skipped": self.skipped, "config": self.config}
+        """{"step", "skipped", "config"} and the divergence guard's record."""
+        return {"step": self.step, "skipped": self.skipped, "config": self.config, "losses": list(self.losses),
+                "diverged_in_a_row": self.diverged_in_a_row, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        """The saved counters; the streak of skipped steps starts afresh."""
+        """The saved counters (a checkpoint from before roll-backs existed: an empty record); the streak of
+        skipped steps starts afresh."""
         self.step, self.skipped, self.skipped_in_a_row = int(state["step"]), int(state["skipped"]), 0
+        self.losses = [float(v) for v in state.get("losses", [])]
+        self.diverged_in_a_row = int(state.get("diverged_in_a_row", 0))
+        self.rollbacks, self.lr_scale = int(state.get("rollbacks", 0)), float(state.get("lr_scale", 1.0))
 
 
 class BackboneWeights:

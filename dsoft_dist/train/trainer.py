@@ -27,6 +27,7 @@ from dsoft_dist.head import build_head_optimizer, save_head_checkpoint
 from dsoft_dist.head.state import HeadState
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel.comm import broadcast_object
+from dsoft_dist.parallel.watchdog import Watchdog
 from dsoft_dist.registry import ENGINES
 from dsoft_dist.train.build import build_backbone, build_backbone_optimizer, build_head, resolve_head_step
 from dsoft_dist.train.checkpoint import Checkpointer, step_folder
@@ -34,6 +35,7 @@ from dsoft_dist.train.data import TrainData
 from dsoft_dist.train.metrics import RunMetrics, memory_mb, sum_over_ranks
 from dsoft_dist.train.preempt import Preempted, Preemption
 from dsoft_dist.train.report import write_report
+from dsoft_dist.train.rollback import DivergenceGuard
 from dsoft_dist.train.runfolder import prepare_run_folder
 from dsoft_dist.train.schedule import lr_factor
 from dsoft_dist.train.state import BackboneWeights, PerRank, Replicated, RngStates, TrainState
@@ -54,6 +56,8 @@ class Trainer:
         try:
             self._build()
         except BaseException:
+            if getattr(self, "watchdog", None) is not None:
+                self.watchdog.stop()
             self.preemption.restore()  # a failed start leaves the process's handlers as it found them
             raise
         self.metrics = RunMetrics(cfg, env, config_to_dict(cfg), cfg.schedule.steps, self.state.step)
@@ -74,12 +78,14 @@ class Trainer:
         model = build_backbone(cfg)
         engine_class = ENGINES.get(cfg.parallel.engine)
         self.engine = engine_class(model, build_backbone_optimizer(model, cfg.optimizer), self.head_optimizer, env, cfg)
-        self.updater = Updater(self.engine, self.head, env, cfg.optimizer.grad_accum_steps)
+        self.watchdog = Watchdog(env.rank, env.world_size, cfg.parallel.hang_timeout_minutes)
+        self.updater = Updater(self.engine, self.head, env, cfg.optimizer.grad_accum_steps, self.watchdog)
         self.checkpointer = Checkpointer(cfg, env)
         keys_dir = os.path.join(self.out, "samples") if cfg.logging.sample_keys else None
         self.data = TrainData(cfg.data, env, keys_dir, group=self.checkpointer.group)
         self.verifier = Verifier(cfg, env, self.out)
         self.state = TrainState(config_to_dict(cfg))
+        self.guard = DivergenceGuard(cfg.divergence, self.state)
         self.states = {"trainer": Replicated(self.state),  # the map's order is the load order: trainer before rng
                        "backbone": BackboneWeights(self.engine.module, cfg.model.name), "engine": self.engine,
                        "head": HeadState(self.head, self.head_optimizer), "data": Replicated(self.data),
@@ -118,10 +124,11 @@ class Trainer:
 
     def save_checkpoint(self, best_metric: float | None = None) -> str:
         """Collective: a checkpoint of ``states`` at this step (``Checkpointer.save``); returns its folder."""
+        self.watchdog.mark("save", self.state.step)
         return self.checkpointer.save(self.states, self.state.step, best_metric)
 
     def _lr(self) -> float:
-        return self.cfg.optimizer.lr * lr_factor(self.state.step, self.cfg.schedule)
+        return self.cfg.optimizer.lr * lr_factor(self.state.step, self.cfg.schedule) * self.state.lr_scale
 
     def _is_log_step(self, n: int) -> bool:
         """Steps are logged at 1, every logging.log_every, and the last."""
@@ -135,6 +142,7 @@ class Trainer:
         checkpoint.keep_best writes a checkpoint and points ``best`` at it."""
         if not self.verifier.enabled:
             return {}
+        self.watchdog.mark("verify", self.state.step)
         metrics = self.verifier(self.engine.module)
         self.metrics.log_eval(self.state.step, metrics)
         improved = self.checkpointer.improves(metrics)
@@ -172,10 +180,11 @@ class Trainer:
         return self._finish(seconds, final)
 
     def run_steps(self, n: int) -> None:
-        """The loop body for ``n`` optimizer steps: update, log, verify and save on schedule (``dsoft bench train``
-        times it)."""
-        since, samples, last = time.perf_counter(), 0, self.cfg.schedule.steps
-        for _ in range(n):
+        """Trains to step ``state.step + n``: update, log, verify and save on schedule (``dsoft bench train`` times
+        it). A roll-back redoes the steps after its checkpoint: they count once."""
+        since, samples, last, until = time.perf_counter(), 0, self.cfg.schedule.steps, self.state.step + n
+        while self.state.step < until:
+            self.watchdog.mark("data", self.state.step)  # the updater marks its phases of this step
             log_now = self._is_log_step(self.state.step + 1)
             lr = self._lr()
             out = self.updater(self.data, lr, timed=log_now)
@@ -185,25 +194,66 @@ class Trainer:
             samples += out.samples
             self.metrics.advance()
             self.last_output = out
+            stop, due, diverged = self._at_boundary(out.loss)
             if log_now:
                 self._log(out, lr, since, samples)
                 since, samples = time.perf_counter(), 0
-            if self._should(self.cfg.eval.every_steps) and self.state.step != last:
-                self.evaluate()
-            stop, due = self._at_boundary()
-            if (due or self._should(self.checkpointer.every)) and self.state.step != last and \
-                    self.checkpointer.saved_step != self.state.step:  # not twice (a new best was saved already)
-                self.save_checkpoint()
+            if diverged:
+                self._roll_back()
+            else:
+                self._on_schedule(due, last)
             if stop:
                 self._preempted()
 
-    def _at_boundary(self) -> tuple[bool, bool]:
-        """(stop, save) agreed by every rank in one all-reduce: stop when any rank received a preemption
-        signal; save when checkpoint.every_minutes has passed since the last save on rank 0's clock."""
+    def _on_schedule(self, due: bool, last: int) -> None:
+        """Verification and the checkpoint save when their intervals say so (not at the last step: ``train``
+        does both there)."""
+        if self._should(self.cfg.eval.every_steps) and self.state.step != last:
+            self.evaluate()
+        if (due or self._should(self.checkpointer.every)) and self.state.step != last and \
+                self.checkpointer.saved_step != self.state.step:  # not twice (a new best was saved already)
+            self.save_checkpoint()
+
+    def _at_boundary(self, loss: torch.Tensor) -> tuple[bool, bool, bool]:
+        """(stop, save, roll back) agreed by every rank in one all-reduce: stop when any rank received a
+        preemption signal; save when checkpoint.every_minutes has passed since the last save on rank 0's
+        clock; roll back when the divergence guard's streak is complete (``dsoft_dist.train.rollback``). The
+        run's bad samples are summed in it too: past data.max_bad_samples every rank stops here."""
         every_s = self.cfg.checkpoint.every_minutes * 60
         due = self.env.is_main and every_s > 0 and time.monotonic() - self.checkpointer.saved_at >= every_s
-        stop, save = sum_over_ranks([float(self.preemption.received is not None), float(due)], self.env.device)
-        return stop > 0, save > 0
+        values = torch.tensor([float(self.preemption.received is not None), float(due), float(self.data.bad_total)],
+                              dtype=torch.float64, device=self.env.device)
+        if self.guard.enabled:  # the loss joins the same all-reduce: no host read of its own
+            values = torch.cat([values, self.guard.local(loss)])
+        stop, save, bad, *verdict = sum_over_ranks(values, self.env.device)
+        self.data.stop_if_too_bad(int(bad))  # data.max_bad_samples, on every rank together
+        diverged = bool(verdict) and self.guard.observe(verdict[0], verdict[1] / self.env.world_size)
+        return stop > 0, save > 0, diverged
+
+    def _roll_back(self) -> None:
+        """Every rank: back to the newest checkpoint before the diverged steps, the data going on after them
+        (``dsoft_dist.train.rollback``); the run stops when the roll-backs are used up or no checkpoint is old
+        enough."""
+        step, first, root = self.state.step, self.guard.first_diverged_step(), self.checkpointer.root
+        message = self.guard.stop_message(root)
+        target = self.checkpointer.roll_back_to(first) if message is None else None
+        if message is None and target is None:
+            message = (f"the loss diverged at steps {first}-{step} and no checkpoint from before step {first} is in "
+                       f"{root} to roll back to: the run stops. Save checkpoints earlier (checkpoint.every_steps), "
+                       "lower optimizer.lr, or check the data")
+        if message is not None:
+            raise RuntimeError(message)
+        position = self.data.state_dict()  # collective: the data goes on after the diverged steps
+        kept = (self.state.rollbacks, self.state.lr_scale)
+        self.watchdog.mark("start", step)
+        self.checkpointer.load({k: v for k, v in self.states.items() if k != "data"}, target)
+        self.state.rollbacks, self.state.lr_scale = kept
+        self.data.close()
+        self.data.load_state_dict(position)
+        self.metrics.rewind(self.state.step)
+        text = self.guard.rolled_back(self.state.step, first, step, root)
+        if self.env.is_main:
+            log.warning(text)
 
     def _stop_if_diverged(self) -> None:
         """optimizer.max_skipped_in_a_row non-finite steps in a row stop the run on every rank (the skip
@@ -238,6 +288,7 @@ class Trainer:
         raise Preempted(message)
 
     def _finish(self, seconds: float, final: dict) -> dict:
+        self.watchdog.mark("save", self.state.step)
         save_head_checkpoint(os.path.join(self.out, "head"), self.head, self.head_optimizer)  # collective
         bad = sum_over_ranks([self.data.bad_total], self.env.device)[0]
         if not self.env.is_main:
@@ -253,15 +304,16 @@ class Trainer:
                    "train_seconds": round(seconds, 3), "start_step": self.start_step,
                    "head_step_in_backward": self.head_config.head_step_in_backward,
                    "log": self.metrics.rows, "evals": self.metrics.evals, "final": final, "bad_samples": int(bad),
-                   "skipped_steps": self.state.skipped}
+                   "skipped_steps": self.state.skipped, "rollbacks": self.state.rollbacks}
         self.metrics.close()  # before the report, so wandb's closing lines do not follow it
         summary["report"] = write_report(self.out, summary)
         return summary
 
     def close(self, restore_signals: bool = True) -> None:
-        """Waits for a background checkpoint save, ends the data loader's workers, closes the metrics,
-        restores the signal handlers."""
+        """Waits for a background checkpoint save, stops the hang watchdog, ends the data loader's workers, closes
+        the metrics, restores the signal handlers."""
         self.checkpointer.wait()
+        self.watchdog.stop()
         self.data.close()
         self.metrics.close()
         if restore_signals:

@@ -23,8 +23,15 @@ the installed version (2 gloo ranks on CPU) and what this engine does about it:
   its own then, but the head's gradient and the embedding gradient come from the same
   finite-or-not statistics, so in practice both are non-finite together.
 - Its state is DeepSpeed's own checkpoint folder (ZeRO partitions per rank), written by DeepSpeed's
-  collective ``save_checkpoint`` (so a save with this engine is synchronous) and loadable on the
-  world size that wrote it only.
+  collective ``save_checkpoint`` (so a save with this engine is synchronous). On the world size that
+  wrote it, DeepSpeed's ``load_checkpoint`` loads it. On another one DeepSpeed refuses ZeRO-1/2 optimizer
+  state ("Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is not
+  currently supported"; its universal-checkpoint converter knows Adam's state keys only, not SGD's
+  momentum), so ``load`` re-partitions it here: DeepSpeed loads the module and its counters without the
+  optimizer state, every saved rank's partition file is read, each parameter's fp32 master and optimizer
+  state are put together from the fragments the saved ranks held (``param_slice_mappings``: a
+  world-size-independent form) and set into this rank's partition with DeepSpeed's public
+  ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``: copies, bit for bit.
 - ``LOCAL_RANK`` must be set (it is, under torchrun and ``spawn_local``); the process group is
   the trainer's (DeepSpeed wraps it, it does not initialize another). DeepSpeed's one-time
   C++ comm op is cached in ``$TORCH_EXTENSIONS_DIR`` (default: the dsoft cache directory).
@@ -36,6 +43,7 @@ import glob
 import io
 import logging
 import os
+import re
 import warnings
 
 import torch
@@ -43,10 +51,11 @@ import torch.distributed as dist
 from torch import nn
 
 from dsoft_dist.config.schema import Config
-from dsoft_dist.errors import ConfigError
+from dsoft_dist.errors import CheckpointError, ConfigError
 from dsoft_dist.observability import get_logger
 from dsoft_dist.registry import ENGINES
 from dsoft_dist.train.grads import all_finite, clip_grads_
+from dsoft_dist.utils import load_weights_only
 
 log = get_logger(__name__)
 
@@ -193,30 +202,123 @@ class DeepSpeedEngine:
         with contextlib.redirect_stdout(io.StringIO()):
             self.ds.save_checkpoint(path, tag="engine", save_latest=False)
 
-    def load(self, path: str, saved_world_size: int) -> None:
-        """DeepSpeed's ZeRO partitions are per rank: they load on the world size that wrote them only.
-        DeepSpeed reads its files with ``weights_only=False``, so each is first read weights-only (see
-        refuse_code): a file carrying code is refused before DeepSpeed opens it."""
-        from dsoft_dist.errors import CheckpointError
-
-        if saved_world_size != self.env.world_size:
-            raise CheckpointError(f"{path}: a DeepSpeed checkpoint resumes on the world size that wrote it; "
-                                  "resume with that many ranks (or parallel.engine=ddp, whose state loads anywhere)")
+    def load(self, path: str, saved_world_size: int) -> str | None:
+        """Collective: the state DeepSpeed saved under the folder ``path`` on ``saved_world_size`` ranks. On that
+        world size (or without ZeRO: nothing is partitioned) DeepSpeed's own ``load_checkpoint``; on another one
+        the ZeRO-1/2 partitions are re-partitioned (``_repartition``), and the note says so. DeepSpeed reads its
+        files with ``weights_only=False``, so each is first read weights-only (see refuse_code): a file carrying
+        code is refused before DeepSpeed opens it."""
         refuse_code(path)
+        same = saved_world_size == self.env.world_size or not self.ds.zero_optimization()
         with contextlib.redirect_stdout(io.StringIO()):
-            self.ds.load_checkpoint(path, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False)
+            self.ds.load_checkpoint(path, tag="engine", load_optimizer_states=same, load_lr_scheduler_states=False)
+        if same:
+            return None
+        self._repartition(read_partitions(path, saved_world_size))
+        return (f"DeepSpeed ZeRO-{int(self.ds.zero_optimization_stage())} optimizer state re-partitioned from "
+                f"{saved_world_size} to {self.env.world_size} ranks")
+
+    def _repartition(self, partitions: list[dict]) -> None:
+        """Sets this rank's partition of the fp32 masters and of the optimizer state from ``full_states`` of the
+        saved ranks' ``partitions``. The client optimizer holds one flat fp32 partition per param group; a state
+        it has not created yet (no step taken since the engine started) is created as zeros first and linked to
+        the parameters' fragments as DeepSpeed links it after its first step."""
+        from deepspeed.utils import (
+            lazy_init_hp_params_optimizer_state,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
+
+        full, groups = full_states(partitions)
+        params = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+        _check_same_parameters(full, params)
+        base = self.optimizer.optimizer  # the client torch optimizer over this rank's flat partitions
+        if len(groups) != len(base.param_groups):
+            raise CheckpointError(f"the DeepSpeed checkpoint has {len(groups)} optimizer param groups, this "
+                                  f"run's optimizer {len(base.param_groups)}: resume with the config that wrote it")
+        for g, (group, (keys, values)) in enumerate(zip(base.param_groups, groups)):
+            hp = group["params"][0]  # (partition,) fp32
+            for key in keys:
+                base.state[hp].setdefault(key, torch.zeros_like(hp))
+            base.state[hp].update({k: v.to(hp.device) if torch.is_tensor(v) else v for k, v in values.items()})
+            lazy_init_hp_params_optimizer_state(
+                [p for p in params.values() if p._hp_mapping is not None and p._hp_mapping.param_group_index == g],
+                hp, base.state)
+        for name, p in params.items():
+            for key, value in full[name].items():
+                value = value.to(p.device).view(p.shape)
+                if key == "fp32":
+                    safe_set_full_fp32_param(p, value)
+                else:
+                    safe_set_full_optimizer_state(p, value, key)
+        self.optimizer._load_global_state(partitions[0])  # DeepSpeed's own: loss scaler, clip, overflow
 
 
-def refuse_code(folder: str) -> None:
-    """Reads every ``.pt`` file of a DeepSpeed checkpoint folder weights-only, allowing the four plain
-    DeepSpeed classes its optimizer files hold (loss scalers, the ZeRO stage enum, fragment addresses;
-    measured on DeepSpeed 0.19); anything else raises CheckpointError naming the file."""
+def read_partitions(path: str, saved_world_size: int) -> list[dict]:
+    """The ZeRO optimizer state (``optimizer_state_dict``) of every rank that wrote the DeepSpeed folder ``path``,
+    in rank order, read weights-only; CheckpointError when a rank's file is missing."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+    files = {}
+    for name in glob.glob(os.path.join(path, "engine", "*zero_pp_rank_*_mp_rank_00_optim_states.pt")):
+        files[int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(name)).group(1))] = name
+    if sorted(files) != list(range(saved_world_size)):
+        raise CheckpointError(f"{path}: DeepSpeed's optimizer partitions of ranks {sorted(files)} are there, the "
+                              f"checkpoint was written by {saved_world_size}: it is incomplete; pick another one")
+    with _deepspeed_safe_globals():
+        return [load_weights_only(files[rank])[OPTIMIZER_STATE_DICT] for rank in range(saved_world_size)]
+
+
+def full_states(partitions: list[dict]) -> tuple[dict[str, dict[str, torch.Tensor]], list[tuple[list, dict]]]:
+    """The world-size-independent form of the saved ranks' ZeRO ``partitions``: for each parameter name, its
+    flat (numel,) fp32 master ("fp32") and every partitioned optimizer state (SGD's momentum_buffer, AdamW's
+    exp_avg and exp_avg_sq), each the concatenation, in rank order, of the fragments the ranks held
+    (``param_slice_mappings``: name -> (start, numel) in that rank's flat partition); and per param group the
+    names of its partitioned states and the state values that are not partitioned (AdamW's step), rank 0's:
+    every rank holds the same."""
+    from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS
+    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS as FP32_GROUPS
+
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
+    groups = []
+    for rank, sd in enumerate(partitions):
+        base = sd[BASE_OPTIMIZER_STATE]  # the client optimizer's state_dict: one flat parameter per group
+        for g, mapping in enumerate(sd[PARAM_SLICE_MAPPINGS]):
+            state = base["state"].get(base["param_groups"][g]["params"][0], {})
+            flat = {"fp32": sd[FP32_GROUPS][g], **{k: v for k, v in state.items() if torch.is_tensor(v) and v.dim()}}
+            if rank == 0:
+                groups.append((sorted(set(flat) - {"fp32"}), {k: v for k, v in state.items() if k not in flat}))
+            for name, address in mapping.items():
+                for key, value in flat.items():
+                    pieces.setdefault(name, {}).setdefault(key, []).append(value.narrow(0, address.start,
+                                                                                         address.numel))
+    return {name: {key: torch.cat(parts) for key, parts in state.items()} for name, state in pieces.items()}, groups
+
+
+def _check_same_parameters(full: dict, params: dict) -> None:
+    """CheckpointError unless the saved parameters are this backbone's, with the same sizes."""
+    problems = [f"{name} is not in the checkpoint" for name in params if name not in full]
+    problems += [f"{name} is not in this backbone" for name in full if name not in params]
+    problems += [f"{name} has {full[name]['fp32'].numel()} values saved, {p.numel()} here" for name, p in params.items()
+                 if name in full and full[name]["fp32"].numel() != p.numel()]
+    if problems:
+        raise CheckpointError(f"the DeepSpeed checkpoint does not fit this backbone ({'; '.join(problems[:5])}): "
+                              "resume with the model config that wrote it")
+
+
+def _deepspeed_safe_globals():
+    """``torch.serialization.safe_globals`` of the four plain DeepSpeed classes its optimizer files hold (loss
+    scalers, the ZeRO stage enum, fragment addresses; measured on DeepSpeed 0.19)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from dsoft_dist.utils import load_weights_only
+    return torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
 
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+
+def refuse_code(folder: str) -> None:
+    """Reads every ``.pt`` file of a DeepSpeed checkpoint folder weights-only, allowing the plain DeepSpeed classes
+    of ``_deepspeed_safe_globals``; anything else raises CheckpointError naming the file."""
+    with _deepspeed_safe_globals():
         for path in sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)):
             load_weights_only(path)
