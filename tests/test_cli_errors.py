@@ -53,6 +53,7 @@ ROWS = {
                      f"{FILE}/shards"),
     "bench train": (["bench", "train", "--classes", "-9"], "num_classes=-9"),
     "bench backbone": (["bench", "backbone", "--batch", "0"], "--batch 0"),
+    "bench chaos": (["bench", "chaos", "--world-sizes", "2,x"], "--world-sizes '2,x'"),
     "plan": (["plan", "--classes", "1000000", "--gpus", "8", "--sample-rate", "3/2"], "--sample-rate '3/2'"),
 }
 DEMO_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")

@@ -9,6 +9,7 @@
     dsoft bench stream --identities 100000,1000000  # vector shards; --images for image shards
     dsoft bench backbone --models vit_b iresnet100 --device cuda --batch 128 --dtype bf16
     dsoft bench kernels                   # CUDA only; launch/gpu_check.sh OUT runs it with the GPU tests
+    dsoft bench chaos --faults 20 --seed 0  # kills, preemptions, torn saves under torchrun; --world-sizes 2,1,3,2
     dsoft bench head --help
 
 Same as ``python -m dsoft_dist.bench.NAME ARGS...``; each benchmark's parser comes from ``bench_parser``,
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "stream": "shards of many identities: write, start-up, samples/s vs bare tar reads, memory per worker",
     "backbone": "backbones' forward + backward per step, activation checkpointing off and on, side by side",
     "kernels": "triton backend vs torch chunked vs naive on CUDA (time, peak memory, bf16 matmul fraction)",
+    "chaos": "seeded kills, preemptions and resizes of a run under torchrun; it must end as an undisturbed run",
 }
 
 

@@ -97,12 +97,13 @@ def launch(cfg: Config) -> int:
     """Runs ``cfg``: in this process under a launcher or for nproc=1, else in parallel.nproc local ranks.
 
     Returns 0, PREEMPTED_EXIT_CODE when a preemption signal (or Ctrl-C) stopped the run after its
-    checkpoint, or 2 for a user error found before the ranks start (``preflight``) or by a spawned rank
+    checkpoint, HUNG_EXIT_CODE when local ranks stopped on a hung rank (their watchdog logged why), or 2
+    for a user error found before the ranks start (``preflight``) or by a spawned rank
     (printed once, on one line).
     """
     import torch.multiprocessing as mp
 
-    from dsoft_dist.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT
+    from dsoft_dist.errors import HUNG_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT
     from dsoft_dist.parallel.processes import under_launcher
     from dsoft_dist.train.preempt import Preempted
 
@@ -124,8 +125,8 @@ def launch(cfg: Config) -> int:
     except Preempted:
         return PREEMPTED_EXIT_CODE
     except mp.ProcessExitedException as err:
-        if err.exit_code == PREEMPTED_EXIT_CODE:
-            return PREEMPTED_EXIT_CODE
+        if err.exit_code in (PREEMPTED_EXIT_CODE, HUNG_EXIT_CODE):  # each told the user why, once
+            return err.exit_code
         raise
     return 0
 
