@@ -256,6 +256,24 @@ def test_torn_checkpoint_is_never_loaded_and_auto_takes_the_previous(tmp_path, c
     assert "step-00000006 is not used" in caplog.text and piece.name in caplog.text
 
 
+@SLOW
+def test_a_save_killed_after_its_rename_is_redone_and_its_folder_never_resumed(tmp_path, caplog):
+    """A kill between the rename of step-6 and the move of ``latest``: the resume takes ``latest`` (step 4) and
+    removes step-6, which the resumed run writes again; a later resume could otherwise take it after a failed
+    verification of ``latest``, though it belongs to a stretch the run redid."""
+    cfg = ckpt_cfg(tmp_path / "run", checkpoint__keep_last=3)
+    interrupt(cfg, 6)
+    root = tmp_path / "run" / "checkpoints"
+    (root / "latest").write_text("step-00000004\n")  # what the kill leaves: step-6 whole, latest not moved
+    with distributed("gloo") as env:
+        ckpt = Checkpointer(config_from_dict(cfg), env)
+        with caplog.at_level("WARNING", logger="dsoft_dist"):
+            assert ckpt.find_resume() == str(root / "step-00000004")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    assert "checkpoint folders after step-00000004 are removed, the run redoes their steps: step-00000006" in \
+        caplog.text
+
+
 def test_a_checkpoint_of_an_unknown_format_or_a_part_of_no_known_kind_is_refused_by_name(tmp_path):
     """One process: a manifest of a format this version does not read is named with the way out; a states map
     entry that declares no layout (a bare Stateful) is named with the wrappers to use."""

@@ -153,6 +153,34 @@ def test_sigterm_writes_a_checkpoint_within_a_step_exits_75_and_resumes_to_the_s
     assert_same_params(got, whole, atol=0.0, rtol=0.0)
 
 
+@SLOW
+def test_the_workers_of_a_sigkilled_torchrun_checkpoint_exit_and_the_relaunch_ends_like_the_uninterrupted_run(
+        tmp_path, whole):
+    """torchrun starts each worker in a session of its own: SIGKILL of the launcher alone (a lost node's
+    agent) once left them training on beside the relaunched job. They now get SIGTERM when it dies
+    (PR_SET_PDEATHSIG): a checkpoint at the next step, exit; the relaunch resumes from it."""
+    cfg = long_cfg(tmp_path / "orphans")
+    (tmp_path / "orphans.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [str(LAUNCH / "torchrun.sh"), "--config", str(tmp_path / "orphans.yaml")]
+    env = {"NPROC_PER_NODE": "2", "MAX_RESTARTS": "1", "PYTHON": sys.executable}
+    proc = _launch(cmd, tmp_path, env)  # torchrun.sh execs torchrun: proc is the launcher
+    seen = _wait_for_step(tmp_path / "orphans", 20, proc)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)  # the pipes close when the workers have exited too
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                b"zombie" not in open(f"/proc/{pid}/status", "rb").read().lower()], stderr[-3000:]
+    step = int((tmp_path / "orphans" / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert seen <= step < STEPS and f"preempted (SIGTERM) after step {step}" in stderr, stderr[-3000:]
+    relaunched = _launch(cmd, tmp_path, env)
+    _, stderr = relaunched.communicate(timeout=600)
+    assert relaunched.returncode == 0 and "resumed from" in stderr, stderr[-3000:]
+    got = _final(tmp_path / "orphans", cfg)
+    assert got["loss"] == whole["loss"]
+    assert_same_params(got, whole, atol=0.0, rtol=0.0)
+
+
 # ------------------------------------------------------------------ stopping `dsoft train` from a terminal
 
 def _in_own_group(cmd, tmp_path):

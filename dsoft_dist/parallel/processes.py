@@ -78,6 +78,21 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer (set by the launcher?)") from err
 
 
+def die_with_parent() -> None:
+    """Has Linux send this process SIGTERM when its parent dies (PR_SET_PDEATHSIG). torchrun starts each worker
+    in a session of its own, so a SIGKILLed launcher (a lost node's agent, ``kill -9``) would leave its workers
+    training beside the job that replaces it, both writing one run folder; with this they take the preemption
+    path instead (a checkpoint at the next step, exit 75). Elsewhere than Linux: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # noqa: PLC0415
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError) as err:  # no prctl in this libc: the launcher's own cleanup stands
+        log.debug("PR_SET_PDEATHSIG is not available: %s", err)
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     """Initializes the default process group from the launcher's environment (or as one rank).
 
@@ -86,6 +101,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
     """
     backend = resolve_backend(backend)
     launched = under_launcher()  # else a single process: a one-rank group, so every path is the same
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: it ends with its launcher
+        die_with_parent()
     init = {} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}"}
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank, local_world = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
@@ -200,6 +217,7 @@ def _child(local_rank: int, nproc: int, port: int, start_method: str, fn: Callab
     # default (fork on Linux). Restore the parent's, so DataLoader workers start as under torchrun (each
     # spawned worker would re-import torch and the pipeline: seconds per worker per epoch).
     multiprocessing.set_start_method(start_method, force=True)
+    die_with_parent()  # a local rank ends with the process that spawned it, as a torchrun worker does
     fn(*args)
     release_collected()
 

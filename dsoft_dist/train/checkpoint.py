@@ -330,7 +330,9 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     def find_resume(self) -> str | None:
-        """Collective: the newest folder that verifies (``latest`` first); failures are logged by name."""
+        """Collective: the newest folder that verifies (``latest`` first); failures are logged by name. Folders
+        of later steps than it (a save killed after its rename, before ``latest`` moved; ones that failed to
+        verify) are removed: the resumed run redoes those steps, and a later resume must not take them."""
         candidates = None
         if self.env.is_main:
             latest, folders = read_pointer(self.root), self.folders()
@@ -338,10 +340,25 @@ class Checkpointer:
         for name in broadcast_object(candidates):
             problem = check_manifest(os.path.join(self.root, name))
             if problem is None:
+                if self.env.is_main:
+                    self._discard_after(name)
                 return os.path.join(self.root, name)
             if self.env.is_main:
                 log.warning("checkpoint %s is not used: %s; trying the previous one", name, problem)
         return None
+
+    def _discard_after(self, name: str) -> None:
+        """Rank 0: ``name`` made ``latest``; the step folders after it removed (and ``best`` when it named one)."""
+        later = [other for other in self.folders() if other > name]
+        if later:
+            log.warning("checkpoint folders after %s are removed, the run redoes their steps: %s", name,
+                        ", ".join(sorted(later)))
+        if read_pointer(self.root) != name:
+            write_text_atomic(os.path.join(self.root, "latest"), name + "\n")
+        for other in later:
+            shutil.rmtree(os.path.join(self.root, other), ignore_errors=True)
+        if read_pointer(self.root, "best") not in (None, *self.folders()):
+            os.remove(os.path.join(self.root, "best"))
 
     def roll_back_to(self, before: int) -> str | None:
         """Collective: the newest checkpoint of a step before ``before`` that verifies, made ``latest``, with
@@ -352,12 +369,7 @@ class Checkpointer:
         target = next((n for n in broadcast_object(names) if check_manifest(os.path.join(self.root, n)) is None),
                       None)
         if target is not None and self.env.is_main:
-            write_text_atomic(os.path.join(self.root, "latest"), target + "\n")
-            for name in self.folders():
-                if name > target:
-                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-            if read_pointer(self.root, "best") not in (None, *self.folders()):
-                os.remove(os.path.join(self.root, "best"))
+            self._discard_after(target)
         broadcast_object(None)  # every rank waits for rank 0's changes
         return None if target is None else os.path.join(self.root, target)
 
