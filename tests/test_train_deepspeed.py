@@ -8,6 +8,7 @@ test is in tests/test_train_dist.py.)
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -16,7 +17,7 @@ import torch
 
 from dsoft_dist.config import config_from_dict
 from dsoft_dist.parallel.processes import distributed, spawn_local
-from tests.test_checkpoint import _epoch_keys, ckpt_cfg, plant_payload
+from tests.test_checkpoint import _epoch_keys, _train_on_a_full_disk, ckpt_cfg, plant_payload
 from tests.test_train_dist import (
     _strip_batchnorm,
     assert_same_params,
@@ -101,6 +102,21 @@ def test_deepspeed_resume_on_the_same_world_size_is_exact(tmp_path):
     with pytest.raises(Exception, match="zero_pp_rank_1_mp_rank_00_optim_states.pt could not be loaded as plain"):
         run(cfg)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_full_disk_during_a_deepspeed_save_keeps_the_previous_checkpoint_and_the_run_goes_on(tmp_path, capfd):
+    """DeepSpeed writes its part in a collective save of its own: rank 1's full disk there (steps 4 and 6) is
+    agreed on by every rank as a DDP save's is (tests/test_checkpoint.py), not left with rank 0 waiting in
+    DeepSpeed's barrier; step 2 stays ``latest``, the save of step 8 works again."""
+    cfg = ckpt_cfg(tmp_path / "run", parallel__engine="deepspeed", parallel__zero_stage=2, model__dropout=0.0)
+    spawn_local(_train_on_a_full_disk, 2, (cfg, (4, 6), 1, str(tmp_path / "counted.json")))
+    err = capfd.readouterr().err
+    assert json.loads((tmp_path / "counted.json").read_text()) == {"failed": 2, "written": 8}
+    assert err.count("could not be written") == 1, err[-3000:]
+    assert "checkpoint step-00000004 could not be written (rank 1: OSError: [Errno 28] No space left on device" in err
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["latest", "step-00000002", "step-00000008"]  # no .tmp folder left
+    assert (root / "latest").read_text().strip() == "step-00000008"
 
 
 # ----------------------------------------------------------------------------- another world size

@@ -54,6 +54,7 @@ from dsoft_dist.train.ckpt_files import (
     hash_files,
     multi_rank,
     read_manifest,
+    storage_error,
     write_manifest,
 )
 from dsoft_dist.train.state import Replicated, SelfSavingPart, SnapshotPart
@@ -143,17 +144,15 @@ class BestRecord:
         self.best, self.folder = state["best"], state["best_folder"]
 
 
-def _fresh_folder(tmp: str) -> None:
-    """An empty ``tmp``: what a torn write of an earlier attempt left there is removed first."""
+def _fresh_folder(tmp: str, parts: dict) -> None:
+    """An empty ``tmp`` (what a torn write of an earlier attempt left there is removed first), with the folders
+    of the parts that save themselves: their collective save then creates none (a failure there is agreed on
+    here, before it starts)."""
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-
-
-def storage_error(err: BaseException) -> bool:
-    """True for an error of the storage rather than of the code: an OSError (no space, an I/O error, a lost
-    mount, no permission), or torch.save's own report of a write that failed (a RuntimeError from its zip
-    writer); any other exception is a bug and is raised."""
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "PytorchStreamWriter failed" in str(err))
+    for key, part in parts.items():
+        if not isinstance(part, SnapshotPart):
+            os.makedirs(os.path.join(tmp, key))
 
 
 def _attempt(action) -> str | None:
@@ -227,7 +226,7 @@ class Checkpointer:
         name = step_folder(step)
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
         self._record_before = (self.record.best, self.record.folder)  # what _failed puts back
-        problem = _attempt(lambda: _fresh_folder(tmp)) if self.env.is_main else None
+        problem = _attempt(lambda: _fresh_folder(tmp, parts)) if self.env.is_main else None
         problem = self._agree(problem)  # every rank waits for the folder (no background save is in flight)
         if problem is not None:
             self._failed(tmp, step, problem)
@@ -239,8 +238,11 @@ class Checkpointer:
         for key, part in parts.items():  # in the map's order on every rank: the parts' collectives match
             if isinstance(part, SnapshotPart):
                 snapshots[key] = part.snapshot(copy=background)
-            else:
-                part.save(os.path.join(tmp, key))  # collective, now
+            else:  # collective, now; a storage error on a rank is agreed on as the files' is (_write)
+                problem = self._agree(_attempt(lambda p=part, k=key: p.save(os.path.join(tmp, k))))
+                if problem is not None:
+                    self._failed(tmp, step, problem)
+                    return final
         self.saved_step, self.saved_at = step, time.monotonic()
         writes = [(parts[key], os.path.join(tmp, key), snapshot) for key, snapshot in snapshots.items()]
         if background:

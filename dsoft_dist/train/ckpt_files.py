@@ -25,6 +25,13 @@ FORMAT_1 = "dsoft_dist.run_checkpoint/1"
 MANIFEST = "manifest.json"
 
 
+def storage_error(err: BaseException) -> bool:
+    """True for an error of the storage rather than of the code: an OSError (no space, an I/O error, a lost
+    mount, no permission), or torch.save's own report of a write that failed (a RuntimeError from its zip
+    writer); any other exception is a bug and is raised."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "PytorchStreamWriter failed" in str(err))
+
+
 def multi_rank() -> bool:
     """True when torch.distributed runs more than one rank."""
     return group_rank_size()[1] > 1

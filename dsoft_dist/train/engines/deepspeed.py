@@ -54,6 +54,7 @@ from dsoft_dist.config.schema import Config
 from dsoft_dist.errors import CheckpointError, ConfigError
 from dsoft_dist.observability import get_logger
 from dsoft_dist.registry import ENGINES
+from dsoft_dist.train.ckpt_files import storage_error
 from dsoft_dist.train.grads import all_finite, clip_grads_
 from dsoft_dist.utils import load_weights_only
 
@@ -198,9 +199,17 @@ class DeepSpeedEngine:
 
     def save(self, path: str) -> None:
         """Collective: DeepSpeed's own checkpoint form (its ZeRO partitions, fp32 masters, loss scale) under
-        the folder ``path``."""
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.ds.save_checkpoint(path, tag="engine", save_latest=False)
+        the folder ``path`` (which the checkpointer made). A storage error while DeepSpeed writes its files (a
+        full disk) is raised after this rank has met the others in the barrier DeepSpeed's save ends with (its
+        collectives come before the writes), so every rank returns and the checkpointer abandons the save on
+        all of them together."""
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.ds.save_checkpoint(path, tag="engine", save_latest=False)
+        except (OSError, RuntimeError) as err:
+            if storage_error(err) and dist.is_initialized():
+                dist.barrier()
+            raise
 
     def load(self, path: str, saved_world_size: int) -> str | None:
         """Collective: the state DeepSpeed saved under the folder ``path`` on ``saved_world_size`` ranks. On that
