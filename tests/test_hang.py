@@ -262,3 +262,23 @@ def test_a_blocked_rank_is_named_and_the_restart_resumes_to_the_undisturbed_weig
     assert got["loss"] == undisturbed["loss"]
     assert_same_params(got, undisturbed, atol=0.0, rtol=0.0)
     assert seconds < 120
+
+
+@pytest.mark.dist
+@pytest.mark.slow(reason="2 local ranks and a 9 s hang timeout")
+def test_local_ranks_of_dsoft_train_end_with_the_hung_exit_code_and_one_message_each(tmp_path):
+    """``dsoft train --nproc 2`` (no launcher to restart it): the ranks' watchdogs end the run with code 76 and
+    their message, not a traceback of the exited process; the same command then resumes and finishes."""
+    module = f"hang_once_{tmp_path.name}"
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(HANG_SOURCE.format(
+        batch=HANG_AT, marker=str(tmp_path / "hung-once"))))
+    cfg = {**hang_cfg(tmp_path / "hung", data__source="hang_once"), "extra_modules": [module]}
+    (tmp_path / "hung.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "WANDB_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "dsoft_dist.train", "--config", str(tmp_path / "hung.yaml"), "--nproc", "2"]
+    hung = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert hung.returncode == HUNG_EXIT_CODE, hung.stderr[-4000:]
+    assert "no rank made progress" in hung.stderr and "Traceback" not in hung.stderr, hung.stderr[-4000:]
+    resumed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-4000:]

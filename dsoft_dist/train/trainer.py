@@ -150,8 +150,9 @@ class Trainer:
             self.save_checkpoint(best_metric=improved)
         return metrics
 
-    def _log(self, out, lr: float, since: float, samples: int) -> None:
-        bad, skipped = sum_over_ranks([self.data.bad_total, 0.0], self.env.device)[0], self.state.skipped
+    def _log(self, out, lr: float, since: float, samples: int, bad: int) -> None:
+        """Rank 0: the step's metrics row (``bad``: the run's bad samples summed over the ranks)."""
+        skipped = self.state.skipped
         if not self.env.is_main:
             return
         row = {"loss": float(out.loss), **out.diagnostics_floats(), "lr": lr,
@@ -194,9 +195,9 @@ class Trainer:
             samples += out.samples
             self.metrics.advance()
             self.last_output = out
-            stop, due, diverged = self._at_boundary(out.loss)
+            stop, due, diverged, bad = self._at_boundary(out.loss)
             if log_now:
-                self._log(out, lr, since, samples)
+                self._log(out, lr, since, samples, bad)
                 since, samples = time.perf_counter(), 0
             if diverged:
                 self._roll_back()
@@ -214,11 +215,11 @@ class Trainer:
                 self.checkpointer.saved_step != self.state.step:  # not twice (a new best was saved already)
             self.save_checkpoint()
 
-    def _at_boundary(self, loss: torch.Tensor) -> tuple[bool, bool, bool]:
-        """(stop, save, roll back) agreed by every rank in one all-reduce: stop when any rank received a
-        preemption signal; save when checkpoint.every_minutes has passed since the last save on rank 0's
-        clock; roll back when the divergence guard's streak is complete (``dsoft_dist.train.rollback``). The
-        run's bad samples are summed in it too: past data.max_bad_samples every rank stops here."""
+    def _at_boundary(self, loss: torch.Tensor) -> tuple[bool, bool, bool, int]:
+        """(stop, save, roll back, bad samples) agreed by every rank in one all-reduce: stop when any rank
+        received a preemption signal; save when checkpoint.every_minutes has passed since the last save on rank
+        0's clock; roll back when the divergence guard's streak is complete (``dsoft_dist.train.rollback``); the
+        run's bad samples summed over the ranks (past data.max_bad_samples every rank stops here)."""
         every_s = self.cfg.checkpoint.every_minutes * 60
         due = self.env.is_main and every_s > 0 and time.monotonic() - self.checkpointer.saved_at >= every_s
         values = torch.tensor([float(self.preemption.received is not None), float(due), float(self.data.bad_total)],
@@ -228,7 +229,7 @@ class Trainer:
         stop, save, bad, *verdict = sum_over_ranks(values, self.env.device)
         self.data.stop_if_too_bad(int(bad))  # data.max_bad_samples, on every rank together
         diverged = bool(verdict) and self.guard.observe(verdict[0], verdict[1] / self.env.world_size)
-        return stop > 0, save > 0, diverged
+        return stop > 0, save > 0, diverged, int(bad)
 
     def _roll_back(self) -> None:
         """Every rank: back to the newest checkpoint before the diverged steps, the data going on after them
