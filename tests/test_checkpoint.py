@@ -192,23 +192,35 @@ def test_a_checkpoint_at_an_epochs_last_step_resumes_on_another_world_size_with_
     assert len(got[1]) == len(set(got[1])) == 3 * 3 * 5  # steps 18-20 on 3 ranks x 5, all of epoch 1
 
 
-def _train_on_a_full_disk(cfg_dict: dict, fail_steps: tuple, fail_rank: int, out_file: str) -> None:
+def _train_on_a_full_disk(cfg_dict: dict, fail_steps: tuple, fail_rank: int, out_file: str,
+                          folders: bool = False) -> None:
     """Every rank: trains ``cfg_dict`` while torch.save fails on rank ``fail_rank`` as a full disk makes it fail
-    (OSError ENOSPC) for the files of the checkpoints of ``fail_steps``; rank 0 writes what the checkpointer
-    counted to ``out_file``."""
+    (OSError ENOSPC) for the files of the checkpoints of ``fail_steps`` (folders=True: rank 0 cannot make their
+    folders instead); rank 0 writes what the checkpointer counted to ``out_file``."""
     import errno
 
-    from dsoft_dist.train.checkpoint import step_folder
+    from dsoft_dist.train import checkpoint
     from dsoft_dist.train.trainer import Trainer
 
-    real_save = torch.save
+    real_save, real_folder = torch.save, checkpoint._fresh_folder
+
+    def failing(path) -> bool:
+        return any(checkpoint.step_folder(s) in str(path) for s in fail_steps)
 
     def full_disk_save(obj, f, *args, **kwargs):
-        if torch.distributed.get_rank() == fail_rank and any(step_folder(s) in str(f) for s in fail_steps):
+        if torch.distributed.get_rank() == fail_rank and failing(f):
             raise OSError(errno.ENOSPC, "No space left on device", str(f))
         return real_save(obj, f, *args, **kwargs)
 
-    torch.save = full_disk_save
+    def full_disk_folder(tmp, parts):
+        if failing(tmp):
+            raise OSError(errno.ENOSPC, "No space left on device", tmp)
+        return real_folder(tmp, parts)
+
+    if folders:
+        checkpoint._fresh_folder = full_disk_folder
+    else:
+        torch.save = full_disk_save
     with distributed("gloo") as env:
         trainer = Trainer(config_from_dict(cfg_dict), env)
         trainer.train()
@@ -238,6 +250,20 @@ def test_a_full_disk_during_saves_keeps_the_previous_checkpoint_and_the_run_goes
     whole = run(ckpt_cfg(tmp_path / "whole"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows if "loss" in r] == whole["loss"]
+
+
+@SLOW
+def test_a_checkpoint_folder_rank_0_cannot_make_is_a_failed_save_on_every_rank(tmp_path, capfd):
+    """The folder of a save is made by rank 0 alone, before any rank writes: its storage error (step 4) is agreed
+    on as a failed write is; step 2 stays ``latest`` and the next save works."""
+    cfg = ckpt_cfg(tmp_path / "run")
+    spawn_local(_train_on_a_full_disk, 2, (cfg, (4,), 0, str(tmp_path / "counted.json"), True))
+    err = capfd.readouterr().err
+    assert json.loads((tmp_path / "counted.json").read_text()) == {"failed": 1, "written": 8}
+    assert "checkpoint step-00000004 could not be written (rank 0: OSError: [Errno 28] No space left on device" in err
+    assert err.count("saving works again after 1 failed saves") == 1
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["latest", "step-00000006", "step-00000008"]
 
 
 @SLOW

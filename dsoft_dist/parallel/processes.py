@@ -160,7 +160,14 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
     (set for torchrun) gives every rendezvous round a fresh store on a new port, and no prefix is used.
     """
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-    return dist.PrefixStore(f"dsoft/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    return dist.PrefixStore(attempt_prefix(), store)
+
+
+def attempt_prefix() -> str:
+    """The key prefix of this torchrun attempt in the launcher's store: per restart when the workers share the
+    agent's store (``_attempt_store``), else one (every rendezvous round then has a fresh store)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return f"dsoft/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') if shared else '0'}"
 
 
 def _warn_if_restarts_can_hang(rank: int) -> None:

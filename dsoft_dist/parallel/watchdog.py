@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from dsoft_dist.errors import HUNG_EXIT_CODE
 from dsoft_dist.observability import get_logger
+from dsoft_dist.parallel.processes import attempt_prefix
 
 log = get_logger(__name__)
 
@@ -64,11 +65,9 @@ Mark = tuple  # (finished steps, micro-batch, phase index); larger is further al
 
 
 def store_prefix(instance: int) -> str:
-    """The watchdog's key prefix: per torchrun attempt when the workers share the agent's store (as the
-    process group's keys are, ``processes._attempt_store``), and per Watchdog of this process."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") \
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "0"
-    return f"dsoft/watchdog/attempt-{attempt}/run-{instance}/"
+    """The watchdog's key prefix: under the torchrun attempt's (``processes.attempt_prefix``, as the process
+    group's keys are), per Watchdog of this process."""
+    return f"{attempt_prefix()}/watchdog/run-{instance}/"
 
 
 def connect_store(timeout_s: float = 30.0) -> dist.Store:
