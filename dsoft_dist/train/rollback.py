@@ -73,6 +73,13 @@ class DivergenceGuard:
                 "divergence.lr_scale < 1), check the data, use parallel.precision=bf16 or optimizer.grad_clip, or "
                 "raise divergence.max_rollbacks")
 
+    def no_target_message(self, root: str) -> str:
+        """Why the run stops when no checkpoint in ``root`` is from before the diverged steps."""
+        first = self.first_diverged_step()
+        return (f"the loss diverged at steps {first}-{self.state.step} and no checkpoint from before step {first} is "
+                f"in {root} to roll back to: the run stops. Save checkpoints earlier (checkpoint.every_steps), lower "
+                "optimizer.lr, or check the data")
+
     def _what(self) -> str:
         c = self.cfg
         return ("a non-finite loss" if c.factor <= 0 else

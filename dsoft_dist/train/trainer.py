@@ -191,7 +191,7 @@ class Trainer:
             out = self.updater(self.data, lr, timed=log_now)
             self.state.count(out.applied)
             self.data.write_keys(self.state.step)
-            self._stop_if_diverged()
+            self._stop_if_skipping()
             samples += out.samples
             self.metrics.advance()
             self.last_output = out
@@ -238,12 +238,8 @@ class Trainer:
         step, first, root = self.state.step, self.guard.first_diverged_step(), self.checkpointer.root
         message = self.guard.stop_message(root)
         target = self.checkpointer.roll_back_to(first) if message is None else None
-        if message is None and target is None:
-            message = (f"the loss diverged at steps {first}-{step} and no checkpoint from before step {first} is in "
-                       f"{root} to roll back to: the run stops. Save checkpoints earlier (checkpoint.every_steps), "
-                       "lower optimizer.lr, or check the data")
-        if message is not None:
-            raise RuntimeError(message)
+        if target is None:
+            raise RuntimeError(message or self.guard.no_target_message(root))
         position = self.data.state_dict()  # collective: the data goes on after the diverged steps
         kept = (self.state.rollbacks, self.state.lr_scale)
         self.watchdog.mark("start", step)
@@ -256,7 +252,7 @@ class Trainer:
         if self.env.is_main:
             log.warning(text)
 
-    def _stop_if_diverged(self) -> None:
+    def _stop_if_skipping(self) -> None:
         """optimizer.max_skipped_in_a_row non-finite steps in a row stop the run on every rank (the skip
         decision is all-reduced, so they agree); skipped steps changed nothing, and the last checkpoint stays."""
         limit, in_a_row, step = self.cfg.optimizer.max_skipped_in_a_row, self.state.skipped_in_a_row, self.state.step
