@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -140,3 +141,255 @@ def test_bad_options_are_refused_naming_the_option(argv, message):
     args = accuracy.build_parser().parse_args(argv)
     with pytest.raises(ValueError, match=message):
         accuracy.check_args(args)
+
+
+# ---------------------------------------------------------------- the grid: --sweep KEY=V1,V2 and --config FILE
+
+SWEEP_TOY = ["--parts", "vectors", "--methods", "d_softmax", "--seeds", "0", "--vector-classes", "32",
+             "--vector-steps", "3", "--eval-identities", "8", "--eval-samples", "2"]
+TINY_YAML = """\
+model: {name: iresnet_tiny, embedding_size: 32, input_size: 16}
+head: {loss: d_softmax, scale: 32.0}
+data: {source: synthetic, synthetic_mode: images, image_size: 16, num_classes: 8, samples_per_class: 4,
+       batch_size: 16, num_workers: 0}
+schedule: {steps: 3, warmup_steps: 1}
+logging: {log_every: 1}
+eval: {synthetic_identities: 4, synthetic_pairs: 20, folds: 2}
+checkpoint: {every_minutes: 0, dir: /somewhere/shared}
+"""
+
+
+def _config_file(tmp_path, text: str = TINY_YAML) -> str:
+    path = tmp_path / "my.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_two_by_two_grid_over_two_seeds_plans_every_point_and_applies_it_last():
+    args = _checked(["--parts", "vectors", "--methods", "d_softmax,d_softmax_k", "--rates", "1/8", "--seeds", "0,1",
+                     "--sweep", "head.scale=48,64.0", "--sweep", "head.end_point=0.8,0.9",
+                     "--sweep", "data.batch_size=32"])
+    runs = accuracy.plan(args)
+    assert len(runs) == 2 * 2 * 2 * 2  # seeds x methods x scales x end points (x one batch size)
+    assert [r["name"] for r in runs[:4]] == [
+        "vectors-d_softmax-1-s0@batch_size=32,end_point=0.8,scale=48",
+        "vectors-d_softmax-1-s0@batch_size=32,end_point=0.9,scale=48",
+        "vectors-d_softmax-1-s0@batch_size=32,end_point=0.8,scale=64",
+        "vectors-d_softmax-1-s0@batch_size=32,end_point=0.9,scale=64"]
+    assert runs[-1]["name"] == "vectors-d_softmax_k-1of8-s1@batch_size=32,end_point=0.9,scale=64"
+    assert runs[2]["point"] == {"head.scale": 64.0, "head.end_point": 0.8, "data.batch_size": 32}
+    checked = accuracy.checked_runs(args)  # every config loads as dsoft train loads it
+    assert [run["name"] for run, _ in checked] == [r["name"] for r in runs]
+    for run, cfg in checked:
+        assert cfg["head"]["scale"] == run["point"]["head.scale"]
+        assert cfg["head"]["end_point"] == run["point"]["head.end_point"]
+        assert cfg["data"]["batch_size"] == 32  # the point overrides the part's own batch of 256
+        assert cfg["seed"] == cfg["data"]["seed"] == cfg["head"]["seed"] == run["seed"]
+        assert cfg["logging"]["output_dir"].endswith(os.path.join("runs", run["name"]))
+        assert cfg["head"]["sample_rate"] == run["rate"] and cfg["name"] == run["name"]
+
+
+def test_point_text_is_sorted_folder_safe_and_spells_out_keys_that_share_a_last_component():
+    from dsoft_dist.bench.accuracy_report import point_text
+
+    assert point_text({"head.scale": 48.0, "eval.batch_size": 64, "data.batch_size": 32}) == \
+        "data.batch_size=32,eval.batch_size=64,scale=48"
+    assert point_text({"model.name": "a b/c", "optimizer.nesterov": True, "eval.fars": [0.001, 0.01]}) == \
+        "fars=_0.001_0.01_,name=a_b_c,nesterov=true"
+    assert point_text({}) == ""
+
+
+def test_sweep_values_are_read_as_overrides_are():
+    from dsoft_dist.bench.accuracy_grid import parse_sweeps, point_overrides
+
+    sweeps = parse_sweeps(["optimizer.lr=1e-3,0.01", "eval.fars=[1e-3,1e-4],[0.01]", "optimizer.name=sgd,adamw"])
+    assert sweeps == [("optimizer.lr", [0.001, 0.01]), ("eval.fars", [["1e-3", "1e-4"], [0.01]]),
+                      ("optimizer.name", ["sgd", "adamw"])]
+    assert point_overrides({"optimizer.lr": 0.001, "optimizer.name": "sgd"}) == ["optimizer.lr=0.001",
+                                                                                 'optimizer.name="sgd"']
+
+
+@pytest.mark.parametrize("sweeps, message", [
+    (["head.scal=32,64"], "unknown key 'head.scal'; did you mean 'head.scale'"),
+    (["head.scale=32,-1"], r"--sweep point head.scale=-1: head.scale=-1.0 is invalid"),
+    (["head.end_point=0.9", "optimizer.name=sgd,rmsprop"], "optimizer.name"),
+    (["head.loss=arcface,d_softmax"], "sets head.loss for each run; use --methods"),
+    (["data.seed=1,2"], "use --seeds"),
+    (["head.sample_rate=1/8"], "use --rates"),
+    (["logging.output_dir=a,b"], "use --out"),
+    (["head={scale: 3}"], "sweep single keys"),
+    (["head.scale=32", "head.scale=64"], "--sweep head.scale is given twice"),
+    (["head.scale="], "--sweep head.scale= has an empty value"),
+    (["head.scale=32,,64"], "has an empty value"),
+    (["head.scale=32,32.0"], "gives 32.0 twice"),
+    (["head.scale"], "write KEY=V1,V2"),
+])
+def test_a_bad_sweep_exits_2_naming_it_before_anything_trains(sweeps, message, tmp_path, capsys):
+    from dsoft_dist.cli import main
+
+    out = tmp_path / "out"
+    argv = ["bench", "accuracy", "--out", str(out), *SWEEP_TOY]
+    for item in sweeps:
+        argv += ["--sweep", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsoft bench: error: ") and re.search(message, err), err
+    assert not out.exists()  # refused before settings.json, a run folder or a training
+
+
+def test_summarize_groups_points_apart_and_the_markdown_has_their_columns():
+    from dsoft_dist.bench.accuracy_report import format_markdown, summarize
+
+    records = _planted_sweep()
+    rows = summarize(records)
+    key = {(r["method"], r["rate"], r["point"]["head.scale"]): r for r in rows}
+    assert len(rows) == 3 * 2  # (d_softmax at 1, d_softmax_k at 1/8, d_softmax_k as d_softmax at 1) x 2 points
+    assert key[("d_softmax", 1.0, 32)]["accuracy"] == pytest.approx(90.5) and key[("d_softmax", 1.0, 32)]["seeds"] == 2
+    assert key[("d_softmax", 1.0, 64)]["accuracy"] == pytest.approx(80.5)
+    assert key[("d_softmax", 1.0, 64)]["accuracy_sd"] == pytest.approx(np.std([80, 81], ddof=1))
+    assert key[("d_softmax_k", 1.0, 64)]["same_as"] == "d_softmax" and key[("d_softmax_k", 1.0, 64)]["accuracy"] == \
+        pytest.approx(80.5)  # the r = 1 copy of the same point's full loss, not the other point's
+    md = format_markdown({"settings": _SETTINGS, "machine": _MACHINE, "records": records, "summary": rows})
+    assert "| method | r | K | seeds | head.scale | TAR@FAR=1e-3 | TAR@FAR=1e-4 | 10-fold accuracy | train s |" in md
+    assert "| d_softmax | 1 | 64 | 2 | 32 | 50.50 +- 0.71 | unresolvable | 90.50 +- 0.71 | 3 |" in md
+    assert "| d_softmax | 1 | 64 | 2 | 64 | 40.50 +- 0.71 | unresolvable | 80.50 +- 0.71 | 3 |" in md
+    assert "| d_softmax_k | 1/8 | 8 | 2 | 64 |" in md
+    unswept = summarize([{k: v for k, v in r.items() if k != "point"} for r in records])
+    assert len(unswept) == 3 and "head.scale" not in format_markdown(
+        {"settings": _SETTINGS, "machine": _MACHINE, "records": records, "summary": unswept})
+
+
+def test_the_sweep_plot_is_a_png_of_the_points_and_only_written_with_a_grid(tmp_path):
+    from dsoft_dist.bench.accuracy_report import summarize
+    from dsoft_dist.bench.sweep_report import point_axis, write_sweep_plot
+
+    rows = summarize(_planted_sweep())
+    x_of, ticks, title = point_axis(rows)
+    assert sorted(x_of.values()) == [32.0, 64.0] and ticks is None and title == "head.scale"  # the value itself
+    two_keys = [{**r, "point": {**r["point"], "head.end_point": 0.9}} for r in rows]
+    x_of, ticks, title = point_axis(two_keys)
+    assert sorted(x_of.values()) == [0, 1] and ticks == ["end_point=0.9,scale=32", "end_point=0.9,scale=64"]
+    paths = write_sweep_plot({"summary": rows}, str(tmp_path))
+    with open(paths["sweep.png"], "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    plain = summarize([{k: v for k, v in r.items() if k != "point"} for r in _planted_sweep()])
+    assert write_sweep_plot({"summary": plain}, str(tmp_path / "none")) == {}
+
+
+def test_a_real_sweep_resumes_and_an_extended_grid_trains_only_the_new_point(tmp_path, capsys):
+    out = str(tmp_path / "grid")
+    argv = ["--out", out, *SWEEP_TOY, "--sweep", "head.scale=16"]
+    assert accuracy.main(argv) == 0
+    first = os.path.join(out, "runs", "vectors-d_softmax-1-s0@scale=16", "metrics.jsonl")
+    stamp = os.stat(first).st_mtime_ns
+    (record,) = _records(out)
+    assert record["point"] == {"head.scale": 16} and record["name"].endswith("@scale=16")
+    capsys.readouterr()
+
+    assert accuracy.main(argv) == 0  # the same grid again: nothing to train
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert os.stat(first).st_mtime_ns == stamp and len(_records(out)) == 1
+
+    assert accuracy.main([*argv[:-1], "head.scale=16,32"]) == 0  # one more value: only its run trains
+    trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(trained) == 1 and trained[0].startswith("[2/2] vectors-d_softmax-1-s0@scale=32:"), trained
+    assert os.stat(first).st_mtime_ns == stamp and [r["point"] for r in _records(out)] == [{"head.scale": 16},
+                                                                                            {"head.scale": 32}]
+    with open(os.path.join(out, "runs", "vectors-d_softmax-1-s0@scale=32", "report.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["config"]["head"]["scale"] == 32.0
+    md = open(os.path.join(out, "accuracy.md"), encoding="utf-8").read()
+    assert "| head.scale |" in md and "| d_softmax | 1 | 32 | 1 | 16 |" in md
+    assert "| d_softmax | 1 | 32 | 1 | 32 |" in md
+    assert os.path.getsize(os.path.join(out, "sweep.png")) > 0
+    assert not os.path.exists(os.path.join(out, "accuracy_vs_rate.png"))  # a grid's figures are sweep.png's
+    with open(os.path.join(out, "settings.json"), encoding="utf-8") as fh:
+        assert "sweep" not in json.load(fh)  # the grid is not a setting: extending it reuses the runs
+
+
+def test_config_runs_keep_the_users_config_with_the_bench_run_policy_and_the_point(tmp_path):
+    args = _checked(["--config", _config_file(tmp_path), "--seeds", "3", "--sweep", "head.end_point=0.85,0.9",
+                     "--out", str(tmp_path / "out")])
+    runs = accuracy.checked_runs(args)
+    assert [run["name"] for run, _ in runs] == ["config-d_softmax-1-s3@end_point=0.85",
+                                                "config-d_softmax-1-s3@end_point=0.9"]
+    run, cfg = runs[1]
+    assert cfg["head"]["end_point"] == 0.9 and cfg["head"]["scale"] == 32.0 and cfg["model"]["embedding_size"] == 32
+    assert cfg["seed"] == cfg["data"]["seed"] == cfg["head"]["seed"] == 3
+    assert cfg["checkpoint"] | {"every_steps": 1, "keep_last": 1, "resume": "auto", "dir": ""} == cfg["checkpoint"]
+    assert cfg["logging"]["output_dir"] == str(tmp_path / "out" / "runs" / run["name"])
+    assert cfg["parallel"]["nproc"] == 1 and accuracy.settings(args) == {"config_sha256": args.config_sha256,
+                                                                          "nproc": None}
+    sampled = _checked(["--config", _config_file(tmp_path), "--seeds", "0", "--methods", "d_softmax_k,arcface",
+                        "--rates", "1/4", "--nproc", "2"])
+    (k_run, k_cfg), (a_run, a_cfg) = accuracy.checked_runs(sampled)
+    assert (k_run["name"], a_run["name"]) == ("config-d_softmax_k-1of4-s0", "config-arcface-1-s0")
+    assert (k_cfg["head"]["negatives"], k_cfg["head"]["sample_rate"], k_cfg["parallel"]["nproc"]) == ("random", 0.25, 2)
+    from dsoft_dist.bench.accuracy_grid import own_method
+
+    assert own_method({"loss": "d_softmax", "negatives": "random", "sample_rate": 0.125}) == ("d_softmax_k", 0.125)
+    assert own_method({"loss": "cosface", "negatives": "all", "sample_rate": 1.0}) == ("cosface", 1.0)
+
+
+@pytest.mark.parametrize("edit, argv, message", [
+    (("synthetic_identities: 4", "synthetic_identities: 0"), [],
+     "--config .*my.yaml: its eval section verifies nothing.*add eval.bins, eval.pairs or eval.synthetic_identities"),
+    (None, ["--parts", "images"], "--parts 'images' and --config"),
+    (None, ["--sweep", "eval.synthetic_identities=0,4"], "--sweep point eval.synthetic_identities=0: .*nothing"),
+    (("scale: 32.0", "scale: 0"), [], "head.scale=0"),  # the file's own error, from the config loader
+])
+def test_a_bad_config_form_is_refused_before_anything_trains(edit, argv, message, tmp_path):
+    text = TINY_YAML.replace(*edit) if edit else TINY_YAML
+    args = accuracy.build_parser().parse_args(["--config", _config_file(tmp_path, text), "--out",
+                                               str(tmp_path / "out"), *argv])
+    with pytest.raises(ValueError, match=message):
+        accuracy.check_args(args)
+        accuracy.checked_runs(args)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow(reason="two image runs of a user config through dsoft train, each verified by the trainer (~17 s)")
+def test_a_config_sweep_reports_the_trainers_own_verification(tmp_path, capsys):
+    config, out = _config_file(tmp_path), str(tmp_path / "mine")
+    argv = ["--config", config, "--out", out, "--seeds", "0", "--sweep", "head.end_point=0.85,0.9"]
+    assert accuracy.main(argv) == 0
+    records = _records(out)
+    assert [r["name"] for r in records] == ["config-d_softmax-1-s0@end_point=0.85",
+                                            "config-d_softmax-1-s0@end_point=0.9"]
+    md = open(os.path.join(out, "accuracy.md"), encoding="utf-8").read()
+    assert "| head.end_point | synthetic_unseen 10-fold accuracy | synthetic_unseen TAR@FAR=1e-3 (VAL) |" in md
+    for r in records:
+        with open(os.path.join(out, "runs", r["name"], "report.json"), encoding="utf-8") as fh:
+            report = json.load(fh)
+        final = report["final"]  # what the trainer verified at the end of training
+        assert report["config"]["head"]["end_point"] == r["point"]["head.end_point"]
+        assert r["figures"] == ["synthetic_unseen/accuracy", "synthetic_unseen/val_at_far"]
+        assert r["synthetic_unseen/accuracy"] == final["synthetic_unseen/accuracy"]
+        assert f"| {r['point']['head.end_point']} | {100 * final['synthetic_unseen/accuracy']:.2f} +- 0.00 | " \
+               f"{100 * final['synthetic_unseen/val_at_far']:.2f} +- 0.00 |" in md
+    assert os.path.getsize(os.path.join(out, "sweep.png")) > 0
+    with open(config, "a", encoding="utf-8") as fh:
+        fh.write("optimizer: {lr: 0.05}\n")  # a changed config file is another sweep
+    with pytest.raises(ValueError, match="other settings .*config_sha256"):
+        accuracy.main(argv)
+
+
+_SETTINGS = {"vector_classes": 64, "vector_steps": 12, "image_classes": 16, "image_steps": 6, "eval_identities": 12,
+             "eval_samples": 3, "nproc": 1}
+_MACHINE = {"command": "dsoft bench accuracy", "host": "h", "cpu_count": 2, "device": "cpu", "torch": "x",
+            "date": "today"}
+
+
+def _planted_sweep() -> list[dict]:
+    """d_softmax at r = 1 and d_softmax_k at 1/8, two seeds, a grid over head.scale of 32 and 64: accuracy
+    0.90 / 0.91 at 32 and 0.80 / 0.81 at 64 (d_softmax_k 0.1 lower), TAR@FAR=1e-3 0.4 lower."""
+    records = []
+    for seed in (0, 1):
+        for method, rate, k in (("d_softmax", 1.0, 64), ("d_softmax_k", 0.125, 8)):
+            for scale, base in ((32, 0.90), (64, 0.80)):
+                acc = base + 0.01 * seed - (0.1 if method == "d_softmax_k" else 0.0)
+                records.append({"part": "vectors", "method": method, "rate": rate, "seed": seed, "k": k,
+                                "name": f"vectors-{method}-s{seed}@scale={scale}", "point": {"head.scale": scale},
+                                "train_s": 3.0, "accuracy": acc, "accuracy_std": 0.01, "tar_at_1e-03": acc - 0.4,
+                                "tar_at_1e-04": acc - 0.5, "genuine_pairs": 36, "impostor_pairs": 5000,
+                                "loss_curve": [[1, 2.0], [12, 1.0]]})
+    return records

@@ -54,6 +54,7 @@ ROWS = {
     "bench train": (["bench", "train", "--classes", "-9"], "num_classes=-9"),
     "bench backbone": (["bench", "backbone", "--batch", "0"], "--batch 0"),
     "bench chaos": (["bench", "chaos", "--world-sizes", "2,x"], "--world-sizes '2,x'"),
+    "bench terms": (["bench", "terms", "--runs", f"{MISSING}/run"], f"{MISSING}/run"),
     "plan": (["plan", "--classes", "1000000", "--gpus", "8", "--sample-rate", "3/2"], "--sample-rate '3/2'"),
 }
 DEMO_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -68,6 +69,8 @@ EXTRA_ROWS = [
     (["eval", "--checkpoint", FILE, "--ijb", f"{MISSING}/IJBC"], f"{MISSING}/IJBC"),
     (["export", "--checkpoint", FILE, "{tmp}/b.onnx"], FILE),  # not a torch file
     (["ckpt", "inspect", "{tmp}/ckpt-bad-manifest"], "{tmp}/ckpt-bad-manifest/manifest.json"),  # not JSON
+    # a grid key the config does not have: refused before anything trains, with the loader's own message
+    (["bench", "accuracy", "--out", "{tmp}/acc", "--sweep", "head.scal=32,64"], "unknown key 'head.scal'"),
 ]
 FAST_ROW = "eval"  # the representative row, also run through the console script
 

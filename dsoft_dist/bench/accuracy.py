@@ -1,5 +1,10 @@
-"""The paper's accuracy comparison: every method trained by ``dsoft train`` with the same budget and seeds,
-verified on identities never seen in training.
+"""The paper's accuracy comparison, and a grid over any config keys to tune d and s on your own data: every run
+trained by ``dsoft train`` with the same budget and seeds, verified on identities never seen in training.
+
+    dsoft bench accuracy                                   # both parts, 3 seeds: about an hour on 2 CPU cores
+    dsoft bench accuracy --parts vectors --seeds 0 --methods d_softmax,d_softmax_k --rates 1,1/64
+    dsoft bench accuracy --parts images --methods d_softmax,arcface --sweep head.scale=32,64 --seeds 0,1,2
+    dsoft bench accuracy --config my.yaml --sweep head.end_point=0.85,0.9,0.95 --sweep head.scale=32,64 --seeds 0,1
 
 Two parts, each on procedural synthetic identities (``dsoft_dist.data.synthetic``) sized for a CPU:
 
@@ -27,20 +32,29 @@ Verification (the same for every run): ``--eval-identities`` unseen identities (
 all pairs (1000 x 4 gives 6,000 genuine and 7,992,000 impostor pairs), and the 10-fold accuracy
 over the genuine pairs plus as many impostor pairs drawn at random.
 
-The sweep is resumable: each run trains in ``OUT/runs/<part>-<method>-<rate>-s<seed>/`` (checkpoints
-every third of the run; ``checkpoint.resume=auto`` continues an interrupted one), and its record is
-appended to ``OUT/results.jsonl`` once verified; a rerun with the same settings skips what is done.
+The grid: ``--sweep KEY=V1,V2,...`` (repeatable; any dotted config key, values read as ``dsoft train --set``
+reads them) trains every run once per point of the cartesian product, the point's overrides applied after
+the part's and the method's settings; every point's config is validated before anything trains. A run's
+name ends in its point (``@end_point=0.85,scale=32``). ``--config FILE`` (a ``dsoft train`` YAML) replaces
+the built-in parts by your own data: every run is that config (its own head unless --methods is given) with
+the run's seeds and the point, reported by the verification the trainer runs at the end of training on its
+``eval.bins``, ``eval.pairs`` or ``eval.synthetic_identities``; --vector-*, --image-* and --eval-* are the
+built-in parts' options and do not apply.
 
-    dsoft bench accuracy                                   # both parts, 3 seeds: about an hour on 2 CPU cores
-    dsoft bench accuracy --parts vectors --seeds 0 --methods d_softmax,d_softmax_k --rates 1,1/64
+The sweep is resumable: each run trains in ``OUT/runs/<part>-<method>-<rate>-s<seed>[@<point>]/``
+(checkpoints every third of the run; ``checkpoint.resume=auto`` continues an interrupted one), and its record
+is appended to ``OUT/results.jsonl`` once verified; a rerun with the same settings (and the same --config
+file) skips what is done, so a grid extended by more values trains only the new points.
 
 Writes ``accuracy.json`` (settings, machine, one record per run), ``accuracy.csv``, ``accuracy.md``
-(mean and spread over seeds), ``accuracy_vs_rate.png`` and ``loss_curves.png`` to --out
-(``dsoft_dist.bench.accuracy_report``).
+(mean and spread over seeds, a column per swept key), ``loss_curves.png``, ``accuracy_vs_rate.png`` (the
+built-in parts without a grid) and ``sweep.png`` (with a grid: each figure against the points) to --out
+(``dsoft_dist.bench.accuracy_report``, ``dsoft_dist.bench.sweep_report``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -50,11 +64,35 @@ import time
 import numpy as np
 import yaml
 
-from dsoft_dist.bench.accuracy_report import FULL_LOSSES, METHODS, PARTS, format_markdown, summarize, write_outputs
+from dsoft_dist.bench.accuracy_grid import (
+    check_verifies,
+    grid_points,
+    load_user_config,
+    own_method,
+    parse_sweeps,
+    point_overrides,
+    trainer_figures,
+    user_run_config,
+)
+from dsoft_dist.bench.accuracy_report import (
+    CONFIG_PART,
+    FULL_LOSSES,
+    METHODS,
+    PARTS,
+    figure_label,
+    figures_of,
+    format_markdown,
+    point_text,
+    summarize,
+    write_outputs,
+)
 from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.bench.speedup import SAMPLED, machine, parse_rates
+from dsoft_dist.bench.sweep_report import write_sweep_plot
+from dsoft_dist.config.loader import apply_overrides, config_from_dict
 from dsoft_dist.config.schema import rate_text
 from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET, SyntheticIdentities, SyntheticVectors, vector_difficulty
+from dsoft_dist.errors import ConfigError
 from dsoft_dist.eval.extract import extract_embeddings
 from dsoft_dist.eval.roc import tar_at_far
 from dsoft_dist.eval.verification import verify_scores_kfold
@@ -99,28 +137,68 @@ def part_config(part: str, args) -> dict:
     }
 
 
+def method_rates(part: str, args) -> list[tuple[str, float]]:
+    """(method, rate) of every run of a part per seed and point: the sampled methods at each --rates < 1, the
+    others at 1; a --config without --methods: its own head's."""
+    if part == CONFIG_PART and not args.method_list:
+        return [own_method(args.user_config["head"])]
+    return [(method, rate) for method in args.methods_of[part]
+            for rate in ([r for r in args.rate_list if r < 1] if method in SAMPLED else [1.0])]
+
+
 def plan(args) -> list[dict]:
-    """Every run of the sweep, seed by seed (an interrupted sweep has whole seeds first)."""
+    """Every run of the sweep, seed by seed (an interrupted sweep has whole seeds first), a run per grid point;
+    a point's run is named ``<part>-<method>-<rate>-s<seed>@<point_text>`` and records its ``"point"``."""
     runs = []
     for seed in args.seed_list:
         for part in args.part_list:
-            for method in args.methods_of[part]:
-                rates = [r for r in args.rate_list if r < 1] if method in SAMPLED else [1.0]
-                for rate in rates:
-                    runs.append({"part": part, "method": method, "rate": rate, "seed": seed,
-                                 "name": f"{part}-{method}-{rate_text(rate).replace('/', 'of')}-s{seed}"})
+            for method, rate in method_rates(part, args):
+                for point in args.points:
+                    run = {"part": part, "method": method, "rate": rate, "seed": seed,
+                           "name": f"{part}-{method}-{rate_text(rate).replace('/', 'of')}-s{seed}"}
+                    if point:
+                        run.update(name=f"{run['name']}@{point_text(point)}", point=point)
+                    runs.append(run)
     return runs
 
 
 def run_config(run: dict, args, out: str) -> dict:
-    """The config dict of one planned run: its part's config with the run's head, seeds and output folder."""
-    cfg = part_config(run["part"], args)
-    loss, negatives = head_of(run["method"])
+    """The config dict of one planned run: its part's config (or the user's --config) with the run's head, seeds
+    and output folder, then its grid point's overrides (which may change anything else)."""
+    if run["part"] == CONFIG_PART:
+        cfg = user_run_config(args.user_config, args.nproc_given)
+    else:
+        cfg = part_config(run["part"], args)
+    if run["part"] != CONFIG_PART or args.method_list:
+        loss, negatives = head_of(run["method"])
+        cfg["head"].update(loss=loss, negatives=negatives, sample_rate=run["rate"])
     cfg["name"], cfg["seed"] = run["name"], run["seed"]
-    cfg["head"].update(loss=loss, negatives=negatives, sample_rate=run["rate"], seed=run["seed"])
-    cfg["data"]["seed"] = run["seed"]
+    cfg["head"]["seed"] = cfg["data"]["seed"] = run["seed"]
     cfg["logging"]["output_dir"] = out
-    return cfg
+    return apply_overrides(cfg, point_overrides(run.get("point") or {}))
+
+
+def checked_runs(args) -> list[tuple[dict, dict]]:
+    """(run, config dict) of every planned run, each config validated as ``dsoft train`` validates it, before
+    any trains: ConfigError naming the grid point and the key; ValueError when two points share a run name or
+    a --config run would verify nothing."""
+    runs, names = [], {}
+    for run in plan(args):
+        cfg = run_config(run, args, os.path.join(args.out, "runs", run["name"]))
+        point = ",".join(f"{key}={value}" for key, value in (run.get("point") or {}).items())
+        where = f"--sweep point {point}" if point else f"run {run['name']}"
+        try:
+            checked = config_from_dict(copy.deepcopy(cfg))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+        if run["part"] == CONFIG_PART:
+            check_verifies(checked, where)
+        if run["name"] in names:
+            raise ValueError(f"--sweep points {names[run['name']]} and {run['point']} give the same run name "
+                             f"{run['name']!r}: give values that differ in letters, digits or . _ + -")
+        names[run["name"]] = run.get("point")
+        runs.append((run, cfg))
+    return runs
 
 
 def train(cfg: dict, out: str) -> float:
@@ -194,6 +272,8 @@ def sampled_k(cfg: dict) -> int:
     global batch."""
     if cfg["head"]["negatives"] == "batch":
         return cfg["data"]["batch_size"] * cfg["parallel"]["nproc"]
+    if cfg["head"]["negatives"] == "all":  # a --config may keep a sample_rate that "all" ignores
+        return cfg["data"]["num_classes"]
     return int(np.ceil(cfg["head"]["sample_rate"] * cfg["data"]["num_classes"]))
 
 
@@ -206,7 +286,10 @@ def load_results(path: str) -> dict[str, dict]:
 
 
 def settings(args) -> dict:
-    """What the records depend on: a rerun must match it to reuse them."""
+    """What the records depend on: a rerun must match it to reuse them. Not the grid, the methods, rates or
+    seeds: a run's name says those, so a rerun with more of them reuses the runs it shares."""
+    if args.config:
+        return {"config_sha256": args.config_sha256, "nproc": args.nproc_given}
     return {k: getattr(args, k) for k in ("vector_classes", "vector_steps", "image_classes", "image_steps",
                                           "eval_identities", "eval_samples", "nproc")}
 
@@ -227,34 +310,39 @@ def check_settings(out: str, args) -> None:
         json.dump(mine, fh, indent=1)
 
 
-def sweep(args) -> list[dict]:
-    """Trains and verifies every planned run not yet in results.jsonl; returns the records of the plan."""
+def sweep(args, runs: list[tuple[dict, dict]]) -> list[dict]:
+    """Trains and verifies every (run, config) of ``checked_runs`` not yet in results.jsonl (a built-in part's by
+    ``verify_run``, a --config run's by the trainer); returns the records of the plan, in its order."""
     results_path = os.path.join(args.out, "results.jsonl")
     done = load_results(results_path)
-    runs = plan(args)
-    for i, run in enumerate(runs, 1):
+    for i, (run, cfg) in enumerate(runs, 1):
         if run["name"] in done:
             continue
-        out = os.path.join(args.out, "runs", run["name"])
-        cfg = run_config(run, args, out)
+        out = cfg["logging"]["output_dir"]
         train_s = train(cfg, out)
-        record = {**run, "k": sampled_k(cfg), "train_s": train_s, **verify_run(cfg, args, out),
-                  "loss_curve": loss_curve(out)}
+        figures = trainer_figures(out) if run["part"] == CONFIG_PART else verify_run(cfg, args, out)
+        record = {**run, "k": sampled_k(cfg), "train_s": train_s, **figures, "loss_curve": loss_curve(out)}
         with open(results_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         done[run["name"]] = record
-        print(f"[{i}/{len(runs)}] {run['name']}: TAR@FAR=1e-3 {record['tar_at_1e-03']:.4f}, "
-              f"1e-4 {record['tar_at_1e-04']:.4f}, accuracy {record['accuracy']:.4f} ({train_s:.0f} s)", flush=True)
-    return [done[r["name"]] for r in runs]
+        shown = ", ".join(f"{figure_label(f)} {record[f]:.4f}" for f in figures_of(record))
+        print(f"[{i}/{len(runs)}] {run['name']}: {shown} ({train_s:.0f} s)", flush=True)
+    return [done[run["name"]] for run, _ in runs]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options of ``dsoft bench accuracy``."""
-    p = bench_parser("accuracy", __doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The options of ``dsoft bench accuracy`` (its help: the module doc's first two paragraphs, the examples)."""
+    p = bench_parser("accuracy", "\n\n".join(__doc__.split("\n\n")[:2]),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/accuracy", help="sweep folder (resumable; default runs/accuracy)")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of vectors, images")
+    p.add_argument("--parts", default=None, help="comma-separated subset of vectors, images (default both)")
+    p.add_argument("--config", default="", metavar="FILE",
+                   help="a dsoft train YAML to run instead of the built-in parts (your own data; its eval section "
+                        "must verify something): the part 'config'")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a grid over a config key, e.g. head.end_point=0.85,0.9; repeat it for a cartesian product")
     p.add_argument("--methods", default="", help=f"comma-separated subset of {', '.join(METHODS)} "
-                   "(default: every method for vectors, the six full losses for images)")
+                   "(default: every method for vectors, the six full losses for images, the config's own head)")
     p.add_argument("--rates", default="1,1/8,1/64", help="sample rates of the sampled methods (default 1,1/8,1/64)")
     p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
     p.add_argument("--vector-classes", type=int, default=20_000,
@@ -265,47 +353,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-steps", type=int, default=300, help="images part: training steps per run (default 300)")
     p.add_argument("--eval-identities", type=int, default=1000, help="unseen identities verified (default 1000)")
     p.add_argument("--eval-samples", type=int, default=4, help="samples of each unseen identity (default 4)")
-    p.add_argument("--nproc", type=int, default=1, help="local ranks of each dsoft train run (default 1)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local ranks of each dsoft train run (default 1; a --config's own parallel.nproc)")
     return p
 
 
-def check_args(args) -> None:
-    """Fills the parsed lists; ValueError naming the option on a bad value."""
-    args.part_list = [p.strip() for p in args.parts.split(",") if p.strip()]
+def _check_form(args) -> None:
+    """The built-in parts (--parts) or the user's --config: fills part_list, and user_config and config_sha256."""
+    if args.config:
+        if args.parts is not None:
+            raise ValueError(f"--parts {args.parts!r} and --config {args.config!r}: the runs of --config are the "
+                             "part 'config'; drop --parts (or --config to run the built-in parts)")
+        args.part_list = [CONFIG_PART]
+        args.user_config, args.config_sha256 = load_user_config(args.config)
+        return
+    parts = args.parts if args.parts is not None else ",".join(PARTS)
+    args.part_list = [p.strip() for p in parts.split(",") if p.strip()]
     if not args.part_list or any(p not in PARTS for p in args.part_list):
-        raise ValueError(f"--parts {args.parts!r} is invalid: choose from {', '.join(PARTS)}")
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown or (args.methods and not chosen):
+        raise ValueError(f"--parts {parts!r} is invalid: choose from {', '.join(PARTS)}")
+
+
+def check_args(args) -> None:
+    """Fills the parsed lists (parts, methods, rates, seeds, grid points, a --config's resolved dict); ValueError
+    naming the option on a bad value (ConfigError naming the key for a bad --config file)."""
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.method_list if m not in METHODS]
+    if unknown or (args.methods and not args.method_list):
         raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; choose from {', '.join(METHODS)}")
-    args.methods_of = {p: tuple(chosen) or DEFAULT_METHODS[p] for p in PARTS}
+    args.methods_of = {p: tuple(args.method_list) or DEFAULT_METHODS[p] for p in PARTS}
+    args.methods_of[CONFIG_PART] = tuple(args.method_list)
     args.rate_list = parse_rates(args.rates)
     args.seed_list = int_list(args.seeds, "--seeds", 0)
-    for name in ("vector_classes", "vector_steps", "image_classes", "image_steps", "eval_samples", "nproc"):
+    args.grid = parse_sweeps(args.sweep)
+    args.points = grid_points(args.grid)
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc} is invalid: must be >= 1")
+    args.nproc_given, args.nproc = args.nproc, args.nproc or 1
+    for name in ("vector_classes", "vector_steps", "image_classes", "image_steps", "eval_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: must be >= 1")
     if args.eval_identities < 2 or args.eval_samples < 2:
         raise ValueError(f"--eval-identities {args.eval_identities} / --eval-samples {args.eval_samples}: "
                          "verification needs >= 2 identities with >= 2 samples each")
+    _check_form(args)
     for option, batch in GLOBAL_BATCH.items():
-        if batch % args.nproc:
+        if option in args.part_list and batch % args.nproc:
             raise ValueError(f"--nproc {args.nproc} does not divide the {option} part's global batch of {batch}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs (or resumes) the sweep, then writes and prints its report; returns the exit code 0."""
+    """Runs (or resumes) the sweep, then writes and prints its report; returns the exit code 0. Every run's config
+    is validated before --out is written to or anything trains."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     check_args(args)
+    runs = checked_runs(args)
     check_settings(args.out, args)
-    records = sweep(args)
+    records = sweep(args, runs)
     result = {"settings": settings(args), "machine": machine(argv, "accuracy"), "records": records}
+    if args.config:
+        result["config"] = args.config
     result["summary"] = summarize(records)
     result["markdown"] = format_markdown(result)
-    paths = write_outputs(result, args.out)
+    paths = {**write_outputs(result, args.out), **write_sweep_plot(result, args.out)}
     sys.stdout.write(result["markdown"] + "\n\n" + "wrote " + ", ".join(paths.values()) + "\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -138,7 +138,7 @@ class DataConfig:
     shards: str = ""  # brace pattern, list file or pipe: command (webdataset)
     manifest: str = ""  # manifest.json written by the converters (webdataset)
     num_classes: int = 1000
-    synthetic_mode: str = "images"  # images | vectors
+    synthetic_mode: str = "images"  # images (face-like) | glyphs (characters in bundled fonts) | vectors
     samples_per_class: int = 20
     image_size: int = 112
     batch_size: int = 128  # per rank
@@ -164,7 +164,7 @@ class DataConfig:
         _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", self.steps_per_epoch,
                "must be >= 0 (0 = from the data)")
         _positive("data.vector_dim", self.vector_dim)
-        _choice("data.synthetic_mode", self.synthetic_mode, ("images", "vectors"))
+        _choice("data.synthetic_mode", self.synthetic_mode, ("images", "glyphs", "vectors"))
         _choice("data.bad_data", self.bad_data, ("skip", "fail"))
         _check(self.max_bad_samples >= 0, "data.max_bad_samples", self.max_bad_samples, "must be >= 0 (0 = no limit)")
         _check(self.bad_data == "skip" or not self.max_bad_samples, "data.max_bad_samples", self.max_bad_samples,
@@ -401,8 +401,9 @@ class Config:
                f"{self.data.source!r}): set it to 0 and give your own verification sets in eval.bins")
         _check(self.eval.synthetic_identities == 0 or self.data.synthetic_mode == "images",
                "eval.synthetic_identities", self.eval.synthetic_identities,
-               "the synthetic verification pairs are images, which a data.synthetic_mode=vectors backbone cannot "
-               "embed: set it to 0 (dsoft bench accuracy shows how to verify vector runs on unseen identities)")
+               "the synthetic verification pairs are face-like images (data.synthetic_mode=images), which say "
+               f"nothing of a data.synthetic_mode={self.data.synthetic_mode} backbone: set it to 0 (dsoft bench "
+               "accuracy shows how to verify such runs on unseen identities)")
         _check(not (self.optimizer.head_step_in_backward and self.parallel.precision == "fp16"),
                "optimizer.head_step_in_backward", self.optimizer.head_step_in_backward,
                "under parallel.precision=fp16 an overflow must skip the head step with the backbone's, which a step "

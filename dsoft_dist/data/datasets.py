@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dsoft_dist.data.decode import Augment, BadSample, decode_sample, decode_vector
+from dsoft_dist.data.glyphs import GlyphIdentities
 from dsoft_dist.data.position import count_done, is_done
 from dsoft_dist.data.rng import FeistelPermutation, hash_keys
 from dsoft_dist.data.shards import BadData, assign_samples, iter_plan, shuffle_buffer
@@ -197,14 +198,16 @@ def synthetic_positions(total: int, slot: Slot, worker: int, num_workers: int, s
 
 
 class SyntheticImageStream(IterableDataset):
-    """num_classes x samples_per_class synthetic images per epoch, split like shards."""
+    """num_classes x samples_per_class synthetic images per epoch, split like shards: face-like identities
+    (``SyntheticIdentities``), or glyph identities (``GlyphIdentities``) with ``glyphs=True``."""
 
     def __init__(self, num_classes: int, samples_per_class: int, image_size: int, slot: Slot = Slot(),
                  chunk: int = 64, difficulty="medium", augment: Augment | None = None, identity_offset: int = 0,
-                 done: np.ndarray | None = None, keys: bool = False):
+                 done: np.ndarray | None = None, keys: bool = False, glyphs: bool = False):
         super().__init__()
-        self.source = SyntheticIdentities(num_classes, image_size=image_size, seed=slot.seed,
-                                          identity_offset=identity_offset, difficulty=difficulty)
+        source = GlyphIdentities if glyphs else SyntheticIdentities
+        self.source = source(num_classes, image_size=image_size, seed=slot.seed, identity_offset=identity_offset,
+                             difficulty=difficulty)
         self.samples_per_class, self.slot, self.chunk, self.augment = samples_per_class, slot, chunk, augment
         self.done, self.keys = done, keys
 

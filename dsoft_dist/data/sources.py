@@ -1,6 +1,6 @@
 """The training data sources ``data.source`` names, registered in ``dsoft_dist.registry.DATA_SOURCES``:
-``synthetic`` (procedural identities, images or vectors; no files) and ``webdataset`` (tar shards and the
-converters' manifest). Each is a ``DataSource`` giving what the run needs of its data:
+``synthetic`` (procedural identities: face-like or glyph images, or vectors; no files) and ``webdataset`` (tar
+shards and the converters' manifest). Each is a ``DataSource`` giving what the run needs of its data:
 
     source = DATA_SOURCES.get(cfg.data.source)
     loader = source.loader(cfg.data, rank, world_size, epoch, start_batch, done, keys)   # a TrainLoader
@@ -24,6 +24,7 @@ import numpy as np
 
 from dsoft_dist.data.datasets import ShardStream, Slot, SyntheticImageStream, SyntheticVectorStream
 from dsoft_dist.data.decode import Augment
+from dsoft_dist.data.glyphs import glyph_capacity, glyph_set_digest
 from dsoft_dist.data.pipeline import TrainLoader, check_shards, manifest_file
 from dsoft_dist.data.position import count_done
 from dsoft_dist.data.synthetic import vector_difficulty
@@ -76,7 +77,8 @@ def _chunk(cfg) -> int:
 
 def synthetic_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: int = 0,
                      done: np.ndarray | None = None, keys: bool = False) -> TrainLoader:
-    """The procedural identities: num_classes x samples_per_class images (B, 3, S, S) or vectors (B, D)."""
+    """The procedural identities: num_classes x samples_per_class images (B, 3, S, S) of faces or glyphs
+    (data.synthetic_mode images | glyphs), or vectors (B, D)."""
     slot, extra = _slots(cfg, rank, world_size, epoch), dict(done=done, keys=keys)
     common = loader_kwargs(cfg, rank, world_size, epoch, start_batch, done, keys)
     total = cfg.num_classes * cfg.samples_per_class
@@ -87,10 +89,13 @@ def synthetic_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: i
         make = lambda p: SyntheticVectorStream(cfg.num_classes, cfg.samples_per_class, dim, slot(p),  # noqa: E731
                                                chunk=max(_chunk(cfg), 256), **nuisance, **extra)
         return TrainLoader(make, batches, normalize=False, num_samples=total, **common)
-    difficulty = getattr(cfg, "difficulty", "medium")
+    difficulty, glyphs = getattr(cfg, "difficulty", "medium"), cfg.synthetic_mode == "glyphs"
+    augment = _augment(cfg)
+    if glyphs:  # a mirrored glyph is another character (b/d, p/q, </>): data.augment_flip is for faces
+        augment = Augment(flip=False, color_jitter=augment.color_jitter, random_crop=augment.random_crop)
     make = lambda p: SyntheticImageStream(cfg.num_classes, cfg.samples_per_class, cfg.image_size,  # noqa: E731
-                                          slot(p), chunk=_chunk(cfg), difficulty=difficulty, augment=_augment(cfg),
-                                          **extra)
+                                          slot(p), chunk=_chunk(cfg), difficulty=difficulty, augment=augment,
+                                          glyphs=glyphs, **extra)
     return TrainLoader(make, batches, num_samples=total, **common)
 
 
@@ -113,8 +118,15 @@ def webdataset_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: 
 
 
 
-def _no_check(cfg) -> None:
-    """Synthetic data has nothing to find before the start: it is generated on the fly."""
+def _check_synthetic(cfg) -> None:
+    """Synthetic data has nothing to find before the start: it is generated on the fly. Glyphs are a finite
+    set: data.num_classes must fit its training side (``glyph_capacity``)."""
+    if getattr(cfg, "synthetic_mode", "images") == "glyphs":
+        train = glyph_capacity()["train"]
+        if cfg.num_classes > train:
+            raise ValueError(f"data.num_classes={cfg.num_classes} is invalid with data.synthetic_mode=glyphs: the "
+                             f"glyph set has {train} training identities (the rest are kept for evaluation): set "
+                             f"data.num_classes <= {train}")
 
 
 def _check_webdataset(cfg) -> None:
@@ -123,9 +135,13 @@ def _check_webdataset(cfg) -> None:
 
 
 def synthetic_identity(cfg) -> dict:
-    """The generator's parameters."""
+    """The generator's parameters; for glyphs also the character set's digest, which comes from the installed
+    fonts (another matplotlib may give other characters)."""
     keys = ("synthetic_mode", "samples_per_class", "image_size", "difficulty", "vector_dim")
-    return {"source": "synthetic", **{k: getattr(cfg, k) for k in keys}}
+    identity = {"source": "synthetic", **{k: getattr(cfg, k) for k in keys}}
+    if identity["synthetic_mode"] == "glyphs":
+        identity["glyph_set"] = glyph_set_digest()
+    return identity
 
 
 def webdataset_identity(cfg) -> dict:
@@ -136,5 +152,5 @@ def webdataset_identity(cfg) -> dict:
     return {"source": "webdataset", "shards": cfg.shards}
 
 
-DATA_SOURCES.register("synthetic", DataSource(synthetic_loader, _no_check, synthetic_identity))
+DATA_SOURCES.register("synthetic", DataSource(synthetic_loader, _check_synthetic, synthetic_identity))
 DATA_SOURCES.register("webdataset", DataSource(webdataset_loader, _check_webdataset, webdataset_identity))
