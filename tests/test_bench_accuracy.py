@@ -129,6 +129,31 @@ def test_toy_image_sweep_verifies_flip_summed_embeddings(tmp_path):
     assert 0.0 <= record["accuracy"] <= 1.0
 
 
+def test_the_glyph_part_trains_glyph_identities_and_is_only_run_when_asked():
+    args = _checked(["--parts", "glyphs", "--seeds", "0", "--glyph-classes", "40", "--glyph-steps", "9"])
+    runs = accuracy.plan(args)
+    assert [r["name"] for r in runs] == [f"glyphs-{m}-1-s0" for m in accuracy.FULL_LOSSES]
+    cfg = accuracy.run_config(runs[-1], args, "/tmp/x")
+    assert (cfg["data"]["synthetic_mode"], cfg["data"]["num_classes"], cfg["schedule"]["steps"]) == ("glyphs", 40, 9)
+    assert cfg["model"]["name"] == "iresnet_tiny" and cfg["head"]["loss"] == "d_softmax"
+    assert "glyphs" not in _checked(["--seeds", "0"]).part_list  # the default parts stay vectors and images
+    inputs, ids = accuracy.unseen_inputs(cfg["data"], 3, 2)
+    assert inputs.shape == (6, 32, 32, 3) and ids.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="--glyph-classes 5000 is invalid"):
+        _checked(["--parts", "glyphs", "--glyph-classes", "5000"])
+
+
+@pytest.mark.slow(reason="trains the glyph part end to end and embeds 1,000 unseen glyphs")
+def test_toy_glyph_run_verifies_at_most_the_characters_kept_for_evaluation(tmp_path):
+    out = str(tmp_path / "glyphs")
+    argv = ["--out", out, "--parts", "glyphs", "--methods", "arcface", "--seeds", "0", "--glyph-classes", "16",
+            "--glyph-steps", "4", "--eval-identities", "600", "--eval-samples", "2"]
+    assert accuracy.main(argv) == 0
+    (record,) = _records(out)
+    assert record["name"] == "glyphs-arcface-1-s0" and record["genuine_pairs"] == 500  # 500 characters x 1 pair
+    assert 0.0 <= record["tar_at_1e-03"] <= 1.0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--parts", "audio"], "--parts 'audio'"),
     (["--methods", "d_softmax,nope"], "unknown \\['nope'\\]"),

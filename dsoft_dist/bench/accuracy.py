@@ -1,17 +1,20 @@
 """The paper's accuracy comparison, and a grid over any config keys to tune d and s on your own data: every run
 trained by ``dsoft train`` with the same budget and seeds, verified on identities never seen in training.
 
-    dsoft bench accuracy                                   # both parts, 3 seeds: about an hour on 2 CPU cores
+    dsoft bench accuracy                                   # vectors and images, 3 seeds: about an hour on 2 CPU cores
+    dsoft bench accuracy --parts glyphs --methods arcface,d_softmax,d_softmax_k --rates 1,1/8,1/64
     dsoft bench accuracy --parts vectors --seeds 0 --methods d_softmax,d_softmax_k --rates 1,1/64
     dsoft bench accuracy --parts images --methods d_softmax,arcface --sweep head.scale=32,64 --seeds 0,1,2
     dsoft bench accuracy --config my.yaml --sweep head.end_point=0.85,0.9,0.95 --sweep head.scale=32,64 --seeds 0,1
 
-Two parts, each on procedural synthetic identities (``dsoft_dist.data.synthetic``) sized for a CPU:
+Three parts, each on identities generated here (``dsoft_dist.data.synthetic``, ``dsoft_dist.data.glyphs``)
+sized for a CPU; ``--parts`` defaults to vectors and images:
 
 | part | data | backbone | methods (default) |
 |---|---|---|---|
 | vectors | 20,000 vector identities x 8 samples, ``data.difficulty=hard`` | ``mlp`` | every method below |
 | images | 500 image identities x 16 samples (32 px, medium) | ``iresnet_tiny`` | the six full losses |
+| glyphs | 2,000 glyph identities x 16 samples (32 px, medium, 16 font styles) | ``iresnet_tiny`` | six full losses |
 
 | method | head | rates |
 |---|---|---|
@@ -27,8 +30,9 @@ seed's synthetic world (``seed``, ``data.seed`` and ``head.seed`` are the seed),
 the batch and the optimizer; the seeds give the spread.
 
 Verification (the same for every run): ``--eval-identities`` unseen identities (global ids from
-``EVAL_IDENTITY_OFFSET``) x ``--eval-samples`` samples, embedded by the run's ``backbone.pt``
-(images: the flip-summed embedding), every pair scored by cosine: TAR at FAR = 1e-3 and 1e-4 over
+``EVAL_IDENTITY_OFFSET``; glyphs: at most the 500 characters kept for evaluation) x ``--eval-samples``
+samples, embedded by the run's ``backbone.pt`` (images: the flip-summed embedding; glyphs are not
+mirrored), every pair scored by cosine: TAR at FAR = 1e-3 and 1e-4 over
 all pairs (1000 x 4 gives 6,000 genuine and 7,992,000 impostor pairs), and the 10-fold accuracy
 over the genuine pairs plus as many impostor pairs drawn at random.
 
@@ -91,6 +95,7 @@ from dsoft_dist.bench.speedup import SAMPLED, machine, parse_rates
 from dsoft_dist.bench.sweep_report import write_sweep_plot
 from dsoft_dist.config.loader import apply_overrides, config_from_dict
 from dsoft_dist.config.schema import rate_text
+from dsoft_dist.data.glyphs import GlyphIdentities, glyph_capacity
 from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET, SyntheticIdentities, SyntheticVectors, vector_difficulty
 from dsoft_dist.errors import ConfigError
 from dsoft_dist.eval.extract import extract_embeddings
@@ -99,8 +104,9 @@ from dsoft_dist.eval.verification import verify_scores_kfold
 from dsoft_dist.models.checkpoint import load_backbone
 from dsoft_dist.utils import int_list
 
-DEFAULT_METHODS = {"vectors": METHODS, "images": FULL_LOSSES}
-GLOBAL_BATCH = {"vectors": 256, "images": 128}  # split over --nproc ranks
+DEFAULT_METHODS = {"vectors": METHODS, "images": FULL_LOSSES, "glyphs": FULL_LOSSES}
+DEFAULT_PARTS = ("vectors", "images")
+GLOBAL_BATCH = {"vectors": 256, "images": 128, "glyphs": 128}  # split over --nproc ranks
 FARS = (1e-3, 1e-4)
 
 
@@ -119,12 +125,12 @@ def part_config(part: str, args) -> dict:
                 "num_classes": args.vector_classes, "samples_per_class": 8,
                 "batch_size": GLOBAL_BATCH[part] // args.nproc}
         steps = args.vector_steps
-    else:
+    else:  # images, glyphs
         model = {"name": "iresnet_tiny", "embedding_size": 128, "input_size": 32}
-        data = {"synthetic_mode": "images", "image_size": 32, "difficulty": "medium",
-                "num_classes": args.image_classes, "samples_per_class": 16,
+        data = {"synthetic_mode": part, "image_size": 32, "difficulty": "medium",
+                "num_classes": getattr(args, f"{part[:-1]}_classes"), "samples_per_class": 16,
                 "batch_size": GLOBAL_BATCH[part] // args.nproc, "num_workers": 1}
-        steps = args.image_steps
+        steps = getattr(args, f"{part[:-1]}_steps")
     return {
         "model": model,
         "head": {"scale": 32.0, "end_point": 0.9},
@@ -230,8 +236,9 @@ def unseen_inputs(data: dict, identities: int, per_identity: int):
         src = SyntheticVectors(identities, dim=data["vector_dim"], seed=data["seed"],
                                identity_offset=EVAL_IDENTITY_OFFSET, **vector_difficulty(data["difficulty"]))
         return src.batch(ids, index), ids
-    src = SyntheticIdentities(identities, image_size=data["image_size"], seed=data["seed"],
-                              identity_offset=EVAL_IDENTITY_OFFSET, difficulty=data["difficulty"])
+    kind = GlyphIdentities if data["synthetic_mode"] == "glyphs" else SyntheticIdentities
+    src = kind(identities, image_size=data["image_size"], seed=data["seed"], identity_offset=EVAL_IDENTITY_OFFSET,
+               difficulty=data["difficulty"])
     return np.stack([src.sample(i, j) for i, j in zip(ids.tolist(), index.tolist())]), ids
 
 
@@ -255,7 +262,10 @@ def verify_embeddings(emb: np.ndarray, ids: np.ndarray, seed: int = 0) -> dict:
 def verify_run(cfg: dict, args, out: str) -> dict:
     """``verify_embeddings`` of the unseen identities embedded by the run's ``out/backbone.pt``."""
     model, _ = load_backbone(os.path.join(out, "backbone.pt"))
-    inputs, ids = unseen_inputs(cfg["data"], args.eval_identities, args.eval_samples)
+    identities = args.eval_identities
+    if cfg["data"]["synthetic_mode"] == "glyphs":
+        identities = min(identities, glyph_capacity()["eval"])
+    inputs, ids = unseen_inputs(cfg["data"], identities, args.eval_samples)
     emb = extract_embeddings(model, inputs, batch_size=512, flip=cfg["data"]["synthetic_mode"] == "images")
     return verify_embeddings(emb, ids, seed=cfg["seed"])
 
@@ -291,18 +301,20 @@ def settings(args) -> dict:
     if args.config:
         return {"config_sha256": args.config_sha256, "nproc": args.nproc_given}
     return {k: getattr(args, k) for k in ("vector_classes", "vector_steps", "image_classes", "image_steps",
-                                          "eval_identities", "eval_samples", "nproc")}
+                                          "glyph_classes", "glyph_steps", "eval_identities", "eval_samples", "nproc")}
 
 
 def check_settings(out: str, args) -> None:
-    """Records ``settings(args)`` in out/settings.json; ValueError when the folder holds a sweep with others."""
+    """Records ``settings(args)`` in out/settings.json; ValueError when the folder holds a sweep with others (a
+    setting the folder's sweep predates, such as a part added since, is not a difference)."""
     path = os.path.join(out, "settings.json")
     mine = settings(args)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             theirs = json.load(fh)
-        if theirs != mine:
-            diff = ", ".join(f"{k}: {theirs.get(k)} there, {v} now" for k, v in mine.items() if theirs.get(k) != v)
+        diff = ", ".join(f"{k}: {theirs[k]} there, {v} now" for k, v in mine.items() if k in theirs and theirs[k] != v)
+        if diff or set(theirs) - set(mine):
+            diff = diff or f"settings {sorted(set(theirs) - set(mine))} there, not now"
             raise ValueError(f"--out {out!r} holds a sweep with other settings ({diff}): use another --out, "
                              "or rerun with its settings to resume it")
     os.makedirs(out, exist_ok=True)
@@ -335,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_parser("accuracy", "\n\n".join(__doc__.split("\n\n")[:2]),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/accuracy", help="sweep folder (resumable; default runs/accuracy)")
-    p.add_argument("--parts", default=None, help="comma-separated subset of vectors, images (default both)")
+    p.add_argument("--parts", default=None, help="comma-separated subset of vectors, images, glyphs "
+                   "(default vectors,images)")
     p.add_argument("--config", default="", metavar="FILE",
                    help="a dsoft train YAML to run instead of the built-in parts (your own data; its eval section "
                         "must verify something): the part 'config'")
@@ -351,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-classes", type=int, default=500,
                    help="images part: training identities, 16 samples each (default 500)")
     p.add_argument("--image-steps", type=int, default=300, help="images part: training steps per run (default 300)")
+    p.add_argument("--glyph-classes", type=int, default=2000,
+                   help="glyphs part: training characters, 16 samples each (default 2,000; at most 2,384)")
+    p.add_argument("--glyph-steps", type=int, default=600, help="glyphs part: training steps per run (default 600)")
     p.add_argument("--eval-identities", type=int, default=1000, help="unseen identities verified (default 1000)")
     p.add_argument("--eval-samples", type=int, default=4, help="samples of each unseen identity (default 4)")
     p.add_argument("--nproc", type=int, default=None,
@@ -367,7 +383,7 @@ def _check_form(args) -> None:
         args.part_list = [CONFIG_PART]
         args.user_config, args.config_sha256 = load_user_config(args.config)
         return
-    parts = args.parts if args.parts is not None else ",".join(PARTS)
+    parts = args.parts if args.parts is not None else ",".join(DEFAULT_PARTS)
     args.part_list = [p.strip() for p in parts.split(",") if p.strip()]
     if not args.part_list or any(p not in PARTS for p in args.part_list):
         raise ValueError(f"--parts {parts!r} is invalid: choose from {', '.join(PARTS)}")
@@ -389,13 +405,17 @@ def check_args(args) -> None:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc} is invalid: must be >= 1")
     args.nproc_given, args.nproc = args.nproc, args.nproc or 1
-    for name in ("vector_classes", "vector_steps", "image_classes", "image_steps", "eval_samples"):
+    for name in ("vector_classes", "vector_steps", "image_classes", "image_steps", "glyph_classes", "glyph_steps",
+                 "eval_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: must be >= 1")
     if args.eval_identities < 2 or args.eval_samples < 2:
         raise ValueError(f"--eval-identities {args.eval_identities} / --eval-samples {args.eval_samples}: "
                          "verification needs >= 2 identities with >= 2 samples each")
     _check_form(args)
+    if "glyphs" in args.part_list and args.glyph_classes > glyph_capacity()["train"]:
+        raise ValueError(f"--glyph-classes {args.glyph_classes} is invalid: the glyph set has "
+                         f"{glyph_capacity()['train']} training characters; use at most that")
     for option, batch in GLOBAL_BATCH.items():
         if option in args.part_list and batch % args.nproc:
             raise ValueError(f"--nproc {args.nproc} does not divide the {option} part's global batch of {batch}")

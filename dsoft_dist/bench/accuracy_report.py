@@ -24,14 +24,14 @@ from dsoft_dist.config.schema import rate_text
 FULL_LOSSES = ("softmax", "normface", "sphereface", "cosface", "arcface", "d_softmax")
 METHODS = (*FULL_LOSSES, "d_softmax_b", *SAMPLED)
 FULL_OF = {"d_softmax_k": "d_softmax", "partial_fc": "arcface", "sampled_softmax": "softmax"}  # r = 1
-PARTS = ("vectors", "images")
+PARTS = ("vectors", "images", "glyphs")
 CONFIG_PART = "config"  # the runs of the user's own --config
 PART_FIGURES = ("tar_at_1e-03", "tar_at_1e-04", "accuracy")  # the built-in parts' verification, fractions
 
 
 def classes_of(part: str, s: dict) -> int:
     """The training identities (C) of a built-in part under the sweep's settings ``s``."""
-    return s["vector_classes"] if part == "vectors" else s["image_classes"]
+    return s[f"{part[:-1]}_classes"]
 
 
 def figures_of(record: dict) -> list[str]:
@@ -163,7 +163,7 @@ def _part_table(part: str, rows: list[dict], result: dict, point_keys: list[str]
     if part == CONFIG_PART:
         title, classes = f"**config: {result.get('config', '--config')}**", None
     else:
-        classes, steps = classes_of(part, s), s["vector_steps" if part == "vectors" else "image_steps"]
+        classes, steps = classes_of(part, s), s[f"{part[:-1]}_steps"]
         title = f"**{part}: C = {classes:,} training identities, {steps} steps**"
     lines = ["", title, "", "| " + " | ".join(["method", "r", "K", "seeds", *point_keys,
                                                 *map(figure_label, figures), "train s"]) + " |",
