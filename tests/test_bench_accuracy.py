@@ -136,11 +136,26 @@ def test_the_glyph_part_trains_glyph_identities_and_is_only_run_when_asked():
     cfg = accuracy.run_config(runs[-1], args, "/tmp/x")
     assert (cfg["data"]["synthetic_mode"], cfg["data"]["num_classes"], cfg["schedule"]["steps"]) == ("glyphs", 40, 9)
     assert cfg["model"]["name"] == "iresnet_tiny" and cfg["head"]["loss"] == "d_softmax"
+    assert cfg["data"]["difficulty"] == "easy"  # at medium neither ArcFace nor D-Softmax learned them in 600 steps
     assert "glyphs" not in _checked(["--seeds", "0"]).part_list  # the default parts stay vectors and images
     inputs, ids = accuracy.unseen_inputs(cfg["data"], 3, 2)
     assert inputs.shape == (6, 32, 32, 3) and ids.tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ValueError, match="--glyph-classes 5000 is invalid"):
         _checked(["--parts", "glyphs", "--glyph-classes", "5000"])
+
+
+def test_a_parts_settings_bind_only_its_runs_and_the_two_forms_never_share_a_folder(tmp_path):
+    out = str(tmp_path / "sweep")
+    accuracy.check_settings(out, _checked(["--parts", "images", "--image-steps", "900"]))
+    accuracy.check_settings(out, _checked(["--parts", "glyphs", "--image-steps", "7"]))  # images not run: no bind
+    with open(os.path.join(out, "settings.json"), encoding="utf-8") as fh:
+        merged = json.load(fh)
+    assert merged["image_steps"] == 900 and merged["glyph_steps"] == 800 and "vector_steps" not in merged
+    with pytest.raises(ValueError, match="other settings .*image_steps: 900 there, 7 now"):
+        accuracy.check_settings(out, _checked(["--parts", "images,glyphs", "--image-steps", "7"]))
+    with pytest.raises(ValueError, match="built-in parts there"):
+        args = _checked(["--config", _config_file(tmp_path)])
+        accuracy.check_settings(out, args)
 
 
 @pytest.mark.slow(reason="trains the glyph part end to end and embeds 1,000 unseen glyphs")

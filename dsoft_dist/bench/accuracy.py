@@ -14,7 +14,7 @@ sized for a CPU; ``--parts`` defaults to vectors and images:
 |---|---|---|---|
 | vectors | 20,000 vector identities x 8 samples, ``data.difficulty=hard`` | ``mlp`` | every method below |
 | images | 500 image identities x 16 samples (32 px, medium) | ``iresnet_tiny`` | the six full losses |
-| glyphs | 2,000 glyph identities x 16 samples (32 px, medium, 16 font styles) | ``iresnet_tiny`` | six full losses |
+| glyphs | 1,000 glyph identities x 16 samples (32 px, easy, 16 font styles) | ``iresnet_tiny`` | six full losses |
 
 | method | head | rates |
 |---|---|---|
@@ -127,7 +127,7 @@ def part_config(part: str, args) -> dict:
         steps = args.vector_steps
     else:  # images, glyphs
         model = {"name": "iresnet_tiny", "embedding_size": 128, "input_size": 32}
-        data = {"synthetic_mode": part, "image_size": 32, "difficulty": "medium",
+        data = {"synthetic_mode": part, "image_size": 32, "difficulty": "medium" if part == "images" else "easy",
                 "num_classes": getattr(args, f"{part[:-1]}_classes"), "samples_per_class": 16,
                 "batch_size": GLOBAL_BATCH[part] // args.nproc, "num_workers": 1}
         steps = getattr(args, f"{part[:-1]}_steps")
@@ -300,26 +300,30 @@ def settings(args) -> dict:
     seeds: a run's name says those, so a rerun with more of them reuses the runs it shares."""
     if args.config:
         return {"config_sha256": args.config_sha256, "nproc": args.nproc_given}
-    return {k: getattr(args, k) for k in ("vector_classes", "vector_steps", "image_classes", "image_steps",
-                                          "glyph_classes", "glyph_steps", "eval_identities", "eval_samples", "nproc")}
+    per_part = {"vectors": ("vector_classes", "vector_steps"), "images": ("image_classes", "image_steps"),
+                "glyphs": ("glyph_classes", "glyph_steps")}
+    keys = [k for part in args.part_list for k in per_part[part]] + ["eval_identities", "eval_samples", "nproc"]
+    return {k: getattr(args, k) for k in keys}
 
 
 def check_settings(out: str, args) -> None:
-    """Records ``settings(args)`` in out/settings.json; ValueError when the folder holds a sweep with others (a
-    setting the folder's sweep predates, such as a part added since, is not a difference)."""
+    """Records ``settings(args)`` in out/settings.json (merged with what is there); ValueError when the folder
+    holds a sweep whose shared settings differ, or one of the other form (--config against the built-in parts).
+    A part's settings only bind that part's runs: another part, or one added since, is not a difference."""
     path = os.path.join(out, "settings.json")
-    mine = settings(args)
+    mine, theirs = settings(args), {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             theirs = json.load(fh)
         diff = ", ".join(f"{k}: {theirs[k]} there, {v} now" for k, v in mine.items() if k in theirs and theirs[k] != v)
-        if diff or set(theirs) - set(mine):
-            diff = diff or f"settings {sorted(set(theirs) - set(mine))} there, not now"
+        if ("config_sha256" in theirs) != ("config_sha256" in mine):
+            diff = "--config runs there" if "config_sha256" in theirs else "built-in parts there"
+        if diff:
             raise ValueError(f"--out {out!r} holds a sweep with other settings ({diff}): use another --out, "
                              "or rerun with its settings to resume it")
     os.makedirs(out, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(mine, fh, indent=1)
+        json.dump({**theirs, **mine}, fh, indent=1)
 
 
 def sweep(args, runs: list[tuple[dict, dict]]) -> list[dict]:
@@ -364,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-classes", type=int, default=500,
                    help="images part: training identities, 16 samples each (default 500)")
     p.add_argument("--image-steps", type=int, default=300, help="images part: training steps per run (default 300)")
-    p.add_argument("--glyph-classes", type=int, default=2000,
-                   help="glyphs part: training characters, 16 samples each (default 2,000; at most 2,384)")
-    p.add_argument("--glyph-steps", type=int, default=600, help="glyphs part: training steps per run (default 600)")
+    p.add_argument("--glyph-classes", type=int, default=1000,
+                   help="glyphs part: training characters, 16 samples each (default 1,000; at most 2,384)")
+    p.add_argument("--glyph-steps", type=int, default=800, help="glyphs part: training steps per run (default 800)")
     p.add_argument("--eval-identities", type=int, default=1000, help="unseen identities verified (default 1000)")
     p.add_argument("--eval-samples", type=int, default=4, help="samples of each unseen identity (default 4)")
     p.add_argument("--nproc", type=int, default=None,
