@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from dsoft_dist.data.rng import FeistelPermutation, hash_keys, hash_uniform
-from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET, get_difficulty
+from dsoft_dist.data.synthetic import EVAL_IDENTITY_OFFSET, RenderedIdentities
 
 FONT_STYLES = tuple(f"DejaVuSans{s}" for s in ("", "-Bold", "-Oblique", "-BoldOblique")) + tuple(
     f"DejaVuSansMono{s}" for s in ("", "-Bold", "-Oblique", "-BoldOblique")) + tuple(
@@ -205,7 +205,7 @@ def _side_check(num_identities: int, identity_offset: int) -> None:
                          f"from offset 0 (data.num_classes <= {cap['train']} for training)")
 
 
-class GlyphIdentities:
+class GlyphIdentities(RenderedIdentities):
     """Glyph identities rendered on demand: ``sample(identity, index) -> (H, W, 3) uint8`` (module doc).
 
     The interface of ``SyntheticIdentities``: identity is local in [0, num_identities), its global id
@@ -215,12 +215,8 @@ class GlyphIdentities:
 
     def __init__(self, num_identities: int, image_size: int = 32, seed: int = 0, identity_offset: int = 0,
                  difficulty="medium"):
-        if image_size < 8:
-            raise ValueError(f"image_size={image_size} is invalid: must be >= 8 (32 is usual for glyphs)")
         _side_check(int(num_identities), int(identity_offset))
-        self.num_identities, self.image_size = int(num_identities), int(image_size)
-        self.seed, self.identity_offset = int(seed), int(identity_offset)
-        self.difficulty = get_difficulty(difficulty)
+        super().__init__(num_identities, image_size, seed, identity_offset, difficulty, "32 for glyphs")
         self.glyphs = glyph_set()
         total = len(self.glyphs.chars)
         perm = FeistelPermutation(total, int(hash_keys(self.seed, _TAG_PERM)))
@@ -228,16 +224,6 @@ class GlyphIdentities:
         positions = gids if self.identity_offset < EVAL_IDENTITY_OFFSET else total - 1 - (gids - EVAL_IDENTITY_OFFSET)
         self._chars = perm(positions)  # (num_identities,) indices into self.glyphs
         self._render = 2 * self.image_size  # drawn at twice the size, box-averaged down: smooth edges
-        axis = (np.arange(self.image_size, dtype=np.float32) + 0.5) / self.image_size * 2 - 1
-        self._y, self._x = np.meshgrid(axis, axis, indexing="ij")  # (H, W) each, in [-1, 1]
-
-    def __len__(self) -> int:
-        return self.num_identities
-
-    def global_id(self, identity: int) -> int:
-        if not 0 <= identity < self.num_identities:
-            raise IndexError(f"identity={identity} outside [0, {self.num_identities})")
-        return self.identity_offset + int(identity)
 
     def char(self, identity: int) -> str:
         """The character of a (local) identity."""
@@ -259,10 +245,6 @@ class GlyphIdentities:
             mask = mask.filter(ImageFilter.GaussianBlur(float(sigma)))
         img = self._paint(np.asarray(mask, dtype=np.float32) * np.float32(1 / 255), n, gid, index)
         return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-    def samples(self, identities, indices) -> np.ndarray:
-        """Renders a batch: identities (B,), indices (B,) -> (B, H, W, 3) uint8."""
-        return np.stack([self.sample(int(i), int(j)) for i, j in zip(identities, indices)])
 
     @property
     def _font_px(self) -> int:

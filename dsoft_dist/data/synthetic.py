@@ -108,23 +108,17 @@ def _check_ids(num_identities: int, identity_offset: int) -> None:
         raise ValueError(f"identity_offset={identity_offset} is invalid: ids must lie in [0, 2**62)")
 
 
-class SyntheticIdentities:
-    """Face-like identities rendered on demand: ``sample(identity, index) -> (H, W, 3) uint8``.
+class RenderedIdentities:
+    """What every image identity source shares (faces here, glyphs in ``dsoft_dist.data.glyphs``): identity is
+    local in [0, num_identities), its global id identity_offset + identity; ``sample(identity, index) -> (H, W, 3)
+    uint8`` (the subclass's) depends only on (seed, global id, index, image_size, difficulty)."""
 
-    identity is local in [0, num_identities); its global id is identity_offset + identity.
-    The pixels depend only on (seed, global id, index, image_size, difficulty). The
-    background color is a per-sample nuisance, so identity lives in the face only.
-    """
-
-    def __init__(self, num_identities: int, image_size: int = 112, seed: int = 0,
-                 identity_offset: int = 0, difficulty="medium"):
-        _check_ids(num_identities, identity_offset)
+    def __init__(self, num_identities: int, image_size: int, seed: int, identity_offset: int, difficulty,
+                 usual_sizes: str):
         if image_size < 8:
-            raise ValueError(f"image_size={image_size} is invalid: must be >= 8 (32 or 112 are usual)")
-        self.num_identities = int(num_identities)
-        self.image_size = int(image_size)
-        self.seed = int(seed)
-        self.identity_offset = int(identity_offset)
+            raise ValueError(f"image_size={image_size} is invalid: must be >= 8 ({usual_sizes} are usual)")
+        self.num_identities, self.image_size = int(num_identities), int(image_size)
+        self.seed, self.identity_offset = int(seed), int(identity_offset)
         self.difficulty = get_difficulty(difficulty)
         axis = (np.arange(self.image_size, dtype=np.float32) + 0.5) / self.image_size * 2 - 1
         self._y, self._x = np.meshgrid(axis, axis, indexing="ij")  # (H, W) each, in [-1, 1]
@@ -136,6 +130,23 @@ class SyntheticIdentities:
         if not 0 <= identity < self.num_identities:
             raise IndexError(f"identity={identity} outside [0, {self.num_identities})")
         return self.identity_offset + int(identity)
+
+    def samples(self, identities, indices) -> np.ndarray:
+        """Renders a batch: identities (B,), indices (B,) -> (B, H, W, 3) uint8."""
+        return np.stack([self.sample(int(i), int(j)) for i, j in zip(identities, indices)])
+
+
+class SyntheticIdentities(RenderedIdentities):
+    """Face-like identities rendered on demand: ``sample(identity, index) -> (H, W, 3) uint8``.
+
+    The pixels depend only on (seed, global id, index, image_size, difficulty). The
+    background color is a per-sample nuisance, so identity lives in the face only.
+    """
+
+    def __init__(self, num_identities: int, image_size: int = 112, seed: int = 0,
+                 identity_offset: int = 0, difficulty="medium"):
+        _check_ids(num_identities, identity_offset)
+        super().__init__(num_identities, image_size, seed, identity_offset, difficulty, "32 or 112")
 
     def identity_params(self, identity: int) -> np.ndarray:
         """The identity's layout parameters: (48,) uniforms in [0, 1), spread toward 0.5."""
@@ -151,10 +162,6 @@ class SyntheticIdentities:
         img = _render_face(p, n[16:19], x, y, yaw=self.difficulty.yaw * (2 * n[4] - 1), size=self.image_size)
         img = self._nuisance(img, n, gid, index)
         return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-    def samples(self, identities, indices) -> np.ndarray:
-        """Renders a batch: identities (B,), indices (B,) -> (B, H, W, 3) uint8."""
-        return np.stack([self.sample(int(i), int(j)) for i, j in zip(identities, indices)])
 
     def _warp(self, n: np.ndarray):
         """Inverse affine map of the output grid into canonical face coordinates."""
