@@ -279,7 +279,7 @@ def test_a_run_that_is_not_a_cosine_head_is_refused_with_exit_2(trained_run, tmp
     state = load_weights_only(str(newest))
     state["config"]["head"]["loss"] = "softmax"  # as a run of the linear softmax head saves it
     torch.save(state, newest)
-    code = main(["bench", "terms", "--runs", f"{trained_run},{copy}", "--out", str(tmp_path / "o")])
+    code = main(["bench", "terms", "--runs", trained_run, str(copy), "--out", str(tmp_path / "o")])
     err = capfd.readouterr().err
     assert code == USER_ERROR_EXIT and "head.loss=softmax, not a cosine head" in err and str(copy) in err
     assert not (tmp_path / "o").exists()  # refused before any run was measured
@@ -293,7 +293,7 @@ def test_runs_of_two_losses_read_as_a_sweep(trained_run, tmp_path):
     (tmp_path / "arc.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", "--config", str(tmp_path / "arc.yaml")]) == 0
     out = str(tmp_path / "terms")
-    assert main(["bench", "terms", "--runs", f"{trained_run},{tmp_path / 'arc'}", "--samples", "128",
+    assert main(["bench", "terms", "--runs", trained_run, str(tmp_path / "arc"), "--samples", "128",
                  "--out", out]) == 0
     with open(os.path.join(out, "terms.json"), encoding="utf-8") as fh:
         dsoft, arc = json.load(fh)["runs"]

@@ -10,7 +10,7 @@
     dsoft bench backbone --models vit_b iresnet100 --device cuda --batch 128 --dtype bf16
     dsoft bench kernels                   # CUDA only; launch/gpu_check.sh OUT runs it with the GPU tests
     dsoft bench chaos --faults 20 --seed 0  # kills, preemptions, torn saves under torchrun; --world-sizes 2,1,3,2
-    dsoft bench terms --runs runs/dsoft,runs/arcface  # each loss on the target and hardest negatives per checkpoint
+    dsoft bench terms --runs runs/dsoft runs/arcface  # each loss on the target and hardest negatives per checkpoint
     dsoft bench head --help
 
 Same as ``python -m dsoft_dist.bench.NAME ARGS...``; each benchmark's parser comes from ``bench_parser``,

@@ -3,7 +3,7 @@
 Why does D-Softmax trail ArcFace on image identities? This measures, on the checkpoints of ``dsoft train``
 runs, what both losses (and the run's own loss) would do to the same embeddings at each step:
 
-    dsoft bench terms --runs runs/dsoft,runs/arcface --samples 2048 --out runs/terms
+    dsoft bench terms --runs runs/dsoft runs/arcface --samples 2048 --out runs/terms
 
 Each run folder (``logging.output_dir``) must hold checkpoints at several steps: train it with
 ``checkpoint.every_steps=K`` and ``checkpoint.keep_last`` at least steps / K. The measured samples are N
@@ -377,8 +377,9 @@ def measure_run(run: Run, n: int, device, batch: int, bar) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = bench_parser("terms", __doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", required=True, help="dsoft train run folders (logging.output_dir), comma-separated, "
-                   "each with checkpoints at several steps (checkpoint.every_steps)")
+    p.add_argument("--runs", required=True, nargs="+", metavar="DIR",
+                   help="dsoft train run folders (logging.output_dir), each with checkpoints at several steps "
+                   "(checkpoint.every_steps); a folder's name may hold commas, as a sweep's runs do")
     p.add_argument("--samples", type=int, default=2048, help="training samples measured (default 2048)")
     p.add_argument("--out", default="runs/terms", help="output folder (default runs/terms)")
     p.add_argument("--device", default=None, help="where the backbones run (default: cuda when present, else cpu)")
@@ -393,9 +394,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    paths = [p.strip() for p in args.runs.split(",") if p.strip()]
+    paths = [p for p in args.runs if p.strip()]
     if not paths:
-        raise ValueError(f"--runs {args.runs!r} names no folder: pass run folders, e.g. --runs runs/a,runs/b")
+        raise ValueError(f"--runs {args.runs!r} names no folder: pass run folders, e.g. --runs runs/a runs/b")
     if args.samples < 2 or args.batch < 1:
         raise ValueError(f"--samples {args.samples} / --batch {args.batch}: need >= 2 samples and a batch >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
