@@ -141,9 +141,9 @@ def plot(result: dict, path: str) -> None:
     for a in axes.flat:
         a.set_xlabel("step")
         a.grid(True, alpha=0.3)
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=min(3, len(runs)), fontsize=8,
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=1, fontsize=8,
                title="runs (line style in the top row: the trained loss)", title_fontsize=8)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(runs) + 2) // 3), 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * len(runs), 1, 1))  # a legend row per run: sweep names are long
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
