@@ -331,9 +331,9 @@ def measure_checkpoint(folder: str, inputs, labels: torch.Tensor, st: LossSettin
     """One step folder: its backbone's embeddings of the samples (eval mode, no flip), the cosines with its
     head's weight, ``summarize`` of ``measure_cosines`` and the ``weight_spread``."""
     from dsoft_dist.eval.extract import extract_embeddings
-    from dsoft_dist.train.ckpt_cli import _checkpoint_backbone  # manifest-checked backbone of a step folder
+    from dsoft_dist.train.ckpt_cli import checkpoint_backbone  # manifest-checked backbone of a step folder
 
-    _, model, _, state = _checkpoint_backbone(folder)
+    _, model, _, state = checkpoint_backbone(folder)
     emb = extract_embeddings(model.to(device), inputs, batch_size=batch, device=device, normalize=False)
     weight = head_weight(folder)  # (C, D)
     if emb.shape[1] != weight.shape[1]:

@@ -85,7 +85,7 @@ def _inspect(args) -> int:
     return 0 if problem is None else 1
 
 
-def _checkpoint_backbone(path: str):
+def checkpoint_backbone(path: str):
     """(step folder, model with its weights, model config dict, trainer state) of the checkpoint PATH names
     (a step folder, a checkpoint root or a run folder: ``resolve``); refuses one whose manifest fails."""
     from dsoft_dist.models import build_model
@@ -112,7 +112,7 @@ def _export(args) -> int:
     from dsoft_dist.models import save_backbone
     from dsoft_dist.utils import load_weights_only
 
-    folder, model, m, state = _checkpoint_backbone(args.path)
+    folder, model, m, state = checkpoint_backbone(args.path)
     os.makedirs(args.out, exist_ok=True)
     save_backbone(os.path.join(args.out, "backbone.pt"), model, m, extra={"step": state["step"]})
     with open(os.path.join(folder, "head", "meta.json"), encoding="utf-8") as fh:
@@ -142,7 +142,7 @@ def _export_insightface(args) -> int:
     if os.path.isfile(args.path):
         model, cfg = load_backbone(args.path)
     else:
-        _, model, cfg, _ = _checkpoint_backbone(args.path)
+        _, model, cfg, _ = checkpoint_backbone(args.path)
     theirs = export_state_dict(cfg, model.state_dict())
     out = _out_file(args.out, "backbone.pth")
     atomic_save(theirs, out)
