@@ -82,6 +82,7 @@ from dsoft_dist.bench.accuracy_report import (
     CONFIG_PART,
     FULL_LOSSES,
     METHODS,
+    PART_OPTION,
     PARTS,
     figure_label,
     figures_of,
@@ -128,9 +129,9 @@ def part_config(part: str, args) -> dict:
     else:  # images, glyphs
         model = {"name": "iresnet_tiny", "embedding_size": 128, "input_size": 32}
         data = {"synthetic_mode": part, "image_size": 32, "difficulty": "medium" if part == "images" else "easy",
-                "num_classes": getattr(args, f"{part[:-1]}_classes"), "samples_per_class": 16,
+                "num_classes": getattr(args, f"{PART_OPTION[part]}_classes"), "samples_per_class": 16,
                 "batch_size": GLOBAL_BATCH[part] // args.nproc, "num_workers": 1}
-        steps = getattr(args, f"{part[:-1]}_steps")
+        steps = getattr(args, f"{PART_OPTION[part]}_steps")
     return {
         "model": model,
         "head": {"scale": 32.0, "end_point": 0.9},
@@ -300,9 +301,8 @@ def settings(args) -> dict:
     seeds: a run's name says those, so a rerun with more of them reuses the runs it shares."""
     if args.config:
         return {"config_sha256": args.config_sha256, "nproc": args.nproc_given}
-    per_part = {"vectors": ("vector_classes", "vector_steps"), "images": ("image_classes", "image_steps"),
-                "glyphs": ("glyph_classes", "glyph_steps")}
-    keys = [k for part in args.part_list for k in per_part[part]] + ["eval_identities", "eval_samples", "nproc"]
+    keys = [f"{PART_OPTION[part]}_{k}" for part in args.part_list for k in ("classes", "steps")]
+    keys += ["eval_identities", "eval_samples", "nproc"]
     return {k: getattr(args, k) for k in keys}
 
 

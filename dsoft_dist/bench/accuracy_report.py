@@ -25,13 +25,14 @@ FULL_LOSSES = ("softmax", "normface", "sphereface", "cosface", "arcface", "d_sof
 METHODS = (*FULL_LOSSES, "d_softmax_b", *SAMPLED)
 FULL_OF = {"d_softmax_k": "d_softmax", "partial_fc": "arcface", "sampled_softmax": "softmax"}  # r = 1
 PARTS = ("vectors", "images", "glyphs")
+PART_OPTION = {"vectors": "vector", "images": "image", "glyphs": "glyph"}  # --<option>-classes, -steps
 CONFIG_PART = "config"  # the runs of the user's own --config
 PART_FIGURES = ("tar_at_1e-03", "tar_at_1e-04", "accuracy")  # the built-in parts' verification, fractions
 
 
 def classes_of(part: str, s: dict) -> int:
     """The training identities (C) of a built-in part under the sweep's settings ``s``."""
-    return s[f"{part[:-1]}_classes"]
+    return s[f"{PART_OPTION[part]}_classes"]
 
 
 def figures_of(record: dict) -> list[str]:
@@ -163,7 +164,7 @@ def _part_table(part: str, rows: list[dict], result: dict, point_keys: list[str]
     if part == CONFIG_PART:
         title, classes = f"**config: {result.get('config', '--config')}**", None
     else:
-        classes, steps = classes_of(part, s), s[f"{part[:-1]}_steps"]
+        classes, steps = classes_of(part, s), s[f"{PART_OPTION[part]}_steps"]
         title = f"**{part}: C = {classes:,} training identities, {steps} steps**"
     lines = ["", title, "", "| " + " | ".join(["method", "r", "K", "seeds", *point_keys,
                                                 *map(figure_label, figures), "train s"]) + " |",
