@@ -95,7 +95,7 @@ def row_losses(cos: torch.Tensor, labels: torch.Tensor, st: LossSettings) -> dic
     and, when ``st.trained`` is set, the trained margin softmax."""
     intra, inter = LF.d_softmax_terms(cos, labels, st.scale, st.end_point)
     out = {"intra": intra, "inter": st.inter_weight * inter,
-           "d_softmax": LF.d_softmax(cos, labels, st.scale, st.end_point, st.inter_weight, reduction="none"),
+           "d_softmax": intra + st.inter_weight * inter,  # LF.d_softmax's per-row sum of the same two terms
            "arcface": LF.margin_softmax(cos, labels, st.scale, *ARCFACE, reduction="none")}
     if st.trained is not None:
         out["trained"] = LF.margin_softmax(cos, labels, st.scale, *st.trained, reduction="none")
