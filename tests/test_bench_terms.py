@@ -260,6 +260,21 @@ def test_a_trained_run_is_measured_at_every_checkpoint(trained_run, tmp_path, ca
     assert "wrote" in capsys.readouterr().out
 
 
+def test_each_checkpoint_is_measured_with_the_inter_weight_its_run_applies_at_its_step(trained_run):
+    """The inter-weight schedule (head.inter_weight_end): a step folder's push is w(step) times the inter term."""
+    run = terms.open_run(trained_run)
+    inputs, labels = terms.training_samples(run.cfg.data, 64)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    plain = terms.measure_checkpoint(run.folders[0], inputs, labels, run.settings, "cpu", 64)
+    steps = []
+    weighted = terms.measure_checkpoint(run.folders[0], inputs, labels, run.settings, "cpu", 64,
+                                        weight_at=lambda step: steps.append(step) or 0.25)
+    assert steps == [5] and run.settings.inter_weight == 1.0
+    assert weighted["grad_h/inter"]["mean"] == pytest.approx(0.25 * plain["grad_h/inter"]["mean"], rel=1e-9)
+    assert weighted["grad_y/intra"] == plain["grad_y/intra"] and weighted["z_y"] == plain["z_y"]
+    assert weighted["grad_h/d_softmax"]["mean"] == pytest.approx(0.25 * plain["grad_h/d_softmax"]["mean"], rel=1e-9)
+
+
 def test_a_folder_without_checkpoints_is_refused_with_exit_2(tmp_path, capfd):
     empty = tmp_path / "not-a-run"
     empty.mkdir()

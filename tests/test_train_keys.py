@@ -65,6 +65,7 @@ CASES = {
     "head.scale": ({}, 30.0),
     "head.end_point": ({}, 0.5),
     "head.inter_weight": ({}, 0.5),
+    "head.inter_weight_end": ({}, 0.5),
     "head.m1": ({"head.loss": "margin"}, 1.5),
     "head.m2": ({"head.loss": "margin"}, 0.3),
     "head.m3": ({"head.loss": "margin"}, 0.2),

@@ -327,13 +327,17 @@ def head_weight(folder: str) -> torch.Tensor:
     return assemble_rows(pieces, "weight", 0, meta["num_classes"])
 
 
-def measure_checkpoint(folder: str, inputs, labels: torch.Tensor, st: LossSettings, device, batch: int) -> dict:
+def measure_checkpoint(folder: str, inputs, labels: torch.Tensor, st: LossSettings, device, batch: int,
+                       weight_at=None) -> dict:
     """One step folder: its backbone's embeddings of the samples (eval mode, no flip), the cosines with its
-    head's weight, ``summarize`` of ``measure_cosines`` and the ``weight_spread``."""
+    head's weight, ``summarize`` of ``measure_cosines`` and the ``weight_spread``. ``weight_at(step)``: the inter
+    weight the run's next step applies (head.inter_weight_end's schedule), replacing ``st.inter_weight``."""
     from dsoft_dist.eval.extract import extract_embeddings
     from dsoft_dist.train.ckpt_cli import checkpoint_backbone  # manifest-checked backbone of a step folder
 
     _, model, _, state = checkpoint_backbone(folder)
+    if weight_at is not None:
+        st = replace(st, inter_weight=weight_at(int(state["step"])))
     emb = extract_embeddings(model.to(device), inputs, batch_size=batch, device=device, normalize=False)
     weight = head_weight(folder)  # (C, D)
     if emb.shape[1] != weight.shape[1]:
@@ -355,6 +359,7 @@ def run_settings(run: Run, samples: int) -> dict:
     own = "trained" if run.settings.trained else "arcface" if margin else "d_softmax" if h.loss == "d_softmax" \
         else None
     return {"loss": h.loss, "scale": h.scale, "end_point": h.end_point, "inter_weight": h.inter_weight,
+            "inter_weight_end": h.inter_weight_end,
             "m": list(h.margins()) if margin else None, "num_classes": d.num_classes,
             "embedding_size": run.cfg.model.embedding_size, "model": run.cfg.model.name,
             "negatives": h.negatives, "sample_rate": h.sample_rate, "data": f"{d.source}/{d.synthetic_mode}",
@@ -366,9 +371,12 @@ def measure_run(run: Run, n: int, device, batch: int, bar) -> dict:
     newest step's ``weight_spread``), rows (a ``measure_checkpoint`` per step, by step)}."""
     inputs, labels = training_samples(run.cfg.data, n)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    from dsoft_dist.train.schedule import inter_weight_at
+
     rows = []
     for folder in run.folders:
-        rows.append(measure_checkpoint(folder, inputs, labels, run.settings, device, batch))
+        rows.append(measure_checkpoint(folder, inputs, labels, run.settings, device, batch,
+                                       lambda step: inter_weight_at(step, run.cfg.head, run.cfg.schedule)))
         bar.update(1)
     rows.sort(key=lambda r: r["step"])
     return {"name": run.name, "path": run.path, "settings": run_settings(run, len(labels)),

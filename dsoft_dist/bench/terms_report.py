@@ -31,9 +31,11 @@ def margin_text(m) -> str:
 
 
 def run_label(run: dict) -> str:
-    """'<name>: <loss> s=.. d=.. w=.. m=.. C=..' for a measured run."""
+    """'<name>: <loss> s=.. d=.. w=.. m=.. C=..' for a measured run (w=1->0.5: the inter-weight schedule)."""
     st = run["settings"]
-    return (f"{run['name']}: {st['loss']} s={st['scale']:g} d={st['end_point']:g} w={st['inter_weight']:g} "
+    end = st.get("inter_weight_end")  # the inter-weight schedule's last weight (None: constant)
+    weight = f"{st['inter_weight']:g}" + ("" if end is None else f"->{end:g}")
+    return (f"{run['name']}: {st['loss']} s={st['scale']:g} d={st['end_point']:g} w={weight} "
             f"m={margin_text(st['m'])} C={st['num_classes']}")
 
 

@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Optional
 
 from dsoft_dist.errors import ConfigError
-from dsoft_dist.losses.forms import resolve_margins
+from dsoft_dist.losses.forms import margin_rows, resolve_margins
 from dsoft_dist.models.registry import checkpointing_models
 from dsoft_dist.registry import DATA_SOURCES, ENGINES, LOSSES, LR_SCHEDULES, MODELS, OPTIMIZERS
 
@@ -90,6 +90,9 @@ class HeadConfig:
     scale: float = 64.0
     end_point: float = 0.9
     inter_weight: float = 1.0
+    # None: the paper's constant inter weight; a value: the inter-weight schedule, a half cosine from
+    # inter_weight at step 0 to this at the last step (dsoft_dist.train.schedule.inter_weight_at)
+    inter_weight_end: Optional[float] = None
     m1: Optional[float] = None  # None = the preset's value (see margins())
     m2: Optional[float] = None
     m3: Optional[float] = None
@@ -112,6 +115,10 @@ class HeadConfig:
         _check(-1.0 < self.end_point <= 1.0, "head.end_point", self.end_point,
                "must be a cosine in (-1, 1]; 0.9 is usual")
         _check(self.inter_weight >= 0.0, "head.inter_weight", self.inter_weight, "must be >= 0")
+        _check(self.inter_weight_end is None or self.inter_weight_end >= 0.0, "head.inter_weight_end",
+               self.inter_weight_end, "must be >= 0, or null for the constant inter_weight")
+        _check(self.inter_weight_end is None or form.per_row is not margin_rows, "head.inter_weight_end",
+               self.inter_weight_end, f"head.loss={self.loss} has no inter term; remove it or use loss=d_softmax")
         m1, m2, m3 = self.margins()
         _check(m1 >= 1.0, "head.m1", self.m1, "the multiplicative angular margin must be >= 1 (1 = none)")
         _check(0.0 <= m2 < 3.14159, "head.m2", self.m2, "the additive angular margin must be in [0, pi)")

@@ -8,6 +8,6 @@ Engine protocol; ddp, deepspeed), update (one optimizer step's micro-batches and
 (the checkpoint parts, TrainState), checkpoint and ckpt_files (run checkpoints), trainer (the
 loop), verify (verification during training), data, metrics, report, schedule, preempt, cli.
 """
-from dsoft_dist.train.schedule import lr_factor
+from dsoft_dist.train.schedule import inter_weight_at, lr_factor
 
-__all__ = ["lr_factor"]
+__all__ = ["inter_weight_at", "lr_factor"]

@@ -46,3 +46,17 @@ def poly(p: float, sched) -> float:
 def constant(p: float, sched) -> float:
     """1: the base lr after the warmup."""
     return 1.0
+
+
+def inter_weight_at(step: int, head, sched) -> float:
+    """D-Softmax's inter weight for ``step`` (from 0) under a ``HeadConfig`` and a ``ScheduleConfig``.
+
+    ``head.inter_weight_end`` None: the constant ``head.inter_weight`` (the paper's form). Else the
+    inter-weight schedule: w + (w_end - w) (1 - cos(pi p)) / 2 with p = step / (steps - 1), so the first
+    step pushes negatives away with w and the last with w_end. The loss of each step is the paper's
+    D-Softmax with that step's weight; the weight is a function of the step, so a resumed run matches.
+    """
+    if head.inter_weight_end is None:
+        return head.inter_weight
+    p = min(1.0, step / max(1, sched.steps - 1))
+    return head.inter_weight + (head.inter_weight_end - head.inter_weight) * 0.5 * (1.0 - math.cos(math.pi * p))

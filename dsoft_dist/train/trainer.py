@@ -37,7 +37,7 @@ from dsoft_dist.train.preempt import Preempted, Preemption
 from dsoft_dist.train.report import write_report
 from dsoft_dist.train.rollback import DivergenceGuard
 from dsoft_dist.train.runfolder import prepare_run_folder
-from dsoft_dist.train.schedule import lr_factor
+from dsoft_dist.train.schedule import inter_weight_at, lr_factor
 from dsoft_dist.train.state import BackboneWeights, PerRank, Replicated, RngStates, TrainState
 from dsoft_dist.train.update import Updater
 from dsoft_dist.train.verify import Verifier
@@ -188,6 +188,7 @@ class Trainer:
             self.watchdog.mark("data", self.state.step)  # the updater marks its phases of this step
             log_now = self._is_log_step(self.state.step + 1)
             lr = self._lr()
+            self.head.inter_weight = inter_weight_at(self.state.step, self.cfg.head, self.cfg.schedule)
             out = self.updater(self.data, lr, timed=log_now)
             self.state.count(out.applied)
             self.data.write_keys(self.state.step)
