@@ -369,10 +369,10 @@ def run_settings(run: Run, samples: int) -> dict:
 def measure_run(run: Run, n: int, device, batch: int, bar) -> dict:
     """Every checkpoint of a run on the same n training samples: {name, path, settings, steps, weights (the
     newest step's ``weight_spread``), rows (a ``measure_checkpoint`` per step, by step)}."""
-    inputs, labels = training_samples(run.cfg.data, n)
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     from dsoft_dist.train.schedule import inter_weight_at
 
+    inputs, labels = training_samples(run.cfg.data, n)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     rows = []
     for folder in run.folders:
         rows.append(measure_checkpoint(folder, inputs, labels, run.settings, device, batch,
