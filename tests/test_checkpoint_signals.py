@@ -58,6 +58,23 @@ def _wait_for_step(out: Path, step: int, proc, timeout: float = 300) -> int:
     raise AssertionError(f"the run never reached step {step} (rc={proc.poll()})")
 
 
+def _running(pids: list[int], grace: float = 5.0) -> list[int]:
+    """The pids still running (neither gone nor a zombie) after up to ``grace`` seconds: a worker that closed
+    its pipes may still be tearing down for a moment; one that trains on is still there when the time is up."""
+    def running(pid: int) -> bool:
+        try:
+            return b"zombie" not in Path(f"/proc/{pid}/status").read_bytes().lower()
+        except FileNotFoundError:  # gone
+            return False
+
+    deadline = time.time() + grace
+    while True:
+        alive = [pid for pid in pids if running(pid)]
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
 def node_env(**values) -> dict:
     """launch/multinode.sh's environment for a "node" of this machine: one worker on one thread (as each
     of spawn_local's two ranks gets), the rendezvous on a free loopback port."""
@@ -169,8 +186,7 @@ def test_the_workers_of_a_sigkilled_torchrun_checkpoint_exit_and_the_relaunch_en
     assert len(workers) == 2
     os.kill(proc.pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)  # the pipes close when the workers have exited too
-    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
-                b"zombie" not in open(f"/proc/{pid}/status", "rb").read().lower()], stderr[-3000:]
+    assert not _running(workers), stderr[-3000:]
     step = int((tmp_path / "orphans" / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert seen <= step < STEPS and f"preempted (SIGTERM) after step {step}" in stderr, stderr[-3000:]
     relaunched = _launch(cmd, tmp_path, env)
