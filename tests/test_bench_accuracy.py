@@ -70,6 +70,20 @@ def test_plan_maps_every_method_to_its_head_and_reuses_the_full_loss_at_rate_one
     assert accuracy.head_of("sampled_softmax") == ("softmax", "random")
 
 
+def test_d_softmax_over_partial_fc_negatives_is_a_sampled_method_named_but_not_run_by_default():
+    assert not any("d_softmax_partial" in r["name"] for r in accuracy.plan(_checked(["--seeds", "0"])))
+    args = _checked(["--seeds", "0", "--parts", "images", "--methods", "d_softmax_partial", "--rates", "1,1/8"])
+    runs = accuracy.plan(args)
+    assert [r["name"] for r in runs] == ["images-d_softmax_partial-1of8-s0"]  # its r = 1 run is d_softmax's
+    cfg = accuracy.run_config(runs[0], args, "/tmp/x")
+    head = cfg["head"]
+    assert (head["loss"], head["negatives"], head["sample_rate"]) == ("d_softmax", "partial", 0.125)
+    from dsoft_dist.bench.accuracy_grid import own_method
+
+    assert own_method({"loss": "d_softmax", "negatives": "partial", "sample_rate": 0.125}) == \
+        ("d_softmax_partial", 0.125)
+
+
 @pytest.mark.slow(reason="the whole toy sweep through dsoft train in subprocesses (~20 s)")
 def test_toy_sweep_trains_through_dsoft_train_verifies_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "sweep")

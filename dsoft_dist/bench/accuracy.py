@@ -21,11 +21,12 @@ sized for a CPU; ``--parts`` defaults to vectors and images:
 | softmax, normface, sphereface, cosface, arcface, d_softmax | that loss over all classes | 1 |
 | d_softmax_b | D-Softmax-B: the inter term over the batch's classes | its K / C |
 | d_softmax_k | D-Softmax-K: the inter term over a random r of the classes | --rates |
+| d_softmax_partial | D-Softmax over partial_fc's negatives (K = r C is their floor) | --rates |
 | partial_fc | Partial-FC-style: ArcFace over the batch's positives + random others up to r C | --rates |
 | sampled_softmax | plain sampled softmax: linear softmax over a random r of the classes | --rates |
 
-At r = 1 the sampled methods are their full loss (d_softmax_k = d_softmax, partial_fc = arcface,
-sampled_softmax = softmax), so their r = 1 rows are those runs. Every run of a seed shares the
+At r = 1 the sampled methods are their full loss (d_softmax_k = d_softmax_partial = d_softmax,
+partial_fc = arcface, sampled_softmax = softmax), so their r = 1 rows are those runs. Every run of a seed shares the
 seed's synthetic world (``seed``, ``data.seed`` and ``head.seed`` are the seed), the schedule,
 the batch and the optimizer; the seeds give the spread.
 
@@ -84,6 +85,7 @@ from dsoft_dist.bench.accuracy_report import (
     METHODS,
     PART_OPTION,
     PARTS,
+    SAMPLED_HEADS,
     figure_label,
     figures_of,
     format_markdown,
@@ -105,7 +107,7 @@ from dsoft_dist.eval.verification import verify_scores_kfold
 from dsoft_dist.models.checkpoint import load_backbone
 from dsoft_dist.utils import int_list
 
-DEFAULT_METHODS = {"vectors": METHODS, "images": FULL_LOSSES, "glyphs": FULL_LOSSES}
+DEFAULT_METHODS = {"vectors": (*FULL_LOSSES, "d_softmax_b", *SAMPLED), "images": FULL_LOSSES, "glyphs": FULL_LOSSES}
 DEFAULT_PARTS = ("vectors", "images")
 GLOBAL_BATCH = {"vectors": 256, "images": 128, "glyphs": 128}  # split over --nproc ranks
 FARS = (1e-3, 1e-4)
@@ -115,7 +117,7 @@ def head_of(method: str) -> tuple[str, str]:
     """(head.loss, head.negatives) of a method."""
     if method == "d_softmax_b":
         return "d_softmax", "batch"
-    return SAMPLED.get(method, (method, "all"))
+    return SAMPLED_HEADS.get(method, (method, "all"))
 
 
 def part_config(part: str, args) -> dict:
@@ -150,7 +152,7 @@ def method_rates(part: str, args) -> list[tuple[str, float]]:
     if part == CONFIG_PART and not args.method_list:
         return [own_method(args.user_config["head"])]
     return [(method, rate) for method in args.methods_of[part]
-            for rate in ([r for r in args.rate_list if r < 1] if method in SAMPLED else [1.0])]
+            for rate in ([r for r in args.rate_list if r < 1] if method in SAMPLED_HEADS else [1.0])]
 
 
 def plan(args) -> list[dict]:

@@ -20,7 +20,7 @@ import re
 
 import yaml
 
-from dsoft_dist.bench.speedup import SAMPLED
+from dsoft_dist.bench.accuracy_report import SAMPLED_HEADS
 from dsoft_dist.config.loader import config_to_dict, load_config
 
 _RUN_FOLDER = "--out (each run trains, checkpoints and resumes in its own folder under it)"
@@ -34,7 +34,7 @@ RESERVED = {
 }
 # what YAML 1.1 leaves a string and the schema reads as a float (1e-3): a number in a grid point too
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-_METHOD_OF_HEAD = {("d_softmax", "batch"): "d_softmax_b", **{head: m for m, head in SAMPLED.items()}}
+_METHOD_OF_HEAD = {("d_softmax", "batch"): "d_softmax_b", **{head: m for m, head in SAMPLED_HEADS.items()}}
 
 
 def split_values(text: str) -> list[str]:
