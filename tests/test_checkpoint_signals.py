@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from dsoft_dist.errors import PREEMPTED_EXIT_CODE
-from dsoft_dist.observability.procs import children, cmdline
+from dsoft_dist.observability.procs import children, cmdline, live
 from tests.terminal import DSOFT
 from tests.test_train_dist import assert_same_params, run, tiny
 
@@ -61,15 +61,9 @@ def _wait_for_step(out: Path, step: int, proc, timeout: float = 300) -> int:
 def _running(pids: list[int], grace: float = 5.0) -> list[int]:
     """The pids still running (neither gone nor a zombie) after up to ``grace`` seconds: a worker that closed
     its pipes may still be tearing down for a moment; one that trains on is still there when the time is up."""
-    def running(pid: int) -> bool:
-        try:
-            return b"zombie" not in Path(f"/proc/{pid}/status").read_bytes().lower()
-        except FileNotFoundError:  # gone
-            return False
-
     deadline = time.time() + grace
     while True:
-        alive = [pid for pid in pids if running(pid)]
+        alive = live(pids)
         if not alive or time.time() >= deadline:
             return alive
         time.sleep(0.05)

@@ -3,6 +3,7 @@
     from dsoft_dist.observability.procs import children, descendants, cmdline
     children(os.getpid())      # live direct children (zombies left out: they hold no memory and run nothing)
     descendants(os.getpid())   # children, their children, ... (a launcher's shell -> torchrun -> workers)
+    live([pid1, pid2])         # those of the pids still running (neither ended nor zombies)
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def _parents() -> dict[int, int]:
             if state != "Z":
                 out[int(entry)] = int(ppid)
     return out
+
+
+def live(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (neither ended nor zombies), in their order."""
+    running = _parents()
+    return [pid for pid in pids if pid in running]
 
 
 def children(parent: int) -> list[int]:
