@@ -321,15 +321,19 @@ def test_a_checkpoint_of_an_unknown_format_or_a_part_of_no_known_kind_is_refused
 def test_a_run_checkpointed_in_the_format_before_the_states_map_resumes_exactly(tmp_path):
     """tests/data/checkpoint_v1/run: ckpt_cfg's run stopped after step 5 by dsoft_dist f4a3eb6, whose checkpoint
     (format /1) kept the data position and the best record inside trainer.pt (generate.py wrote it). Resumed
-    now, it ends bit-identical to the whole run trained now."""
+    now, it ends where the whole run trained now ends, to float rounding: the fixture was written on another
+    machine, whose float sums may round the last bit otherwise (2 ulp at step 4 on the machines of 2026-12). A lost
+    data position moves step 6's loss by 4.5e-3 of itself and a weight by 5.6. Bit-exact resumes of checkpoints
+    written now are test_resume_on_the_same_world_size_is_exact's."""
     run_folder = tmp_path / "resumed"
     shutil.copytree(Path(__file__).parent / "data" / "checkpoint_v1" / "run", run_folder)
     manifest = json.loads((run_folder / "checkpoints" / "step-00000005" / "manifest.json").read_text())
     assert manifest["format"] == "dsoft_dist.run_checkpoint/1"
     resumed = run(ckpt_cfg(run_folder, checkpoint__keep_last=1))
     whole = run(ckpt_cfg(tmp_path / "whole", checkpoint__keep_last=1))
-    assert resumed["loss"] == whole["loss"]  # steps 1-5 from the old run's log, 6-8 trained after the resume
-    assert_same_params(resumed, whole, atol=0.0, rtol=0.0)
+    # steps 1-5 from the old run's log, 6-8 trained after the resume
+    assert resumed["loss"] == pytest.approx(whole["loss"], rel=1e-6, abs=0.0)
+    assert_same_params(resumed, whole, atol=1e-4, rtol=0.0)
 
 
 class _Payload:
