@@ -313,6 +313,20 @@ def test_summarize_groups_points_apart_and_the_markdown_has_their_columns():
         {"settings": _SETTINGS, "machine": _MACHINE, "records": records, "summary": unswept})
 
 
+def test_the_table_gives_partial_negatives_k_as_a_floor():
+    """partial_fc and d_softmax_partial keep every class of the batch besides r C random ones, so their K is at
+    least r C: the table says >=, D-Softmax-K's r C is its K."""
+    from dsoft_dist.bench.accuracy_report import format_markdown, summarize
+
+    records = [{**r, "method": method, "name": r["name"].replace("d_softmax_k", method)}
+               for method in ("d_softmax_k", "partial_fc", "d_softmax_partial")
+               for r in _planted_sweep() if r["method"] == "d_softmax_k"]
+    md = format_markdown({"settings": _SETTINGS, "machine": _MACHINE, "records": records,
+                          "summary": summarize(records)})
+    assert "| d_softmax_k | 1/8 | 8 | 2 | 32 |" in md
+    assert "| partial_fc | 1/8 | >= 8 | 2 | 32 |" in md and "| d_softmax_partial | 1/8 | >= 8 | 2 | 32 |" in md
+
+
 def test_the_sweep_plot_is_a_png_of_the_points_and_only_written_with_a_grid(tmp_path):
     from dsoft_dist.bench.accuracy_report import summarize
     from dsoft_dist.bench.sweep_report import point_axis, write_sweep_plot

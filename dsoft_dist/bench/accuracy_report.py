@@ -178,6 +178,8 @@ def _part_table(part: str, rows: list[dict], result: dict, point_keys: list[str]
         rate, k = rate_text(r["rate"]), f"{r['k']:,}"
         if r["method"] == "d_softmax_b":
             rate, k = (f"<= {r['k'] / classes:.3g}" if classes else "batch"), f"<= {r['k']:,}"
+        elif SAMPLED_HEADS.get(r["method"], ("", ""))[1] == "partial" and r["rate"] < 1:
+            k = f">= {r['k']:,}"  # every class of the batch is kept too: r C is K's floor
         point = [_shown(r["point"][key]) if key in r["point"] else "-" for key in point_keys]
         cells = [name, rate, k, str(r["seeds"]), *point, *_cells(r, figures), f"{r['train_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
