@@ -246,8 +246,11 @@ def test_ctrl_c_on_a_single_process_run_checkpoints_and_exits_75(tmp_path):
 
 
 def test_a_second_ctrl_c_stops_the_run_at_once():
+    """The first Ctrl-C asks for a checkpoint, the second stops at once; restore() puts back the handler found
+    (Python's default_int_handler, or SIG_IGN in a process a shell without job control started with &)."""
     from dsoft_dist.train.preempt import Preemption
 
+    before = signal.getsignal(signal.SIGINT)
     preemption = Preemption(["SIGTERM"])
     try:
         try:
@@ -259,7 +262,7 @@ def test_a_second_ctrl_c_stops_the_run_at_once():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         preemption.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def ignore_sigterm_and_wait(ready_dir: str) -> None:
