@@ -117,8 +117,12 @@ class HeadConfig:
         _check(self.inter_weight >= 0.0, "head.inter_weight", self.inter_weight, "must be >= 0")
         _check(self.inter_weight_end is None or self.inter_weight_end >= 0.0, "head.inter_weight_end",
                self.inter_weight_end, "must be >= 0, or null for the constant inter_weight")
-        _check(self.inter_weight_end is None or form.per_row is not margin_rows, "head.inter_weight_end",
-               self.inter_weight_end, f"head.loss={self.loss} has no inter term; remove it or use loss=d_softmax")
+        if form.per_row is margin_rows:  # D-Softmax's own keys: a margin loss would train without reading them
+            for key, meaning in (("end_point", "no intra end point"), ("inter_weight", "no inter term"),
+                                 ("inter_weight_end", "no inter term")):
+                value = getattr(self, key)
+                _check(value == HeadConfig.__dataclass_fields__[key].default, "head." + key, value,
+                       f"head.loss={self.loss} has {meaning}; remove it or use loss=d_softmax")
         m1, m2, m3 = self.margins()
         _check(m1 >= 1.0, "head.m1", self.m1, "the multiplicative angular margin must be >= 1 (1 = none)")
         _check(0.0 <= m2 < 3.14159, "head.m2", self.m2, "the additive angular margin must be in [0, pi)")
