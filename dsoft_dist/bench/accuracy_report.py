@@ -282,9 +282,10 @@ def plot_losses(records: list[dict], path: str) -> None:
         ax.set_ylabel("training loss")
         ax.set_title(f"{part} (seed {first})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        # below the panel: a grid point's name is long, and inside the panel the legend hid the curves
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
