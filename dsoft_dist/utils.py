@@ -60,6 +60,17 @@ def load_weights_only(path: str, map_location="cpu"):
                               f"{err}); checkpoints hold no code: this file was not written by dsoft") from err
 
 
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested dict's leaves under dotted keys."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def cpu_copy(obj):
     """``obj`` with every tensor copied to the CPU (containers rebuilt): a snapshot training can't change."""
     if isinstance(obj, torch.Tensor):

@@ -58,7 +58,7 @@ def test_plan_maps_every_method_to_its_head_and_reuses_the_full_loss_at_rate_one
     args = _checked(["--seeds", "0", "--rates", "1,1/8,1/64"])
     runs = accuracy.plan(args)
     names = [r["name"] for r in runs]
-    assert len(names) == len(set(names)) == 13 + 6  # vectors: 6 full + d_softmax_b + 3 x 2 sampled; images: 6
+    assert len(names) == len(set(names)) == 14 + 7  # vectors: 7 full + d_softmax_b + 3 x 2 sampled; images: 7
     assert "vectors-d_softmax_k-1of64-s0" in names and "vectors-d_softmax_k-1-s0" not in names
     cfg = accuracy.run_config(next(r for r in runs if r["name"] == "vectors-partial_fc-1of8-s0"), args, "/tmp/x")
     assert (cfg["head"]["loss"], cfg["head"]["negatives"], cfg["head"]["sample_rate"]) == ("arcface", "partial", 0.125)
@@ -169,6 +169,26 @@ def test_a_parts_settings_bind_only_its_runs_and_the_two_forms_never_share_a_fol
         accuracy.check_settings(out, _checked(["--parts", "images,glyphs", "--image-steps", "7"]))
     with pytest.raises(ValueError, match="built-in parts there"):
         args = _checked(["--config", _config_file(tmp_path)])
+        accuracy.check_settings(out, args)
+
+
+PRESETS = {"d_softmax": {"end_point": 1.0, "inter_weight_end": 0.0},
+           "d_softmax_paper": {"end_point": 0.9, "inter_weight_end": None}}
+
+
+def test_a_sweep_folder_from_before_the_d_softmax_presets_is_refused(tmp_path):
+    """There d_softmax was the paper's form: its runs must not be reused as the loss at its presets."""
+    out = str(tmp_path / "sweep")
+    args = _checked(["--parts", "images", "--image-steps", "900"])
+    accuracy.check_settings(out, args)
+    with open(os.path.join(out, "settings.json"), encoding="utf-8") as fh:
+        recorded = json.load(fh)
+    assert recorded["presets"] == PRESETS
+    accuracy.check_settings(out, args)  # the same presets: reused
+    del recorded["presets"]
+    with open(os.path.join(out, "settings.json"), "w", encoding="utf-8") as fh:
+        json.dump(recorded, fh)
+    with pytest.raises(ValueError, match="other settings .*before the D-Softmax presets"):
         accuracy.check_settings(out, args)
 
 
@@ -386,7 +406,7 @@ def test_config_runs_keep_the_users_config_with_the_bench_run_policy_and_the_poi
     assert cfg["checkpoint"] | {"every_steps": 1, "keep_last": 1, "resume": "auto", "dir": ""} == cfg["checkpoint"]
     assert cfg["logging"]["output_dir"] == str(tmp_path / "out" / "runs" / run["name"])
     assert cfg["parallel"]["nproc"] == 1 and accuracy.settings(args) == {"config_sha256": args.config_sha256,
-                                                                          "nproc": None}
+                                                                          "nproc": None, "presets": PRESETS}
     sampled = _checked(["--config", _config_file(tmp_path), "--seeds", "0", "--methods", "d_softmax_k,arcface",
                         "--rates", "1/4", "--nproc", "2"])
     (k_run, k_cfg), (a_run, a_cfg) = accuracy.checked_runs(sampled)

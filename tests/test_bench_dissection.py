@@ -50,13 +50,13 @@ def test_toy_dissection_trains_both_losses_and_writes_table_records_and_figure(t
     with open(os.path.join(out, "dissection.json"), encoding="utf-8") as fh:
         result = json.load(fh)
     assert sorted((r["loss"], r["classes"]) for r in result["records"]) == [
-        ("d_softmax", 3), ("d_softmax", 4), ("normface", 3), ("normface", 4)]
+        ("d_softmax_paper", 3), ("d_softmax_paper", 4), ("normface", 3), ("normface", 4)]
     for r in result["records"]:
         emb = np.asarray(r["embeddings"])
         assert emb.shape == (5 * r["classes"], 3) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-3)
         assert 0 < r["intra_deg"] < 180 and math.isfinite(r["final_loss"])
     md = open(os.path.join(out, "dissection.md"), encoding="utf-8").read()
-    assert "| normface | 3 | 1 |" in md and "| d_softmax | 4 | 1 |" in md
+    assert "| normface | 3 | 1 |" in md and "| d_softmax_paper | 4 | 1 |" in md
     assert os.path.getsize(os.path.join(out, "dissection.png")) > 10_000
     with pytest.raises(ValueError, match="--classes '1'"):
         dissection.main(["--out", out, "--classes", "1"])

@@ -242,7 +242,7 @@ def test_a_trained_run_is_measured_at_every_checkpoint(trained_run, tmp_path, ca
     assert run["steps"] == [5, 10, 15, 20] and [r["step"] for r in run["rows"]] == [5, 10, 15, 20]
     st = run["settings"]
     assert (st["loss"], st["scale"], st["end_point"], st["inter_weight"], st["m"], st["num_classes"]) == (
-        "d_softmax", 16.0, 0.9, 1.0, None, 8)
+        "d_softmax", 16.0, 1.0, 1.0, None, 8)  # d_softmax's preset d
     assert st["samples"] == 256 and st["trained_as"] == "d_softmax"
     assert all(math.isfinite(v) for v in _numbers(result["runs"]))
     first, last = run["rows"][0], run["rows"][-1]
@@ -254,7 +254,7 @@ def test_a_trained_run_is_measured_at_every_checkpoint(trained_run, tmp_path, ca
         assert {"margin_deg/d_softmax", "margin_deg/arcface"} <= set(row) and "margin_deg/trained" not in row
         assert -1.0 <= row["weights"]["mean_cos"] <= row["weights"]["mean_max_cos"] <= 1.0
     md = open(os.path.join(out, "terms.md"), encoding="utf-8").read()
-    assert "### run: d_softmax s=16 d=0.9 w=1 m=none C=8" in md
+    assert "### run: d_softmax s=16 d=1 w=1->0 m=none C=8" in md  # the preset schedule
     assert sum(line.startswith("| 5 |") or line.startswith("| 20 |") for line in md.splitlines()) == 2
     assert os.path.getsize(os.path.join(out, "terms.png")) > 20_000
     assert "wrote" in capsys.readouterr().out
@@ -292,7 +292,7 @@ def test_a_run_that_is_not_a_cosine_head_is_refused_with_exit_2(trained_run, tmp
     shutil.copytree(os.path.join(trained_run, "checkpoints"), copy / "checkpoints")
     newest = sorted((copy / "checkpoints").glob("step-*"))[-1] / "trainer.pt"
     state = load_weights_only(str(newest))
-    state["config"]["head"]["loss"] = "softmax"  # as a run of the linear softmax head saves it
+    state["config"]["head"].update(loss="softmax", end_point=None, inter_weight_end=None)  # as softmax saves it
     torch.save(state, newest)
     code = main(["bench", "terms", "--runs", trained_run, str(copy), "--out", str(tmp_path / "o")])
     err = capfd.readouterr().err
@@ -318,5 +318,6 @@ def test_runs_of_two_losses_read_as_a_sweep(trained_run, tmp_path):
         assert row["grad_y/trained"]["mean"] > 0 and "margin_deg/trained" in row
     assert arc["rows"][-1]["z_y"]["median"] > arc["rows"][0]["z_y"]["median"]
     md = open(os.path.join(out, "terms.md"), encoding="utf-8").read()
-    assert "### arc: arcface s=16 d=0.9 w=1 m=m2=0.4 C=8" in md and "### run: d_softmax" in md
+    # D-Softmax's terms of a margin run are measured at d_softmax's preset d
+    assert "### arc: arcface s=16 d=1 w=1 m=m2=0.4 C=8" in md and "### run: d_softmax" in md
     assert "intra / ArcFace / trained" in md

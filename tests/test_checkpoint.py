@@ -329,8 +329,9 @@ def test_a_run_checkpointed_in_the_format_before_the_states_map_resumes_within_f
     shutil.copytree(Path(__file__).parent / "data" / "checkpoint_v1" / "run", run_folder)
     manifest = json.loads((run_folder / "checkpoints" / "step-00000005" / "manifest.json").read_text())
     assert manifest["format"] == "dsoft_dist.run_checkpoint/1"
-    resumed = run(ckpt_cfg(run_folder, checkpoint__keep_last=1))
-    whole = run(ckpt_cfg(tmp_path / "whole", checkpoint__keep_last=1))
+    paper = {"head__end_point": 0.9, "head__inter_weight_end": None}  # D-Softmax's defaults of f4a3eb6
+    resumed = run(ckpt_cfg(run_folder, checkpoint__keep_last=1, **paper))
+    whole = run(ckpt_cfg(tmp_path / "whole", checkpoint__keep_last=1, **paper))
     # steps 1-5 from the old run's log, 6-8 trained after the resume
     assert resumed["loss"] == pytest.approx(whole["loss"], rel=1e-6, abs=0.0)
     assert_same_params(resumed, whole, atol=1e-4, rtol=0.0)

@@ -46,7 +46,8 @@ def _write(tmp_path, data):
     ({"data": {"num_classes": 1}, "parallel": {"nproc": 2}}, r"data.num_classes=1 is invalid"),
     ({"head": {"loss": "d_softmax", "m2": 0.5}}, r"head.m2=0.5 is invalid: head.loss=d_softmax takes no margin"),
     ({"head": {"loss": "arcface", "end_point": 1.0}},
-     r"head.end_point=1.0 is invalid: head.loss=arcface has no intra end point; remove it or use loss=d_softmax"),
+     r"head.end_point=1.0 is invalid: head.loss=arcface has no intra and inter term; remove it \(--set "
+     r"head.end_point=null\) or use loss=d_softmax"),
     ({"head": {"loss": "cosface", "inter_weight": 0.75}}, r"head.inter_weight=0.75 is invalid: head.loss=cosface has"),
     ({"data": {"source": "webdataset"}}, r"data.shards='' is invalid"),
     ({"data": {"synthetic_mode": "vectors"}, "model": {"name": "mlp", "in_features": 128},
@@ -74,6 +75,44 @@ def test_a_float_in_exponent_form_is_a_float():
     assert cfg.checkpoint.every_minutes == 1e-6 and cfg.optimizer.lr == 2e-3
     with pytest.raises(ConfigError, match="optimizer.lr='fast' is invalid: expected float"):
         load_config(None, ["optimizer.lr=fast"])
+
+
+def test_d_softmax_presets_resolve_from_the_loss_table_and_a_given_value_replaces_them():
+    """d_softmax: d = 1 with the inter weight 1 -> 0; d_softmax_paper: the paper's d = 0.9, constant; null
+    inter_weight_end is the constant weight, not the preset; a margin loss holds neither key."""
+    def head(*sets):
+        h = load_config(None, list(sets)).head
+        return h.end_point, h.inter_weight, h.inter_weight_end
+
+    assert head() == (1.0, 1.0, 0.0)
+    assert head("head.loss=d_softmax_paper") == (0.9, 1.0, None)
+    assert head("head.inter_weight_end=null") == (1.0, 1.0, None)
+    assert head("head.loss=d_softmax_paper", "head.end_point=0.95", "head.inter_weight_end=0.25") == (0.95, 1.0, 0.25)
+    assert head("head.end_point=null") == (1.0, 1.0, 0.0)  # null end point: the preset, as a null margin is
+    assert head("head.loss=arcface") == (None, 1.0, None)
+    demo = ROOT / "configs" / "demo.yaml"  # its inter weight ends at 0.5: a margin loss on it drops that key
+    with pytest.raises(ConfigError, match=r"inter_weight_end=0.5 is invalid: .* \(--set head.inter_weight_end=null\)"):
+        load_config(demo, ["head.loss=arcface"])
+    assert load_config(demo, ["head.loss=arcface", "head.inter_weight_end=null"]).head.margins() == (1.0, 0.5, 0.0)
+    for name in ("d_softmax", "d_softmax_paper", "arcface"):  # the resolved values dump and load as themselves
+        cfg = load_config(None, [f"head.loss={name}"])
+        assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_a_saved_config_from_before_the_presets_loads_as_the_run_it_was():
+    """Every config saved before the presets held d = 0.9, w = 1 (and, later, inter_weight_end null) whatever
+    its loss; one without inter_weight_end trained the paper's constant weight."""
+    from dsoft_dist.config.loader import saved_config_from_dict
+
+    former = {"end_point": 0.9, "inter_weight": 1.0, "inter_weight_end": None}
+    arc = saved_config_from_dict({"head": {"loss": "arcface", **former}}).head
+    assert (arc.loss, arc.end_point, arc.inter_weight_end) == ("arcface", None, None)
+    with pytest.raises(ConfigError, match="head.loss=arcface has no intra and inter term"):
+        config_from_dict({"head": {"loss": "arcface", **former}})  # as a user's config it is refused
+    old = saved_config_from_dict({"head": {"loss": "d_softmax", "end_point": 0.9, "inter_weight": 1.0}}).head
+    assert (old.end_point, old.inter_weight_end) == (0.9, None)
+    with pytest.raises(ConfigError, match="head.end_point=0.8 is invalid: head.loss=arcface"):
+        saved_config_from_dict({"head": {"loss": "arcface", "end_point": 0.8}})  # not a former default
 
 
 def test_margin_presets_resolve_from_the_loss_table():

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"ms1m_r50": (85_742, 5_822_653, 8, "iresnet50"), "glint360k_r100": (360_232, 17_091_657, 8, "iresnet100"),
             "webface42m_r100": (2_059_906, 42_474_557, 64, "iresnet100")}
 # variant: (loss, negatives, sample rate)
-VARIANTS = {"dsoftmax": ("d_softmax", "all", 1.0), "dsoftmax_k64": ("d_softmax", "random", 1 / 64),
-            "dsoftmax_b": ("d_softmax", "batch", 1.0), "arcface": ("arcface", "all", 1.0),
+VARIANTS = {"dsoftmax": ("d_softmax_paper", "all", 1.0), "dsoftmax_k64": ("d_softmax_paper", "random", 1 / 64),
+            "dsoftmax_b": ("d_softmax_paper", "batch", 1.0), "arcface": ("arcface", "all", 1.0),
             "partialfc": ("arcface", "partial", 0.1)}
 RECIPES = [(d, v) for d in DATASETS for v in VARIANTS]
 # arcface_torch's WebFace42M backbones, on its own recipes (configs/wf42m_pfc03_*): name: (backbone, GPUs, images per
@@ -62,7 +62,7 @@ def test_arcface_torch_backbone_recipe(name):
     backbone, gpus, per_gpu, epochs, warmup_epochs, optimizer, lr, decay, checkpointing = ARCFACE_TORCH_RECIPES[name]
     ids, images = DATASETS["webface42m_r100"][:2]
     assert (cfg.name, cfg.model.name, cfg.data.num_classes, cfg.data.batch_size) == (name, backbone, ids, per_gpu)
-    assert (cfg.head.loss, cfg.head.negatives) == ("d_softmax", "all")
+    assert (cfg.head.loss, cfg.head.negatives) == ("d_softmax_paper", "all")
     global_batch = per_gpu * gpus * cfg.optimizer.grad_accum_steps
     assert cfg.schedule.steps == round(epochs * images / global_batch)
     assert cfg.schedule.warmup_steps == round(warmup_epochs * images / global_batch)

@@ -157,9 +157,9 @@ def test_a_folder_holding_another_run_fails_the_run_folder_check(capsys, tmp_pat
     assert line(out, "run-folder").startswith("ok") and "continues the run" in line(out, "run-folder"), out
     rc, out = run(capsys, tmp_path, "--overwrite")
     assert "the run it holds is deleted first" in line(out, "run-folder"), out
-    rc, out = run(capsys, tmp_path, *keep, "--set", "head.loss=arcface")
+    rc, out = run(capsys, tmp_path, *keep, "--set", "head.loss=d_softmax_paper")
     assert rc == 1 and line(out, "run-folder").startswith("FAIL"), out
-    assert "head.loss: 'd_softmax' -> 'arcface'" in line(out, "run-folder"), out
+    assert "head.loss: 'd_softmax' -> 'd_softmax_paper'" in line(out, "run-folder"), out
 
 
 def test_a_manifest_without_the_webdataset_source_is_refused(capsys, tmp_path):

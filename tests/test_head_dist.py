@@ -241,7 +241,8 @@ def reference(case, world_size):
         cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).t()
         if loss_name == "d_softmax":
             k = C if classes is None else classes.numel()
-            loss = LF.d_softmax(cos, labels, 64.0, 0.9, negatives_mask=mask, inter_correction=C / k if corr else 1.0)
+            d = REGISTERED_LOSSES.get("d_softmax").presets["end_point"]  # the head's default end point
+            loss = LF.d_softmax(cos, labels, 64.0, d, negatives_mask=mask, inter_correction=C / k if corr else 1.0)
         else:
             loss = LF.margin_softmax(cos, labels, 64.0, negatives_mask=mask, **REGISTERED_LOSSES.get(loss_name).margins)
     loss.backward()

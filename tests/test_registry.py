@@ -48,7 +48,7 @@ def half_inter_rows(z, log_sum_with, head):
     return intra + 0.5 * inter, {"toy_intra": intra, "toy_inter": inter}
 
 
-TOY_LOSS = LossForm(half_inter_rows, takes_margins=False)
+TOY_LOSS = LossForm(half_inter_rows, takes_margins=False, presets={"end_point": 0.9, "inter_weight_end": None})
 
 
 class ToyVectors(IterableDataset):

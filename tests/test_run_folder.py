@@ -116,7 +116,27 @@ def test_more_steps_continue_the_same_run(folder, train):
     rc, err = train("--set", "schedule.steps=4", "--set", "optimizer.lr=0.05")
     assert rc == 0, err
     assert "resumed from run/checkpoints/step-00000003" in err, err
+    assert "config changed since the checkpoint: optimizer.lr: 0.1 -> 0.05, schedule.steps: 3 -> 4" in err, err
     assert [r["step"] for r in _rows(folder) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_d_softmax_checkpoint_from_before_the_presets_resumes_with_a_note_of_what_changed():
+    """Such a run trained the paper's constant inter weight: resumed with today's defaults its loss is the
+    schedule's from there on, and the resume says so (a resume keeps the run's own config otherwise)."""
+    from dsoft_dist.config import config_from_dict
+    from dsoft_dist.config.loader import config_to_dict
+    from dsoft_dist.train.state import TrainState
+
+    now = config_to_dict(config_from_dict(CONFIG))
+    before = {**now, "head": {k: v for k, v in now["head"].items() if k != "inter_weight_end"}}
+    before["head"]["end_point"] = 0.9
+    state = TrainState(now)
+    note = state.load_state_dict({"step": 2, "skipped": 0, "config": before})
+    assert note == "config changed since the checkpoint: head.end_point: 0.9 -> 1.0, head.inter_weight_end: None -> 0.0"
+    assert state.config == now and state.step == 2
+    assert state.load_state_dict({"step": 2, "skipped": 0, "config": now}) is None
+    resumed = {**now, "checkpoint": {**now["checkpoint"], "resume": "run/checkpoints/step-00000002"}}
+    assert TrainState(resumed).load_state_dict({"step": 2, "skipped": 0, "config": now}) is None  # how it starts
 
 
 def test_turning_on_activation_checkpointing_continues_the_same_run(folder, train):

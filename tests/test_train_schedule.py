@@ -39,7 +39,8 @@ def _head(**kw):
 
 def test_the_inter_weight_schedule_goes_from_inter_weight_to_inter_weight_end_along_a_half_cosine():
     s = _sched(steps=101, warmup_steps=10)
-    assert [inter_weight_at(i, _head(inter_weight=0.8), s) for i in (0, 50, 100, 500)] == [0.8] * 4  # the paper's
+    constant = _head(inter_weight=0.8, inter_weight_end="null")  # the paper's form
+    assert [inter_weight_at(i, constant, s) for i in (0, 50, 100, 500)] == [0.8] * 4
     h = _head(inter_weight=1.0, inter_weight_end=0.25)
     assert inter_weight_at(0, h, s) == 1.0  # the warmup does not shift it
     assert inter_weight_at(50, h, s) == pytest.approx(0.625)
@@ -52,8 +53,9 @@ def test_the_inter_weight_schedule_goes_from_inter_weight_to_inter_weight_end_al
     assert inter_weight_at(25, rising, s) == pytest.approx(0.5 + 0.5 * (1 - math.cos(math.pi / 4)) / 2)
 
 
-@pytest.mark.parametrize("text, problem", [("head.inter_weight_end=-0.5", "must be >= 0"),
-                                           ("head.loss=arcface,head.inter_weight_end=0.5", "has no inter term")])
+@pytest.mark.parametrize("text, problem", [
+    ("head.inter_weight_end=-0.5", "must be >= 0"),
+    ("head.loss=arcface,head.inter_weight_end=0.5", "has no intra and inter term")])
 def test_a_bad_inter_weight_end_is_refused_naming_the_key(text, problem):
     from dsoft_dist.errors import ConfigError
 
@@ -67,7 +69,7 @@ def test_every_step_of_a_scheduled_run_weights_its_inter_term_by_the_schedule(tm
     logged as row means over the global batch of 2 gloo ranks); unscheduled, the weight stays inter_weight."""
     scheduled, constant = run_each(
         tiny(tmp_path / "scheduled", head__inter_weight=1.0, head__inter_weight_end=0.2, schedule__steps=5),
-        tiny(tmp_path / "constant", head__inter_weight=0.6, schedule__steps=5))
+        tiny(tmp_path / "constant", head__inter_weight=0.6, head__inter_weight_end=None, schedule__steps=5))
     cfg = load_config(None, ["head.inter_weight=1.0", "head.inter_weight_end=0.2", "schedule.steps=5"])
     for result, weight in ((scheduled, lambda step: inter_weight_at(step, cfg.head, cfg.schedule)),
                            (constant, lambda step: 0.6)):

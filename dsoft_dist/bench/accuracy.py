@@ -13,18 +13,20 @@ sized for a CPU; ``--parts`` defaults to vectors and images:
 | part | data | backbone | methods (default) |
 |---|---|---|---|
 | vectors | 20,000 vector identities x 8 samples, ``data.difficulty=hard`` | ``mlp`` | every method below |
-| images | 500 image identities x 16 samples (32 px, medium) | ``iresnet_tiny`` | the six full losses |
-| glyphs | 1,000 glyph identities x 16 samples (32 px, easy, 16 font styles) | ``iresnet_tiny`` | six full losses |
+| images | 500 image identities x 16 samples (32 px, medium) | ``iresnet_tiny`` | the seven full losses |
+| glyphs | 1,000 glyph identities x 16 samples (32 px, easy, 16 font styles) | ``iresnet_tiny`` | seven full losses |
 
 | method | head | rates |
 |---|---|---|
-| softmax, normface, sphereface, cosface, arcface, d_softmax | that loss over all classes | 1 |
+| softmax, normface, sphereface, cosface, arcface, d_softmax_paper, d_softmax | that loss over all classes | 1 |
 | d_softmax_b | D-Softmax-B: the inter term over the batch's classes | its K / C |
 | d_softmax_k | D-Softmax-K: the inter term over a random r of the classes | --rates |
 | d_softmax_partial | D-Softmax over partial_fc's negatives (K = r C is their floor) | --rates |
 | partial_fc | Partial-FC-style: ArcFace over the batch's positives + random others up to r C | --rates |
 | sampled_softmax | plain sampled softmax: linear softmax over a random r of the classes | --rates |
 
+d_softmax_paper is D-Softmax in the paper's form (d = 0.9, a constant inter weight w = 1), d_softmax at its
+presets (d = 1, w from 1 to 0 along a half cosine); the D-Softmax variants below take d_softmax's.
 At r = 1 the sampled methods are their full loss (d_softmax_k = d_softmax_partial = d_softmax,
 partial_fc = arcface, sampled_softmax = softmax), so their r = 1 rows are those runs. Every run of a seed shares the
 seed's synthetic world (``seed``, ``data.seed`` and ``head.seed`` are the seed), the schedule,
@@ -104,7 +106,9 @@ from dsoft_dist.errors import ConfigError
 from dsoft_dist.eval.extract import extract_embeddings
 from dsoft_dist.eval.roc import tar_at_far
 from dsoft_dist.eval.verification import verify_scores_kfold
+from dsoft_dist.losses.forms import D_SOFTMAX_KEYS, D_SOFTMAX_LOSSES
 from dsoft_dist.models.checkpoint import load_backbone
+from dsoft_dist.registry import LOSSES
 from dsoft_dist.utils import int_list
 
 DEFAULT_METHODS = {"vectors": (*FULL_LOSSES, "d_softmax_b", *SAMPLED), "images": FULL_LOSSES, "glyphs": FULL_LOSSES}
@@ -136,7 +140,7 @@ def part_config(part: str, args) -> dict:
         steps = getattr(args, f"{PART_OPTION[part]}_steps")
     return {
         "model": model,
-        "head": {"scale": 32.0, "end_point": 0.9},
+        "head": {"scale": 32.0},  # each D-Softmax loss at its own presets (d_softmax_paper: the paper's d = 0.9)
         "data": {"source": "synthetic", "num_workers": 0, **data},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4},
         "schedule": {"steps": steps, "warmup_steps": max(1, steps // 15), "decay": "cosine"},
@@ -180,6 +184,9 @@ def run_config(run: dict, args, out: str) -> dict:
         cfg = part_config(run["part"], args)
     if run["part"] != CONFIG_PART or args.method_list:
         loss, negatives = head_of(run["method"])
+        if not LOSSES.get(loss).presets:  # a margin loss refuses D-Softmax's keys a --config may give its head
+            for key in D_SOFTMAX_KEYS:
+                cfg["head"].pop(key, None)
         cfg["head"].update(loss=loss, negatives=negatives, sample_rate=run["rate"])
     cfg["name"], cfg["seed"] = run["name"], run["seed"]
     cfg["head"]["seed"] = cfg["data"]["seed"] = run["seed"]
@@ -300,12 +307,14 @@ def load_results(path: str) -> dict[str, dict]:
 
 def settings(args) -> dict:
     """What the records depend on: a rerun must match it to reuse them. Not the grid, the methods, rates or
-    seeds: a run's name says those, so a rerun with more of them reuses the runs it shares."""
+    seeds: a run's name says those, so a rerun with more of them reuses the runs it shares. The D-Softmax losses'
+    presets too: a run named d_softmax trained at the presets of its day."""
+    presets = {"presets": {name: LOSSES.get(name).presets for name in D_SOFTMAX_LOSSES}}
     if args.config:
-        return {"config_sha256": args.config_sha256, "nproc": args.nproc_given}
+        return {"config_sha256": args.config_sha256, "nproc": args.nproc_given, **presets}
     keys = [f"{PART_OPTION[part]}_{k}" for part in args.part_list for k in ("classes", "steps")]
     keys += ["eval_identities", "eval_samples", "nproc"]
-    return {k: getattr(args, k) for k in keys}
+    return {**{k: getattr(args, k) for k in keys}, **presets}
 
 
 def check_settings(out: str, args) -> None:
@@ -320,6 +329,8 @@ def check_settings(out: str, args) -> None:
         diff = ", ".join(f"{k}: {theirs[k]} there, {v} now" for k, v in mine.items() if k in theirs and theirs[k] != v)
         if ("config_sha256" in theirs) != ("config_sha256" in mine):
             diff = "--config runs there" if "config_sha256" in theirs else "built-in parts there"
+        elif "presets" not in theirs:
+            diff = "runs from before the D-Softmax presets there, where d_softmax was the paper's form"
         if diff:
             raise ValueError(f"--out {out!r} holds a sweep with other settings ({diff}): use another --out, "
                              "or rerun with its settings to resume it")
@@ -361,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="a grid over a config key, e.g. head.end_point=0.85,0.9; repeat it for a cartesian product")
     p.add_argument("--methods", default="", help=f"comma-separated subset of {', '.join(METHODS)} "
-                   "(default: every method for vectors, the six full losses for images, the config's own head)")
+                   "(default: every method for vectors, the seven full losses for images, the config's own head)")
     p.add_argument("--rates", default="1,1/8,1/64", help="sample rates of the sampled methods (default 1,1/8,1/64)")
     p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
     p.add_argument("--vector-classes", type=int, default=20_000,

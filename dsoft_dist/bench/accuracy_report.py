@@ -21,7 +21,7 @@ import statistics
 from dsoft_dist.bench.speedup import SAMPLED
 from dsoft_dist.config.schema import rate_text
 
-FULL_LOSSES = ("softmax", "normface", "sphereface", "cosface", "arcface", "d_softmax")
+FULL_LOSSES = ("softmax", "normface", "sphereface", "cosface", "arcface", "d_softmax_paper", "d_softmax")
 # the sampled methods of this bench: the speed table's, and D-Softmax over Partial-FC's negative set (which costs
 # what partial_fc costs at the same r, so the speed table leaves it out)
 SAMPLED_HEADS = {**SAMPLED, "d_softmax_partial": ("d_softmax", "partial")}

@@ -7,7 +7,8 @@ relaxes the intra-class objective as the inter-class one gets easier. D-Softmax'
 not see the other classes (``softplus(s (d - cos theta_y))``), so its compactness should not
 depend on how many classes there are.
 
-For each loss (normface: the normalized softmax with the same scale s; d_softmax) and each class
+For each loss (normface: the normalized softmax with the same scale s; d_softmax_paper: D-Softmax in the
+paper's form, d = 0.9 with a constant inter weight) and each class
 count (5, 10) and seed, ``dsoft train`` trains an ``mlp`` with a 3-D embedding on synthetic vector
 identities (``data.difficulty=hard``). The embedding of --eval-samples samples per identity that
 training never saw (sample indices past ``data.samples_per_class``) is measured:
@@ -16,7 +17,7 @@ training never saw (sample indices past ``data.samples_per_class``) is measured:
   (also over the identity's training samples, what the loss itself saw);
 - nearest-class angle: the mean over identities of the angle to the nearest other identity's mean.
 
-    dsoft bench dissection                       # 5 and 10 identities, normface and d_softmax, 3 seeds
+    dsoft bench dissection                       # 5 and 10 identities, normface and d_softmax_paper, 3 seeds
     dsoft bench dissection --seeds 0 --out runs/dissection
 
 Writes ``dissection.json`` (one record per run), ``dissection.md`` (mean and spread over seeds) and
@@ -40,7 +41,7 @@ from dsoft_dist.eval.extract import extract_embeddings
 from dsoft_dist.models.checkpoint import load_backbone
 from dsoft_dist.utils import int_list
 
-LOSSES = ("normface", "d_softmax")
+LOSSES = ("normface", "d_softmax_paper")  # the paper's figure: its form, d = 0.9 with a constant inter weight
 SAMPLES_PER_CLASS = 200  # training samples of each identity
 DIM = 64  # input vector size
 
@@ -49,7 +50,7 @@ def run_config(loss: str, classes: int, seed: int, args, out: str) -> dict:
     return {
         "name": f"dissection-{loss}-{classes}-s{seed}", "seed": seed,
         "model": {"name": "mlp", "embedding_size": 3, "in_features": DIM},
-        "head": {"loss": loss, "negatives": "all", "scale": args.scale, "end_point": 0.9, "seed": seed},
+        "head": {"loss": loss, "negatives": "all", "scale": args.scale, "seed": seed},
         "data": {"source": "synthetic", "synthetic_mode": "vectors", "vector_dim": DIM, "difficulty": "hard",
                  "num_classes": classes, "samples_per_class": SAMPLES_PER_CLASS, "batch_size": 64,
                  "num_workers": 0, "seed": seed},

@@ -229,7 +229,7 @@ def open_run(path: str) -> Run:
     Raises FileNotFoundError / ValueError (exit 2) for a missing folder, a folder without checkpoints, a
     saved config that no longer loads, or a head that is not a cosine head.
     """
-    from dsoft_dist.config import config_from_dict
+    from dsoft_dist.config.loader import saved_config_from_dict
     from dsoft_dist.losses import margin_losses
     from dsoft_dist.registry import LOSSES
     from dsoft_dist.train.checkpoint import RUN_CHECKPOINTS, STEP_PREFIX, checkpoint_root_of, step_folders
@@ -246,7 +246,7 @@ def open_run(path: str) -> Run:
     folders = [os.path.join(root, n) for n in names]
     saved = load_weights_only(os.path.join(folders[-1], "trainer.pt"))["config"]
     try:
-        cfg = config_from_dict(saved)
+        cfg = saved_config_from_dict(saved)
     except ValueError as err:
         raise ValueError(f"--runs {path}: the config saved in {folders[-1]} no longer loads ({err})") from err
     loss = cfg.head.loss
@@ -258,7 +258,9 @@ def open_run(path: str) -> Run:
                          ">= 2 classes")
     margins = cfg.head.margins() if loss in margin_losses() else None  # None: D-Softmax, or a loss of your own
     trained = None if margins is None or tuple(margins) == ARCFACE else tuple(margins)
-    st = LossSettings(cfg.head.scale, cfg.head.end_point, cfg.head.inter_weight, trained)
+    # a margin run has no d: D-Softmax's terms are measured on it at the default loss's (d_softmax's preset)
+    end_point = LOSSES.get("d_softmax").presets["end_point"] if cfg.head.end_point is None else cfg.head.end_point
+    st = LossSettings(cfg.head.scale, end_point, cfg.head.inter_weight, trained)
     name = os.path.basename(os.path.normpath(path))
     if name == RUN_CHECKPOINTS:  # a checkpoint root was passed: name the run by its run folder
         name = os.path.basename(os.path.dirname(os.path.normpath(path))) or name
@@ -353,12 +355,14 @@ def run_settings(run: Run, samples: int) -> dict:
     """The run's key settings for the tables and the JSON: loss, s, d, w, m (None for D-Softmax), C, the
     data, and ``trained_as``: which measured loss is the run's own (None for a loss of your own)."""
     from dsoft_dist.losses import margin_losses
+    from dsoft_dist.losses.forms import D_SOFTMAX_LOSSES
 
     h, d = run.cfg.head, run.cfg.data
     margin = h.loss in margin_losses()
-    own = "trained" if run.settings.trained else "arcface" if margin else "d_softmax" if h.loss == "d_softmax" \
+    own = "trained" if run.settings.trained else "arcface" if margin else "d_softmax" if h.loss in D_SOFTMAX_LOSSES \
         else None
-    return {"loss": h.loss, "scale": h.scale, "end_point": h.end_point, "inter_weight": h.inter_weight,
+    # end_point: the d D-Softmax's terms are measured at (a margin run's own head has none)
+    return {"loss": h.loss, "scale": h.scale, "end_point": run.settings.end_point, "inter_weight": h.inter_weight,
             "inter_weight_end": h.inter_weight_end,
             "m": list(h.margins()) if margin else None, "num_classes": d.num_classes,
             "embedding_size": run.cfg.model.embedding_size, "model": run.cfg.model.name,

@@ -16,7 +16,7 @@ log = get_logger(__name__)
 DEMO_CONFIG = {  # configs/demo.yaml holds the same values (a test checks it)
     "name": "demo", "seed": 0,
     "model": {"name": "iresnet_tiny", "embedding_size": 128, "input_size": 32},
-    "head": {"loss": "d_softmax", "negatives": "all", "scale": 32.0, "end_point": 0.9},
+    "head": {"loss": "d_softmax", "negatives": "all", "scale": 32.0, "inter_weight_end": 0.5},
     "data": {"source": "synthetic", "synthetic_mode": "images", "num_classes": 500, "samples_per_class": 16,
              "image_size": 32, "batch_size": 64, "num_workers": 0},
     "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4},

@@ -15,6 +15,7 @@ those modules register (``dsoft_dist.registry``) are choices of the keys that na
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -24,9 +25,10 @@ from typing import Any
 
 import yaml
 
-from dsoft_dist.config.schema import Config, parse_fraction
+from dsoft_dist.config.schema import Config, HeadConfig, parse_fraction
 from dsoft_dist.errors import ConfigError
-from dsoft_dist.registry import import_extra_modules
+from dsoft_dist.losses.forms import D_SOFTMAX_KEYS
+from dsoft_dist.registry import LOSSES, import_extra_modules
 
 
 def _type_name(tp) -> str:
@@ -93,6 +95,28 @@ def config_from_dict(data: dict | None) -> Config:
     if isinstance(data, dict) and "extra_modules" in data:
         _import_extra_modules(data["extra_modules"])
     return _build(Config, data, "")
+
+
+# what every config saved before the losses had presets holds for D-Softmax's keys, whatever its loss
+_FORMER_D_SOFTMAX_VALUES = dict(zip(D_SOFTMAX_KEYS, (0.9, 1.0, None)))
+
+
+def saved_config_from_dict(data: dict) -> Config:
+    """``config_from_dict`` of a config a run saved (in its checkpoints), which may predate the presets of
+    ``LossForm``: there a margin loss held D-Softmax's former defaults (d = 0.9, w = 1), which it now refuses,
+    and a D-Softmax run without ``head.inter_weight_end`` had the paper's constant inter weight."""
+    data = copy.deepcopy(data)
+    head = data.get("head") or {}
+    if "extra_modules" in data:
+        _import_extra_modules(data["extra_modules"])
+    loss = head.get("loss", HeadConfig.loss)
+    if loss in LOSSES.names() and not LOSSES.get(loss).presets:
+        for key, former in _FORMER_D_SOFTMAX_VALUES.items():
+            if key in head and head[key] == former:
+                del head[key]
+    elif "inter_weight_end" not in head:
+        head["inter_weight_end"] = None
+    return config_from_dict(data)
 
 
 def _import_extra_modules(value) -> None:

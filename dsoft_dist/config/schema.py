@@ -14,11 +14,12 @@ from fractions import Fraction
 from typing import Optional
 
 from dsoft_dist.errors import ConfigError
-from dsoft_dist.losses.forms import margin_rows, resolve_margins
+from dsoft_dist.losses.forms import resolve_margins
 from dsoft_dist.models.registry import checkpointing_models
 from dsoft_dist.registry import DATA_SOURCES, ENGINES, LOSSES, LR_SCHEDULES, MODELS, OPTIMIZERS
 
 NEGATIVES = ("all", "batch", "random", "partial")
+PRESET = "preset"  # head.inter_weight_end unset (null is a value there: the constant inter weight)
 
 
 def _check(ok: bool, key: str, value, fix: str) -> None:
@@ -88,11 +89,13 @@ class HeadConfig:
     sample_rate: float = field(default=1.0, metadata={"fraction": True})  # YAML and --set also take "1/64"
     inter_correction: bool = False
     scale: float = 64.0
-    end_point: float = 0.9
+    # D-Softmax's intra end point d; unset (or null): the loss's preset (loss d_softmax 1.0, d_softmax_paper 0.9)
+    end_point: Optional[float] = None
     inter_weight: float = 1.0
-    # None: the paper's constant inter weight; a value: the inter-weight schedule, a half cosine from
-    # inter_weight at step 0 to this at the last step (dsoft_dist.train.schedule.inter_weight_at)
-    inter_weight_end: Optional[float] = None
+    # the inter-weight schedule, a half cosine from inter_weight at step 0 to this at the last step
+    # (dsoft_dist.train.schedule.inter_weight_at); null: the paper's constant inter weight; unset: the loss's
+    # preset (d_softmax 0.0, d_softmax_paper null)
+    inter_weight_end: Optional[float] = PRESET
     m1: Optional[float] = None  # None = the preset's value (see margins())
     m2: Optional[float] = None
     m3: Optional[float] = None
@@ -112,17 +115,8 @@ class HeadConfig:
         _check(0.0 < self.sample_rate <= 1.0, "head.sample_rate", self.sample_rate,
                "must be in (0, 1]; e.g. 0.015625 samples 1/64 of the classes")
         _check(0.0 < self.scale <= 1024.0, "head.scale", self.scale, "must be in (0, 1024]; 32 or 64 are usual")
-        _check(-1.0 < self.end_point <= 1.0, "head.end_point", self.end_point,
-               "must be a cosine in (-1, 1]; 0.9 is usual")
         _check(self.inter_weight >= 0.0, "head.inter_weight", self.inter_weight, "must be >= 0")
-        _check(self.inter_weight_end is None or self.inter_weight_end >= 0.0, "head.inter_weight_end",
-               self.inter_weight_end, "must be >= 0, or null for the constant inter_weight")
-        if form.per_row is margin_rows:  # D-Softmax's own keys: a margin loss would train without reading them
-            for key, meaning in (("end_point", "no intra end point"), ("inter_weight", "no inter term"),
-                                 ("inter_weight_end", "no inter term")):
-                value = getattr(self, key)
-                _check(value == HeadConfig.__dataclass_fields__[key].default, "head." + key, value,
-                       f"head.loss={self.loss} has {meaning}; remove it or use loss=d_softmax")
+        self._resolve_presets(form)
         m1, m2, m3 = self.margins()
         _check(m1 >= 1.0, "head.m1", self.m1, "the multiplicative angular margin must be >= 1 (1 = none)")
         _check(0.0 <= m2 < 3.14159, "head.m2", self.m2, "the additive angular margin must be in [0, pi)")
@@ -135,6 +129,27 @@ class HeadConfig:
         _check(self.chunk_size >= 0, "head.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
         _check(self.logit_cache_mb >= 0, "head.logit_cache_mb", self.logit_cache_mb, "must be >= 0 (0 = recompute)")
         _choice("head.backend", self.backend, ("auto", "torch", "cpu-c", "triton"))
+
+    def _resolve_presets(self, form) -> None:
+        """Sets an unset end_point / inter_weight_end to the loss's preset; a loss without D-Softmax's two terms
+        refuses them (and an inter_weight other than 1), since it would train without reading them."""
+        if not form.presets:
+            given = {"end_point": self.end_point, "inter_weight_end": self.inter_weight_end,
+                     "inter_weight": None if self.inter_weight == 1.0 else self.inter_weight}
+            for key, value in given.items():
+                fix = "set it to 1" if key == "inter_weight" else "remove it (--set head." + key + "=null)"
+                _check(value is None or value is PRESET, "head." + key, value,
+                       f"head.loss={self.loss} has no intra and inter term; {fix} or use loss=d_softmax")
+            self.end_point = self.inter_weight_end = None
+            return
+        if self.end_point is None:
+            self.end_point = form.presets["end_point"]
+        if self.inter_weight_end is PRESET:
+            self.inter_weight_end = form.presets["inter_weight_end"]
+        _check(-1.0 < self.end_point <= 1.0, "head.end_point", self.end_point,
+               "must be a cosine in (-1, 1]; 1.0 (or the paper's 0.9) is usual")
+        _check(self.inter_weight_end is None or self.inter_weight_end >= 0.0, "head.inter_weight_end",
+               self.inter_weight_end, "must be >= 0, or null for the constant inter_weight")
 
     def margins(self) -> tuple[float, float, float]:
         """(m1, m2, m3): the loss preset's margins with any explicitly given value replacing it."""

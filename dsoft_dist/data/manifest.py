@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from dsoft_dist.utils import sha256_file, write_text_atomic
+from dsoft_dist.utils import flat_dict, sha256_file, write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsoft-wds"
@@ -170,19 +170,9 @@ def write_conversion(folder: str, spec: dict) -> str:
     return digest
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def spec_differences(old: dict, new: dict, limit: int = 4) -> str:
     """What differs between two conversion specs, e.g. "source.listing, per_shard 1000 -> 500"."""
-    a, b = _flat(old), _flat(new)
+    a, b = flat_dict(old), flat_dict(new)
     diffs = []
     for key in sorted(set(a) | set(b), key=lambda k: (not k.startswith("source."), k)):  # the source first
         if a.get(key) != b.get(key):

@@ -70,8 +70,9 @@ class ShardedClassifier(nn.Module):
     normface | softmax (linear, unnormalized) | margin (m1, m2, m3 as given) | a loss registered in
     ``dsoft_dist.registry.LOSSES`` (``dsoft_dist.losses.forms``); negatives = all |
     batch | random | partial (see dsoft_dist.losses.negatives); sample_rate r; scale s;
-    end_point d and inter_weight (D-Softmax); inter_correction (scale the inter sum by
-    C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
+    end_point d (None: the loss's preset, ``LOSSES.get(loss).presets``) and inter_weight (D-Softmax; the
+    trainer sets inter_weight before each step from the config's inter-weight schedule); inter_correction
+    (scale the inter sum by C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
     seed (negatives: seeded by (seed, draws, rank); init: by (seed, row block)); group (the
     head's process group, default WORLD); chunk_size (classes per chunk, 0 = automatic);
     backend (of the local statistics, dsoft_dist.head.backend: auto | torch | cpu-c |
@@ -99,7 +100,7 @@ class ShardedClassifier(nn.Module):
     """
 
     def __init__(self, num_classes, embedding_size, loss="d_softmax", negatives="all", sample_rate=1.0,
-                 scale=64.0, end_point=0.9, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
+                 scale=64.0, end_point=None, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
                  m3=None, seed=0, group=None, chunk_size=0, backend="auto", checks="first", init_std=0.01,
                  device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None):
         super().__init__()
@@ -112,7 +113,8 @@ class ShardedClassifier(nn.Module):
         self.loss_form = LOSSES.get(loss)  # what combine_stats computes per row (dsoft_dist.losses.forms)
         self.normalize = self.loss_form.normalize
         self.scale = float(scale) if self.normalize else 1.0
-        self.end_point, self.inter_weight, self.inter_correction = end_point, inter_weight, inter_correction
+        self.end_point = self.loss_form.presets.get("end_point") if end_point is None else end_point
+        self.inter_weight, self.inter_correction = inter_weight, inter_correction
         self.m1, self.m2, self.m3 = resolve_margins(loss, m1, m2, m3)
         self.seed, self.chunk_size = seed, chunk_size
         self.checks = _checks_mode(checks)

@@ -2,10 +2,13 @@
 
     from dsoft_dist.registry import LOSSES
     form = LOSSES.get("arcface")      # LossForm: margins {'m1': 1.0, 'm2': 0.5, 'm3': 0.0}, normalize, ...
+    LOSSES.get("d_softmax_paper").presets  # {'end_point': 0.9, 'inter_weight_end': None}: the paper's form
     resolve_margins("arcface", m2=0.4)  # (1.0, 0.4, 0.0): the preset with the given values replacing it
 
 A ``LossForm`` carries its margin preset, whether it normalizes (cosine logits with scale s; a loss
-that does not has linear logits and scale 1), whether the config may give it m1/m2/m3, and
+that does not has linear logits and scale 1), whether the config may give it m1/m2/m3, the presets of
+D-Softmax's end point and inter-weight schedule (``presets``: a loss that reads head.end_point or
+head.inter_weight gives them; one without refuses those keys), and
 ``per_row(z, log_sum_with, head) -> (per_row (B,), terms {name: (B,)})``: the loss of each row of
 the global batch from the statistics every class shard contributed (``dsoft_dist.head.combine``):
 
@@ -32,6 +35,8 @@ from dsoft_dist.losses import functional as LF
 from dsoft_dist.registry import LOSSES
 
 NO_MARGINS = {"m1": 1.0, "m2": 0.0, "m3": 0.0}  # cos(1 theta + 0) - 0: the target logit untouched
+D_SOFTMAX_KEYS = ("end_point", "inter_weight", "inter_weight_end")  # the head keys only D-Softmax's losses read
+D_SOFTMAX_LOSSES = ("d_softmax_paper", "d_softmax")  # the built-in D-Softmax: one loss at two presets
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +47,9 @@ class LossForm:
     margins: dict = field(default_factory=lambda: dict(NO_MARGINS))  # the preset m1, m2, m3
     normalize: bool = True  # cosine logits times head.scale; False: linear logits, scale 1
     takes_margins: bool = True  # the config may give head.m1/m2/m3 (else they are refused)
+    # D-Softmax's presets of head.end_point and head.inter_weight_end (None there: a constant inter weight), which
+    # a given value replaces; empty for a loss without the two terms, which refuses those keys
+    presets: dict = field(default_factory=dict)
 
 
 def d_softmax_rows(z, log_sum_with, head):
@@ -63,7 +71,12 @@ def _margins(**given) -> dict:
     return {**NO_MARGINS, **given}
 
 
-LOSSES.register("d_softmax", LossForm(d_softmax_rows, takes_margins=False))
+# D-Softmax: d = 1 and the inter weight w -> 0 along a half cosine (docs/losses.md, "Choosing d, s and the inter
+# weight"); the paper's form, d = 0.9 with a constant w, by name
+LOSSES.register("d_softmax", LossForm(d_softmax_rows, takes_margins=False,
+                                      presets={"end_point": 1.0, "inter_weight_end": 0.0}))
+LOSSES.register("d_softmax_paper", LossForm(d_softmax_rows, takes_margins=False,
+                                            presets={"end_point": 0.9, "inter_weight_end": None}))
 LOSSES.register("arcface", LossForm(margin_rows, _margins(m2=0.5)))
 LOSSES.register("cosface", LossForm(margin_rows, _margins(m3=0.35)))
 LOSSES.register("sphereface", LossForm(margin_rows, _margins(m1=1.35)))  # multiplicative angular margin

@@ -85,15 +85,18 @@ class _ClassCenters(nn.Module):
 class DSoftmaxLoss(_ClassCenters):
     """D-Softmax: softplus(s (d - z_y)) + inter_weight * softplus(log(c) + LSE_{k in N}(s z_k)).
 
-    Args: num_classes C, embedding_size D, scale s, end_point d, inter_weight, negatives
+    Args: num_classes C, embedding_size D, scale s, end_point d (None: head.loss=d_softmax's preset, 1.0; the
+    paper's is 0.9), inter_weight (constant here: the trainer's schedule of it is the config's), negatives
     ("all" | "batch" | "random" | "partial"), sample_rate r (for random/partial),
     inter_correction (True scales the inter sum by C / |N|, the unbiased estimate), seed.
     forward(embeddings (B, D), labels (B,) int64, -1 = ignore) -> scalar loss (mean).
     """
 
-    def __init__(self, num_classes, embedding_size, scale=64.0, end_point=0.9, inter_weight=1.0,
+    def __init__(self, num_classes, embedding_size, scale=64.0, end_point=None, inter_weight=1.0,
                  negatives="all", sample_rate=1.0, inter_correction=False, seed=0, checks=True):
         super().__init__(num_classes, embedding_size, negatives, sample_rate, seed, True, checks)
+        if end_point is None:
+            end_point = LOSSES.get("d_softmax").presets["end_point"]
         self.scale, self.end_point, self.inter_weight = scale, end_point, inter_weight
         self.inter_correction = inter_correction
 

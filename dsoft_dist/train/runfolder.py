@@ -28,7 +28,7 @@ import time
 from dsoft_dist.observability import get_logger
 from dsoft_dist.registry import DATA_SOURCES
 from dsoft_dist.train.checkpoint import RUN_CHECKPOINTS, STEP_PREFIX, step_folders
-from dsoft_dist.utils import __version__, load_weights_only, write_text_atomic
+from dsoft_dist.utils import __version__, flat_dict, load_weights_only, write_text_atomic
 
 log = get_logger(__name__)
 
@@ -90,11 +90,11 @@ def recorded_identity(cfg) -> dict | None:
     steps = _checkpoints(cfg)
     if not steps:
         return None
-    from dsoft_dist.config import config_from_dict
+    from dsoft_dist.config.loader import saved_config_from_dict
 
     try:
         saved = load_weights_only(os.path.join(_checkpoint_root(cfg), steps[-1], "trainer.pt"))["config"]
-        return run_identity(config_from_dict(saved))
+        return run_identity(saved_config_from_dict(saved))
     except Exception as err:  # a torn or foreign checkpoint: resume's own verification reports it
         log.debug("no identity from %s: %s", steps[-1], err)
         return None
@@ -114,9 +114,32 @@ def _holds_a_run(cfg) -> str | None:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every defining key that differs."""
+    """``key: old -> new`` for every key of two flat dicts that differs."""
     return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+# keys that say how this attempt starts, not what it trains: not worth a note when they change
+_ATTEMPT_KEYS = ("checkpoint.resume", "logging.overwrite")
+
+
+def config_changes(saved: dict, current: dict, limit: int = 6) -> str | None:
+    """The resume's note on the keys that changed since the checkpoint was written (those that do not define
+    the run may, the module doc says), e.g. ``config changed since the checkpoint: optimizer.lr: 0.1 -> 0.05``;
+    None when none did. The saved config is read as the run it was (``saved_config_from_dict``: a D-Softmax
+    run from before the presets of ``LossForm`` had the paper's constant inter weight)."""
+    from dsoft_dist.config.loader import config_to_dict, saved_config_from_dict
+
+    try:
+        saved = config_to_dict(saved_config_from_dict(saved))
+    except ValueError:  # a config that no longer loads: what it holds
+        pass
+    old, new = flat_dict(saved), flat_dict(current)
+    changed = [d for d in differences(old, new) if not d.startswith(tuple(k + ":" for k in _ATTEMPT_KEYS))]
+    if not changed:
+        return None
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "config changed since the checkpoint: " + ", ".join(changed[:limit]) + more
 
 
 def check_run_folder(cfg) -> str | None:

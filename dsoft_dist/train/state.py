@@ -101,9 +101,9 @@ class Replicated:
         if snapshot is not None:
             atomic_save(snapshot, path + ".pt")
 
-    def load(self, path: str, saved_world_size: int) -> None:
-        """Every rank loads ``path.pt``, whatever the world size that wrote it."""
-        self.part.load_state_dict(load_weights_only(path + ".pt"))
+    def load(self, path: str, saved_world_size: int) -> str | None:
+        """Every rank loads ``path.pt``, whatever the world size that wrote it; passes on the part's note."""
+        return self.part.load_state_dict(load_weights_only(path + ".pt"))
 
 
 class PerRank:
@@ -160,13 +160,16 @@ class TrainState:
         return {"step": self.step, "skipped": self.skipped, "config": self.config, "losses": list(self.losses),
                 "diverged_in_a_row": self.diverged_in_a_row, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> str | None:
         """The saved counters (a checkpoint from before roll-backs existed: an empty record); the streak of
-        skipped steps starts afresh."""
+        skipped steps starts afresh. Returns the note of the config keys that changed since (or None)."""
+        from dsoft_dist.train.runfolder import config_changes
+
         self.step, self.skipped, self.skipped_in_a_row = int(state["step"]), int(state["skipped"]), 0
         self.losses = [float(v) for v in state.get("losses", [])]
         self.diverged_in_a_row = int(state.get("diverged_in_a_row", 0))
         self.rollbacks, self.lr_scale = int(state.get("rollbacks", 0)), float(state.get("lr_scale", 1.0))
+        return config_changes(state["config"], self.config) if "config" in state else None
 
 
 class BackboneWeights:
