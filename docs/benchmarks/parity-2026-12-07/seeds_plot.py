@@ -1,0 +1,59 @@
+"""Draws docs/results/parity-three-seeds.png: TAR@FAR=1e-3 per seed of D-Softmax's schedule and ArcFace on the
+three image tasks of about 20 epochs and more, from the records `dsoft bench accuracy` wrote.
+
+    python docs/benchmarks/parity-2026-12-07/seeds_plot.py    # from the repository root
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEDULE = "@end_point=1,inter_weight=1,inter_weight_end=0"
+# (title, records, {label: run name with {seed}})
+TASKS = [
+    ("faces, C = 500, 2,700 steps (43 epochs)", "../parity-2026-12-06/results-steps-2700.jsonl",
+     {"D-Softmax, the schedule": "images-d_softmax-1-s{seed}" + SCHEDULE,
+      "ArcFace, m = 0.6 (its best)": "images-arcface-1-s{seed}@m2=0.6"}),
+    ("glyphs, C = 1,000, 2,400 steps (19 epochs)", "results.jsonl",
+     {"D-Softmax, the schedule": "glyphs-d_softmax-1-s{seed}" + SCHEDULE + ",lr=0.02",
+      "ArcFace, m = 0.5 (lr 0.01, its best)": "glyphs-arcface-1-s{seed}@lr=0.01"}),
+    ("faces, C = 2,000, 5,400 steps (21.6 epochs)", "results.jsonl",
+     {"D-Softmax, the schedule": "images-d_softmax-1-s{seed}" + SCHEDULE,
+      "ArcFace, m = 0.5": "images-arcface-1-s{seed}"}),
+]
+
+
+def records(path: str) -> dict[str, dict]:
+    with open(os.path.join(HERE, path), encoding="utf-8") as fh:
+        return {r["name"]: r for r in (json.loads(line) for line in fh if line.strip())}
+
+
+def main() -> None:
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
+    for ax, (title, path, losses) in zip(axes, TASKS):
+        recs = records(path)
+        for (label, name), marker in zip(losses.items(), ("o", "s")):
+            seeds = [s for s in range(3) if name.format(seed=s) in recs]
+            tars = [100 * recs[name.format(seed=s)]["tar_at_1e-03"] for s in seeds]
+            ax.plot(seeds, tars, marker=marker, label=label)
+            ax.axhline(sum(tars) / len(tars), ls=":", lw=1, color=ax.lines[-1].get_color())
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(3))
+        ax.set_xlabel("seed (dotted: the mean)")
+        ax.set_ylabel("TAR@FAR=1e-3 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = os.path.join(HERE, "..", "..", "results", "parity-three-seeds.png")
+    fig.savefig(out, dpi=110)
+    print("wrote", os.path.normpath(out))
+
+
+if __name__ == "__main__":
+    main()
