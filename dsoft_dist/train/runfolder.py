@@ -134,8 +134,8 @@ def config_changes(saved: dict, current: dict, limit: int = 6) -> str | None:
         saved = config_to_dict(saved_config_from_dict(saved))
     except ValueError:  # a config that no longer loads: what it holds
         pass
-    old, new = flat_dict(saved), flat_dict(current)
-    changed = [d for d in differences(old, new) if not d.startswith(tuple(k + ":" for k in _ATTEMPT_KEYS))]
+    old, new = ({k: v for k, v in flat_dict(c).items() if k not in _ATTEMPT_KEYS} for c in (saved, current))
+    changed = differences(old, new)
     if not changed:
         return None
     more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
