@@ -1,5 +1,5 @@
-"""Draws docs/results/parity-three-seeds.png: TAR@FAR=1e-3 per seed of D-Softmax's schedule and ArcFace on the
-three image tasks of about 20 epochs and more, from the records `dsoft bench accuracy` wrote.
+"""Draws docs/results/parity-three-seeds.png: TAR@FAR=1e-3 per seed of D-Softmax's schedule, ArcFace and D-Softmax-K
+at r = 1/8 on the three image tasks of about 20 epochs and more, from the records `dsoft bench accuracy` wrote.
 
     python docs/benchmarks/parity-2026-12-07/seeds_plot.py    # from the repository root
 """
@@ -15,17 +15,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEDULE = "@end_point=1,inter_weight=1,inter_weight_end=0"
-# (title, records, {label: run name with {seed}})
+K8 = "D-Softmax-K, r = 1/8, the schedule"
+# (title, {label: (records, run name with {seed})})
 TASKS = [
-    ("faces, C = 500, 2,700 steps (43 epochs)", "../parity-2026-12-06/results-steps-2700.jsonl",
-     {"D-Softmax, the schedule": "images-d_softmax-1-s{seed}" + SCHEDULE,
-      "ArcFace, m = 0.6 (its best)": "images-arcface-1-s{seed}@m2=0.6"}),
-    ("glyphs, C = 1,000, 2,400 steps (19 epochs)", "results.jsonl",
-     {"D-Softmax, the schedule": "glyphs-d_softmax-1-s{seed}" + SCHEDULE + ",lr=0.02",
-      "ArcFace, m = 0.5 (lr 0.01, its best)": "glyphs-arcface-1-s{seed}@lr=0.01"}),
-    ("faces, C = 2,000, 5,400 steps (21.6 epochs)", "results.jsonl",
-     {"D-Softmax, the schedule": "images-d_softmax-1-s{seed}" + SCHEDULE,
-      "ArcFace, m = 0.5": "images-arcface-1-s{seed}"}),
+    ("faces, C = 500, 2,700 steps (43 epochs)",
+     {"D-Softmax, the schedule": ("../parity-2026-12-06/results-steps-2700.jsonl",
+                                  "images-d_softmax-1-s{seed}" + SCHEDULE),
+      "ArcFace, m = 0.6 (its best)": ("../parity-2026-12-06/results-steps-2700.jsonl",
+                                      "images-arcface-1-s{seed}@m2=0.6"),
+      K8: ("../parity-2026-12-06/results-steps-2700.jsonl", "images-d_softmax_k-1of8-s{seed}" + SCHEDULE)}),
+    ("glyphs, C = 1,000, 2,400 steps (19 epochs)",
+     {"D-Softmax, the schedule": ("results.jsonl", "glyphs-d_softmax-1-s{seed}" + SCHEDULE + ",lr=0.02"),
+      "ArcFace, m = 0.5 (lr 0.01, its best)": ("results.jsonl", "glyphs-arcface-1-s{seed}@lr=0.01"),
+      K8: ("results-sampled.jsonl", "glyphs-d_softmax_k-1of8-s{seed}@lr=0.02")}),
+    ("faces, C = 2,000, 5,400 steps (21.6 epochs)",
+     {"D-Softmax, the schedule": ("results.jsonl", "images-d_softmax-1-s{seed}" + SCHEDULE),
+      "ArcFace, m = 0.5": ("results.jsonl", "images-arcface-1-s{seed}"),
+      K8: ("results-sampled.jsonl", "images-d_softmax_k-1of8-s{seed}")}),
 ]
 
 
@@ -36,9 +42,9 @@ def records(path: str) -> dict[str, dict]:
 
 def main() -> None:
     fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
-    for ax, (title, path, losses) in zip(axes, TASKS):
-        recs = records(path)
-        for (label, name), marker in zip(losses.items(), ("o", "s")):
+    for ax, (title, series) in zip(axes, TASKS):
+        for (label, (path, name)), marker in zip(series.items(), ("o", "s", "^")):
+            recs = records(path)
             seeds = [s for s in range(3) if name.format(seed=s) in recs]
             tars = [100 * recs[name.format(seed=s)]["tar_at_1e-03"] for s in seeds]
             ax.plot(seeds, tars, marker=marker, label=label)
