@@ -29,6 +29,9 @@ def _check(records, classes, ranks, rates):
         assert r["step_ms"] > 0 and r["peak_mb"] >= r["transient_mb"] >= 0
         assert r["speedup_vs_d_softmax"] == pytest.approx(full["step_ms"] / r["step_ms"])
     assert by[("d_softmax_k", rates[-1])]["k"] == pytest.approx(rates[-1] * classes, abs=ranks)
+    for r in (r for r in records if r["method"] == "d_softmax_kn"):  # its step carries its share of the table's builds
+        assert r["build_ms"] > 0 and r["build_every"] >= 1
+        assert r["step_ms"] == pytest.approx(r["steady_ms"] + r["build_ms"] / r["build_every"])
     b = next(r for r in records if r["method"] == "d_softmax_b")
     assert 0 < b["rate"] < 1 and b["k"] <= 64  # the batch's classes, at most the global batch
 
@@ -44,6 +47,8 @@ def test_speedup_one_rank_writes_every_record_table_and_plot(tmp_path, capsys):
     assert len(rows) == len(records) and rows[0]["method"] == "softmax_naive"
     md = (out / "speedup.md").read_text()
     assert "| d_softmax_k | 1/16 |" in md and "dsoft bench speedup" in md
+    assert re.search(r"d_softmax_kn at r = 1/16: a steady step [\d.,]+ ms plus its share of the nearest-class table's "
+                     r"build \([\d.,]+ ms every [\d,]+ draws\)", md), md
     assert (out / "speedup.png").stat().st_size > 10_000
     assert "| partial_fc | 1/4 |" in capsys.readouterr().out
 
@@ -53,7 +58,7 @@ def test_speedup_two_ranks_through_the_command(tmp_path):
     out = tmp_path / "sp"
     assert main(["bench", "speedup", "--classes", "4000", "--dim", "32", "--batch", "64", "--rates", "1/16",
                  "--repeats", "1", "--nproc", "2", "--methods", "softmax_naive,d_softmax,d_softmax_b,d_softmax_k,"
-                 "partial_fc,sampled_softmax,arcface", "--out", str(out), "--no-progress"]) == 0
+                 "d_softmax_kn,partial_fc,sampled_softmax,arcface", "--out", str(out), "--no-progress"]) == 0
     _check(_records(out), 4000, 2, [0.0625])
 
 

@@ -55,17 +55,30 @@ def interrupt(cfg_dict: dict, steps: int, nproc: int | None = None) -> None:
     run_jobs([(cfg, steps)])
 
 
-def test_resume_on_the_same_world_size_is_exact(tmp_path):
-    cfg = ckpt_cfg(tmp_path / "resumed")
-    # stops after step 5 (the checkpoint at step 5 is the interruption's); the whole run follows in the same
-    # process, so the resume, in a fresh one, finds nothing of the interrupted run but what it wrote
-    _, whole = run_jobs([(cfg, 5), (ckpt_cfg(tmp_path / "whole"), None)])
+def assert_resume_is_exact(tmp_path, **sections) -> dict:
+    """The run interrupted after step 5 and resumed equals the whole run bit for bit; returns the resumed run's
+    results. The run stops after step 5 (the checkpoint at step 5 is the interruption's); the whole run follows in
+    the same process, so the resume, in a fresh one, finds nothing of the interrupted run but what it wrote."""
+    cfg = ckpt_cfg(tmp_path / "resumed", **sections)
+    _, whole = run_jobs([(cfg, 5), (ckpt_cfg(tmp_path / "whole", **sections), None)])
     resumed = run(cfg)
     assert resumed["loss"] == whole["loss"]  # all 8 steps: 1-5 before, 6-8 after the resume, bit-identical
     assert_same_params(resumed, whole, atol=0.0, rtol=0.0)
+    return resumed
+
+
+def test_resume_on_the_same_world_size_is_exact(tmp_path):
+    resumed = assert_resume_is_exact(tmp_path)
     steps = [r["step"] for r in resumed["rows"] if "loss" in r]
     assert steps == list(range(1, 9))  # the history is whole, nothing logged twice
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["latest", "step-00000006", "step-00000008"]
+
+
+@SLOW
+def test_resume_with_nearest_negatives_is_exact(tmp_path):
+    """D-Softmax-KN's table, built at draws 0 and 3, comes back with the step-5 checkpoint: the resumed run builds at
+    draw 6 as the whole run does (a table rebuilt at the resume would change steps 6-8)."""
+    assert_resume_is_exact(tmp_path, head__negatives="nearest", head__sample_rate=0.25, head__nearest_refresh=3)
 
 
 def _epoch_keys(out) -> dict[int, list[str]]:

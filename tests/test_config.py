@@ -41,7 +41,7 @@ def _write(tmp_path, data):
     ({"head": {"scale": "big"}}, r"head.scale='big' is invalid: expected float"),
     ({"data": {"batch_size": 2.5}}, r"data.batch_size=2.5 is invalid: expected int"),
     ({"optimizer": {"nesterov": "yes"}}, r"optimizer.nesterov='yes' is invalid: expected true or false"),
-    ({"head": {"negatives": "some"}}, r"head.negatives='some' is invalid: use one of all, batch, random, partial"),
+    ({"head": {"negatives": "some"}}, r"head.negatives='some' is invalid: use one of all, batch, random, partial, nearest"),
     ({"eval": {"fars": [0.1, 2.0]}}, r"eval.fars=\[0.1, 2.0\] is invalid"),
     ({"data": {"num_classes": 1}, "parallel": {"nproc": 2}}, r"data.num_classes=1 is invalid"),
     ({"head": {"loss": "d_softmax", "m2": 0.5}}, r"head.m2=0.5 is invalid: head.loss=d_softmax takes no margin"),

@@ -7,7 +7,9 @@ to files; the parent recomputes the references (dsoft_dist.losses.functional on 
 the loss, every rank's local-embedding gradient and the full weight gradient.
 The P=2 group also measures the bytes moved per step at C and 10 C, checks that a bad
 label fails on every rank naming the rank, and writes a head checkpoint after 3 steps
-that the P=1 and P=3 groups load to take step 4 (the re-shard test).
+that the P=1 and P=3 groups load to take step 4 (the re-shard test); negatives="nearest"
+is checked against its reference table (tests/test_head_nearest.py), and its table is
+re-sharded by that checkpoint.
 
     python -m pytest tests/test_head_dist.py -m dist
 """
@@ -22,12 +24,13 @@ import torch.nn.functional as F
 
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer, load_head_checkpoint, save_head_checkpoint
-from dsoft_dist.losses import MODES
+from dsoft_dist.losses import NEGATIVES
 from dsoft_dist.losses import functional as LF
-from dsoft_dist.losses.negatives import class_mask, select_shard_classes
+from dsoft_dist.losses.negatives import class_mask, select_nearest, select_shard_classes
 from dsoft_dist.parallel import shard_range, shard_ranges
 from dsoft_dist.parallel.processes import distributed, spawn_local
 from dsoft_dist.registry import LOSSES as REGISTERED_LOSSES
+from tests.test_head_nearest import reference_lookup, reference_table
 
 pytestmark = pytest.mark.dist
 # one spawned group per world size (4-13 s each); the default tier runs the P = 2 group's cases
@@ -41,8 +44,9 @@ def sizes(*world_sizes: int) -> list:
 
 C, D, B_LOCAL, RATE, SEED, DRAWS = 37, 8, 5, 0.3, 3, 2
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax")
-CASES = ([(loss, neg, chunk, False) for loss in LOSSES for neg in MODES for chunk in (0, 4)]
-         + [("d_softmax", neg, 4, True) for neg in ("batch", "random", "partial")])
+CASES = ([(loss, neg, chunk, False) for loss in LOSSES for neg in NEGATIVES for chunk in (0, 4)]
+         + [("d_softmax", neg, 4, True) for neg in ("batch", "random", "partial", "nearest")])
+NEAREST_PER_CLASS = 8  # the head's default
 RESHARD = {"sgd": OptimizerConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.01),
            "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
 IN_BACKWARD_OPT = {"sgd": OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -93,7 +97,7 @@ def _comm_bytes(rank, world_size):
     global batch COMM_BATCH whatever P is."""
     out = {}
     for num_classes in (40, 400):
-        for neg in MODES:
+        for neg in NEGATIVES:
             head = ShardedClassifier(num_classes, D, negatives=neg, sample_rate=0.25, inter_correction=True)
             for step in ("first", "steady"):
                 emb = torch.randn(COMM_BATCH // world_size, D, requires_grad=True)
@@ -156,6 +160,16 @@ def _reshard(rank, world_size, outdir, save):
             load_head_checkpoint(ckpt, head, opt)
         loss = _reshard_step(head, opt, 3, rank, world_size)
         out[name] = {"loss": loss, "weight": head.weight.detach().clone(), "start": head.class_start}
+    head = ShardedClassifier(C, D, negatives="nearest", sample_rate=RATE, seed=SEED, nearest_refresh=2)
+    opt = build_head_optimizer(head, RESHARD["sgd"])
+    if save:  # builds at draws 0 and 2
+        for step in range(3):
+            _reshard_step(head, opt, step, rank, world_size)
+        save_head_checkpoint(os.path.join(outdir, "ckpt_nearest"), head, opt)
+    else:
+        load_head_checkpoint(os.path.join(outdir, "ckpt_nearest"), head, opt)
+    out["nearest_table"] = {"ids": head.nearest.ids.clone(), "cos": head.nearest.cos.clone(),
+                            "built_at": head.nearest.built_at, "every": head.nearest.every}
     return out
 
 
@@ -211,7 +225,7 @@ def run_group(world_size: int, tmp_root) -> list[dict]:
         outdir = tmp_root / f"p{world_size}"
         outdir.mkdir(exist_ok=True)
         if world_size in (1, 3):
-            for name in RESHARD:
+            for name in (*RESHARD, "nearest"):
                 link = outdir / f"ckpt_{name}"
                 if not link.is_symlink():
                     os.symlink(tmp_root / "p2" / f"ckpt_{name}", link)
@@ -231,8 +245,13 @@ def reference(case, world_size):
     emb, labels, weight = global_data(world_size)
     emb.requires_grad_(True)
     weight.requires_grad_(True)
-    parts = [select_shard_classes(neg, labels, s, n, RATE, SEED, DRAWS, p)
-             for p, (s, n) in enumerate(shard_ranges(C, world_size))]
+    if neg == "nearest":  # the table of the weight the head holds at this forward, looked up for the batch
+        neighbours = reference_lookup(labels, *reference_table(weight, NEAREST_PER_CLASS))
+        parts = [select_nearest(*neighbours, s, n, RATE, 0.5, SEED, DRAWS, p)
+                 for p, (s, n) in enumerate(shard_ranges(C, world_size))]
+    else:
+        parts = [select_shard_classes(neg, labels, s, n, RATE, SEED, DRAWS, p)
+                 for p, (s, n) in enumerate(shard_ranges(C, world_size))]
     classes = None if neg == "all" else torch.cat([s + part for (s, _), part in zip(shard_ranges(C, world_size), parts)])
     mask = class_mask(classes, labels.shape[0], C)
     if loss_name == "softmax":
@@ -302,21 +321,25 @@ def test_bytes_per_step_do_not_grow_with_classes(tmp_root):
     results = run_group(2, tmp_root)
     for res in results:
         comm = res["comm"]
-        for neg in MODES:
+        for neg in NEGATIVES:
             small, large = comm[(40, neg, "steady")], comm[(400, neg, "steady")]
             assert small["bytes"] > 0, f"{neg}: no bytes counted"
             assert small == large, f"{neg}: bytes moved changed with 10x classes: {small} vs {large}"
 
 
-def payload(world_size: int, sampled: bool, first: bool) -> dict[str, int]:
+def payload(world_size: int, neg: str, first: bool, num_classes: int, rank: int) -> dict[str, int]:
     """The payload formula of docs/head.md: bytes each rank receives per collective, global batch B."""
     b = COMM_BATCH
     if world_size == 1:
         return {}
     out = {"labels": 8 * b, "embeddings": 4 * b * D, "stats_max": 3 * 4 * b, "stats_sum": 4 * b,
            "embeddings_grad": 4 * b * D}
-    if sampled:
+    if neg != "all":
         out["inter_correction"] = 8  # one float64: the global number of selected classes
+    if neg == "nearest":
+        out["nearest"] = 8 * b * 2 * NEAREST_PER_CLASS  # the batch classes' table rows: ids and cosines, float64
+        if first:  # the table's first build: every other shard's (C_p, D) fp32 unit rows
+            out["nearest_build"] = 4 * D * (num_classes - shard_range(num_classes, world_size, rank)[1])
     if first:
         out["checks"] = 8 * 8 * world_size  # 8 int64 per rank, on the first forward only
     return out
@@ -328,12 +351,14 @@ def test_each_collective_moves_the_payload_formula_whatever_the_world_size(world
     results = run_group(world_size, tmp_root)
     for rank, res in enumerate(results):
         for (num_classes, neg, step), snap in res["comm"].items():
-            expected = payload(world_size, neg != "all", step == "first")
+            expected = payload(world_size, neg, step == "first", num_classes, rank)
             what = f"P={world_size} rank {rank} C={num_classes} {neg} {step} step"
             assert snap["by_name"] == expected, f"{what}: {snap['by_name']} != {expected}"
-            assert [name for name, _, _ in snap["events"]] == [n for n in (
-                "checks", "labels", "embeddings", "inter_correction", "stats_max", "stats_sum", "embeddings_grad")
-                if n in expected], f"{what}: order {snap['events']}"
+            names = [name for name, _, _ in snap["events"]]
+            assert names.count("nearest_build") == (world_size - 1 if "nearest_build" in expected else 0), what
+            assert [n for i, n in enumerate(names) if not i or names[i - 1] != n] == [n for n in (
+                "checks", "labels", "embeddings", "nearest_build", "nearest", "inter_correction", "stats_max",
+                "stats_sum", "embeddings_grad") if n in expected], f"{what}: order {snap['events']}"
             stats = expected and snap["by_name"]["stats_max"] + snap["by_name"]["stats_sum"]
             assert world_size == 1 or stats == 16 * COMM_BATCH, f"{what}: statistics bytes {stats}"
 
@@ -382,3 +407,12 @@ def test_step_in_backward_matches_step_after_backward(world_size, tmp_root):
                 weight = torch.cat([res["in_backward"][(name, neg, True)]["weight"] for res in results])
                 _close(weight, single[(name, neg, False)]["weight"], f"{what} vs one process", rtol=1e-5,
                        atol=FP32_PATHS_ATOL)
+
+
+@pytest.mark.parametrize("world_size", sizes(1, 3))
+def test_the_nearest_table_loads_on_other_world_sizes_as_it_was_saved(world_size, tmp_root):
+    saved = [r["reshard"]["nearest_table"] for r in run_group(2, tmp_root)]
+    loaded = [r["reshard"]["nearest_table"] for r in run_group(world_size, tmp_root)]
+    for key in ("ids", "cos"):
+        assert torch.equal(torch.cat([t[key] for t in loaded]), torch.cat([t[key] for t in saved])), key
+    assert {(t["built_at"], t["every"]) for t in loaded + saved} == {(2, 2)}

@@ -21,6 +21,7 @@ sized for a CPU; ``--parts`` defaults to vectors and images:
 | softmax, normface, sphereface, cosface, arcface, d_softmax_paper, d_softmax | that loss over all classes | 1 |
 | d_softmax_b | D-Softmax-B: the inter term over the batch's classes | its K / C |
 | d_softmax_k | D-Softmax-K: the inter term over a random r of the classes | --rates |
+| d_softmax_kn | D-Softmax-K with half of K the batch classes' nearest classes (not run by default) | --rates |
 | d_softmax_partial | D-Softmax over partial_fc's negatives (K = r C is their floor) | --rates |
 | partial_fc | Partial-FC-style: ArcFace over the batch's positives + random others up to r C | --rates |
 | sampled_softmax | plain sampled softmax: linear softmax over a random r of the classes | --rates |
@@ -111,7 +112,8 @@ from dsoft_dist.models.checkpoint import load_backbone
 from dsoft_dist.registry import LOSSES
 from dsoft_dist.utils import int_list
 
-DEFAULT_METHODS = {"vectors": (*FULL_LOSSES, "d_softmax_b", *SAMPLED), "images": FULL_LOSSES, "glyphs": FULL_LOSSES}
+DEFAULT_METHODS = {"vectors": (*FULL_LOSSES, "d_softmax_b", *(m for m in SAMPLED if m != "d_softmax_kn")),
+                   "images": FULL_LOSSES, "glyphs": FULL_LOSSES}
 DEFAULT_PARTS = ("vectors", "images")
 GLOBAL_BATCH = {"vectors": 256, "images": 128, "glyphs": 128}  # split over --nproc ranks
 FARS = (1e-3, 1e-4)

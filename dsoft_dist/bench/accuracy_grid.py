@@ -129,7 +129,7 @@ def own_method(head: dict) -> tuple[str, float]:
     negatives (d_softmax + random = d_softmax_k), else the loss; the rate of sampled negatives, else 1."""
     loss, negatives = head["loss"], head["negatives"]
     method = _METHOD_OF_HEAD.get((loss, negatives), loss if negatives == "all" else f"{loss}_{negatives}")
-    return method, (head["sample_rate"] if negatives in ("random", "partial") else 1.0)
+    return method, (head["sample_rate"] if negatives in ("random", "partial", "nearest") else 1.0)
 
 
 def user_run_config(base: dict, nproc: int | None) -> dict:

@@ -26,8 +26,8 @@ FULL_LOSSES = ("softmax", "normface", "sphereface", "cosface", "arcface", "d_sof
 # what partial_fc costs at the same r, so the speed table leaves it out)
 SAMPLED_HEADS = {**SAMPLED, "d_softmax_partial": ("d_softmax", "partial")}
 METHODS = (*FULL_LOSSES, "d_softmax_b", *SAMPLED_HEADS)
-FULL_OF = {"d_softmax_k": "d_softmax", "d_softmax_partial": "d_softmax", "partial_fc": "arcface",
-           "sampled_softmax": "softmax"}  # r = 1
+FULL_OF = {"d_softmax_k": "d_softmax", "d_softmax_kn": "d_softmax", "d_softmax_partial": "d_softmax",
+           "partial_fc": "arcface", "sampled_softmax": "softmax"}  # r = 1
 PARTS = ("vectors", "images", "glyphs")
 PART_OPTION = {"vectors": "vector", "images": "image", "glyphs": "glyph"}  # --<option>-classes, -steps
 CONFIG_PART = "config"  # the runs of the user's own --config

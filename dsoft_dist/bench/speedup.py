@@ -10,15 +10,18 @@ whole classifier step (forward, backward and the optimizer) and measures its mem
 | d_softmax | the class-sharded head, D-Softmax over all classes | 1 |
 | d_softmax_b | D-Softmax-B: the inter term over the batch's classes | its K / C |
 | d_softmax_k | D-Softmax-K: the inter term over a random r of the classes | --rates |
+| d_softmax_kn | D-Softmax-K whose set gives half of K to the batch classes' nearest classes | --rates |
 | partial_fc | Partial-FC-style sampled softmax: ArcFace over the batch's positives + random others up to r C | --rates |
 | sampled_softmax | plain sampled softmax: softmax over a random r of the classes (positives not kept) | --rates |
 
 Every sharded method uses the trainer's default head optimizer (row-sparse SGD with
 momentum, applied inside backward). ``step_ms`` is the median over --repeats after --warmup
-of the slowest rank; ``transient_mb`` the most memory one step adds on a rank (CUDA: peak
-allocated minus allocated before; CPU: peak RSS minus RSS before); ``peak_mb`` = the head's
-state (weights + optimizer state) + transient, per rank. Speedups are ratios of medians
-measured in the same run, against ``softmax_naive`` and ``d_softmax`` at the same C and ranks.
+of the slowest rank (d_softmax_kn: plus one build of its nearest-class table, timed apart as
+``build_ms``, over the draws between builds, ``build_every``); ``transient_mb`` the most memory
+one step adds on a rank (CUDA: peak allocated minus allocated before; CPU: peak RSS minus
+RSS before); ``peak_mb`` = the head's state (weights + optimizer state) + transient, per rank.
+Speedups are ratios of medians measured in the same run, against ``softmax_naive`` and
+``d_softmax`` at the same C and ranks.
 A method whose memory would not fit is skipped with the reason (e.g. softmax_naive's
 replicated (C, D) weight, gradient and momentum on every rank).
 
@@ -56,7 +59,8 @@ from dsoft_dist.parallel.processes import distributed, spawn_local, under_launch
 from dsoft_dist.registry import MODELS
 from dsoft_dist.utils import int_list
 
-SAMPLED = {"d_softmax_k": ("d_softmax", "random"), "partial_fc": ("arcface", "partial"),
+SAMPLED = {"d_softmax_k": ("d_softmax", "random"), "d_softmax_kn": ("d_softmax", "nearest"),
+           "partial_fc": ("arcface", "partial"),
            "sampled_softmax": ("softmax", "random")}
 FULL = {"arcface": ("arcface", "all"), "d_softmax": ("d_softmax", "all"), "d_softmax_b": ("d_softmax", "batch")}
 METHODS = ("softmax_naive", *FULL, *SAMPLED)
@@ -172,9 +176,16 @@ def time_method(method: str, rate: float, classes: int, args, device: torch.devi
         if i >= args.warmup:
             times.append(elapsed)
             peaks.append(mem.peak)
+    build = 0.0
     if isinstance(model, ShardedStep):
         k = model.head.last_num_negatives * world  # rows computed over all ranks
-    step, transient, state = _max_over_ranks([statistics.median(times), max(peaks), model.state()], device, world)
+        build = _build_seconds(model.head, device)
+    step, transient, state, build = _max_over_ranks([statistics.median(times), max(peaks), model.state(), build],
+                                                    device, world)
+    if build:  # the steady step, plus this step's share of the table's builds
+        table = model.head.nearest
+        record.update(build_ms=1e3 * build, build_every=table.every, steady_ms=1e3 * step)
+        step += build / table.every
     del model
     gc.collect()
     if method == "d_softmax_b":
@@ -182,6 +193,17 @@ def time_method(method: str, rate: float, classes: int, args, device: torch.devi
     return {**record, "k": int(k), "step_ms": 1e3 * step, "transient_mb": transient / _MIB,
             "peak_mb": (state + transient) / _MIB, "state_mb": state / _MIB,
             "times_ms": [1e3 * t for t in times]}
+
+
+def _build_seconds(head, device: torch.device) -> float:
+    """One build of a d_softmax_kn head's nearest-class table, in seconds (0 for the other heads)."""
+    if head.nearest is None:
+        return 0.0
+    sync_device(device)
+    start = time.perf_counter()
+    head.nearest.build(head)
+    sync_device(device)
+    return time.perf_counter() - start
 
 
 def backbone_step_ms(args, device: torch.device, world: int) -> float:
@@ -301,12 +323,19 @@ def format_markdown(result: dict, args) -> str:
             lines.append(f"| {r['method']} | {rate_text(r['rate'])} | {r['k']:,} | {r['step_ms']:,.1f} | {vs[0]} | "
                          f"{vs[1]} | {r['transient_mb']:,.0f} | {r['peak_mb']:,.0f} |"
                          + (f" {100 * r['head_share']:.0f}% |" if share else ""))
+        builds = [r for r in result["records"]
+                  if (r["classes"], r["ranks"]) == (classes, ranks) and "build_ms" in r]
+        lines += [""] * bool(builds) + [
+            f"{r['method']} at r = {rate_text(r['rate'])}: a steady step {r['steady_ms']:,.1f} ms plus its share "
+            f"of the nearest-class table's build ({r['build_ms']:,.1f} ms every {r['build_every']:,} draws)"
+            for r in builds]
     return "\n".join(lines)
 
 
 def write_csv(records: list[dict], path: str) -> None:
     fields = ["method", "rate", "classes", "ranks", "k", "step_ms", "peak_mb", "transient_mb", "state_mb",
-              "speedup_vs_softmax", "speedup_vs_d_softmax", "head_share", "skipped"]
+              "speedup_vs_softmax", "speedup_vs_d_softmax", "head_share", "steady_ms", "build_ms", "build_every",
+              "skipped"]
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -15,10 +15,10 @@ from typing import Optional
 
 from dsoft_dist.errors import ConfigError
 from dsoft_dist.losses.forms import resolve_margins
+from dsoft_dist.losses.negatives import NEGATIVES
 from dsoft_dist.models.registry import checkpointing_models
 from dsoft_dist.registry import DATA_SOURCES, ENGINES, LOSSES, LR_SCHEDULES, MODELS, OPTIMIZERS
 
-NEGATIVES = ("all", "batch", "random", "partial")
 PRESET = "preset"  # head.inter_weight_end unset (null is a value there: the constant inter weight)
 
 
@@ -88,6 +88,12 @@ class HeadConfig:
     negatives: str = "all"
     sample_rate: float = field(default=1.0, metadata={"fraction": True})  # YAML and --set also take "1/64"
     inter_correction: bool = False
+    # negatives=nearest (D-Softmax-KN, dsoft_dist.head.nearest): the share of the K sampled classes given to the
+    # batch classes' nearest classes, how many nearest classes the table keeps per class, and the training
+    # steps between builds of the table (0: automatic, the builds cost a tenth of the sampled head's GEMMs)
+    nearest_share: float = 0.5
+    nearest_per_class: int = 8
+    nearest_refresh: int = 0
     scale: float = 64.0
     # D-Softmax's intra end point d; unset (or null): the loss's preset (loss d_softmax 1.0, d_softmax_paper 0.9)
     end_point: Optional[float] = None
@@ -116,6 +122,7 @@ class HeadConfig:
                "must be in (0, 1]; e.g. 0.015625 samples 1/64 of the classes")
         _check(0.0 < self.scale <= 1024.0, "head.scale", self.scale, "must be in (0, 1024]; 32 or 64 are usual")
         _check(self.inter_weight >= 0.0, "head.inter_weight", self.inter_weight, "must be >= 0")
+        self._check_nearest()
         self._resolve_presets(form)
         m1, m2, m3 = self.margins()
         _check(m1 >= 1.0, "head.m1", self.m1, "the multiplicative angular margin must be >= 1 (1 = none)")
@@ -129,6 +136,19 @@ class HeadConfig:
         _check(self.chunk_size >= 0, "head.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
         _check(self.logit_cache_mb >= 0, "head.logit_cache_mb", self.logit_cache_mb, "must be >= 0 (0 = recompute)")
         _choice("head.backend", self.backend, ("auto", "torch", "cpu-c", "triton"))
+
+    def _check_nearest(self) -> None:
+        """The nearest_* keys: in range, and only set away from their defaults with negatives=nearest."""
+        _check(0.0 <= self.nearest_share <= 1.0, "head.nearest_share", self.nearest_share,
+               "must be in [0, 1] (0.5: half of the sampled classes are the nearest ones)")
+        _check(self.nearest_per_class >= 1, "head.nearest_per_class", self.nearest_per_class, "must be >= 1 (8)")
+        _check(self.nearest_refresh >= 0, "head.nearest_refresh", self.nearest_refresh, "must be >= 0 (0 = automatic)")
+        if self.negatives != "nearest":
+            defaults = {"nearest_share": 0.5, "nearest_per_class": 8, "nearest_refresh": 0}
+            for key, default in defaults.items():
+                _check(getattr(self, key) == default, "head." + key, getattr(self, key),
+                       f"is read only with head.negatives=nearest (it is {self.negatives}); remove it or set "
+                       "head.negatives=nearest")
 
     def _resolve_presets(self, form) -> None:
         """Sets an unset end_point / inter_weight_end to the loss's preset; a loss without D-Softmax's two terms

@@ -31,9 +31,10 @@ from dsoft_dist.head.backend import (
 )
 from dsoft_dist.head.checks import check_inputs
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
+from dsoft_dist.head.nearest import NearestTable
 from dsoft_dist.head.optim import InBackwardStep
 from dsoft_dist.losses.forms import resolve_margins
-from dsoft_dist.losses.negatives import MODES, select_shard_classes, draw_seed
+from dsoft_dist.losses.negatives import NEGATIVES, draw_seed, select_nearest, select_shard_classes
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_rows, group_rank_size, shard_range
 from dsoft_dist.registry import LOSSES
@@ -69,7 +70,10 @@ class ShardedClassifier(nn.Module):
     Args: num_classes C, embedding_size D; loss = d_softmax | arcface | cosface | sphereface |
     normface | softmax (linear, unnormalized) | margin (m1, m2, m3 as given) | a loss registered in
     ``dsoft_dist.registry.LOSSES`` (``dsoft_dist.losses.forms``); negatives = all |
-    batch | random | partial (see dsoft_dist.losses.negatives); sample_rate r; scale s;
+    batch | random | partial | nearest (see dsoft_dist.losses.negatives); sample_rate r; nearest_share,
+    nearest_per_class, nearest_refresh (negatives="nearest": the share of K given to the batch classes'
+    nearest classes, the nearest classes kept per class, the draws between builds of that table, 0 =
+    automatic; ``dsoft_dist.head.nearest``); scale s;
     end_point d (None: the loss's preset, ``LOSSES.get(loss).presets``) and inter_weight (D-Softmax; the
     trainer sets inter_weight before each step from the config's inter-weight schedule); inter_correction
     (scale the inter sum by C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
@@ -102,7 +106,8 @@ class ShardedClassifier(nn.Module):
     def __init__(self, num_classes, embedding_size, loss="d_softmax", negatives="all", sample_rate=1.0,
                  scale=64.0, end_point=None, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
                  m3=None, seed=0, group=None, chunk_size=0, backend="auto", checks="first", init_std=0.01,
-                 device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None):
+                 device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None, nearest_share=0.5,
+                 nearest_per_class=8, nearest_refresh=0):
         super().__init__()
         _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size)
         self.group = group
@@ -117,6 +122,13 @@ class ShardedClassifier(nn.Module):
         self.inter_weight, self.inter_correction = inter_weight, inter_correction
         self.m1, self.m2, self.m3 = resolve_margins(loss, m1, m2, m3)
         self.seed, self.chunk_size = seed, chunk_size
+        nearest_args = (nearest_share, nearest_per_class, nearest_refresh)
+        if negatives != "nearest" and nearest_args != (0.5, 8, 0):
+            raise ValueError(f"nearest_share, nearest_per_class, nearest_refresh = {nearest_args} are read only with "
+                             f"negatives='nearest', not {negatives!r}; leave them at 0.5, 8, 0 or use 'nearest'")
+        # negatives="nearest": each class's nearest classes (dsoft_dist.head.nearest); None for the other modes
+        self.nearest = NearestTable(nearest_per_class, nearest_refresh, nearest_share) if negatives == "nearest" \
+            else None
         self.checks = _checks_mode(checks)
         self._checked = False  # a forward has passed the input check
         if logit_cache_mb < 0:
@@ -151,7 +163,8 @@ class ShardedClassifier(nn.Module):
                    scale=c.scale, end_point=c.end_point, inter_weight=c.inter_weight,
                    inter_correction=c.inter_correction, seed=c.seed, group=group, chunk_size=c.chunk_size,
                    backend=c.backend, m1=m1, m2=m2, m3=m3, compute_dtype=_DTYPES[c.compute_dtype],
-                   logit_cache_mb=c.logit_cache_mb, **kwargs)
+                   logit_cache_mb=c.logit_cache_mb, nearest_share=c.nearest_share,
+                   nearest_per_class=c.nearest_per_class, nearest_refresh=c.nearest_refresh, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, loss={self.loss}, "
@@ -159,7 +172,16 @@ class ShardedClassifier(nn.Module):
                 f"num_local_classes={self.num_local_classes}, rank={self.rank}/{self.world_size}")
 
     def select_rows(self, labels_global: torch.Tensor) -> torch.Tensor | None:
-        """This shard's negative rows for the current draw (sorted local ids; None = all rows)."""
+        """This shard's negative rows for the current draw (sorted local ids; None = all rows).
+
+        With negatives="nearest" it is collective: it builds the table when due and looks up the batch
+        classes' rows of it (every rank must call it with the same labels).
+        """
+        if self.nearest is not None:
+            self.nearest.refresh_if_due(self, labels_global.numel(), self.draws, self.training)
+            ids, cos = self.nearest.lookup(self, labels_global)
+            return select_nearest(ids, cos, self.class_start, self.num_local_classes, self.sample_rate,
+                                  self.nearest.share, self.seed, self.draws, self.rank)
         return select_shard_classes(self.negatives, labels_global, self.class_start, self.num_local_classes,
                                     self.sample_rate, self.seed, self.draws, self.rank)
 
@@ -280,8 +302,8 @@ def _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size)
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is invalid; use one of {', '.join(LOSSES.names())} (or register yours in "
                          "dsoft_dist.registry.LOSSES)")
-    if negatives not in MODES:
-        raise ValueError(f"negatives={negatives!r} is invalid; use one of {', '.join(MODES)}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives={negatives!r} is invalid; use one of {', '.join(NEGATIVES)}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate={sample_rate} is invalid: must be in (0, 1], e.g. 1/64")
     if not scale > 0:

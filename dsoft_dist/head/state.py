@@ -33,9 +33,13 @@ _META = "meta.json"
 def head_piece(head) -> dict:
     """This rank's head piece (tensors alias the live weight; torch.save copies them)."""
     # the key "step" holds head.draws: every saved head piece and meta.json has it, so it stays
-    return {"format": HEAD_FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
-            "class_start": head.class_start, "num_local_classes": head.num_local_classes, "step": head.draws,
-            "loss": head.loss, "rows": {"weight": head.weight.detach()}}
+    piece = {"format": HEAD_FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
+             "class_start": head.class_start, "num_local_classes": head.num_local_classes, "step": head.draws,
+             "loss": head.loss, "rows": {"weight": head.weight.detach()}}
+    if head.nearest is not None:  # negatives="nearest": the table's rows are keyed by class like the weight's
+        piece["rows"].update(head.nearest.rows())
+        piece.update(head.nearest.state())
+    return piece
 
 
 def optimizer_piece(opt) -> dict:
@@ -104,6 +108,18 @@ def load_head_pieces(head, state) -> None:
     with torch.no_grad():
         head.weight.copy_(weight)
     head.draws = draws.pop()
+    if head.nearest is not None:
+        _load_nearest(head, pieces)
+
+
+def _load_nearest(head, pieces: list[dict]) -> None:
+    """The nearest-class table's rows of this shard, when every saved piece has them (else it is built anew)."""
+    if not all("nearest_ids" in p["rows"] for p in pieces):
+        head.nearest.clear()
+        return
+    rows = [assemble_rows(pieces, name, head.class_start, head.num_local_classes)
+            for name in ("nearest_ids", "nearest_cos")]
+    head.nearest.load(*rows, pieces[0], head.num_classes, head.weight.device)
 
 
 def load_optimizer_pieces(opt, state) -> None:
@@ -234,5 +250,7 @@ class HeadState:
             return f"the head is new: the checkpoint has {saved_classes} classes, this run {self.head.num_classes}"
         load_head_checkpoint(path, self.head)
         self.head.draws = 0
+        if self.head.nearest is not None:  # built at the saved run's draws: this run builds its own
+            self.head.nearest.clear()
 
         return "head weights"

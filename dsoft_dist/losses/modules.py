@@ -28,6 +28,9 @@ class _ClassCenters(nn.Module):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(f"num_classes={num_classes} and embedding_size={embedding_size} must both be >= 1")
+        if negatives == "nearest":
+            raise ValueError("negatives='nearest' reads a table of each class's nearest classes that only the sharded "
+                             "head keeps; use dsoft_dist.ShardedClassifier (it runs in one process too)")
         if negatives not in MODES:
             raise ValueError(f"negatives={negatives!r} is invalid; use one of {', '.join(MODES)}")
         if not 0.0 < sample_rate <= 1.0:

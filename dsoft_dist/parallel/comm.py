@@ -94,6 +94,20 @@ def all_reduce(x: torch.Tensor, op=None, group=None, counter: CommCounter | None
     return out
 
 
+def broadcast(x: torch.Tensor, src: int, group=None, counter: CommCounter | None = None,
+              name: str | None = None) -> torch.Tensor:
+    """Rank ``src``'s ``x`` on every rank: ``x`` is the value on ``src`` and a buffer of its shape and dtype
+    elsewhere (filled in place and returned); no autograd. Counted on the receiving ranks only."""
+    rank, size = group_rank_size(group)
+    if size == 1:
+        return x
+    x = x.contiguous()
+    dist.broadcast(x, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    if rank != src:
+        _count(counter, "broadcast", _nbytes(x), name)
+    return x
+
+
 def reduce_scatter_rows(x: torch.Tensor, group=None, counter: CommCounter | None = None,
                         name: str | None = None) -> torch.Tensor:
     """Sums ``x`` (P*n, ...) over ranks and returns this rank's block (n, ...)."""

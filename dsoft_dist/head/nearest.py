@@ -1,0 +1,159 @@
+"""The sharded head's table of nearest classes, for ``negatives="nearest"`` (D-Softmax-KN).
+
+D-Softmax-K draws its K negatives at random, so a row meets the class nearest to its own on one step
+in 1 / r only; where that class carries much of the row's inter gradient, the sampled run trails
+full D-Softmax (docs/results.md). D-Softmax-KN keeps K and gives up to a share of it to the nearest
+classes of the batch's classes, found in a table built from the class weights, not from the step's
+(B, C) logits (the product sampling avoids):
+
+    table = NearestTable(per_class=8, refresh=0)    # the head holds one when negatives="nearest"
+    table.refresh_if_due(head, global_batch, draw)  # collective: every rank builds its rows' part
+    ids, cos = table.lookup(head, labels)           # (B, M) global ids and cosines of each row's class
+
+Row c of the table lists the M classes whose weights have the highest cosine with class c's weight
+(c itself left out), over all C classes: a rank builds the rows of its own classes, receiving every
+other shard's normalized weights in turn (one broadcast per shard, C x D values per rank in all) and
+keeping a running top M over tiles of at most TILE_ROWS x TILE_COLS cosines. The table's rows are
+keyed by class like the weight's, so they are saved in the head's pieces and load on any world size.
+
+A build costs 2 C_local C D flops per rank; one sampled step's head GEMMs about 6 B K_local D. The
+table is rebuilt every ``refresh`` training draws; refresh=0 picks the interval at the first build
+that keeps the builds' share at AUTO_SHARE of the sampled steps' GEMM work:
+ceil(C_local C / (3 AUTO_SHARE B K_local)), 209 draws at C = 1,000, B = 128, r = 1/8.
+A lookup is one all-reduce of 16 B M bytes per step (every rank gets each batch class's row from
+the rank that owns the class).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dsoft_dist.losses.negatives import num_sampled
+from dsoft_dist.observability import get_logger
+from dsoft_dist.parallel import all_reduce, broadcast, shard_ranges
+
+log = get_logger(__name__)
+
+AUTO_SHARE = 0.1  # refresh=0: the builds cost this share of the sampled steps' head GEMMs
+TILE_ROWS, TILE_COLS = 2048, 8192  # cosines held at once while building (64 MiB in fp32)
+
+
+def auto_refresh(num_classes: int, num_local_classes: int, global_batch: int, sample_rate: float) -> int:
+    """Draws between builds so that building costs AUTO_SHARE of the sampled steps' head GEMM work."""
+    k_local = num_sampled(num_local_classes, sample_rate)
+    return max(1, math.ceil(num_local_classes * num_classes / (3 * AUTO_SHARE * global_batch * k_local)))
+
+
+def top_cosines(queries: torch.Tensor, keys: torch.Tensor, per_class: int, query_start: int, key_start: int,
+                best: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top ``per_class`` of each query row over ``keys``: (ids (Q, M) global, cos (Q, M)), highest first.
+
+    queries (Q, D) and keys (K, D) are unit rows of global classes starting at query_start and key_start; a
+    query's own class is left out. ``best`` is the running result over earlier keys (None: none yet).
+    """
+    q = queries.shape[0]
+    if best is None:
+        best = (torch.full((q, per_class), -1, dtype=torch.int64, device=queries.device),
+                torch.full((q, per_class), -math.inf, dtype=torch.float32, device=queries.device))
+    ids_out, cos_out = [], []
+    for r0 in range(0, q, TILE_ROWS):
+        rows = slice(r0, min(q, r0 + TILE_ROWS))
+        ids, cos = best[0][rows], best[1][rows]
+        row_ids = torch.arange(query_start + r0, query_start + rows.stop, device=queries.device)
+        for c0 in range(0, keys.shape[0], TILE_COLS):
+            tile = (queries[rows] @ keys[c0:c0 + TILE_COLS].T).float()  # (R, S)
+            col_ids = torch.arange(key_start + c0, key_start + c0 + tile.shape[1], device=queries.device)
+            tile = tile.masked_fill(row_ids[:, None] == col_ids[None, :], -math.inf)
+            cos, pick = torch.cat([cos, tile], dim=1).topk(per_class, dim=1)
+            ids = torch.cat([ids, col_ids.expand(tile.shape[0], -1)], dim=1).gather(1, pick)
+        ids_out.append(ids)
+        cos_out.append(cos)
+    return torch.cat(ids_out), torch.cat(cos_out)
+
+
+class NearestTable:
+    """Each of a shard's classes' ``per_class`` nearest classes (global ids and cosines), rebuilt every ``refresh``
+    training draws (0: automatic, see ``auto_refresh``)."""
+
+    def __init__(self, per_class: int = 8, refresh: int = 0, share: float = 0.5):
+        if per_class < 1:
+            raise ValueError(f"nearest_per_class={per_class} is invalid: must be >= 1 (8 is usual)")
+        if refresh < 0:
+            raise ValueError(f"nearest_refresh={refresh} is invalid: must be >= 0 (0 = automatic)")
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"nearest_share={share} is invalid: must be in [0, 1] (0.5 is usual)")
+        self.per_class, self.refresh, self.share = per_class, refresh, share
+        self.clear()
+
+    def clear(self) -> None:
+        """Forgets the table: the next forward builds it."""
+        self.ids = self.cos = None
+        self.built_at = -1  # the draw at which the table was built
+        self.every = self.refresh  # the interval in draws (set at the first build when refresh is 0)
+
+    def refresh_if_due(self, head, global_batch: int, draw: int, training: bool) -> bool:
+        """Builds the table if there is none, or at a training draw ``every`` draws after the last build
+        (collective: every rank calls it with the same arguments)."""
+        if self.every == 0:
+            self.every = auto_refresh(head.num_classes, head.num_local_classes, global_batch, head.sample_rate)
+        if self.ids is not None and not (training and draw - self.built_at >= self.every):
+            return False
+        if self.ids is None and head.rank == 0:
+            log.info("nearest-class table: %d classes per class, built every %d draws%s; nearest share %.2f of K",
+                     min(self.per_class, head.num_classes - 1), self.every, " (automatic)" if not self.refresh else "",
+                     self.share)
+        self.build(head)
+        self.built_at = draw
+        return True
+
+    @torch.no_grad()
+    def build(self, head) -> None:
+        """Row c of this shard: the per_class classes of highest weight cosine with c over all C classes."""
+        per_class = min(self.per_class, head.num_classes - 1)
+        if per_class < 1:
+            raise ValueError(f"negatives='nearest' needs at least 2 classes, got num_classes={head.num_classes}")
+        mine = F.normalize(head.weight.detach().float(), dim=1)
+        best = None
+        for src, (start, count) in enumerate(shard_ranges(head.num_classes, head.world_size)):
+            keys = mine if src == head.rank else torch.empty(count, mine.shape[1], device=mine.device)
+            keys = broadcast(keys, src, head.group, head.comm, "nearest_build")
+            best = top_cosines(mine, keys, per_class, head.class_start, start, best)
+        self.ids, self.cos = best
+
+    def lookup(self, head, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M) global ids (-1 for an ignored row) and cosines of the nearest classes of each row's class.
+
+        Each rank fills the rows whose class it owns; one all-reduce (SUM, float64: ids are exact below 2^53)
+        gives every rank all of them.
+        """
+        m = self.ids.shape[1]
+        local = labels - head.class_start
+        owned = (labels >= 0) & (local >= 0) & (local < head.num_local_classes)
+        packed = torch.zeros(labels.shape[0], 2 * m, dtype=torch.float64, device=labels.device)
+        at = local[owned]
+        packed[owned, :m] = self.ids[at].double() + 1.0
+        packed[owned, m:] = self.cos[at].double()
+        packed = all_reduce(packed, group=head.group, counter=head.comm, name="nearest")
+        return packed[:, :m].round().long() - 1, packed[:, m:].float()
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """The table as rows keyed by class, for the head's state pieces (empty before the first build)."""
+        return {} if self.ids is None else {"nearest_ids": self.ids, "nearest_cos": self.cos}
+
+    def state(self) -> dict:
+        """What the head's state piece keeps of the table besides its rows."""
+        return {"nearest_built_at": self.built_at, "nearest_every": self.every, "nearest_refresh": self.refresh}
+
+    def load(self, ids: torch.Tensor | None, cos: torch.Tensor | None, saved: dict, num_classes: int,
+             device) -> None:
+        """Takes a saved head's table rows and ``state()``; with none, or rows of another width, the next
+        forward builds the table anew."""
+        if ids is None or ids.shape[1] != min(self.per_class, num_classes - 1):
+            self.clear()
+            return
+        self.ids, self.cos = ids.to(device), cos.to(device)
+        self.built_at = saved["nearest_built_at"]
+        same_rule = self.refresh == saved["nearest_refresh"]  # the interval the saved run used still applies
+        self.every = saved["nearest_every"] if same_rule else self.refresh
