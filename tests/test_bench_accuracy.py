@@ -415,6 +415,7 @@ def test_config_runs_keep_the_users_config_with_the_bench_run_policy_and_the_poi
     from dsoft_dist.bench.accuracy_grid import own_method
 
     assert own_method({"loss": "d_softmax", "negatives": "random", "sample_rate": 0.125}) == ("d_softmax_k", 0.125)
+    assert own_method({"loss": "d_softmax", "negatives": "nearest", "sample_rate": 0.125}) == ("d_softmax_kn", 0.125)
     assert own_method({"loss": "cosface", "negatives": "all", "sample_rate": 1.0}) == ("cosface", 1.0)
 
 
