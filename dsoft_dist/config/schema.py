@@ -15,7 +15,7 @@ from typing import Optional
 
 from dsoft_dist.errors import ConfigError
 from dsoft_dist.losses.forms import resolve_margins
-from dsoft_dist.losses.negatives import NEGATIVES
+from dsoft_dist.losses.negatives import NEAREST_DEFAULTS, NEGATIVES
 from dsoft_dist.models.registry import checkpointing_models
 from dsoft_dist.registry import DATA_SOURCES, ENGINES, LOSSES, LR_SCHEDULES, MODELS, OPTIMIZERS
 
@@ -91,9 +91,9 @@ class HeadConfig:
     # negatives=nearest (D-Softmax-KN, dsoft_dist.head.nearest): the share of the K sampled classes given to the
     # batch classes' nearest classes, how many nearest classes the table keeps per class, and the training
     # steps between builds of the table (0: automatic, the builds cost a tenth of the sampled head's GEMMs)
-    nearest_share: float = 0.5
-    nearest_per_class: int = 8
-    nearest_refresh: int = 0
+    nearest_share: float = NEAREST_DEFAULTS["nearest_share"]
+    nearest_per_class: int = NEAREST_DEFAULTS["nearest_per_class"]
+    nearest_refresh: int = NEAREST_DEFAULTS["nearest_refresh"]
     scale: float = 64.0
     # D-Softmax's intra end point d; unset (or null): the loss's preset (loss d_softmax 1.0, d_softmax_paper 0.9)
     end_point: Optional[float] = None
@@ -144,8 +144,7 @@ class HeadConfig:
         _check(self.nearest_per_class >= 1, "head.nearest_per_class", self.nearest_per_class, "must be >= 1 (8)")
         _check(self.nearest_refresh >= 0, "head.nearest_refresh", self.nearest_refresh, "must be >= 0 (0 = automatic)")
         if self.negatives != "nearest":
-            defaults = {"nearest_share": 0.5, "nearest_per_class": 8, "nearest_refresh": 0}
-            for key, default in defaults.items():
+            for key, default in NEAREST_DEFAULTS.items():
                 _check(getattr(self, key) == default, "head." + key, getattr(self, key),
                        f"is read only with head.negatives=nearest (it is {self.negatives}); remove it or set "
                        "head.negatives=nearest")

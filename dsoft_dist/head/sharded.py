@@ -34,7 +34,7 @@ from dsoft_dist.head.combine import combine_stats, diagnostics_from
 from dsoft_dist.head.nearest import NearestTable
 from dsoft_dist.head.optim import InBackwardStep
 from dsoft_dist.losses.forms import resolve_margins
-from dsoft_dist.losses.negatives import NEGATIVES, draw_seed, select_nearest, select_shard_classes
+from dsoft_dist.losses.negatives import NEAREST_DEFAULTS, NEGATIVES, draw_seed, select_nearest, select_shard_classes
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_rows, group_rank_size, shard_range
 from dsoft_dist.registry import LOSSES
@@ -122,10 +122,10 @@ class ShardedClassifier(nn.Module):
         self.inter_weight, self.inter_correction = inter_weight, inter_correction
         self.m1, self.m2, self.m3 = resolve_margins(loss, m1, m2, m3)
         self.seed, self.chunk_size = seed, chunk_size
-        nearest_args = (nearest_share, nearest_per_class, nearest_refresh)
-        if negatives != "nearest" and nearest_args != (0.5, 8, 0):
-            raise ValueError(f"nearest_share, nearest_per_class, nearest_refresh = {nearest_args} are read only with "
-                             f"negatives='nearest', not {negatives!r}; leave them at 0.5, 8, 0 or use 'nearest'")
+        nearest_args = dict(zip(NEAREST_DEFAULTS, (nearest_share, nearest_per_class, nearest_refresh)))
+        if negatives != "nearest" and nearest_args != NEAREST_DEFAULTS:
+            raise ValueError(f"{nearest_args} are read only with negatives='nearest', not {negatives!r}; leave them "
+                             f"at {NEAREST_DEFAULTS} or use 'nearest'")
         # negatives="nearest": each class's nearest classes (dsoft_dist.head.nearest); None for the other modes
         self.nearest = NearestTable(nearest_per_class, nearest_refresh, nearest_share) if negatives == "nearest" \
             else None

@@ -28,6 +28,8 @@ import torch
 
 MODES = ("all", "batch", "random", "partial")  # a function of the labels, the seed and the draw
 NEGATIVES = (*MODES, "nearest")  # the sharded head's: nearest also reads its table of nearest classes
+# nearest's settings (the head's nearest_* arguments, the config's head.nearest_*), read by no other mode
+NEAREST_DEFAULTS = {"nearest_share": 0.5, "nearest_per_class": 8, "nearest_refresh": 0}
 
 _MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 63) - 1

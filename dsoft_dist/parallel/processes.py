@@ -225,8 +225,10 @@ def _child(local_rank: int, nproc: int, port: int, start_method: str, fn: Callab
     # spawned worker would re-import torch and the pipeline: seconds per worker per epoch).
     multiprocessing.set_start_method(start_method, force=True)
     die_with_parent()  # a local rank ends with the process that spawned it, as a torchrun worker does
-    fn(*args)
-    release_collected()
+    try:
+        fn(*args)
+    finally:  # also when fn ends the rank with SystemExit (a preempted rank's 75): the exit is the same shutdown
+        release_collected()
 
 
 def spawn_local(fn: Callable, nproc: int, args: tuple = ()) -> None:

@@ -49,6 +49,7 @@ def run_rank(cfg_dict: dict) -> None:
             # keep the preemption handlers: a launcher's SIGTERM (torchrun stopping the other workers after
             # one failed) must not end this process while @record writes its error file
             trainer.close(restore_signals=False)
+            del trainer  # the traceback keeps this frame: drop the run (its process group) for release_collected
             raise
         trainer.close()
     if env.is_main:
