@@ -93,6 +93,10 @@ class NearestTable:
         self.built_at = -1  # the draw at which the table was built
         self.every = self.refresh  # the interval in draws (set at the first build when refresh is 0)
 
+    def width(self, num_classes: int) -> int:
+        """M: the nearest classes a row of the table holds (per_class, at most the C - 1 other classes)."""
+        return min(self.per_class, num_classes - 1)
+
     def refresh_if_due(self, head, global_batch: int, draw: int, training: bool) -> bool:
         """Builds the table if there is none, or at a training draw ``every`` draws after the last build
         (collective: every rank calls it with the same arguments)."""
@@ -102,7 +106,7 @@ class NearestTable:
             return False
         if self.ids is None and head.rank == 0:
             log.info("nearest-class table: %d classes per class, built every %d draws%s; nearest share %.2f of K",
-                     min(self.per_class, head.num_classes - 1), self.every, " (automatic)" if not self.refresh else "",
+                     self.width(head.num_classes), self.every, " (automatic)" if not self.refresh else "",
                      self.share)
         self.build(head)
         self.built_at = draw
@@ -111,7 +115,7 @@ class NearestTable:
     @torch.no_grad()
     def build(self, head) -> None:
         """Row c of this shard: the per_class classes of highest weight cosine with c over all C classes."""
-        per_class = min(self.per_class, head.num_classes - 1)
+        per_class = self.width(head.num_classes)
         if per_class < 1:
             raise ValueError(f"negatives='nearest' needs at least 2 classes, got num_classes={head.num_classes}")
         mine = F.normalize(head.weight.detach().float(), dim=1)
@@ -150,7 +154,7 @@ class NearestTable:
              device) -> None:
         """Takes a saved head's table rows and ``state()``; with none, or rows of another width, the next
         forward builds the table anew."""
-        if ids is None or ids.shape[1] != min(self.per_class, num_classes - 1):
+        if ids is None or ids.shape[1] != self.width(num_classes):
             self.clear()
             return
         self.ids, self.cos = ids.to(device), cos.to(device)
