@@ -26,11 +26,11 @@ from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer, load_head_checkpoint, save_head_checkpoint
 from dsoft_dist.losses import NEGATIVES
 from dsoft_dist.losses import functional as LF
-from dsoft_dist.losses.negatives import class_mask, select_nearest, select_shard_classes
+from dsoft_dist.losses.negatives import class_mask, select_shard_classes
 from dsoft_dist.parallel import shard_range, shard_ranges
 from dsoft_dist.parallel.processes import distributed, spawn_local
 from dsoft_dist.registry import LOSSES as REGISTERED_LOSSES
-from tests.test_head_nearest import reference_lookup, reference_table
+from tests.test_head_nearest import reference_lookup, reference_nearest_loss, reference_row_bias, reference_table
 
 pytestmark = pytest.mark.dist
 # one spawned group per world size (4-13 s each); the default tier runs the P = 2 group's cases
@@ -45,7 +45,7 @@ def sizes(*world_sizes: int) -> list:
 C, D, B_LOCAL, RATE, SEED, DRAWS = 37, 8, 5, 0.3, 3, 2
 LOSSES = ("d_softmax", "arcface", "cosface", "sphereface", "normface", "softmax")
 CASES = ([(loss, neg, chunk, False) for loss in LOSSES for neg in NEGATIVES for chunk in (0, 4)]
-         + [("d_softmax", neg, 4, True) for neg in ("batch", "random", "partial", "nearest")])
+         + [("d_softmax", neg, 4, True) for neg in ("batch", "random", "partial")])  # nearest refuses it
 NEAREST_PER_CLASS = 8  # the head's default
 RESHARD = {"sgd": OptimizerConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.01),
            "adamw": OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.1)}
@@ -98,7 +98,8 @@ def _comm_bytes(rank, world_size):
     out = {}
     for num_classes in (40, 400):
         for neg in NEGATIVES:
-            head = ShardedClassifier(num_classes, D, negatives=neg, sample_rate=0.25, inter_correction=True)
+            head = ShardedClassifier(num_classes, D, negatives=neg, sample_rate=0.25,
+                                     inter_correction=neg != "nearest")  # nearest's sum is weighted already
             for step in ("first", "steady"):
                 emb = torch.randn(COMM_BATCH // world_size, D, requires_grad=True)
                 labels = torch.randint(0, num_classes, (COMM_BATCH // world_size,))
@@ -245,14 +246,16 @@ def reference(case, world_size):
     emb, labels, weight = global_data(world_size)
     emb.requires_grad_(True)
     weight.requires_grad_(True)
+    parts = [select_shard_classes("random" if neg == "nearest" else neg, labels, s, n, RATE, SEED, DRAWS, p)
+             for p, (s, n) in enumerate(shard_ranges(C, world_size))]
     if neg == "nearest":  # the table of the weight the head holds at this forward, looked up for the batch
-        neighbours = reference_lookup(labels, *reference_table(weight, NEAREST_PER_CLASS))
-        parts = [select_nearest(*neighbours, s, n, RATE, 0.5, SEED, DRAWS, p)
-                 for p, (s, n) in enumerate(shard_ranges(C, world_size))]
-    else:
-        parts = [select_shard_classes(neg, labels, s, n, RATE, SEED, DRAWS, p)
-                 for p, (s, n) in enumerate(shard_ranges(C, world_size))]
-    classes = None if neg == "all" else torch.cat([s + part for (s, _), part in zip(shard_ranges(C, world_size), parts)])
+        neighbours, _ = reference_lookup(labels, *reference_table(weight, NEAREST_PER_CLASS))
+        loss = reference_nearest_loss(loss_name, emb, weight, labels,
+                                      reference_row_bias(labels, neighbours, parts, world_size, C))
+        loss.backward()
+        return loss.detach(), emb.grad, weight.grad
+    starts = [s for s, _ in shard_ranges(C, world_size)]
+    classes = None if neg == "all" else torch.cat([s + part for s, part in zip(starts, parts)])
     mask = class_mask(classes, labels.shape[0], C)
     if loss_name == "softmax":
         loss = LF.softmax(emb @ weight.t(), labels, negatives_mask=mask)
@@ -334,7 +337,7 @@ def payload(world_size: int, neg: str, first: bool, num_classes: int, rank: int)
         return {}
     out = {"labels": 8 * b, "embeddings": 4 * b * D, "stats_max": 3 * 4 * b, "stats_sum": 4 * b,
            "embeddings_grad": 4 * b * D}
-    if neg != "all":
+    if neg not in ("all", "nearest"):
         out["inter_correction"] = 8  # one float64: the global number of selected classes
     if neg == "nearest":
         out["nearest"] = 8 * b * 2 * NEAREST_PER_CLASS  # the batch classes' table rows: ids and cosines, float64

@@ -1,6 +1,7 @@
 """negatives="nearest" (D-Softmax-KN) in one process: its table of nearest classes against the full (C, C) cosine
-product, its selection against a plain reference, the head's loss and gradients against the functional loss over
-that set, the table's build schedule, and a checkpoint that resumes exactly with the table it had.
+product, the head's loss and gradients against the functional loss over each row's weighted set written out, the
+weighted sum against the full one over many draws, the table's build schedule, and a checkpoint that resumes
+exactly with the table it had.
 
 The multi-process (gloo) runs of the same mode are in tests/test_head_dist.py.
 
@@ -20,14 +21,8 @@ from dsoft_dist.errors import ConfigError
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer, load_head_checkpoint, save_head_checkpoint
 from dsoft_dist.losses import DSoftmaxLoss
 from dsoft_dist.losses import functional as LF
-from dsoft_dist.losses.negatives import (
-    class_mask,
-    draw_seed,
-    num_sampled,
-    sample_without_replacement,
-    select_nearest,
-    select_shard_classes,
-)
+from dsoft_dist.losses.negatives import draw_seed, num_sampled, sample_without_replacement, select_shard_classes
+from dsoft_dist.parallel import shard_ranges
 from dsoft_dist.registry import LOSSES
 
 C, D, B, RATE, SEED = 41, 6, 10, 0.3, 5
@@ -50,19 +45,42 @@ def reference_lookup(labels, ids, cos):
     return rows, cos[labels.clamp(min=0)]
 
 
-def reference_select(neighbours, neighbour_cos, start, count, rate, share, seed, draw, rank=0) -> list[int]:
-    """The shard's nearest rows written out: each class's best cosine, the best first (ties: the lower id), up to
-    round(share K), then the random rows D-Softmax-K would draw with those excluded."""
-    k = num_sampled(count, rate)
-    best: dict[int, float] = {}
-    for ids, values in zip(neighbours.tolist(), neighbour_cos.tolist()):
-        for c, v in zip(ids, values):
-            if c >= 0 and start <= c < start + count:
-                best[c - start] = max(best.get(c - start, -math.inf), v)
-    near = sorted(best, key=lambda c: (-best[c], c))[:round(share * k)]
-    rest = sample_without_replacement(count, k - len(near), draw_seed(seed, draw, rank),
-                                      exclude=torch.tensor(sorted(near), dtype=torch.int64))
-    return sorted(near + rest.tolist())
+def reference_row_bias(labels, neighbours, parts, world_size, num_classes=C) -> torch.Tensor:
+    """(B, C) log weights of each row's negatives, written out: 0 on the nearest classes of its class, log((C_p -
+    [y_i on p] - |N_i^p|) / |R_i^p|) on shard p's random rows R_i^p outside those and y_i, -inf elsewhere.
+
+    parts: each shard's random rows (local ids), as D-Softmax-K draws them."""
+    bias = torch.full((labels.shape[0], num_classes), -math.inf, dtype=torch.float64)
+    for i, y in enumerate(labels.tolist()):
+        if y < 0:
+            continue
+        near = {c for c in neighbours[i].tolist() if c >= 0}
+        for (start, count), part in zip(shard_ranges(num_classes, world_size), parts):
+            mine = {c for c in near if start <= c < start + count}
+            random = [start + c for c in part.tolist() if start + c not in mine and start + c != y]
+            others = count - (start <= y < start + count) - len(mine)
+            for c in mine:
+                bias[i, c] = 0.0
+            for c in random:
+                bias[i, c] = math.log(others / len(random))
+    return bias
+
+
+def reference_nearest_loss(loss, emb, weight, labels, bias, scale=64.0):
+    """The loss over each row's weighted negatives (``reference_row_bias``), from the functional losses' parts."""
+    valid, rows = labels >= 0, torch.arange(labels.shape[0])
+    mask = torch.isfinite(bias)
+    bias = torch.where(mask, bias, torch.zeros_like(bias)).to(emb.dtype)
+    if loss == "softmax":
+        logits = emb @ weight.T
+        return LF.margin_softmax_from_parts(logits[rows, labels.clamp(min=0)], logits + bias, mask, valid=valid)
+    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
+    z = cos[rows, labels.clamp(min=0)]
+    if loss == "d_softmax":  # s (cos + bias / s) = s cos + bias: the weight enters the inter sum
+        return LF.d_softmax_from_parts(z, cos + bias / scale, mask, scale, LOSSES.get(loss).presets["end_point"],
+                                       valid=valid)
+    target = scale * LF.margin_target(z, **LOSSES.get(loss).margins)
+    return LF.margin_softmax_from_parts(target, scale * cos + bias, mask, valid=valid)
 
 
 def batch(step: int = 0):
@@ -93,29 +111,9 @@ def test_the_table_is_the_top_of_the_full_cosine_product_whatever_the_tiles(per_
     assert not (head.nearest.ids == torch.arange(C)[:, None]).any(), "a class is its own nearest class"
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("start,count", [(0, C), (12, 17)])
-def test_selection_matches_the_plain_reference(share, start, count):
-    weight = torch.randn(C, D, generator=torch.Generator().manual_seed(3))
-    emb, labels = batch()
-    neighbours, neighbour_cos = reference_lookup(labels, *reference_table(weight, 8))
-    for draw in range(3):
-        got = select_nearest(neighbours, neighbour_cos, start, count, RATE, share, SEED, draw, rank=1)
-        want = reference_select(neighbours, neighbour_cos, start, count, RATE, share, SEED, draw, rank=1)
-        assert got.tolist() == want, f"share={share} draw={draw}"
-        assert got.numel() == num_sampled(count, RATE) and got.unique().numel() == got.numel()
-
-
-def test_with_no_share_the_set_is_d_softmax_k_s():
-    emb, labels = batch()
-    neighbours, neighbour_cos = reference_lookup(labels, *reference_table(torch.randn(C, D), 8))
-    got = select_nearest(neighbours, neighbour_cos, 0, C, RATE, 0.0, SEED, 4)
-    assert torch.equal(got, select_shard_classes("random", labels, 0, C, RATE, SEED, 4))
-
-
-@pytest.mark.parametrize("loss", ["d_softmax", "arcface"])
+@pytest.mark.parametrize("loss", ["d_softmax", "arcface", "softmax"])
 @pytest.mark.parametrize("chunk", [0, 4])
-def test_loss_and_gradients_match_the_functional_loss_over_the_reference_set(loss, chunk):
+def test_loss_and_gradients_match_the_functional_loss_over_each_rows_weighted_set(loss, chunk):
     head = nearest_head(loss=loss, chunk_size=chunk)
     head.draws = 2
     emb, labels = batch()
@@ -125,19 +123,44 @@ def test_loss_and_gradients_match_the_functional_loss_over_the_reference_set(los
 
     weight = head.weight.detach().clone().requires_grad_(True)
     ref_emb = emb.detach().clone().requires_grad_(True)
-    neighbours, neighbour_cos = reference_lookup(labels, *reference_table(weight, 8))
-    rows = reference_select(neighbours, neighbour_cos, 0, C, RATE, 0.5, SEED, 2)
-    mask = class_mask(torch.tensor(rows), B, C)
-    cos = F.normalize(ref_emb, dim=1) @ F.normalize(weight, dim=1).T
-    if loss == "d_softmax":
-        ref = LF.d_softmax(cos, labels, 64.0, LOSSES.get("d_softmax").presets["end_point"], negatives_mask=mask)
-    else:
-        ref = LF.margin_softmax(cos, labels, 64.0, negatives_mask=mask, **LOSSES.get("arcface").margins)
+    neighbours, _ = reference_lookup(labels, *reference_table(weight, 8))
+    random = select_shard_classes("random", labels, 0, C, RATE, SEED, 2)
+    ref = reference_nearest_loss(loss, ref_emb, weight, labels, reference_row_bias(labels, neighbours, [random], 1))
     ref.backward()
     torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(emb.grad, ref_emb.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(head.weight.grad.to_dense(), weight.grad, rtol=1e-4, atol=1e-5)
-    assert head.last_num_negatives == len(rows) and ref_emb.grad.abs().sum() > 0
+    touched = head.weight.grad.coalesce().indices()[0]
+    near = neighbours[labels >= 0].flatten()
+    assert set(touched.tolist()) == set(random.tolist()) | set(near.tolist()) | set(labels[labels >= 0].tolist())
+    assert head.last_num_negatives == random.numel() and ref_emb.grad.abs().sum() > 0
+
+
+def test_the_weighted_sum_is_an_unbiased_estimate_of_the_full_one():
+    """Over many draws, exp(lse) averages to the shard's sum over every class but the target (each row's nearest
+    classes exactly, the random rows standing for the rest); without the weights it would fall short by about r."""
+    torch.manual_seed(0)
+    count, start, b, m = 60, 30, 6, 5
+    feats = F.normalize(torch.randn(b, D, dtype=torch.float64), dim=1)
+    weight = torch.randn(count, D, dtype=torch.float64)
+    targets = torch.tensor([3, -1, 59, 10, -1, 0])  # local rows, -1: another shard's class
+    neighbours = torch.stack([torch.randperm(120)[:m] for _ in range(b)])  # global ids; those in [30, 90) are here
+    neighbours[neighbours == start + targets[:, None]] = -1  # the table never names a row's own class
+    logits = feats @ F.normalize(weight, dim=1).T  # scale 1: the draws vary less
+    full = logits.exp().sum(dim=1) - torch.where(targets >= 0, logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+                                                 .exp(), torch.zeros(b, dtype=torch.float64))
+    estimates = []
+    for draw in range(300):
+        rows = sample_without_replacement(count, 8, draw_seed(1, draw))
+        taken = torch.zeros(b, count, dtype=torch.bool)
+        taken[:, rows] = True
+        taken[targets >= 0, targets[targets >= 0]] = False
+        lse = torch.logsumexp(logits.masked_fill(~taken, -math.inf), dim=1)
+        with torch.no_grad():
+            lse, _ = nearest.with_nearest_rows(lse, logits.amax(1), feats, weight, neighbours, rows, targets, 1.0,
+                                               start)
+        estimates.append(lse.exp())
+    torch.testing.assert_close(torch.stack(estimates).mean(dim=0), full, rtol=0.02, atol=0)
 
 
 def test_the_table_is_built_at_the_first_draw_then_every_refresh_draws_and_not_in_eval(monkeypatch):
@@ -209,13 +232,20 @@ def test_a_checkpoint_without_a_table_builds_one_at_the_next_forward(tmp_path):
     assert torch.equal(head.nearest.ids, reference_table(other.weight, 8)[0])
 
 
+def test_inter_correction_is_refused_with_nearest():
+    with pytest.raises(ConfigError, match=r"head.inter_correction.*not read with head.negatives=nearest"):
+        HeadConfig(negatives="nearest", sample_rate=0.25, inter_correction=True)
+    with pytest.raises(ValueError, match=r"inter_correction=True is invalid with negatives='nearest'"):
+        ShardedClassifier(C, D, negatives="nearest", sample_rate=0.25, inter_correction=True)
+
+
 def test_nearest_keys_are_refused_where_they_would_not_be_read():
-    with pytest.raises(ConfigError, match=r"head.nearest_share.*read only with head.negatives=nearest"):
-        HeadConfig(negatives="random", nearest_share=0.25)
+    with pytest.raises(ConfigError, match=r"head.nearest_per_class.*read only with head.negatives=nearest"):
+        HeadConfig(negatives="random", nearest_per_class=4)
     with pytest.raises(ConfigError, match=r"head.nearest_refresh"):
         HeadConfig(negatives="nearest", nearest_refresh=-1)
-    with pytest.raises(ConfigError, match=r"head.nearest_share"):
-        HeadConfig(negatives="nearest", nearest_share=1.5)
+    with pytest.raises(ConfigError, match=r"head.nearest_per_class"):
+        HeadConfig(negatives="nearest", nearest_per_class=0)
     assert HeadConfig(negatives="nearest", nearest_per_class=4, nearest_refresh=100).nearest_per_class == 4
     with pytest.raises(ValueError, match=r"read only with negatives='nearest', not 'all'"):
         ShardedClassifier(C, D, nearest_per_class=4)
@@ -226,8 +256,6 @@ def test_nearest_keys_are_refused_where_they_would_not_be_read():
 
 
 def test_from_config_passes_the_nearest_keys():
-    cfg = HeadConfig(negatives="nearest", sample_rate=0.25, nearest_share=0.75, nearest_per_class=3,
-                     nearest_refresh=11)
+    cfg = HeadConfig(negatives="nearest", sample_rate=0.25, nearest_per_class=3, nearest_refresh=11)
     head = ShardedClassifier.from_config(cfg, C, D)
-    table = head.nearest
-    assert (table.share, table.per_class, table.refresh) == (0.75, 3, 11)
+    assert (head.nearest.per_class, head.nearest.refresh) == (3, 11)

@@ -13,7 +13,7 @@ from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import ShardedClassifier, build_head_optimizer
 from dsoft_dist.head.backend import register_local_backend
 from dsoft_dist.head.local import LocalShardStats, torch_local_shard_stats
-from dsoft_dist.losses import MODES
+from dsoft_dist.losses import NEGATIVES
 
 C, D, B, STEPS = 29, 6, 10, 3
 OPTIMIZERS = {"sgd": OptimizerConfig(name="sgd", lr=0.3, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -68,13 +68,14 @@ register_local_backend("plain_for_tests", _plain_backend)
 
 
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("neg", MODES)
+@pytest.mark.parametrize("neg", NEGATIVES)
 @pytest.mark.parametrize("loss", ("d_softmax", "arcface", "softmax"))
 def test_step_in_backward_equals_backward_then_step(loss, neg, opt_name):
     """Loss, embedding gradients, weights and optimizer state after 3 steps match the run stepped after backward,
     rows outside the touched set stay bit-identical, and no weight gradient is kept: on the torch
     chunked path (updates per chunk, chunked and not) and on a backend that returns a weight
-    gradient (the update runs from the post-accumulate-grad hook).
+    gradient (the update runs from the post-accumulate-grad hook). negatives="nearest" always steps from
+    the hook, once its rows' gradients and those of each row's nearest classes have met in the weight's.
 
     In float64: the SGD in backward adds the same terms in another order (the chunk GEMM runs into
     the momentum), and after 3 steps at lr 0.3 both float32 runs sit ~1e-5 from the float64

@@ -21,7 +21,7 @@ sized for a CPU; ``--parts`` defaults to vectors and images:
 | softmax, normface, sphereface, cosface, arcface, d_softmax_paper, d_softmax | that loss over all classes | 1 |
 | d_softmax_b | D-Softmax-B: the inter term over the batch's classes | its K / C |
 | d_softmax_k | D-Softmax-K: the inter term over a random r of the classes | --rates |
-| d_softmax_kn | D-Softmax-K with half of K the batch classes' nearest classes (not run by default) | --rates |
+| d_softmax_kn | D-Softmax-K whose every row adds its class's nearest classes (not run by default) | --rates |
 | d_softmax_partial | D-Softmax over partial_fc's negatives (K = r C is their floor) | --rates |
 | partial_fc | Partial-FC-style: ArcFace over the batch's positives + random others up to r C | --rates |
 | sampled_softmax | plain sampled softmax: linear softmax over a random r of the classes | --rates |

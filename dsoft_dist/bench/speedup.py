@@ -10,7 +10,7 @@ whole classifier step (forward, backward and the optimizer) and measures its mem
 | d_softmax | the class-sharded head, D-Softmax over all classes | 1 |
 | d_softmax_b | D-Softmax-B: the inter term over the batch's classes | its K / C |
 | d_softmax_k | D-Softmax-K: the inter term over a random r of the classes | --rates |
-| d_softmax_kn | D-Softmax-K whose set gives half of K to the batch classes' nearest classes | --rates |
+| d_softmax_kn | D-Softmax-K whose every row adds its class's nearest classes | --rates |
 | partial_fc | Partial-FC-style sampled softmax: ArcFace over the batch's positives + random others up to r C | --rates |
 | sampled_softmax | plain sampled softmax: softmax over a random r of the classes (positives not kept) | --rates |
 

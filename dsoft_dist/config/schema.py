@@ -88,10 +88,9 @@ class HeadConfig:
     negatives: str = "all"
     sample_rate: float = field(default=1.0, metadata={"fraction": True})  # YAML and --set also take "1/64"
     inter_correction: bool = False
-    # negatives=nearest (D-Softmax-KN, dsoft_dist.head.nearest): the share of the K sampled classes given to the
-    # batch classes' nearest classes, how many nearest classes the table keeps per class, and the training
-    # steps between builds of the table (0: automatic, the builds cost a tenth of the sampled head's GEMMs)
-    nearest_share: float = NEAREST_DEFAULTS["nearest_share"]
+    # negatives=nearest (D-Softmax-KN, dsoft_dist.head.nearest): how many nearest classes of its own class each
+    # row adds to the random set (the table keeps that many per class), and the training steps between builds
+    # of the table (0: automatic, the builds cost a tenth of the sampled head's GEMMs)
     nearest_per_class: int = NEAREST_DEFAULTS["nearest_per_class"]
     nearest_refresh: int = NEAREST_DEFAULTS["nearest_refresh"]
     scale: float = 64.0
@@ -138,9 +137,8 @@ class HeadConfig:
         _choice("head.backend", self.backend, ("auto", "torch", "cpu-c", "triton"))
 
     def _check_nearest(self) -> None:
-        """The nearest_* keys: in range, and only set away from their defaults with negatives=nearest."""
-        _check(0.0 <= self.nearest_share <= 1.0, "head.nearest_share", self.nearest_share,
-               "must be in [0, 1] (0.5: half of the sampled classes are the nearest ones)")
+        """The nearest_* keys: in range, and only set away from their defaults with negatives=nearest (which
+        refuses inter_correction)."""
         _check(self.nearest_per_class >= 1, "head.nearest_per_class", self.nearest_per_class, "must be >= 1 (8)")
         _check(self.nearest_refresh >= 0, "head.nearest_refresh", self.nearest_refresh, "must be >= 0 (0 = automatic)")
         if self.negatives != "nearest":
@@ -148,6 +146,10 @@ class HeadConfig:
                 _check(getattr(self, key) == default, "head." + key, getattr(self, key),
                        f"is read only with head.negatives=nearest (it is {self.negatives}); remove it or set "
                        "head.negatives=nearest")
+        else:
+            _check(not self.inter_correction, "head.inter_correction", self.inter_correction,
+                   "is not read with head.negatives=nearest, whose inter sum already weights the random set to "
+                   "stand for the classes outside each row's nearest ones; remove it")
 
     def _resolve_presets(self, form) -> None:
         """Sets an unset end_point / inter_weight_end to the loss's preset; a loss without D-Softmax's two terms

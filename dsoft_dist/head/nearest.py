@@ -2,19 +2,29 @@
 
 D-Softmax-K draws its K negatives at random, so a row meets the class nearest to its own on one step
 in 1 / r only; where that class carries much of the row's inter gradient, the sampled run trails
-full D-Softmax (docs/results.md). D-Softmax-KN keeps K and gives up to a share of it to the nearest
-classes of the batch's classes, found in a table built from the class weights, not from the step's
-(B, C) logits (the product sampling avoids):
+full D-Softmax (docs/results.md). D-Softmax-KN keeps the random set and adds, for each row i, N_i: the
+M nearest classes of the row's own class, read from a table built from the class weights, not from
+the step's (B, C) logits (the product sampling avoids):
 
     table = NearestTable(per_class=8, refresh=0)    # the head holds one when negatives="nearest"
     table.refresh_if_due(head, global_batch, draw)  # collective: every rank builds its rows' part
     ids, cos = table.lookup(head, labels)           # (B, M) global ids and cosines of each row's class
+    lse, hardest = with_nearest_rows(lse, hardest, feats, head.weight, ids, rows, target_local, ...)
 
 Row c of the table lists the M classes whose weights have the highest cosine with class c's weight
 (c itself left out), over all C classes: a rank builds the rows of its own classes, receiving every
 other shard's normalized weights in turn (one broadcast per shard, C x D values per rank in all) and
 keeping a running top M over tiles of at most TILE_ROWS x TILE_COLS cosines. The table's rows are
 keyed by class like the weight's, so they are saved in the head's pieces and load on any world size.
+
+On each shard, row i's inter sum is stratified: its nearest classes exactly, and the random set
+R_i (the shard's K rows less N_i and y_i) standing for every other class of the shard,
+
+    S_i = sum_{k in N_i} exp(l_ik) + (C_local - |N_i| - [y_i here]) / |R_i| sum_{k in R_i} exp(l_ik),
+
+an unbiased estimate of the shard's full sum, so the row's push is shared among its negatives about
+as full D-Softmax shares it (``with_nearest_rows``; the shards' sums add up in ``combine_stats``).
+The N_i part costs B M D per step (a gather and a dot per pair), not B K D.
 
 A build costs 2 C_local C D flops per rank; one sampled step's head GEMMs about 6 B K_local D. The
 table is rebuilt every ``refresh`` training draws; refresh=0 picks the interval at the first build
@@ -77,14 +87,12 @@ class NearestTable:
     """Each of a shard's classes' ``per_class`` nearest classes (global ids and cosines), rebuilt every ``refresh``
     training draws (0: automatic, see ``auto_refresh``)."""
 
-    def __init__(self, per_class: int = 8, refresh: int = 0, share: float = 0.5):
+    def __init__(self, per_class: int = 8, refresh: int = 0):
         if per_class < 1:
             raise ValueError(f"nearest_per_class={per_class} is invalid: must be >= 1 (8 is usual)")
         if refresh < 0:
             raise ValueError(f"nearest_refresh={refresh} is invalid: must be >= 0 (0 = automatic)")
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"nearest_share={share} is invalid: must be in [0, 1] (0.5 is usual)")
-        self.per_class, self.refresh, self.share = per_class, refresh, share
+        self.per_class, self.refresh = per_class, refresh
         self.clear()
 
     def clear(self) -> None:
@@ -105,9 +113,9 @@ class NearestTable:
         if self.ids is not None and not (training and draw - self.built_at >= self.every):
             return False
         if self.ids is None and head.rank == 0:
-            log.info("nearest-class table: %d classes per class, built every %d draws%s; nearest share %.2f of K",
-                     self.width(head.num_classes), self.every, " (automatic)" if not self.refresh else "",
-                     self.share)
+            log.info("nearest-class table: %d classes per class, built every %d draws%s; each row adds its "
+                     "class's to the random set", self.width(head.num_classes), self.every,
+                     " (automatic)" if not self.refresh else "")
         self.build(head)
         self.built_at = draw
         return True
@@ -161,3 +169,46 @@ class NearestTable:
         self.built_at = saved["nearest_built_at"]
         same_rule = self.refresh == saved["nearest_refresh"]  # the interval the saved run used still applies
         self.every = saved["nearest_every"] if same_rule else self.refresh
+
+
+def with_nearest_rows(lse: torch.Tensor, hardest: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor,
+                      neighbours: torch.Tensor, rows: torch.Tensor, target_local: torch.Tensor, scale: float,
+                      class_start: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's (lse, hardest) (B,) with each row's nearest classes, from the random set's.
+
+    lse (B,): log sum over ``rows`` (the shard's random set, sorted local ids) less the row's target, from
+    the head's backend; hardest (B,) its largest logit. feats (B, D) (unit rows with ``normalize``, whose
+    logits are scale times cosines; raw logits without), weight (C_local, D) raw,
+    neighbours (B, M) global ids (-1: none), target_local (B,) (-1: not this shard's). Returns
+    log S_i (see the module's docstring; -inf where the shard has no negative for the row) and the
+    largest logit over N_i and the random set. Only the shard's N_i rows get a weight gradient from
+    here (a sparse one, added to the backend's).
+    """
+    num_local = weight.shape[0]
+    local = neighbours - class_start
+    mine = (neighbours >= 0) & (local >= 0) & (local < num_local)  # (B, M): N_i on this shard
+    pair_row, pair_col = mine.nonzero(as_tuple=True)
+    ids = local[pair_row, pair_col]
+    w = F.embedding(ids, weight, sparse=True).to(feats.dtype)  # (n, D), a sparse gradient over the N_i rows
+    if normalize:
+        w = F.normalize(w, dim=1)
+    logits = torch.full(mine.shape, -math.inf, dtype=feats.dtype, device=feats.device)
+    logits = logits.index_put((pair_row, pair_col), scale * (feats[pair_row] * w).sum(dim=1))  # (B, M)
+    in_rows = torch.zeros_like(mine)
+    in_rows[pair_row, pair_col] = torch.isin(ids, rows)
+    owned = target_local >= 0
+    target_in_rows = owned & torch.isin(target_local, rows)
+    n_near = mine.sum(dim=1)  # |N_i| (the table never names a row's own class)
+    n_random = rows.numel() - target_in_rows.long() - in_rows.sum(dim=1)  # |R_i|
+    others = num_local - owned.long() - n_near  # the shard's classes outside N_i and y_i
+    ratio = torch.where(n_random > 0, others / n_random.clamp(min=1), 0.0)  # (B,)
+    # S = ratio sum_rows + sum_{N_i} (1 - ratio [k in rows]) exp(l): rows less N_i weighted, N_i exactly once
+    # in float64: the N_i in rows enter with 1 - ratio < 0, and ratio reaches C_local / |R_i|
+    ratio, lse64, logits64 = ratio.double(), lse.double(), logits.double()
+    coef = torch.where(in_rows, 1.0 - ratio[:, None], 1.0)  # (B, M)
+    shift = torch.maximum(lse64 + torch.log(ratio), logits64.amax(dim=1)).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    total = ratio * torch.exp(lse64 - shift) + (coef * torch.exp(logits64 - shift[:, None])).sum(dim=1)
+    positive = total > 0
+    out = torch.where(positive, shift + torch.log(torch.where(positive, total, torch.ones_like(total))), -math.inf)
+    return out.to(lse.dtype), torch.maximum(hardest, logits.detach().amax(dim=1).to(hardest.dtype))

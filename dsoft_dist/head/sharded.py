@@ -31,10 +31,10 @@ from dsoft_dist.head.backend import (
 )
 from dsoft_dist.head.checks import check_inputs
 from dsoft_dist.head.combine import combine_stats, diagnostics_from
-from dsoft_dist.head.nearest import NearestTable
+from dsoft_dist.head.nearest import NearestTable, with_nearest_rows
 from dsoft_dist.head.optim import InBackwardStep
 from dsoft_dist.losses.forms import resolve_margins
-from dsoft_dist.losses.negatives import NEAREST_DEFAULTS, NEGATIVES, draw_seed, select_nearest, select_shard_classes
+from dsoft_dist.losses.negatives import NEAREST_DEFAULTS, NEGATIVES, draw_seed, select_shard_classes
 from dsoft_dist.observability import get_logger
 from dsoft_dist.parallel import CommCounter, all_gather_cat, all_reduce, gather_rows, group_rank_size, shard_range
 from dsoft_dist.registry import LOSSES
@@ -70,13 +70,14 @@ class ShardedClassifier(nn.Module):
     Args: num_classes C, embedding_size D; loss = d_softmax | arcface | cosface | sphereface |
     normface | softmax (linear, unnormalized) | margin (m1, m2, m3 as given) | a loss registered in
     ``dsoft_dist.registry.LOSSES`` (``dsoft_dist.losses.forms``); negatives = all |
-    batch | random | partial | nearest (see dsoft_dist.losses.negatives); sample_rate r; nearest_share,
-    nearest_per_class, nearest_refresh (negatives="nearest": the share of K given to the batch classes'
-    nearest classes, the nearest classes kept per class, the draws between builds of that table, 0 =
-    automatic; ``dsoft_dist.head.nearest``); scale s;
+    batch | random | partial | nearest (see dsoft_dist.losses.negatives); sample_rate r;
+    nearest_per_class, nearest_refresh (negatives="nearest": the nearest classes each row adds to the
+    random set, from a table of each class's nearest classes, and the draws between builds of that
+    table, 0 = automatic; ``dsoft_dist.head.nearest``); scale s;
     end_point d (None: the loss's preset, ``LOSSES.get(loss).presets``) and inter_weight (D-Softmax; the
     trainer sets inter_weight before each step from the config's inter-weight schedule); inter_correction
-    (scale the inter sum by C / |N|, |N| the global number of selected classes); m1, m2, m3 (None = the preset's);
+    (scale the inter sum by C / |N|, |N| the global number of selected classes; not with nearest, whose
+    inter sum is stratified); m1, m2, m3 (None = the preset's);
     seed (negatives: seeded by (seed, draws, rank); init: by (seed, row block)); group (the
     head's process group, default WORLD); chunk_size (classes per chunk, 0 = automatic);
     backend (of the local statistics, dsoft_dist.head.backend: auto | torch | cpu-c |
@@ -106,8 +107,9 @@ class ShardedClassifier(nn.Module):
     def __init__(self, num_classes, embedding_size, loss="d_softmax", negatives="all", sample_rate=1.0,
                  scale=64.0, end_point=None, inter_weight=1.0, inter_correction=False, m1=None, m2=None,
                  m3=None, seed=0, group=None, chunk_size=0, backend="auto", checks="first", init_std=0.01,
-                 device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None, nearest_share=0.5,
-                 nearest_per_class=8, nearest_refresh=0):
+                 device=None, dtype=torch.float32, logit_cache_mb=0.0, compute_dtype=None,
+                 nearest_per_class=NEAREST_DEFAULTS["nearest_per_class"],
+                 nearest_refresh=NEAREST_DEFAULTS["nearest_refresh"]):
         super().__init__()
         _check_args(loss, negatives, sample_rate, scale, chunk_size, embedding_size)
         self.group = group
@@ -122,13 +124,17 @@ class ShardedClassifier(nn.Module):
         self.inter_weight, self.inter_correction = inter_weight, inter_correction
         self.m1, self.m2, self.m3 = resolve_margins(loss, m1, m2, m3)
         self.seed, self.chunk_size = seed, chunk_size
-        nearest_args = dict(zip(NEAREST_DEFAULTS, (nearest_share, nearest_per_class, nearest_refresh)))
+        nearest_args = dict(zip(NEAREST_DEFAULTS, (nearest_per_class, nearest_refresh)))
         if negatives != "nearest" and nearest_args != NEAREST_DEFAULTS:
             raise ValueError(f"{nearest_args} are read only with negatives='nearest', not {negatives!r}; leave them "
                              f"at {NEAREST_DEFAULTS} or use 'nearest'")
+        if negatives == "nearest" and inter_correction:
+            raise ValueError("inter_correction=True is invalid with negatives='nearest': its inter sum already "
+                             "weights the random set to stand for the classes outside each row's nearest ones; "
+                             "leave it False")
         # negatives="nearest": each class's nearest classes (dsoft_dist.head.nearest); None for the other modes
-        self.nearest = NearestTable(nearest_per_class, nearest_refresh, nearest_share) if negatives == "nearest" \
-            else None
+        self.nearest = NearestTable(nearest_per_class, nearest_refresh) if negatives == "nearest" else None
+        self.neighbours = None  # (B, M) the last forward's nearest classes of each row's class (nearest only)
         self.checks = _checks_mode(checks)
         self._checked = False  # a forward has passed the input check
         if logit_cache_mb < 0:
@@ -163,8 +169,8 @@ class ShardedClassifier(nn.Module):
                    scale=c.scale, end_point=c.end_point, inter_weight=c.inter_weight,
                    inter_correction=c.inter_correction, seed=c.seed, group=group, chunk_size=c.chunk_size,
                    backend=c.backend, m1=m1, m2=m2, m3=m3, compute_dtype=_DTYPES[c.compute_dtype],
-                   logit_cache_mb=c.logit_cache_mb, nearest_share=c.nearest_share,
-                   nearest_per_class=c.nearest_per_class, nearest_refresh=c.nearest_refresh, **kwargs)
+                   logit_cache_mb=c.logit_cache_mb, nearest_per_class=c.nearest_per_class,
+                   nearest_refresh=c.nearest_refresh, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, loss={self.loss}, "
@@ -174,15 +180,15 @@ class ShardedClassifier(nn.Module):
     def select_rows(self, labels_global: torch.Tensor) -> torch.Tensor | None:
         """This shard's negative rows for the current draw (sorted local ids; None = all rows).
 
-        With negatives="nearest" it is collective: it builds the table when due and looks up the batch
-        classes' rows of it (every rank must call it with the same labels).
+        With negatives="nearest" the rows are the random set, and it is collective: it builds the table
+        when due and keeps the batch classes' rows of it in ``self.neighbours`` (B, M) for the forward
+        (every rank must call it with the same labels).
         """
         if self.nearest is not None:
             self.nearest.refresh_if_due(self, labels_global.numel(), self.draws, self.training)
-            ids, cos = self.nearest.lookup(self, labels_global)
-            return select_nearest(ids, cos, self.class_start, self.num_local_classes, self.sample_rate,
-                                  self.nearest.share, self.seed, self.draws, self.rank)
-        return select_shard_classes(self.negatives, labels_global, self.class_start, self.num_local_classes,
+            self.neighbours = self.nearest.lookup(self, labels_global)[0]
+        mode = "random" if self.nearest is not None else self.negatives
+        return select_shard_classes(mode, labels_global, self.class_start, self.num_local_classes,
                                     self.sample_rate, self.seed, self.draws, self.rank)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
@@ -204,6 +210,9 @@ class ShardedClassifier(nn.Module):
         owned = valid & (local >= 0) & (local < self.num_local_classes)
         target_local = torch.where(owned, local, torch.full_like(local, -1))  # (B,)
         lse, target, hardest = self._local_stats_for(feats, rows, target_local, valid)
+        if self.nearest is not None:  # each row's nearest classes join its random set (dsoft_dist.head.nearest)
+            lse, hardest = with_nearest_rows(lse, hardest, feats, self.weight, self.neighbours, rows, target_local,
+                                             self.scale, self.class_start, self.normalize)
         loss, terms, hardest = combine_stats(lse, target, hardest, owned=owned, valid=valid, head=self,
                                              log_correction=self._log_correction(rows, labels.device),
                                              group=self.group, counter=self.comm)
@@ -223,8 +232,9 @@ class ShardedClassifier(nn.Module):
                 describe_local_path(self.backend, feats, self.weight, self.compute_dtype))
             self._path_logged = True
         fn = local_stats_fn(self.backend)
-        if self._row_update is not None and torch.is_grad_enabled() and self.weight.requires_grad and \
-                takes_row_updates(self.backend, feats, self.weight, self.compute_dtype):
+        # nearest: the rows' step waits for the nearest classes' gradient too (the weight's grad hook takes it)
+        if self._row_update is not None and self.nearest is None and torch.is_grad_enabled() and \
+                self.weight.requires_grad and takes_row_updates(self.backend, feats, self.weight, self.compute_dtype):
             return fn(*local_args, row_update=self._row_update, **kwargs)
         return fn(*local_args, **kwargs)
 

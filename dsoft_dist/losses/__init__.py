@@ -23,7 +23,6 @@ from dsoft_dist.losses.negatives import (
     num_sampled,
     sample_without_replacement,
     select_classes,
-    select_nearest,
     select_shard_classes,
 )
 
@@ -31,6 +30,6 @@ __all__ = [
     "d_softmax", "d_softmax_from_parts", "d_softmax_terms", "inter_from_parts", "intra_from_parts",
     "margin_softmax", "margin_softmax_from_parts", "margin_target", "masked_logsumexp", "softmax",
     "validate_labels", "LossForm", "margin_losses", "DSoftmaxLoss", "MarginSoftmaxLoss", "resolve_margins", "MODES",
-    "NEGATIVES", "class_mask", "num_sampled", "sample_without_replacement", "select_classes", "select_nearest",
+    "NEGATIVES", "class_mask", "num_sampled", "sample_without_replacement", "select_classes",
     "select_shard_classes", "draw_seed",
 ]

@@ -7,9 +7,9 @@ Modes (DESIGN.md §1):
   replacement, fresh each draw (each training-mode forward), seeded by (seed, draw, rank).
 - ``partial`` (Partial-FC-style sampled softmax): every positive class of the batch
   plus uniform random other classes up to K = max(ceil(r * C), #positives).
-- ``nearest`` (D-Softmax-KN, the sharded head only): K = ceil(r * C) classes, of which up to a share are
-  the nearest classes of the batch's classes (a table of each class's nearest classes by the cosine of
-  their weights, ``dsoft_dist.head.nearest``) and the rest uniform random, as for ``random``.
+- ``nearest`` (D-Softmax-KN, the sharded head only): the set of ``random``, and each row adds the
+  nearest classes of its own class (a table of each class's nearest classes by the cosine of their
+  weights), the random set's sum weighted to stand for the other classes (``dsoft_dist.head.nearest``).
 
 Selections are sorted int64 class-id tensors (shared by all rows); the target of a row
 is excluded from its negatives by the loss, not here. Sampling is host work (numpy) costing
@@ -29,7 +29,7 @@ import torch
 MODES = ("all", "batch", "random", "partial")  # a function of the labels, the seed and the draw
 NEGATIVES = (*MODES, "nearest")  # the sharded head's: nearest also reads its table of nearest classes
 # nearest's settings (the head's nearest_* arguments, the config's head.nearest_*), read by no other mode
-NEAREST_DEFAULTS = {"nearest_share": 0.5, "nearest_per_class": 8, "nearest_refresh": 0}
+NEAREST_DEFAULTS = {"nearest_per_class": 8, "nearest_refresh": 0}
 
 _MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 63) - 1
@@ -91,33 +91,6 @@ def select_classes(mode: str, labels: torch.Tensor, num_classes: int, sample_rat
     extra = max(0, k - positives.numel())  # partial: positives kept, random others up to k
     idx = torch.cat([positives, sample_without_replacement(num_classes, extra, gen_seed, exclude=positives)])
     return idx.sort().values.to(labels.device)
-
-
-def select_nearest(neighbours: torch.Tensor, neighbour_cos: torch.Tensor, class_start: int,
-                   num_local_classes: int, sample_rate: float, share: float, seed: int = 0, draw: int = 0,
-                   rank: int = 0) -> torch.Tensor:
-    """One class shard's ``nearest`` negative rows for a step: sorted LOCAL row ids on neighbours' device.
-
-    neighbours (B, M): global ids of the nearest classes of each row's class (-1: none, e.g. an
-    ignored row), neighbour_cos (B, M) their cosines. Of K = ceil(r * C_local) rows, up to
-    round(share * K) are the shard's classes among the neighbours, the highest cosine first (a class
-    named by several rows counts with its highest; ties: the lower id); random rows seeded by
-    (seed, draw, rank) fill the rest, as ``random`` draws them. Reading the neighbours is one host sync.
-    """
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"share={share} is invalid: must be in [0, 1] (the nearest classes' share of K)")
-    k = num_sampled(num_local_classes, sample_rate)
-    ids, cos = neighbours.reshape(-1).cpu().numpy(), neighbour_cos.reshape(-1).float().cpu().numpy()
-    local = ids - class_start
-    keep = (ids >= 0) & (local >= 0) & (local < num_local_classes)
-    local, cos = local[keep], cos[keep]
-    order = np.lexsort((local, -cos))  # highest cosine first, then the lower id
-    local = local[order]
-    _, first = np.unique(local, return_index=True)  # each class at its best place
-    near = torch.from_numpy(local[np.sort(first)][:round(share * k)].astype(np.int64))
-    near = near.sort().values
-    rest = sample_without_replacement(num_local_classes, k - near.numel(), draw_seed(seed, draw, rank), exclude=near)
-    return _to_device(torch.cat([near, rest]).sort().values, neighbours.device)
 
 
 def _to_device(idx: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Draws docs/results/parity-three-seeds.png: TAR@FAR=1e-3 per seed of D-Softmax's schedule, ArcFace and D-Softmax-K
-at r = 1/8 on the three image tasks of about 20 epochs and more (and D-Softmax-KN on glyphs), from the records
-`dsoft bench accuracy` wrote.
+at r = 1/8 on the three image tasks of about 20 epochs and more (and both forms of D-Softmax-KN on glyphs), from the
+records `dsoft bench accuracy` wrote.
 
     python docs/benchmarks/parity-2026-12-07/seeds_plot.py    # from the repository root
 """
@@ -29,7 +29,9 @@ TASKS = [
      {"D-Softmax, the schedule": ("results.jsonl", "glyphs-d_softmax-1-s{seed}" + SCHEDULE + ",lr=0.02"),
       "ArcFace, m = 0.5 (lr 0.01, its best)": ("results.jsonl", "glyphs-arcface-1-s{seed}@lr=0.01"),
       K8: ("results-sampled.jsonl", "glyphs-d_softmax_k-1of8-s{seed}@lr=0.02"),
-      "D-Softmax-KN, r = 1/8, the schedule": ("results-kn.jsonl", "glyphs-d_softmax_kn-1of8-s{seed}@lr=0.02")}),
+      "D-Softmax-KN as first built (a shared set)": ("results-kn.jsonl", "glyphs-d_softmax_kn-1of8-s{seed}@lr=0.02"),
+      "D-Softmax-KN, r = 1/8 (each row's nearest)": ("results-kn-rows.jsonl",
+                                                     "glyphs-d_softmax_kn-1of8-s{seed}@lr=0.02")}),
     ("faces, C = 2,000, 5,400 steps (21.6 epochs)",
      {"D-Softmax, the schedule": ("results.jsonl", "images-d_softmax-1-s{seed}" + SCHEDULE),
       "ArcFace, m = 0.5": ("results.jsonl", "images-arcface-1-s{seed}"),
@@ -45,7 +47,7 @@ def records(path: str) -> dict[str, dict]:
 def main() -> None:
     fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
     for ax, (title, series) in zip(axes, TASKS):
-        for (label, (path, name)), marker in zip(series.items(), ("o", "s", "^", "D")):
+        for (label, (path, name)), marker in zip(series.items(), ("o", "s", "^", "D", "v")):
             recs = records(path)
             seeds = [s for s in range(3) if name.format(seed=s) in recs]
             tars = [100 * recs[name.format(seed=s)]["tar_at_1e-03"] for s in seeds]
