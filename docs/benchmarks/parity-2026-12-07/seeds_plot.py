@@ -1,6 +1,6 @@
 """Draws docs/results/parity-three-seeds.png: TAR@FAR=1e-3 per seed of D-Softmax's schedule, ArcFace and D-Softmax-K
-at r = 1/8 on the three image tasks of about 20 epochs and more (and both forms of D-Softmax-KN on glyphs), from the
-records `dsoft bench accuracy` wrote.
+at r = 1/8 on the three image tasks of about 20 epochs and more (and D-Softmax-KN: both forms on glyphs, the second
+at C = 500), from the records `dsoft bench accuracy` wrote.
 
     python docs/benchmarks/parity-2026-12-07/seeds_plot.py    # from the repository root
 """
@@ -24,7 +24,8 @@ TASKS = [
                                   "images-d_softmax-1-s{seed}" + SCHEDULE),
       "ArcFace, m = 0.6 (its best)": ("../parity-2026-12-06/results-steps-2700.jsonl",
                                       "images-arcface-1-s{seed}@m2=0.6"),
-      K8: ("../parity-2026-12-06/results-steps-2700.jsonl", "images-d_softmax_k-1of8-s{seed}" + SCHEDULE)}),
+      K8: ("../parity-2026-12-06/results-steps-2700.jsonl", "images-d_softmax_k-1of8-s{seed}" + SCHEDULE),
+      "D-Softmax-KN, r = 1/8 (each row's nearest)": ("results-kn-rows.jsonl", "images-d_softmax_kn-1of8-s{seed}")}),
     ("glyphs, C = 1,000, 2,400 steps (19 epochs)",
      {"D-Softmax, the schedule": ("results.jsonl", "glyphs-d_softmax-1-s{seed}" + SCHEDULE + ",lr=0.02"),
       "ArcFace, m = 0.5 (lr 0.01, its best)": ("results.jsonl", "glyphs-arcface-1-s{seed}@lr=0.01"),
