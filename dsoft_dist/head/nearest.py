@@ -114,7 +114,7 @@ class NearestTable:
             return False
         if self.ids is None and head.rank == 0:
             log.info("nearest-class table: %d classes per class, built every %d draws%s; each row adds its "
-                     "class's to the random set", self.width(head.num_classes), self.every,
+                     "class's nearest classes to the random set", self.width(head.num_classes), self.every,
                      " (automatic)" if not self.refresh else "")
         self.build(head)
         self.built_at = draw
