@@ -249,7 +249,7 @@ def reference(case, world_size):
     parts = [select_shard_classes("random" if neg == "nearest" else neg, labels, s, n, RATE, SEED, DRAWS, p)
              for p, (s, n) in enumerate(shard_ranges(C, world_size))]
     if neg == "nearest":  # the table of the weight the head holds at this forward, looked up for the batch
-        neighbours, _ = reference_lookup(labels, *reference_table(weight, NEAREST_PER_CLASS))
+        neighbours = reference_lookup(labels, reference_table(weight, NEAREST_PER_CLASS)[0])
         loss = reference_nearest_loss(loss_name, emb, weight, labels,
                                       reference_row_bias(labels, neighbours, parts, world_size, C))
         loss.backward()
@@ -340,7 +340,7 @@ def payload(world_size: int, neg: str, first: bool, num_classes: int, rank: int)
     if neg not in ("all", "nearest"):
         out["inter_correction"] = 8  # one float64: the global number of selected classes
     if neg == "nearest":
-        out["nearest"] = 8 * b * 2 * NEAREST_PER_CLASS  # the batch classes' table rows: ids and cosines, float64
+        out["nearest"] = 8 * b * NEAREST_PER_CLASS  # the batch classes' table rows of ids, int64
         if first:  # the table's first build: every other shard's (C_p, D) fp32 unit rows
             out["nearest_build"] = 4 * D * (num_classes - shard_range(num_classes, world_size, rank)[1])
     if first:

@@ -38,11 +38,11 @@ def reference_table(weight: torch.Tensor, per_class: int) -> tuple[torch.Tensor,
     return ids, values
 
 
-def reference_lookup(labels, ids, cos):
-    """(B, M) rows of the table for each label; -1 ids for an ignored row."""
+def reference_lookup(labels, ids):
+    """(B, M) rows of the table's ids for each label; -1 for an ignored row."""
     rows = ids[labels.clamp(min=0)].clone()
     rows[labels < 0] = -1
-    return rows, cos[labels.clamp(min=0)]
+    return rows
 
 
 def reference_row_bias(labels, neighbours, parts, world_size, num_classes=C) -> torch.Tensor:
@@ -123,7 +123,7 @@ def test_loss_and_gradients_match_the_functional_loss_over_each_rows_weighted_se
 
     weight = head.weight.detach().clone().requires_grad_(True)
     ref_emb = emb.detach().clone().requires_grad_(True)
-    neighbours, _ = reference_lookup(labels, *reference_table(weight, 8))
+    neighbours = reference_lookup(labels, reference_table(weight, 8)[0])
     random = select_shard_classes("random", labels, 0, C, RATE, SEED, 2)
     ref = reference_nearest_loss(loss, ref_emb, weight, labels, reference_row_bias(labels, neighbours, [random], 1))
     ref.backward()

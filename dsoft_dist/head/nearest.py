@@ -8,7 +8,7 @@ the step's (B, C) logits (the product sampling avoids):
 
     table = NearestTable(per_class=8, refresh=0)    # the head holds one when negatives="nearest"
     table.refresh_if_due(head, global_batch, draw)  # collective: every rank builds its rows' part
-    ids, cos = table.lookup(head, labels)           # (B, M) global ids and cosines of each row's class
+    ids = table.lookup(head, labels)                # (B, M) global ids of each row's class's nearest classes
     lse, hardest = with_nearest_rows(lse, hardest, feats, head.weight, ids, rows, target_local, ...)
 
 Row c of the table lists the M classes whose weights have the highest cosine with class c's weight
@@ -30,8 +30,8 @@ A build costs 2 C_local C D flops per rank; one sampled step's head GEMMs about 
 table is rebuilt every ``refresh`` training draws; refresh=0 picks the interval at the first build
 that keeps the builds' share at AUTO_SHARE of the sampled steps' GEMM work:
 ceil(C_local C / (3 AUTO_SHARE B K_local)), 209 draws at C = 1,000, B = 128, r = 1/8.
-A lookup is one all-reduce of 16 B M bytes per step (every rank gets each batch class's row from
-the rank that owns the class).
+A lookup is one all-reduce of 8 B M bytes per step (every rank gets each batch class's row of ids
+from the rank that owns the class).
 """
 from __future__ import annotations
 
@@ -134,21 +134,17 @@ class NearestTable:
             best = top_cosines(mine, keys, per_class, head.class_start, start, best)
         self.ids, self.cos = best
 
-    def lookup(self, head, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, M) global ids (-1 for an ignored row) and cosines of the nearest classes of each row's class.
+    def lookup(self, head, labels: torch.Tensor) -> torch.Tensor:
+        """(B, M) global ids of the nearest classes of each row's class (-1 for an ignored row).
 
-        Each rank fills the rows whose class it owns; one all-reduce (SUM, float64: ids are exact below 2^53)
+        Each rank fills the rows whose class it owns (ids + 1, zeros elsewhere); one int64 all-reduce (SUM)
         gives every rank all of them.
         """
-        m = self.ids.shape[1]
         local = labels - head.class_start
         owned = (labels >= 0) & (local >= 0) & (local < head.num_local_classes)
-        packed = torch.zeros(labels.shape[0], 2 * m, dtype=torch.float64, device=labels.device)
-        at = local[owned]
-        packed[owned, :m] = self.ids[at].double() + 1.0
-        packed[owned, m:] = self.cos[at].double()
-        packed = all_reduce(packed, group=head.group, counter=head.comm, name="nearest")
-        return packed[:, :m].round().long() - 1, packed[:, m:].float()
+        packed = torch.zeros(labels.shape[0], self.ids.shape[1], dtype=torch.int64, device=labels.device)
+        packed[owned] = self.ids[local[owned]] + 1
+        return all_reduce(packed, group=head.group, counter=head.comm, name="nearest") - 1
 
     def rows(self) -> dict[str, torch.Tensor]:
         """The table as rows keyed by class, for the head's state pieces (empty before the first build)."""

@@ -186,7 +186,7 @@ class ShardedClassifier(nn.Module):
         """
         if self.nearest is not None:
             self.nearest.refresh_if_due(self, labels_global.numel(), self.draws, self.training)
-            self.neighbours = self.nearest.lookup(self, labels_global)[0]
+            self.neighbours = self.nearest.lookup(self, labels_global)
         mode = "random" if self.nearest is not None else self.negatives
         return select_shard_classes(mode, labels_global, self.class_start, self.num_local_classes,
                                     self.sample_rate, self.seed, self.draws, self.rank)
