@@ -45,6 +45,7 @@ import torch.distributed as dist
 from dsoft_dist.bench.cli import bench_parser
 from dsoft_dist.config.schema import OptimizerConfig
 from dsoft_dist.head import BACKEND_NAMES, ShardedClassifier, auto_chunk_size, build_head_optimizer
+from dsoft_dist.losses.negatives import NEAREST_DEFAULTS
 from dsoft_dist.observability.timing import matmul_rate, sync_device
 from dsoft_dist.parallel.processes import distributed, spawn_local
 
@@ -95,16 +96,31 @@ def reference_rate(batch, dim, k, chunk, device) -> float:
                for class_major in (False, True))
 
 
-def state_bytes(weight: torch.Tensor, opt) -> int:
-    """Bytes of a classifier's state: its weight plus every tensor in the optimizer's state."""
-    tensors = [weight] + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+def state_bytes(weight: torch.Tensor, opt, table=None) -> int:
+    """Bytes of a classifier's state: its weight, every tensor in the optimizer's state and the rows of its
+    table of nearest classes (``table``: the head's ``nearest``, negatives="nearest"; None without)."""
+    rows = list(table.rows().values()) if table is not None else []
+    tensors = [weight, *rows] + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_head(args, rate, device, group=None):
+    """The head and its optimizer for one sample rate: negatives="all" at r = 1, else --negatives (with
+    nearest, its table of --nearest-per-class classes, built by the first forward: a warm-up step)."""
+    negatives = "all" if rate >= 1.0 else args.negatives
+    nearest = {"nearest_per_class": args.nearest_per_class} if negatives == "nearest" else {}
+    head = ShardedClassifier(args.classes, args.dim, loss=args.loss, negatives=negatives, sample_rate=rate,
+                             chunk_size=args.chunk_size, group=group, device=device,
+                             checks="never" if args.no_validate else "first", logit_cache_mb=args.logit_cache_mb,
+                             backend=args.backend, **nearest)
+    opt = build_head_optimizer(head, OptimizerConfig(name=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                                     head_mode=args.head_mode,
+                                                     head_step_in_backward=args.step_in_backward))
+    return head, opt
 
 
 def _time_rate(head, opt, rate, args, device, rank, world_size):
     """Runs warmup + repeats full steps at one sample rate; returns a result row."""
-    head.negatives = "all" if rate >= 1.0 else args.negatives
-    head.sample_rate = rate
     b_global = args.batch * world_size
 
     def chunk_for(h):
@@ -147,7 +163,7 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
         effs = [model_flop / step / 1e9 / statistics.median(refs)]
     return {"rate": rate, "negatives": head.negatives, "k": k, "step": step, "times": times, "best": min(times),
             "model": model_flop / step / 1e9, "exec": executed / step / 1e9, "matmul": statistics.median(refs),
-            "eff": statistics.median(effs), "effs": effs, "state": state_bytes(head.weight, opt),
+            "eff": statistics.median(effs), "effs": effs, "state": state_bytes(head.weight, opt, head.nearest),
             "transient": max(peaks), "bytes": nbytes, "bytes_by_name": by_name}
 
 
@@ -182,16 +198,15 @@ def _format(rows, args, world_size, backend) -> str:
 def run(args, rank=0, world_size=1, group=None) -> str | None:
     """Benchmarks every sample rate on this rank; returns the table on rank 0."""
     device = torch.device(args.device)
-    head = ShardedClassifier(args.classes, args.dim, loss=args.loss, negatives="all", chunk_size=args.chunk_size,
-                             group=group, device=device, checks="never" if args.no_validate else "first",
-                             logit_cache_mb=args.logit_cache_mb, backend=args.backend)
-    opt = build_head_optimizer(head, OptimizerConfig(name=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                                                     head_mode=args.head_mode,
-                                                     head_step_in_backward=args.step_in_backward))
-    rows = [_time_rate(head, opt, rate, args, device, rank, world_size) for rate in args.sample_rates]
+    rows = []
+    for rate in args.sample_rates:
+        head, opt = build_head(args, rate, device, group)
+        rows.append(_time_rate(head, opt, rate, args, device, rank, world_size))
+        backend = _backend_state(head)
+        del head, opt  # the next rate's head replaces this one
     if rank == 0 and args.json:
-        write_json(args.json, rows, args, world_size, _backend_state(head))
-    return _format(rows, args, world_size, _backend_state(head)) if rank == 0 else None
+        write_json(args.json, rows, args, world_size, backend)
+    return _format(rows, args, world_size, backend) if rank == 0 else None
 
 
 def write_json(path, rows, args, world_size, backend) -> None:
@@ -222,8 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=512, help="local batch per rank")
     p.add_argument("--loss", default="d_softmax",
                    help="head.loss (default d_softmax; any of dsoft_dist.registry LOSSES)")
-    p.add_argument("--negatives", default="random", choices=("random", "batch", "partial"),
-                   help="negatives for r < 1 (r = 1 always runs 'all')")
+    p.add_argument("--negatives", default="random", choices=("random", "batch", "partial", "nearest"),
+                   help="negatives for r < 1 (r = 1 always runs 'all'; nearest: D-Softmax-KN)")
+    p.add_argument("--nearest-per-class", type=int, default=NEAREST_DEFAULTS["nearest_per_class"],
+                   help="with --negatives nearest: M, the nearest classes each row adds (default "
+                   f"{NEAREST_DEFAULTS['nearest_per_class']})")
     p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.125, 0.015625], metavar="R",
                    help="sample rates r in (0, 1], one table row each (default 1 0.125 0.015625)")
     p.add_argument("--world-size", type=int, default=1, help="gloo ranks spawned on this machine")

@@ -12,7 +12,7 @@ and other O(B) / O(K) scalars per row are left out (< 1% at the sizes planned).
 from __future__ import annotations
 
 from dsoft_dist.head import auto_chunk_size
-from dsoft_dist.plan.estimate import DTYPE_BYTES, PlanInputs, rows_per_step, shard_rows
+from dsoft_dist.plan.estimate import DTYPE_BYTES, PlanInputs, nearest_pairs, rows_per_step, shard_rows
 
 F32 = 4
 _ADAMW_ROW_BYTES = 16  # AdamW's per-row float64 temporaries (step counts, bias corrections)
@@ -27,12 +27,19 @@ def chunk_width(inp: PlanInputs) -> int:
 
 def weight_grad_bytes(inp: PlanInputs) -> int:
     """G, the fp32 weight gradient of one backward: dense C_local D 4 for negatives=all; with a row list the
-    values (K + B) D 4 (the K rows, then one slot per batch row for owned targets outside them); none with
-    the optimizer inside backward."""
-    if inp.step_in_backward:
+    values (K + B) D 4 (the K rows, then one slot per batch row for owned targets outside them), and with
+    nearest its n pairs' rows after them, (K + B + n) D 4; none with the optimizer inside the chunks."""
+    if inp.step_in_chunks:
         return 0
-    rows = rows_per_step(inp) + inp.global_batch if inp.sampled else shard_rows(inp)
-    return rows * inp.dim * F32
+    return touched_rows(inp) * inp.dim * F32
+
+
+def touched_rows(inp: PlanInputs) -> int:
+    """The rows of the weight gradient's values: C_local (dense); K + B with a row list (a bound: the B slots
+    hold the owned targets outside the K rows); + n with nearest (its pairs, expected: ``nearest_pairs``)."""
+    if not inp.sampled:
+        return shard_rows(inp)
+    return rows_per_step(inp) + inp.global_batch + nearest_pairs(inp)["expected"]
 
 
 def _saved(inp: PlanInputs) -> tuple[int, int]:
@@ -65,10 +72,10 @@ def _backward_workspace(inp: PlanInputs, w: int) -> int:
         total += w * d * F32
     # the chunk gradient buffer exists without a dense gradient; it is written when the step in backward takes
     # a formed gradient (the torch passes, or AdamW) (on CPU a buffer never written is never resident)
-    written = inp.step_in_backward and (torch_passes or inp.optimizer == "adamw")
-    if (inp.sampled or inp.step_in_backward) and (written or inp.device != "cpu"):
+    written = inp.step_in_chunks and (torch_passes or inp.optimizer == "adamw")
+    if (inp.sampled or inp.step_in_chunks) and (written or inp.device != "cpu"):
         total += w * d * F32
-    if inp.step_in_backward:  # a row list's gathered rows: AdamW w, m1, m2 and the denominator; SGD the
+    if inp.step_in_chunks:  # a row list's gathered rows: AdamW w, m1, m2 and the denominator; SGD the
         if inp.optimizer == "adamw":  # momentum rows, and w unless the product form reuses the caller's copy
             total += (4 if inp.sampled else 1) * w * d * wb
         elif inp.sampled:
@@ -95,9 +102,11 @@ def _step_bytes(inp: PlanInputs) -> int:
     (AdamW, 4 K D wb), and then the few slot rows; dense mode densifies (C_local D 4, and AdamW's
     denominator C_local D wb). Dense gradient: SGD works in place, AdamW
     makes one denominator C_local D wb. AdamW also holds ~16 bytes per stepped row (float64 step
-    counts and bias corrections).
+    counts and bias corrections). nearest (sparse mode): a pair whose class is among the K rows adds to a
+    row of the run, so the whole gradient is coalesced (U D 4, U = K + B + n rows, a bound: repeated rows
+    merge) and its U rows are stepped at once.
     """
-    if inp.step_in_backward:
+    if inp.step_in_chunks:
         return 0
     d, wb, c_local = inp.dim, DTYPE_BYTES[inp.weight_dtype], shard_rows(inp)
     adamw = inp.optimizer == "adamw"
@@ -105,9 +114,13 @@ def _step_bytes(inp: PlanInputs) -> int:
         return c_local * (d * wb + _ADAMW_ROW_BYTES) if adamw else 0
     if inp.head_mode == "dense":
         return c_local * d * F32 + (c_local * (d * wb + _ADAMW_ROW_BYTES) if adamw else 0)
-    k, momentum_rows = rows_per_step(inp), 1 if inp.momentum > 0 else 0
-    slots = inp.global_batch * d * F32
-    return slots + ((4 if adamw else 1 + momentum_rows) * k * d * wb) + (k * _ADAMW_ROW_BYTES if adamw else 0)
+    momentum_rows = 1 if inp.momentum > 0 else 0
+    if inp.negatives == "nearest":
+        k = touched_rows(inp)
+        coalesced = k * d * F32
+    else:
+        k, coalesced = rows_per_step(inp), inp.global_batch * d * F32
+    return coalesced + ((4 if adamw else 1 + momentum_rows) * k * d * wb) + (k * _ADAMW_ROW_BYTES if adamw else 0)
 
 
 def transient_bytes(inp: PlanInputs) -> dict:
@@ -120,6 +133,16 @@ def transient_bytes(inp: PlanInputs) -> dict:
     backward targets: kept + G + 4 B D 4 (grad_f, target rows, their gradient, the slot sums; row lists)
     embedding grad:   G + B D 4 (normalize's saved input) + 3 B D 4 (its backward) + B D e (cast) + B_local D e
     optimizer step:   G + the step's temporaries
+
+negatives=nearest adds, with n its pairs per rank (``nearest_pairs``, expected) and nD = n D 4:
+
+    forward nearest:  kept + fwd + 4 nD (the pairs' rows, normalized, their features, the product)
+    backward nearest: kept + 6 nD + B D 4 (the normalization's saved rows, the product's two gradients, three
+                      temporaries of the normalization's backward; the features' gradient)
+    backward chunks, backward targets: + B D 4 (the pairs' features gradient waits there, as their nD of G does)
+    weight grad sum:  kept + 2 G + 2 B D 4 (the chunks' (K + B) D 4 values, the pairs' nD and their sum G)
+
+and its step in backward runs from the weight's hook on the formed G (stepped before the embedding grad).
 
     kept / fwd: see ``_saved``; G: ``weight_grad_bytes``. The torch chunked path is modelled (CPU, and CUDA
     without the triton backend's kernels; the cpu-c backend's buffers are the same). On CUDA every allocation
@@ -134,16 +157,24 @@ def transient_bytes(inp: PlanInputs) -> dict:
     # the values' B target slots are written after the chunk loop: not resident during it on CPU
     g_chunks = g - bd if (g and inp.sampled and inp.device == "cpu") else g
     multi = inp.gpus > 1
+    nearest = inp.negatives == "nearest"
+    nd = nearest_pairs(inp)["expected"] * d * F32
+    waiting = bd if nearest else 0  # the pairs' features gradient (their weight gradient is G's nD) waits
+    g_embedding = 0 if inp.step_in_backward else g  # nearest's step in backward has stepped and freed G
     phases = {
         "gather": 2 * b * d * e if multi else 0,
         "forward chunks": kept + fwd + bd + (w + 1) * b * F32 + _chunk_cast(inp, w) + _rows_buffer(inp, w),
         "forward targets": kept + fwd + 3 * bd,
-        "backward chunks": kept + g_chunks + 3 * bd + _backward_workspace(inp, w),
-        "embedding grad": g + 4 * bd + (b * d * e if e != F32 else 0) + (inp.batch_per_gpu * d * e if multi else 0),
+        "backward chunks": kept + g_chunks + 3 * bd + _backward_workspace(inp, w) + waiting,
+        "embedding grad": g_embedding + 4 * bd + (b * d * e if e != F32 else 0) +
+        (inp.batch_per_gpu * d * e if multi else 0),
         "optimizer step": g + _step_bytes(inp),
     }
     if inp.sampled:
-        phases["backward targets"] = kept + g + 4 * bd
+        phases["backward targets"] = kept + g + 4 * bd + waiting
+    if nearest:
+        phases.update({"forward nearest": kept + fwd + 4 * nd, "backward nearest": kept + 6 * nd + bd,
+                       "weight grad sum": kept + 2 * g + 2 * bd})
     peak_phase = max(phases, key=phases.get)
     return {"phases": phases, "peak": phases[peak_phase], "peak_phase": peak_phase, "chunk": w}
 
