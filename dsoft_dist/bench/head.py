@@ -6,7 +6,10 @@
 For each sample rate r it times ``loss = head(emb, labels); loss.backward(); opt.step(); opt.zero_grad()``
 (median over --repeats after --warmup) on rank 0 and prints one table:
 - r=1 runs negatives="all" (the exact D-Softmax: same rows as random at r=1, no index gather);
-  r<1 runs --negatives (default random: D-Softmax-K). K = rows computed per rank.
+  r<1 runs --negatives (default random: D-Softmax-K). K = rows computed per rank. Each rate gets a
+  head of its own. --negatives nearest (D-Softmax-KN) adds each row's --nearest-per-class nearest
+  classes: its table is built by the first step (a warm-up: --warmup >= 1), is part of "state", and
+  its lookup is the "nearest" all-reduce; the JSON rows give the pairs rank 0 computed last step.
 - model FLOP = 6 * B * K * D (forward logits + the two backward GEMMs, B the global batch);
   executed FLOP = 8 * B * K * D, because backward recomputes the logits chunk by chunk
   (6 * B * K * D + 2 * B * D * (rows not in the logit cache) with --logit-cache-mb).
@@ -119,6 +122,15 @@ def build_head(args, rate, device, group=None):
     return head, opt
 
 
+def nearest_pairs(head) -> int | None:
+    """The (row, nearest class) pairs the last forward computed on this rank (their class is this shard's);
+    None without negatives="nearest"."""
+    if head.nearest is None:
+        return None
+    local = head.neighbours - head.class_start
+    return int(((head.neighbours >= 0) & (local >= 0) & (local < head.num_local_classes)).sum())
+
+
 def _time_rate(head, opt, rate, args, device, rank, world_size):
     """Runs warmup + repeats full steps at one sample rate; returns a result row."""
     b_global = args.batch * world_size
@@ -164,7 +176,7 @@ def _time_rate(head, opt, rate, args, device, rank, world_size):
     return {"rate": rate, "negatives": head.negatives, "k": k, "step": step, "times": times, "best": min(times),
             "model": model_flop / step / 1e9, "exec": executed / step / 1e9, "matmul": statistics.median(refs),
             "eff": statistics.median(effs), "effs": effs, "state": state_bytes(head.weight, opt, head.nearest),
-            "transient": max(peaks), "bytes": nbytes, "bytes_by_name": by_name}
+            "transient": max(peaks), "bytes": nbytes, "bytes_by_name": by_name, "nearest_pairs": nearest_pairs(head)}
 
 
 def _backend_state(head) -> str:
@@ -266,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.negatives == "nearest" and args.warmup < 1 and min(args.sample_rates) < 1:
+        sys.stderr.write(f"--warmup {args.warmup} is invalid with --negatives nearest: the first step builds the "
+                         "table of nearest classes; give --warmup 1 or more so the timed steps are steady ones\n")
+        return 2
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.stderr.write(f"--device {args.device}: no CUDA GPU is available; use --device cpu\n")
         return 2

@@ -5,6 +5,7 @@
     dsoft plan --classes 1e6,1e7,1e8 --gpus 8,64,512 --sample-rate 1,1/64 --json > plans.json
     dsoft plan --classes 200000 --gpus 2 --dim 128 --batch-per-gpu 256 --device cpu --measure-profile cpu.json
     dsoft plan ... --device cuda --profile plan-profile.json --intra-gbps 150 --inter-gbps 25
+    dsoft plan --classes 1e7 --gpus 64 --negatives nearest --nearest-per-class 8 --sample-rate 1/64
 
 Several comma-separated --classes, --gpus and --sample-rate values give one line per combination;
 one combination gives the full report. r = 1 is planned as negatives=all (every row, a dense weight
@@ -17,6 +18,7 @@ import json
 import math
 import sys
 
+from dsoft_dist.losses.negatives import NEAREST_DEFAULTS
 from dsoft_dist.plan.estimate import DEVICES, DTYPE_BYTES, HEAD_MODES, NEGATIVES, OPTIMIZERS, PlanInputs
 
 
@@ -29,19 +31,24 @@ def _plans(args) -> list[PlanInputs]:
     rates = sample_rates(args.sample_rate)
     if args.gpus_per_node < 1:
         raise ValueError(f"--gpus-per-node {args.gpus_per_node} is invalid: give a whole number >= 1, e.g. 8")
+    if args.nearest_per_class is not None and args.negatives != "nearest":
+        raise ValueError(f"--nearest-per-class {args.nearest_per_class} is read only with --negatives nearest, not "
+                         f"{args.negatives!r}: leave it out or plan --negatives nearest")
+    per_class = NEAREST_DEFAULTS["nearest_per_class"] if args.nearest_per_class is None else args.nearest_per_class
     plans = []
     for c in classes:
         for p in gpus:
             nodes = args.nodes if args.nodes is not None else math.ceil(p / args.gpus_per_node)
             for r in rates:
                 negatives = "all" if r >= 1.0 else args.negatives
+                nearest = {"nearest_per_class": per_class} if negatives == "nearest" else {}
                 plans.append(PlanInputs(
                     classes=c, gpus=p, nodes=nodes, dim=args.dim, batch_per_gpu=args.batch_per_gpu, dtype=args.dtype,
                     weight_dtype=args.weight_dtype, optimizer=args.optimizer, momentum=args.momentum,
                     negatives=negatives, sample_rate=r, inter_correction=args.inter_correction,
                     step_in_backward=args.step_in_backward, head_mode=args.head_mode, device=args.device,
                     backend=args.backend, chunk_size=args.chunk_size, backbone=args.backbone,
-                    gpu_memory_gib=args.gpu_memory))
+                    gpu_memory_gib=args.gpu_memory, **nearest))
     return plans
 
 
@@ -126,7 +133,10 @@ def register(subparsers) -> None:
                    "when --momentum > 0) or adamw (two moments) (default sgd)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0: no momentum buffer)")
     p.add_argument("--negatives", default="random", choices=[n for n in NEGATIVES if n != "all"],
-                   help="negatives for r < 1 (r = 1 is planned as negatives=all)")
+                   help="negatives for r < 1 (r = 1 is planned as negatives=all; nearest: D-Softmax-KN)")
+    p.add_argument("--nearest-per-class", type=int, default=None,
+                   help="with --negatives nearest: M, the nearest classes of its own class each row adds "
+                   f"(default {NEAREST_DEFAULTS['nearest_per_class']})")
     p.add_argument("--sample-rate", default="1/64", help="r, fractions allowed, comma-separated for several: 1,1/64")
     p.add_argument("--inter-correction", action="store_true",
                    help="the head's inter_correction (one 8-byte all-reduce)")

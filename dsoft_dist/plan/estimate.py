@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dsoft_dist.head.nearest import TILE_COLS, TILE_ROWS
+from dsoft_dist.head.nearest import TILE_COLS, TILE_ROWS, auto_refresh
 from dsoft_dist.losses.negatives import NEAREST_DEFAULTS, num_sampled
 from dsoft_dist.parallel import shard_range
 
@@ -193,15 +193,19 @@ def nearest_build(inp: PlanInputs) -> dict:
     """What one build of the table of nearest classes costs a rank (at the first step, then every ``every``
     draws; not part of a steady step): flops 2 C_local C D (cosines with every class), bytes received
     (C - C_local) D 4 (every other shard's normalized fp32 rows, one broadcast per shard, counted as
-    "nearest_build"), transient 2 C_local D 4 (this shard's normalized rows, the largest received shard)
+    "nearest_build"), transient 2 C_local D 4 (this shard's normalized rows, the largest received shard;
+    C_local D 4 at P = 1)
     + 12 R S (a tile of R <= 2048 rows x S <= 8192 classes: its fp32 cosines and the int64 concatenation of
-    the running top M's ids with the tile's). None without nearest."""
+    the running top M's ids with the tile's); every: the automatic interval in draws (``auto_refresh``).
+    None without nearest."""
     if inp.negatives != "nearest":
         return None
     c_local, d = shard_rows(inp), inp.dim
     tile = min(c_local, TILE_ROWS) * min(c_local, TILE_COLS)
-    return {"flops": 2 * c_local * inp.classes * d, "bytes": (inp.classes - c_local) * d * 4 if inp.gpus > 1 else 0,
-            "transient": 2 * c_local * d * 4 + 12 * tile}
+    received = c_local if inp.gpus > 1 else 0  # at one rank the keys are this shard's rows
+    return {"flops": 2 * c_local * inp.classes * d, "bytes": (inp.classes - c_local) * d * 4,
+            "transient": (c_local + received) * d * 4 + 12 * tile,
+            "every": auto_refresh(inp.classes, c_local, inp.global_batch, inp.sample_rate)}
 
 
 def state_bytes(inp: PlanInputs) -> dict:

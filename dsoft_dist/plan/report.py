@@ -13,6 +13,9 @@ from dsoft_dist.plan.estimate import (
     collectives,
     head_flops,
     link_bytes,
+    nearest_build,
+    nearest_pairs,
+    nearest_width,
     rows_per_step,
     shard_rows,
     state_bytes,
@@ -32,6 +35,9 @@ ASSUMPTIONS = [
     "communication = the head's collectives in a steady step (the input check runs only on the first step); "
     "ring algorithm, ranks placed node-contiguously, every ring link carries the same bytes",
     "FLOPs: model 6 B K D, executed 8 B K D per rank (backward recomputes the logits; no logit cache)",
+    "negatives=nearest: K random rows plus n (row, nearest class) pairs per rank, n = B M C_local / C expected "
+    "(exact at one rank; at most B M), used for the transient, FLOPs (+ 6 n D) and time; its table build (at the "
+    "first step, then every `every` draws) is reported apart, not in the step's figures",
     "time: only from a measured profile: fixed per-step work + GEMM + exp2 passes + row passes + ring collectives, "
     "no overlap",
 ]
@@ -52,8 +58,12 @@ def build_plan(inp: PlanInputs, backbone: tuple[int, int] | None = None, profile
                         f") > --gpu-memory {inp.gpu_memory_gib:g} GiB, before activations; use more GPUs, a lower "
                         f"--sample-rate or --step-in-backward")
     time = predict_time(inp, profile, intra_gbps, inter_gbps) if profile is not None else None
+    nearest = None
+    if inp.negatives == "nearest":
+        nearest = {"per_class": nearest_width(inp), **nearest_pairs(inp), "build": nearest_build(inp)}
     return {"inputs": asdict(inp), "global_batch": inp.global_batch, "shard_rows": shard_rows(inp),
-            "rows_per_step": rows_per_step(inp), "memory": {"head": state, "transient": transient, "backbone": bb,
+            "rows_per_step": rows_per_step(inp), "nearest": nearest,
+            "memory": {"head": state, "transient": transient, "backbone": bb,
                                                             "total": total, "capacity": capacity,
                                                             "fits": total <= capacity},
             "collectives": collectives(inp), "links": link_bytes(inp), "flops": head_flops(inp),
@@ -66,7 +76,8 @@ def _header(res: dict) -> str:
           f"{i['head_mode']}{', in backward' if i['step_in_backward'] else ''})"
     return (f"C={i['classes']:,} classes on P={i['gpus']} ({i['nodes']} node{'s' if i['nodes'] > 1 else ''} x "
             f"{i['gpus'] // i['nodes']}), D={i['dim']}, B={i['batch_per_gpu']}/GPU (global {res['global_batch']:,}), "
-            f"embeddings {i['dtype']}, weights {i['weight_dtype']}, {opt}, negatives {i['negatives']} "
+            f"embeddings {i['dtype']}, weights {i['weight_dtype']}, {opt}, negatives {i['negatives']}"
+            f"{' (M=' + str(res['nearest']['per_class']) + ')' if res['nearest'] else ''} "
             f"r={rate_text(i['sample_rate'])}, device {i['device']}")
 
 
@@ -76,6 +87,8 @@ def _memory_lines(res: dict) -> list[str]:
     lines = ["memory per GPU (MiB):",
              f"  head weights          {m['head']['weights'] / MIB:12.1f}   C_local D x {i['weight_dtype']}",
              f"  optimizer state       {m['head']['optimizer'] / MIB:12.1f}",
+             *([f"  nearest table         {m['head']['nearest'] / MIB:12.1f}   C_local M x (int64 id + fp32 cosine)"]
+               if res["nearest"] else []),
              f"  transient workspace   {t['peak'] / MIB:12.1f}   peak in {t['peak_phase']}, chunk {t['chunk']:,} rows"]
     if m["backbone"]:
         b = m["backbone"]
@@ -111,21 +124,36 @@ def _time_lines(res: dict) -> list[str]:
         else f"not predicted: {t['comm_timed_by']}"
     total = f"{t['total_s'] * 1e3:.1f} ms" if t["total_s"] is not None else f"{t['compute_s'] * 1e3:.1f} ms + comm"
     g = t["gemm_point"]
+    pairs = f" + nearest pairs {t['nearest_s'] * 1e3:.1f} ms" if t["nearest_s"] else ""
     return [f"predicted head step: {total} = GEMM {t['gemm_s'] * 1e3:.1f} ms ({g['gflops']:.0f} GFLOP/s measured "
             f"at B={g['batch']}, D={g['dim']}, w={g['k']}" + (f", / {t['ranks_sharing_device']} ranks sharing the "
                                                               f"device" if t["ranks_sharing_device"] > 1 else "") +
-            f") + exp2 passes {t['elementwise_s'] * 1e3:.1f} ms + row passes {t['rows_s'] * 1e3:.1f} ms + "
+            f") + exp2 passes {t['elementwise_s'] * 1e3:.1f} ms + row passes {t['rows_s'] * 1e3:.1f} ms{pairs} + "
             f"fixed per-step work {t['fixed_s'] * 1e3:.1f} ms + communication {comm}"]
+
+
+def _nearest_lines(res: dict) -> list[str]:
+    """negatives=nearest: the pairs per rank (expected and bound) and what one table build costs."""
+    n = res["nearest"]
+    if n is None:
+        return []
+    b = n["build"]
+    return [f"nearest pairs: n = {n['expected']:,} (row, nearest class) pairs per rank and step besides the K rows "
+            f"(expected, B M C_local / C; exact at one rank; at most B M = {n['bound']:,})",
+            f"nearest table build (first step, then every {b['every']:,} draws (automatic); not in the step's "
+            f"figures): {b['flops'] / 1e9:,.1f} GFLOP, {b['bytes']:,} bytes received (broadcasts), "
+            f"{b['transient'] / MIB:,.1f} MiB transient"]
 
 
 def format_details(res: dict) -> str:
     """The full text report of one configuration."""
     f = res["flops"]
+    pairs = " + 6 n D" if res["nearest"] else ""
     lines = [_header(res),
              f"class shard: C_local = {res['shard_rows']:,} rows (largest), K = {res['rows_per_step']:,} rows "
-             f"computed per rank and step", *_memory_lines(res), *_comm_lines(res),
-             f"head FLOPs per rank and step: model 6 B K D = {f['model'] / 1e9:,.1f} GFLOP, executed 8 B K D = "
-             f"{f['executed'] / 1e9:,.1f} GFLOP (x {res['inputs']['gpus']} ranks for the cluster)",
+             f"computed per rank and step", *_nearest_lines(res), *_memory_lines(res), *_comm_lines(res),
+             f"head FLOPs per rank and step: model 6 B K D{pairs} = {f['model'] / 1e9:,.1f} GFLOP, executed "
+             f"8 B K D{pairs} = {f['executed'] / 1e9:,.1f} GFLOP (x {res['inputs']['gpus']} ranks for the cluster)",
              *_time_lines(res)]
     lines += [f"WARNING: {w}" for w in res["warnings"]]
     return "\n".join(lines)

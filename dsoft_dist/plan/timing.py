@@ -1,6 +1,6 @@
 """Predicted head step time from a measured device profile (``dsoft_dist.plan.profile``), never from guesses.
 
-    t = t_fixed + t_gemm + t_elementwise + t_rows + t_comm        (no overlap assumed)
+    t = t_fixed + t_gemm + t_elementwise + t_rows + t_nearest + t_comm        (no overlap assumed)
 
     t_fixed       = S - (the three terms below at K = 256)   S: the profile's measured head step at the
                                      plan's (B, D) with 256 rows (dense or sampled path): per-row work over
@@ -17,7 +17,13 @@
                     row list: g (K + B) D 4 / G  G: the profile's random-row gather bandwidth from a table
                                      of the shard's size; g = 7 row gathers/scatters (rows in forward and
                                      backward, the optimizer's take and put of weight and momentum, the
-                                     gradient's coalesce), 11 for AdamW
+                                     gradient's coalesce), 11 for AdamW; nearest: K + B + n rows (its n
+                                     pairs' rows are stepped too)
+    t_nearest     = 18 n D / E       nearest only, n its pairs per rank (expected): the (n, D) passes of the
+                                     pairs at the exp2 pass rate E (forward 6: the rows' gather, norm and
+                                     division, the features' gather, product, sum; backward 12: the
+                                     product's two gradients, the features' scatter, the normalization's
+                                     backward); the per-row work over (B, M) is not modelled
     t_comm        = sum over the step's collectives of s alpha + link / W   (ring: s = P - 1 steps for
                                      all_gather / reduce_scatter, 2 (P - 1) for all_reduce)
 
@@ -31,12 +37,13 @@ from __future__ import annotations
 
 import math
 
-from dsoft_dist.plan.estimate import PlanInputs, collectives, rows_per_step, shard_rows
-from dsoft_dist.plan.memory import chunk_width
+from dsoft_dist.plan.estimate import PlanInputs, collectives, nearest_pairs, rows_per_step, shard_rows
+from dsoft_dist.plan.memory import chunk_width, touched_rows
 
 ELEMENTWISE_PASSES = {"cpu-c": 2, "torch": 8}  # over a (k, B) chunk: the compiled passes / torch ops (5 + 3)
 ROW_PASSES = {"sgd": 6, "adamw": 10}  # streamed passes over C_local D (dense gradient)
 ROW_GATHERS = {"sgd": 7, "adamw": 11}  # random-row gathers / scatters of K + B rows (row lists)
+NEAREST_PASSES = 18  # passes over the (n, D) pairs of negatives=nearest, forward and backward
 
 
 def _nearest(points: list[dict], key) -> dict:
@@ -89,14 +96,17 @@ def comm_time(inp: PlanInputs, profile: dict, intra_gbps=None, inter_gbps=None) 
     return total, how
 
 
-def _work_terms(inp: PlanInputs, profile: dict, k: int, width: int, touched: int, share: int) -> dict:
-    """(t_gemm, t_elementwise, t_rows) seconds for K = k rows in chunks of ``width``, ``touched`` rows stepped."""
+def _work_terms(inp: PlanInputs, profile: dict, k: int, width: int, touched: int, share: int, pairs: int = 0) -> dict:
+    """(t_gemm, t_elementwise, t_rows, t_nearest) seconds for K = k rows in chunks of ``width``, ``touched`` rows
+    stepped, ``pairs`` nearest pairs."""
     b, d = inp.global_batch, inp.dim
     gemm = gemm_rate(profile, b, d, width)
     elem = elementwise_rate(profile, width * b)
+    pairs_rate = elementwise_rate(profile, pairs * d)["per_s"] if pairs else 1.0
     return {"gemm_s": 8 * b * k * d / (gemm["gflops"] * 1e9 / share),
             "elementwise_s": ELEMENTWISE_PASSES[inp.backend] * b * k / (elem["per_s"] / share),
             "rows_s": _rows_time(inp, profile, touched),
+            "nearest_s": NEAREST_PASSES * pairs * d / (pairs_rate / share),
             "gemm_point": gemm, "elementwise_point": elem}
 
 
@@ -132,12 +142,11 @@ def predict_time(inp: PlanInputs, profile: dict, intra_gbps=None, inter_gbps=Non
         raise ValueError(f"the profile was measured on {profile.get('device')!r} but --device is {inp.device!r}: "
                          f"plan with --device {profile.get('device')} or measure a profile on {inp.device}")
     share = inp.gpus_per_node if inp.device == "cpu" else 1
-    k = rows_per_step(inp)
-    touched = k + inp.global_batch if inp.sampled else shard_rows(inp)
-    work = _work_terms(inp, profile, k, chunk_width(inp), touched, share)
+    work = _work_terms(inp, profile, rows_per_step(inp), chunk_width(inp), touched_rows(inp), share,
+                       nearest_pairs(inp)["expected"])
     t_fixed = fixed_time(inp, profile, share)
     t_comm, comm_how = comm_time(inp, profile, intra_gbps, inter_gbps)
-    compute = t_fixed + work["gemm_s"] + work["elementwise_s"] + work["rows_s"]
+    compute = t_fixed + work["gemm_s"] + work["elementwise_s"] + work["rows_s"] + work["nearest_s"]
     return {**work, "fixed_s": t_fixed, "comm_s": t_comm, "compute_s": compute,
             "total_s": None if t_comm is None else compute + t_comm, "comm_timed_by": comm_how,
             "ranks_sharing_device": share}
