@@ -18,12 +18,22 @@ import pytest
 
 from dsoft_dist.plan import PlanInputs, build_plan
 from dsoft_dist.plan.cli import main as plan_main
-from dsoft_dist.plan.estimate import collectives, link_bytes, rows_per_step, shard_rows, state_bytes
-from dsoft_dist.plan.memory import backbone_bytes, backbone_params, transient_bytes
+from dsoft_dist.plan.estimate import (
+    collectives,
+    head_flops,
+    link_bytes,
+    nearest_build,
+    nearest_pairs,
+    rows_per_step,
+    shard_rows,
+    state_bytes,
+)
+from dsoft_dist.plan.memory import backbone_bytes, backbone_params, transient_bytes, weight_grad_bytes
 from dsoft_dist.plan.timing import predict_time
 
 MIB = 1 << 20
 BENCH = dict(classes=200_000, dim=128, batch=256, rates=(1.0, 0.015625))
+NEAREST_BENCH = dict(classes=10_000, rates=(0.125, 0.015625))  # each rate's first step builds the table (C^2 D)
 
 
 def _plan(**kw) -> PlanInputs:
@@ -110,6 +120,48 @@ def test_time_needs_a_measured_profile():
         predict_time(_plan(device="cpu"), gpu)
 
 
+def test_nearest_closed_forms():
+    inp = _plan(negatives="nearest")  # C = 10^6 on 8 ranks: C_local = 125,000, B = 1024, D = 512, M = 8
+    assert rows_per_step(inp) == 1954  # the random set, as for random
+    assert nearest_pairs(inp) == {"expected": 1024, "bound": 8192}  # B M C_local / C, B M
+    assert nearest_pairs(_plan(gpus=1, negatives="nearest")) == {"expected": 1024, "bound": 1024}  # exact at P = 1
+    assert nearest_pairs(_plan()) == {"expected": 0, "bound": 0}
+    random = state_bytes(_plan())
+    assert state_bytes(inp) == {**random, "nearest": 125_000 * 8 * 12, "total": random["total"] + 12_000_000}
+    assert state_bytes(_plan(classes=5, gpus=1, negatives="nearest"))["nearest"] == 5 * 4 * 12  # M <= C - 1
+    by_name = {c["name"]: c for c in collectives(inp)}
+    assert by_name["nearest"]["op"] == "all_reduce" and by_name["nearest"]["bytes"] == 8 * 1024 * 8
+    assert by_name["nearest"]["link"] == pytest.approx(65_536 * 2 * 7 / 8)
+    assert collectives(_plan(gpus=1, negatives="nearest")) == []
+    assert head_flops(inp)["model"] == 6 * 1024 * 1954 * 512 + 6 * 1024 * 512
+    assert weight_grad_bytes(inp) == (1954 + 1024 + 1024) * 512 * 4  # K rows, B slots, n pairs
+    build = nearest_build(inp)
+    assert build["flops"] == 2 * 125_000 * 10**6 * 512 and build["bytes"] == 875_000 * 512 * 4
+    assert nearest_build(_plan()) is None
+
+
+def test_nearest_transient_phases():
+    m8, m16 = (transient_bytes(_plan(negatives="nearest", nearest_per_class=m))["phases"] for m in (8, 16))
+    assert m16["backward nearest"] - m8["backward nearest"] == 6 * 1024 * 512 * 4  # 6 (n, D) fp32 per pair
+    assert m16["forward nearest"] - m8["forward nearest"] == 4 * 1024 * 512 * 4
+    random = transient_bytes(_plan())["phases"]
+    assert m8["backward chunks"] - random["backward chunks"] == (1024 + 1024) * 512 * 4  # n D 4 in G, B D 4 waiting
+    # nearest's step in backward runs from the weight's hook on a formed gradient, stepped before the embedding grad
+    sib = transient_bytes(_plan(negatives="nearest", step_in_backward=True))["phases"]
+    assert weight_grad_bytes(_plan(negatives="nearest", step_in_backward=True)) == weight_grad_bytes(_plan(
+        negatives="nearest"))
+    assert m8["embedding grad"] - sib["embedding grad"] == weight_grad_bytes(_plan(negatives="nearest"))
+
+
+def test_nearest_pairs_in_the_time_model():
+    gpu = {"device": "cuda", "gemm": [{"batch": 1024, "dim": 512, "k": 1954, "gflops": 1e5}],
+           "elementwise": [{"elements": 2e6, "per_s": 1e11}], "memory": {"gbps": 3000.0}, "collective": None}
+    t = predict_time(_plan(negatives="nearest"), gpu, intra_gbps=100.0)
+    assert t["nearest_s"] == pytest.approx(18 * 1024 * 512 / 1e11)
+    assert predict_time(_plan(), gpu, intra_gbps=100.0)["nearest_s"] == 0
+    assert t["rows_s"] > predict_time(_plan(), gpu, intra_gbps=100.0)["rows_s"]  # the pairs' rows are stepped too
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,named", [
@@ -122,6 +174,8 @@ def test_time_needs_a_measured_profile():
     (["--intra-gbps", "-1"], "--intra-gbps -1"),
     (["--profile", "{tmp}/missing.json"], "missing.json"),
     (["--profile", "{tmp}/bad.json"], "--profile"),
+    (["--negatives", "nearest", "--nearest-per-class", "0"], "--nearest-per-class 0"),
+    (["--nearest-per-class", "4"], "--nearest-per-class 4"),
 ])
 def test_bad_input_is_one_error_line_naming_the_value(argv, named, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
@@ -138,6 +192,14 @@ def test_inputs_name_field_and_fix():
         _plan(dtype="fp8")
     with pytest.raises(ValueError, match="--step-in-backward needs --head-mode sparse"):
         _plan(step_in_backward=True, head_mode="dense")
+    with pytest.raises(ValueError, match=r"--nearest-per-class 4 is read only with --negatives nearest, not 'random'"):
+        _plan(nearest_per_class=4)
+    with pytest.raises(ValueError, match=r"--nearest-per-class 0 is invalid \(nearest_per_class\)"):
+        _plan(negatives="nearest", nearest_per_class=0)
+    with pytest.raises(ValueError, match="--inter-correction is invalid with --negatives nearest"):
+        _plan(negatives="nearest", inter_correction=True)
+    with pytest.raises(ValueError, match="--negatives nearest is invalid with --classes 1"):
+        _plan(classes=1, gpus=1, negatives="nearest")
 
 
 # ---- the command ---------------------------------------------------------------------------------------
@@ -155,6 +217,12 @@ def test_text_and_json_output(capsys):
     assert [(p["inputs"]["gpus"], p["inputs"]["negatives"]) for p in doc["plans"]] == \
         [(8, "all"), (8, "random"), (64, "all"), (64, "random")]  # r = 1 is planned as negatives=all
     assert doc["plans"][3]["inputs"]["nodes"] == 8 and doc["assumptions"]
+    assert plan_main(argv + ["--negatives", "nearest", "--nearest-per-class", "4", "--sample-rate", "1,1/64"]) == 0
+    assert "nearest pairs: n = 512 " in capsys.readouterr().out  # B M C_local / C = 1024 4 / 8
+    assert plan_main(argv + ["--negatives", "nearest", "--sample-rate", "1,1/64", "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]  # r = 1 is planned as negatives=all, M left at its default
+    assert [(p["inputs"]["negatives"], p["inputs"]["nearest_per_class"]) for p in plans] == [("all", 8), ("nearest", 8)]
+    assert plans[0]["nearest"] is None and plans[1]["nearest"]["expected"] == 1024
 
 
 def test_cpu_profile_is_measured_written_and_used(tmp_path, capsys):
@@ -186,28 +254,38 @@ def test_cpu_profile_measures_gloo_between_two_processes(tmp_path, capsys):
 
 # ---- validation against dsoft bench head ----------------------------------------------------------------
 
-def _bench(world_size: int, tmp_path, chunk_size: int = 0) -> dict:
-    out = tmp_path / f"bench-{world_size}-{chunk_size}.json"
-    cmd = [sys.executable, "-m", "dsoft_dist.bench.head", "--classes", str(BENCH["classes"]), "--dim", str(BENCH["dim"]),
-           "--batch", str(BENCH["batch"]), "--sample-rates", *map(str, BENCH["rates"]), "--repeats", "1",
-           "--warmup", "1", "--world-size", str(world_size), "--chunk-size", str(chunk_size), "--json", str(out)]
+def _bench(world_size: int, tmp_path, chunk_size: int = 0, negatives: str = "random") -> dict:
+    sizes = {**BENCH, **(NEAREST_BENCH if negatives == "nearest" else {})}
+    out = tmp_path / f"bench-{world_size}-{chunk_size}-{negatives}.json"
+    cmd = [sys.executable, "-m", "dsoft_dist.bench.head", "--classes", str(sizes["classes"]), "--dim", str(BENCH["dim"]),
+           "--batch", str(BENCH["batch"]), "--sample-rates", *map(str, sizes["rates"]), "--repeats", "1",
+           "--warmup", "1", "--world-size", str(world_size), "--chunk-size", str(chunk_size), "--negatives", negatives,
+           "--json", str(out)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def _check_against_bench(world_size: int, tmp_path, chunk_size: int = 0) -> None:
-    measured = _bench(world_size, tmp_path, chunk_size)
+def _check_against_bench(world_size: int, tmp_path, chunk_size: int = 0, negatives: str = "random") -> None:
+    measured = _bench(world_size, tmp_path, chunk_size, negatives)
     for row in measured["rows"]:
         r = row["rate"]
-        inp = PlanInputs(classes=BENCH["classes"], gpus=world_size, dim=BENCH["dim"], batch_per_gpu=BENCH["batch"],
-                         dtype="fp32", optimizer="sgd", negatives="all" if r >= 1 else "random", sample_rate=r,
-                         device="cpu", backend="cpu-c" if measured["backend"] == "cpu-c (compiled)" else "torch",
+        inp = PlanInputs(classes=measured["args"]["classes"], gpus=world_size, dim=BENCH["dim"],
+                         batch_per_gpu=BENCH["batch"], dtype="fp32", optimizer="sgd",
+                         negatives="all" if r >= 1 else negatives, sample_rate=r, device="cpu",
+                         backend="cpu-c" if measured["backend"] == "cpu-c (compiled)" else "torch",
                          chunk_size=chunk_size)
         res = build_plan(inp)
-        where = f"P={world_size} r={r:g}"
+        where = f"P={world_size} r={r:g} {inp.negatives}"
         assert res["rows_per_step"] == row["k"], where
+        if inp.negatives == "nearest":  # the pairs rank 0 computed: B M at one rank; near B M C_local / C on P
+            pairs = res["nearest"]
+            assert row["nearest_pairs"] <= pairs["bound"], where
+            if world_size == 1:
+                assert row["nearest_pairs"] == pairs["expected"] == BENCH["batch"] * 8, where
+            else:
+                assert row["nearest_pairs"] == pytest.approx(pairs["expected"], rel=0.10), (where, row["nearest_pairs"])
         assert res["memory"]["head"]["total"] == row["state"], where  # exact
         planned = {c["name"]: c["bytes"] for c in res["collectives"]}
         assert res["links"]["counted"] == row["bytes"], (where, planned, row.get("bytes_by_name"))  # exact
@@ -222,6 +300,10 @@ def test_plan_matches_bench_head_on_one_rank(tmp_path):
     _check_against_bench(1, tmp_path)
 
 
+def test_plan_matches_bench_head_nearest_on_one_rank(tmp_path):
+    _check_against_bench(1, tmp_path, negatives="nearest")  # n = B M = 2048 pairs: their phases are the peak
+
+
 @pytest.mark.slow(reason="dsoft bench head at C = 200,000 in a subprocess (~5 s)")
 def test_plan_matches_bench_head_with_more_rows_than_a_chunk(tmp_path):
     _check_against_bench(1, tmp_path, chunk_size=512)  # K = 3125 sampled rows in 7 chunks
@@ -232,3 +314,10 @@ def test_plan_matches_bench_head_with_more_rows_than_a_chunk(tmp_path):
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_plan_matches_bench_head_on_gloo_ranks(world_size, tmp_path):
     _check_against_bench(world_size, tmp_path)
+
+
+@pytest.mark.slow(reason="dsoft bench head --negatives nearest at C = 10,000 on P gloo processes, a table build each")
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_plan_matches_bench_head_nearest_on_gloo_ranks(world_size, tmp_path):
+    _check_against_bench(world_size, tmp_path, negatives="nearest")

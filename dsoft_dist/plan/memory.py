@@ -11,6 +11,8 @@ and other O(B) / O(K) scalars per row are left out (< 1% at the sizes planned).
 """
 from __future__ import annotations
 
+import math
+
 from dsoft_dist.head import auto_chunk_size
 from dsoft_dist.plan.estimate import DTYPE_BYTES, PlanInputs, nearest_pairs, rows_per_step, shard_rows
 
@@ -83,6 +85,15 @@ def _backward_workspace(inp: PlanInputs, w: int) -> int:
     return total
 
 
+def coalesced_rows(inp: PlanInputs) -> int:
+    """U, the distinct rows of nearest's weight gradient (expected): the K random rows and, drawn uniformly over
+    the shard's C_local classes, the t = B C_local / C owned targets and the n pairs' classes (repeats merge):
+    U = K + (C_local - K) (1 - (1 - 1 / C_local)^t). ~ K + B + n while those are few against C_local."""
+    c_local, k = shard_rows(inp), rows_per_step(inp)
+    draws = inp.global_batch * c_local / inp.classes + nearest_pairs(inp)["expected"]
+    return k + math.ceil((c_local - k) * -math.expm1(draws * math.log1p(-1 / c_local))) if c_local > 1 else c_local
+
+
 def _chunk_cast(inp: PlanInputs, w: int) -> int:
     """w D 4 when each chunk of a 16-bit weight is cast to fp32, else 0."""
     return w * inp.dim * F32 if inp.weight_dtype != "fp32" else 0
@@ -103,8 +114,8 @@ def _step_bytes(inp: PlanInputs) -> int:
     denominator C_local D wb). Dense gradient: SGD works in place, AdamW
     makes one denominator C_local D wb. AdamW also holds ~16 bytes per stepped row (float64 step
     counts and bias corrections). nearest (sparse mode): a pair whose class is among the K rows adds to a
-    row of the run, so the whole gradient is coalesced (U D 4, U = K + B + n rows, a bound: repeated rows
-    merge) and its U rows are stepped at once.
+    row of the run, so the whole gradient is coalesced (U D 4, U rows: ``coalesced_rows``) and its U rows
+    are stepped at once.
     """
     if inp.step_in_chunks:
         return 0
@@ -116,7 +127,7 @@ def _step_bytes(inp: PlanInputs) -> int:
         return c_local * d * F32 + (c_local * (d * wb + _ADAMW_ROW_BYTES) if adamw else 0)
     momentum_rows = 1 if inp.momentum > 0 else 0
     if inp.negatives == "nearest":
-        k = touched_rows(inp)
+        k = coalesced_rows(inp)
         coalesced = k * d * F32
     else:
         k, coalesced = rows_per_step(inp), inp.global_batch * d * F32
