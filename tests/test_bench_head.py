@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import statistics
 
 from dsoft_dist.bench import head as bench_head
@@ -30,3 +31,21 @@ def test_table_rows_and_paired_efficiency(capsys):
         assert abs(step - statistics.median(times[key])) < 1.5e-3
         assert abs(eff - statistics.median(effs[key])) < 0.11  # the column is the median of the paired ratios
         assert 0 < eff < 200
+
+
+def test_nearest_rows_count_the_table_and_the_lookup(tmp_path, capsys):
+    out = tmp_path / "nearest.json"
+    lines = _table(capsys, ["--classes", "300", "--dim", "16", "--batch", "8", "--sample-rates", "1", "0.25",
+                            "--negatives", "nearest", "--nearest-per-class", "4", "--repeats", "1", "--warmup", "1",
+                            "--json", str(out)])
+    assert [line.split()[1] for line in lines[2:4]] == ["all", "nearest"]  # r = 1 runs all: a head per rate
+    rows = json.loads(out.read_text())["rows"]
+    weights_and_momentum = 2 * 300 * 16 * 4
+    assert rows[0]["state"] == weights_and_momentum and rows[0]["nearest_pairs"] is None
+    assert rows[1]["state"] == weights_and_momentum + 300 * 4 * (8 + 4)  # + the table's ids and cosines
+    assert rows[1]["k"] == 75 and rows[1]["nearest_pairs"] == 8 * 4  # one rank: B M pairs
+
+
+def test_nearest_needs_a_warmup_step(capsys):
+    assert bench_head.main(["--classes", "300", "--negatives", "nearest", "--warmup", "0"]) == 2
+    assert "--warmup 0 is invalid with --negatives nearest" in capsys.readouterr().err

@@ -217,7 +217,7 @@ def test_text_and_json_output(capsys):
     assert [(p["inputs"]["gpus"], p["inputs"]["negatives"]) for p in doc["plans"]] == \
         [(8, "all"), (8, "random"), (64, "all"), (64, "random")]  # r = 1 is planned as negatives=all
     assert doc["plans"][3]["inputs"]["nodes"] == 8 and doc["assumptions"]
-    assert plan_main(argv + ["--negatives", "nearest", "--nearest-per-class", "4", "--sample-rate", "1,1/64"]) == 0
+    assert plan_main(argv + ["--negatives", "nearest", "--nearest-per-class", "4"]) == 0
     assert "nearest pairs: n = 512 " in capsys.readouterr().out  # B M C_local / C = 1024 4 / 8
     assert plan_main(argv + ["--negatives", "nearest", "--sample-rate", "1,1/64", "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)["plans"]  # r = 1 is planned as negatives=all, M left at its default
