@@ -189,7 +189,7 @@ def nearest_pairs(inp: PlanInputs) -> dict:
     return {"expected": math.ceil(bound * shard_rows(inp) / inp.classes), "bound": bound}
 
 
-def nearest_build(inp: PlanInputs) -> dict:
+def nearest_build(inp: PlanInputs) -> dict | None:
     """What one build of the table of nearest classes costs a rank (at the first step, then every ``every``
     draws; not part of a steady step): flops 2 C_local C D (cosines with every class), bytes received
     (C - C_local) D 4 (every other shard's normalized fp32 rows, one broadcast per shard, counted as

@@ -145,15 +145,15 @@ def transient_bytes(inp: PlanInputs) -> dict:
     embedding grad:   G + B D 4 (normalize's saved input) + 3 B D 4 (its backward) + B D e (cast) + B_local D e
     optimizer step:   G + the step's temporaries
 
-negatives=nearest adds, with n its pairs per rank (``nearest_pairs``, expected) and nD = n D 4:
+    negatives=nearest adds, with n its pairs per rank (``nearest_pairs``, expected) and nD = n D 4:
 
-    forward nearest:  kept + fwd + 4 nD (the pairs' rows, normalized, their features, the product)
-    backward nearest: kept + 6 nD + B D 4 (the normalization's saved rows, the product's two gradients, three
-                      temporaries of the normalization's backward; the features' gradient)
-    backward chunks, backward targets: + B D 4 (the pairs' features gradient waits there, as their nD of G does)
-    weight grad sum:  kept + 2 G + 2 B D 4 (the chunks' (K + B) D 4 values, the pairs' nD and their sum G)
+        forward nearest:  kept + fwd + 4 nD (the pairs' rows, normalized, their features, the product)
+        backward nearest: kept + 6 nD + B D 4 (the normalization's saved rows, the product's two gradients, three
+                          temporaries of the normalization's backward; the features' gradient)
+        backward chunks, backward targets: + B D 4 (the pairs' features gradient waits there, as their nD of G does)
+        weight grad sum:  kept + 2 G + 2 B D 4 (the chunks' (K + B) D 4 values, the pairs' nD and their sum G)
 
-and its step in backward runs from the weight's hook on the formed G (stepped before the embedding grad).
+    and its step in backward runs from the weight's hook on the formed G (stepped before the embedding grad).
 
     kept / fwd: see ``_saved``; G: ``weight_grad_bytes``. The torch chunked path is modelled (CPU, and CUDA
     without the triton backend's kernels; the cpu-c backend's buffers are the same). On CUDA every allocation
